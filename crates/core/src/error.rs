@@ -1,0 +1,105 @@
+/// A boxed error from a backend or transport library, kept as the `#[source]`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with custody's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error custody returns. Each variant says what happened; the message
+/// says what to do. [`Error::retryable`] tells the relay and the consumer
+/// whether trying again later can help.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The message itself is invalid (empty topic, bad header name, ...).
+    /// Fix the producer; retrying will not help.
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+
+    /// A payload could not be decoded into the expected type.
+    #[error("cannot decode payload of message {message_id} (type {message_type}): {reason}")]
+    Decode {
+        /// Id of the message whose payload failed.
+        message_id: uuid::Uuid,
+        /// Its `type` attribute.
+        message_type: String,
+        /// What the decoder said.
+        reason: String,
+    },
+
+    /// A database operation failed.
+    #[error("{backend} store: {op} failed: {source}")]
+    Store {
+        /// `sqlite`, `postgres`, ...
+        backend: &'static str,
+        /// What custody was doing (`enqueue`, `fetch outbox batch`, ...).
+        op: &'static str,
+        /// Whether trying again later can succeed (connection lost, lock timeout, busy).
+        retryable: bool,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// A transport (broker) operation failed.
+    #[error("{transport} transport: {op} failed: {source}")]
+    Transport {
+        /// `nats`, `embedded`, ...
+        transport: &'static str,
+        /// What custody was doing (`publish`, `fetch`, `ack`, ...).
+        op: &'static str,
+        /// Whether trying again later can succeed.
+        retryable: bool,
+        /// The client library's error.
+        #[source]
+        source: BoxError,
+    },
+
+    /// Configuration is missing or wrong.
+    #[error("configuration: {0}")]
+    Config(String),
+
+    /// The operation was stopped because custody is shutting down.
+    #[error("shutting down")]
+    Shutdown,
+}
+
+impl Error {
+    /// Whether a later attempt of the same operation can succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            Error::Store { retryable, .. } | Error::Transport { retryable, .. } => *retryable,
+            Error::Shutdown => true,
+            Error::InvalidMessage(_) | Error::Decode { .. } | Error::Config(_) => false,
+        }
+    }
+
+    /// A store error; `retryable` as classified by the backend.
+    pub fn store(
+        backend: &'static str,
+        op: &'static str,
+        retryable: bool,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Store {
+            backend,
+            op,
+            retryable,
+            source: source.into(),
+        }
+    }
+
+    /// A transport error; `retryable` as classified by the transport.
+    pub fn transport(
+        transport: &'static str,
+        op: &'static str,
+        retryable: bool,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Transport {
+            transport,
+            op,
+            retryable,
+            source: source.into(),
+        }
+    }
+}

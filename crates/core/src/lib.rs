@@ -1,0 +1,43 @@
+//! custody-core: the message envelope, the store and transport traits, errors
+//! and the retry policies shared by every custody crate.
+//!
+//! This crate has no database and no broker in it. Backends (`custody-sqlite`,
+//! `custody-postgres`) implement [`OutboxStore`] and [`InboxStore`];
+//! transports (`custody-nats`, the embedded log readers) implement
+//! [`Publisher`] and [`Subscriber`]; the engines in `custody-relay` are generic
+//! over them.
+//!
+//! ```
+//! use custody_core::{Message, MessageKind};
+//!
+//! #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+//! struct OrderPlaced { order_id: u64, amount_cents: i64 }
+//!
+//! let msg = Message::builder("orders", "customer-7", "OrderPlaced")
+//!     .kind(MessageKind::Event)
+//!     .json(&OrderPlaced { order_id: 1, amount_cents: 990 })?
+//!     .header(custody_core::headers::CORRELATION_ID, "req-42")?
+//!     .build()?;
+//! assert_eq!(msg.decode_json::<OrderPlaced>()?.amount_cents, 990);
+//! assert_eq!(msg.id.get_version_num(), 7);
+//! # Ok::<(), custody_core::Error>(())
+//! ```
+#![forbid(unsafe_code)]
+
+mod clock;
+mod error;
+mod message;
+mod partition;
+mod policy;
+mod store;
+mod transport;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{BoxError, Error, Result};
+pub use message::{headers, Message, MessageBuilder, MessageKind, CONTENT_TYPE_JSON};
+pub use partition::partition_for;
+pub use policy::{Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
+pub use store::{
+    DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore,
+};
+pub use transport::{Delivery, Malformed, PublishAck, Publisher, Subscriber};

@@ -1,0 +1,297 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Error, Result};
+
+/// Content type of JSON payloads.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+
+/// Well-known header names. Header names follow the CloudEvents rules for
+/// extension attributes (`[a-z0-9]{1,20}`) so that every header maps onto a
+/// `ce-<name>` transport header without renaming.
+pub mod headers {
+    /// Id shared by every message of one business flow.
+    pub const CORRELATION_ID: &str = "correlationid";
+    /// Id of the message that caused this one.
+    pub const CAUSATION_ID: &str = "causationid";
+    /// W3C trace context.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// W3C trace state.
+    pub const TRACESTATE: &str = "tracestate";
+    /// Topic a reply should be sent to.
+    pub const REPLY_TO: &str = "replyto";
+    /// Saga instance this message belongs to.
+    pub const SAGA_ID: &str = "sagaid";
+}
+
+/// What a message means to its receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageKind {
+    /// Something that happened; any number of consumers.
+    #[default]
+    Event,
+    /// A request for one receiver to do something.
+    Command,
+    /// The answer to a command.
+    Reply,
+}
+
+impl MessageKind {
+    /// The lowercase name stored in databases and transport headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Event => "event",
+            MessageKind::Command => "command",
+            MessageKind::Reply => "reply",
+        }
+    }
+}
+
+impl std::str::FromStr for MessageKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "event" => Ok(MessageKind::Event),
+            "command" => Ok(MessageKind::Command),
+            "reply" => Ok(MessageKind::Reply),
+            other => Err(Error::InvalidMessage(format!(
+                "unknown message kind {other:?}; expected event, command or reply"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The custody envelope. Attribute names follow CloudEvents 1.0 where they
+/// exist: `id`, `type`, `subject` (= `key`), `time` (= `created_at`),
+/// `datacontenttype` (= `content_type`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// UUIDv7 chosen by the producer; the idempotency key end to end.
+    pub id: Uuid,
+    /// Event, command or reply.
+    pub kind: MessageKind,
+    /// Logical channel, e.g. `orders`. Maps to a NATS subject suffix.
+    pub topic: String,
+    /// Ordering key, usually the aggregate id. Messages with the same key are
+    /// delivered in commit order.
+    pub key: String,
+    /// Message type, e.g. `OrderPlaced`; consumers dispatch on it.
+    #[serde(rename = "type")]
+    pub message_type: String,
+    /// Media type of `payload`.
+    pub content_type: String,
+    /// Payload bytes, opaque to custody.
+    #[serde(with = "payload_serde")]
+    pub payload: Vec<u8>,
+    /// Extension attributes: correlation id, causation id, traceparent, ...
+    pub headers: BTreeMap<String, String>,
+    /// When the producer created the message.
+    pub created_at: DateTime<Utc>,
+}
+
+mod payload_serde {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    // JSON payloads stay readable in JSON renderings; anything else is a byte array.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        Vec::<u8>::deserialize(d)
+    }
+}
+
+/// Longest topic, key and type accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+
+impl Message {
+    /// Start building a message for `topic`, ordered by `key`, of `message_type`.
+    pub fn builder(
+        topic: impl Into<String>,
+        key: impl Into<String>,
+        message_type: impl Into<String>,
+    ) -> MessageBuilder {
+        MessageBuilder {
+            id: None,
+            kind: MessageKind::Event,
+            topic: topic.into(),
+            key: key.into(),
+            message_type: message_type.into(),
+            content_type: CONTENT_TYPE_JSON.to_owned(),
+            payload: Vec::new(),
+            headers: BTreeMap::new(),
+            created_at: None,
+        }
+    }
+
+    /// Decode a JSON payload. The error names the message and its type.
+    pub fn decode_json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.payload).map_err(|e| Error::Decode {
+            message_id: self.id,
+            message_type: self.message_type.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// A header value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// Check the invariants every stored or transported message satisfies.
+    pub fn validate(&self) -> Result<()> {
+        validate_name("topic", &self.topic)?;
+        if self.topic.contains(['*', '>', ' ']) {
+            return Err(Error::InvalidMessage(format!(
+                "topic {:?} contains '*', '>' or a space; use letters, digits, '.', '-' and '_'",
+                self.topic
+            )));
+        }
+        validate_name("type", &self.message_type)?;
+        if self.key.len() > MAX_NAME_LEN {
+            return Err(Error::InvalidMessage(format!(
+                "key is {} bytes; at most {MAX_NAME_LEN} are accepted",
+                self.key.len()
+            )));
+        }
+        for name in self.headers.keys() {
+            validate_header_name(name)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_name(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::InvalidMessage(format!("{what} is empty; give every message a {what}")));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidMessage(format!(
+            "{what} is {} bytes; at most {MAX_NAME_LEN} are accepted",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Header names are CloudEvents extension attribute names: 1 to 20 of `a-z0-9`.
+pub fn validate_header_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 20
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidMessage(format!(
+            "header name {name:?} is not a CloudEvents extension name; use 1 to 20 lowercase letters or digits (e.g. \"correlationid\")"
+        )))
+    }
+}
+
+/// Builder returned by [`Message::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct MessageBuilder {
+    id: Option<Uuid>,
+    kind: MessageKind,
+    topic: String,
+    key: String,
+    message_type: String,
+    content_type: String,
+    payload: Vec<u8>,
+    headers: BTreeMap<String, String>,
+    created_at: Option<DateTime<Utc>>,
+}
+
+impl MessageBuilder {
+    /// Use this id instead of a fresh UUIDv7 (e.g. to derive it from a request id).
+    pub fn id(mut self, id: Uuid) -> Self {
+        self.id = Some(id);
+        self
+    }
+    /// Event (default), command or reply.
+    pub fn kind(mut self, kind: MessageKind) -> Self {
+        self.kind = kind;
+        self
+    }
+    /// Raw payload with its content type.
+    pub fn payload(mut self, content_type: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        self.content_type = content_type.into();
+        self.payload = payload.into();
+        self
+    }
+    /// JSON payload.
+    pub fn json<T: Serialize>(mut self, value: &T) -> Result<Self> {
+        self.payload = serde_json::to_vec(value)
+            .map_err(|e| Error::InvalidMessage(format!("payload does not serialize to JSON: {e}")))?;
+        self.content_type = CONTENT_TYPE_JSON.to_owned();
+        Ok(self)
+    }
+    /// Add a header (CloudEvents extension attribute).
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Result<Self> {
+        validate_header_name(name)?;
+        self.headers.insert(name.to_owned(), value.into());
+        Ok(self)
+    }
+    /// Creation time (default: now).
+    pub fn created_at(mut self, at: DateTime<Utc>) -> Self {
+        self.created_at = Some(at);
+        self
+    }
+    /// Validate and build.
+    pub fn build(self) -> Result<Message> {
+        let msg = Message {
+            id: self.id.unwrap_or_else(Uuid::now_v7),
+            kind: self.kind,
+            topic: self.topic,
+            key: self.key,
+            message_type: self.message_type,
+            content_type: self.content_type,
+            payload: self.payload,
+            headers: self.headers,
+            created_at: self.created_at.unwrap_or_else(Utc::now),
+        };
+        msg.validate()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_header_names_with_a_hint() {
+        let err = Message::builder("t", "k", "T")
+            .header("Correlation-Id", "x")
+            .unwrap_err();
+        assert!(err.to_string().contains("lowercase letters or digits"), "{err}");
+    }
+
+    #[test]
+    fn rejects_empty_topic() {
+        let err = Message::builder("", "k", "T").build().unwrap_err();
+        assert!(err.to_string().contains("topic is empty"), "{err}");
+    }
+
+    #[test]
+    fn decode_error_names_the_message() {
+        let m = Message::builder("t", "k", "OrderPlaced")
+            .payload(CONTENT_TYPE_JSON, b"{not json".to_vec())
+            .build()
+            .unwrap();
+        let err = m.decode_json::<serde_json::Value>().unwrap_err();
+        assert!(err.to_string().contains("OrderPlaced"), "{err}");
+        assert!(!err.retryable());
+    }
+}

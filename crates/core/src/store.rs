@@ -1,0 +1,212 @@
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{Message, Result};
+
+/// A committed outbox row as the relay sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Position in the outbox log, assigned at insert.
+    pub position: i64,
+    /// Partition of the key (see [`crate::partition_for`]).
+    pub partition: u32,
+    /// Failed publish attempts so far.
+    pub attempts: u32,
+    /// The message.
+    pub message: Message,
+}
+
+/// The relay's view of an outbox: leases on partitions, the next publishable
+/// batch, and the outcome of each publish.
+///
+/// Implementations: `custody_sqlite::SqliteOutbox`, `custody_postgres::PgOutbox`.
+pub trait OutboxStore: Clone + Send + Sync + 'static {
+    /// Number of partitions keys are hashed into.
+    fn partitions(&self) -> u32;
+
+    /// Heartbeat `relay` and take its fair share of the partitions
+    /// (`ceil(partitions / live relays)`): renew the leases it holds, claim
+    /// free or expired ones, give back any above its share. Leases not
+    /// renewed within `ttl` expire, so partitions of a dead relay move on.
+    /// Returns the partitions `relay` holds now, sorted.
+    fn acquire_leases(
+        &self,
+        relay: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<u32>>> + Send;
+
+    /// Give back every lease of `relay` (graceful shutdown).
+    fn release_leases(&self, relay: &str) -> impl Future<Output = Result<()>> + Send;
+
+    /// The next messages to publish from `partitions`, in position order, at
+    /// most `limit`.
+    ///
+    /// Must return only rows whose every lower position in the same partition
+    /// is committed or rolled back (on PostgreSQL: a transaction-id
+    /// visibility guard), and must leave out every message whose key has an
+    /// earlier pending message that is parked (`retry_at > now`): a failing
+    /// message holds back its own key and no other.
+    fn fetch_batch(
+        &self,
+        partitions: &[u32],
+        limit: usize,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<OutboxRecord>>> + Send;
+
+    /// Mark messages published after the transport's durable ack. Only rows in
+    /// partitions `relay` still leases are marked (a relay that lost its lease
+    /// is fenced off); returns how many were marked.
+    fn mark_published(
+        &self,
+        relay: &str,
+        positions: &[i64],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Record a failed attempt: increment `attempts`, keep `error`, park the
+    /// message (and so its key) until `retry_at`.
+    fn record_failure(
+        &self,
+        position: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Move a message to the dead-letter table with `error`; its key flows on.
+    fn dead_letter(
+        &self,
+        position: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Resolve when new messages may have been committed, or after `timeout`.
+    /// (PostgreSQL: LISTEN/NOTIFY; SQLite: an in-process signal.)
+    fn wait_for_new(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// A message that could not be published or processed, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The message id, if known (a payload too broken to read has none).
+    pub message_id: Option<Uuid>,
+    /// Who gave up on it: `relay` or `consumer:<name>`.
+    pub origin: String,
+    /// Topic.
+    pub topic: String,
+    /// Ordering key, if known.
+    pub key: Option<String>,
+    /// Message type, if known.
+    pub message_type: Option<String>,
+    /// Raw payload.
+    pub payload: Vec<u8>,
+    /// Full envelope as JSON where it was readable, for redrive.
+    pub envelope: Option<String>,
+    /// Why it is here; says what to do.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When it was dead-lettered.
+    pub dead_at: DateTime<Utc>,
+}
+
+/// Result of recording a message in an inbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboxOutcome {
+    /// First time this consumer sees the message: run the handler.
+    New,
+    /// Already processed (or dead-lettered) by this consumer: skip it.
+    Duplicate,
+}
+
+/// A consumer's idempotent inbox, in the consumer's own database.
+///
+/// The consumer engine opens a transaction, records the message id, runs the
+/// handler in the same transaction and commits: the effect and the inbox row
+/// exist together or not at all.
+pub trait InboxStore: Clone + Send + Sync + 'static {
+    /// The backend's transaction (e.g. `sqlx::Transaction<'static, Sqlite>`);
+    /// the handler runs its own statements on it.
+    type Tx: Send + 'static;
+
+    /// Begin a transaction.
+    fn begin(&self) -> impl Future<Output = Result<Self::Tx>> + Send;
+
+    /// Insert `(consumer, message.id)` into the inbox inside `tx`. A message
+    /// seen before is [`InboxOutcome::Duplicate`] (and its duplicate count is
+    /// incremented in the same transaction).
+    fn record(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        message: &Message,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<InboxOutcome>> + Send;
+
+    /// Commit.
+    fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
+
+    /// In one transaction of its own: store the dead letter and, when the
+    /// message id is known, an inbox row for it, so a redelivery is skipped.
+    fn dead_letter(
+        &self,
+        consumer: &str,
+        dead: &DeadLetter,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Why a handler did not apply a message.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// May work later (database busy, downstream down): retried with backoff.
+    #[error("transient: {0}")]
+    Transient(#[source] crate::BoxError),
+    /// Will never work for this message: dead-lettered at once.
+    #[error("permanent: {0}")]
+    Permanent(#[source] crate::BoxError),
+    /// The consumer has no handler for this message type: dead-lettered.
+    #[error("unknown message type {0:?}; add a handler for it or stop routing it to this consumer")]
+    UnknownType(String),
+}
+
+impl HandlerError {
+    /// A transient error from anything printable.
+    pub fn transient(e: impl Into<crate::BoxError>) -> Self {
+        HandlerError::Transient(e.into())
+    }
+    /// A permanent error from anything printable.
+    pub fn permanent(e: impl Into<crate::BoxError>) -> Self {
+        HandlerError::Permanent(e.into())
+    }
+}
+
+impl From<crate::Error> for HandlerError {
+    /// Custody errors keep their classification: a decode error is
+    /// permanent, a lost connection transient.
+    fn from(e: crate::Error) -> Self {
+        if e.retryable() {
+            HandlerError::Transient(Box::new(e))
+        } else {
+            HandlerError::Permanent(Box::new(e))
+        }
+    }
+}
+
+/// Applies one message inside the consumer's transaction `Tx`.
+///
+/// Everything the handler writes through `tx` commits together with the inbox
+/// row; it may also enqueue outbox messages on the same transaction
+/// (derived events).
+pub trait Handler<Tx>: Send + Sync + 'static {
+    /// Apply `message`.
+    fn handle(
+        &self,
+        tx: &mut Tx,
+        message: &Message,
+    ) -> impl Future<Output = std::result::Result<(), HandlerError>> + Send;
+}

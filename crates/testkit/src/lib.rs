@@ -1,0 +1,136 @@
+//! Test support for custody's integration tests.
+//!
+//! Tests talk to the real services on 127.0.0.1. A test that needs a service
+//! asks for it here: when the service is not reachable the test is skipped
+//! with a message, unless `CUSTODY_REQUIRE_SERVICES=1` is set (as in CI), in
+//! which case it fails.
+//!
+//! ```no_run
+//! # async fn t() -> anyhow::Result<()> {
+//! let Some(db) = custody_testkit::postgres_db().await? else { return Ok(()) };
+//! let pool = sqlx::PgPool::connect(&db.url).await?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use sqlx::Connection;
+
+/// Whether missing services must fail tests (`CUSTODY_REQUIRE_SERVICES=1`).
+pub fn require_services() -> bool {
+    matches!(
+        std::env::var("CUSTODY_REQUIRE_SERVICES").as_deref(),
+        Ok("1") | Ok("true") | Ok("yes")
+    )
+}
+
+/// Skip (return `Ok(None)`) or fail when `service` is unreachable.
+fn unavailable<T>(service: &str, detail: &str) -> anyhow::Result<Option<T>> {
+    if require_services() {
+        anyhow::bail!(
+            "{service} is required (CUSTODY_REQUIRE_SERVICES=1) but unreachable: {detail}. Start it (see DEVELOPERS.md / .ci/run)"
+        );
+    }
+    eprintln!("SKIP: {service} unreachable ({detail}); set CUSTODY_REQUIRE_SERVICES=1 to make this a failure");
+    Ok(None)
+}
+
+/// A unique lowercase name with `prefix`, usable as a database, schema,
+/// stream or subject token.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    // the random tail of a v7 uuid, so names created in the same millisecond differ
+    format!("{prefix}_{}", &id[id.len() - 16..])
+}
+
+/// Server URL of the machine's PostgreSQL (override with `CUSTODY_TEST_POSTGRES`).
+pub fn postgres_server_url() -> String {
+    std::env::var("CUSTODY_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// URL of the machine's NATS server (override with `CUSTODY_TEST_NATS`).
+pub fn nats_url() -> String {
+    std::env::var("CUSTODY_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+/// A fresh PostgreSQL database for one test; dropped when this value is dropped.
+#[derive(Debug)]
+pub struct PgTestDb {
+    /// Connection URL of the fresh database.
+    pub url: String,
+    /// Its name.
+    pub name: String,
+    server: String,
+}
+
+/// Create a fresh PostgreSQL database, or skip / fail as [`require_services`] says.
+pub async fn postgres_db() -> anyhow::Result<Option<PgTestDb>> {
+    let server = postgres_server_url();
+    let mut conn = match tokio::time::timeout(
+        Duration::from_secs(5),
+        sqlx::PgConnection::connect(&server),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return unavailable("PostgreSQL", &format!("{server}: {e}")),
+        Err(_) => return unavailable("PostgreSQL", &format!("{server}: connect timed out")),
+    };
+    let name = unique_name("custody_t");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    let base = server
+        .rsplit_once('/')
+        .map(|(b, _)| b.to_owned())
+        .unwrap_or(server.clone());
+    Ok(Some(PgTestDb {
+        url: format!("{base}/{name}"),
+        name,
+        server,
+    }))
+}
+
+impl Drop for PgTestDb {
+    fn drop(&mut self) {
+        let server = self.server.clone();
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee; use a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut c) = sqlx::PgConnection::connect(&server).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Check that NATS answers at [`nats_url`]; skip / fail otherwise.
+pub async fn nats() -> anyhow::Result<Option<String>> {
+    let url = nats_url();
+    let addr = url.trim_start_matches("nats://").to_owned();
+    match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await {
+        Ok(Ok(_)) => Ok(Some(url)),
+        Ok(Err(e)) => unavailable("NATS", &format!("{url}: {e}")),
+        Err(_) => unavailable("NATS", &format!("{url}: connect timed out")),
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (for a test's own server).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}

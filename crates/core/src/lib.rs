@@ -36,7 +36,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
 pub use message::{headers, Message, MessageBuilder, MessageKind, CONTENT_TYPE_JSON};
 pub use partition::partition_for;
-pub use policy::{Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
+pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
 pub use store::{
     DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore,
 };

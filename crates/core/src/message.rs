@@ -173,7 +173,9 @@ impl Message {
 
 fn validate_name(what: &str, value: &str) -> Result<()> {
     if value.is_empty() {
-        return Err(Error::InvalidMessage(format!("{what} is empty; give every message a {what}")));
+        return Err(Error::InvalidMessage(format!(
+            "{what} is empty; give every message a {what}"
+        )));
     }
     if value.len() > MAX_NAME_LEN {
         return Err(Error::InvalidMessage(format!(
@@ -188,7 +190,9 @@ fn validate_name(what: &str, value: &str) -> Result<()> {
 pub fn validate_header_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 20
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if ok {
         Ok(())
     } else {
@@ -232,8 +236,9 @@ impl MessageBuilder {
     }
     /// JSON payload.
     pub fn json<T: Serialize>(mut self, value: &T) -> Result<Self> {
-        self.payload = serde_json::to_vec(value)
-            .map_err(|e| Error::InvalidMessage(format!("payload does not serialize to JSON: {e}")))?;
+        self.payload = serde_json::to_vec(value).map_err(|e| {
+            Error::InvalidMessage(format!("payload does not serialize to JSON: {e}"))
+        })?;
         self.content_type = CONTENT_TYPE_JSON.to_owned();
         Ok(self)
     }
@@ -275,7 +280,10 @@ mod tests {
         let err = Message::builder("t", "k", "T")
             .header("Correlation-Id", "x")
             .unwrap_err();
-        assert!(err.to_string().contains("lowercase letters or digits"), "{err}");
+        assert!(
+            err.to_string().contains("lowercase letters or digits"),
+            "{err}"
+        );
     }
 
     #[test]

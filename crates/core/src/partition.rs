@@ -24,9 +24,9 @@ mod tests {
     #[test]
     fn known_vectors() {
         // FNV-1a 32-bit reference values.
-        assert_eq!(partition_for("", u32::MAX), 0x811c_9dc5 % u32::MAX);
-        assert_eq!(partition_for("a", u32::MAX), 0xe40c_292c % u32::MAX);
-        assert_eq!(partition_for("foobar", u32::MAX), 0xbf9c_f968 % u32::MAX);
+        assert_eq!(partition_for("", u32::MAX), 0x811c_9dc5);
+        assert_eq!(partition_for("a", u32::MAX), 0xe40c_292c);
+        assert_eq!(partition_for("foobar", u32::MAX), 0xbf9c_f968);
     }
 
     proptest! {

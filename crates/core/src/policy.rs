@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Backoff {
     /// Delay before the second attempt.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_serde")]
     pub base: Duration,
     /// Longest delay.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_serde")]
     pub max: Duration,
 }
 
@@ -50,7 +50,7 @@ pub struct CircuitBreakerConfig {
     /// Consecutive failures that open the circuit.
     pub failure_threshold: u32,
     /// How long the circuit stays open before one probe is let through.
-    #[serde(with = "humantime_serde_compat")]
+    #[serde(with = "duration_serde")]
     pub open_for: Duration,
 }
 
@@ -136,27 +136,30 @@ impl CircuitBreaker {
     }
 }
 
-/// Human durations ("250ms", "2s") in config files without pulling a serde
-/// helper crate into core.
-pub(crate) mod humantime_serde_compat {
+/// Serde helpers for human durations (`"250ms"`, `"2s"`, `"1m"`, `"1h"`) in
+/// config files: `#[serde(with = "custody_core::duration_serde")]`.
+pub mod duration_serde {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Serialize as milliseconds (`"250ms"`).
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}ms", d.as_millis()))
     }
 
+    /// Parse `"250ms"`, `"2s"`, `"1m"`, `"1h"`.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         parse(&s).map_err(serde::de::Error::custom)
     }
 
+    /// Parse a duration string; the error says what form is expected.
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("duration {s:?} has no unit; write e.g. \"250ms\", \"2s\" or \"1m\""))?;
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+            format!("duration {s:?} has no unit; write e.g. \"250ms\", \"2s\" or \"1m\"")
+        })?;
         let (num, unit) = s.split_at(split);
         let n: u64 = num
             .parse()
@@ -166,7 +169,9 @@ pub(crate) mod humantime_serde_compat {
             "s" => Ok(Duration::from_secs(n)),
             "m" => Ok(Duration::from_secs(n * 60)),
             "h" => Ok(Duration::from_secs(n * 3600)),
-            _ => Err(format!("duration {s:?} has unknown unit {unit:?}; use ms, s, m or h")),
+            _ => Err(format!(
+                "duration {s:?} has unknown unit {unit:?}; use ms, s, m or h"
+            )),
         }
     }
 }
@@ -225,7 +230,10 @@ mod tests {
 
     #[test]
     fn durations_parse_with_clear_errors() {
-        assert_eq!(humantime_serde_compat::parse("250ms"), Ok(Duration::from_millis(250)));
-        assert!(humantime_serde_compat::parse("5").unwrap_err().contains("no unit"));
+        assert_eq!(
+            duration_serde::parse("250ms"),
+            Ok(Duration::from_millis(250))
+        );
+        assert!(duration_serde::parse("5").unwrap_err().contains("no unit"));
     }
 }

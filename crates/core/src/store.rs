@@ -170,7 +170,9 @@ pub enum HandlerError {
     #[error("permanent: {0}")]
     Permanent(#[source] crate::BoxError),
     /// The consumer has no handler for this message type: dead-lettered.
-    #[error("unknown message type {0:?}; add a handler for it or stop routing it to this consumer")]
+    #[error(
+        "unknown message type {0:?}; add a handler for it or stop routing it to this consumer"
+    )]
     UnknownType(String),
 }
 

@@ -1,0 +1,422 @@
+use std::time::Duration;
+
+use chrono::Utc;
+use custody_core::{
+    Backoff, Clock, DeadLetter, Delivery, Handler, HandlerError, InboxOutcome, InboxStore,
+    Malformed, Message, Result, Subscriber, SystemClock,
+};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::metric_definitions as m;
+
+/// Consumer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConsumerConfig {
+    /// The consumer's name: its identity in the inbox and in dead letters.
+    pub name: String,
+    /// Deliveries fetched per batch.
+    pub batch_size: usize,
+    /// Longest wait for a delivery when idle.
+    #[serde(with = "custody_core::duration_serde")]
+    pub fetch_wait: Duration,
+    /// Handler attempts on transient errors before the message is dead-lettered.
+    pub max_attempts: u32,
+    /// Backoff between handler attempts and while the consumer's own database is down.
+    pub backoff: Backoff,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig::new("consumer")
+    }
+}
+
+impl ConsumerConfig {
+    /// Defaults with this consumer name.
+    pub fn new(name: impl Into<String>) -> Self {
+        ConsumerConfig {
+            name: name.into(),
+            batch_size: 100,
+            fetch_wait: Duration::from_millis(500),
+            max_attempts: 5,
+            backoff: Backoff {
+                base: Duration::from_millis(50),
+                max: Duration::from_secs(5),
+            },
+        }
+    }
+}
+
+/// What a consumer has done so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Messages whose effect was committed.
+    pub processed: u64,
+    /// Redeliveries the inbox recognised and skipped.
+    pub duplicates: u64,
+    /// Messages dead-lettered (malformed, unknown type, permanent error, too many attempts).
+    pub dead_lettered: u64,
+    /// Handler retries after transient errors.
+    pub retries: u64,
+}
+
+enum Settled {
+    Processed,
+    Duplicate,
+    DeadLettered,
+}
+
+/// Runs a [`Handler`] for every delivery of a [`Subscriber`], each in one
+/// transaction with the inbox row, and acknowledges the transport only after
+/// the commit.
+pub struct Consumer<I, S, H, C = SystemClock> {
+    inbox: I,
+    subscriber: S,
+    handler: H,
+    config: ConsumerConfig,
+    clock: C,
+    rng: StdRng,
+    stats: ConsumerStats,
+}
+
+impl<I, S, H> Consumer<I, S, H, SystemClock>
+where
+    I: InboxStore,
+    S: Subscriber,
+    H: Handler<I::Tx>,
+{
+    /// A consumer with the system clock.
+    pub fn new(inbox: I, subscriber: S, handler: H, config: ConsumerConfig) -> Self {
+        Consumer {
+            inbox,
+            subscriber,
+            handler,
+            config,
+            clock: SystemClock,
+            rng: StdRng::from_entropy(),
+            stats: ConsumerStats::default(),
+        }
+    }
+}
+
+impl<I, S, H, C> Consumer<I, S, H, C>
+where
+    I: InboxStore,
+    S: Subscriber,
+    H: Handler<I::Tx>,
+    C: Clock,
+{
+    /// Use another clock.
+    pub fn with_clock<C2: Clock>(self, clock: C2) -> Consumer<I, S, H, C2> {
+        Consumer {
+            inbox: self.inbox,
+            subscriber: self.subscriber,
+            handler: self.handler,
+            config: self.config,
+            clock,
+            rng: self.rng,
+            stats: self.stats,
+        }
+    }
+
+    /// Seed the backoff jitter (deterministic tests).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.rng = StdRng::seed_from_u64(seed);
+        self
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ConsumerStats {
+        &self.stats
+    }
+
+    /// The handler (e.g. to read state a test handler keeps).
+    pub fn handler(&self) -> &H {
+        &self.handler
+    }
+
+    /// Run until `cancel` fires. The delivery in hand is finished first
+    /// (graceful drain); unacknowledged ones are redelivered after a restart.
+    /// Returns an error only for terminal failures (e.g. a missing schema).
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<ConsumerStats> {
+        info!(consumer = %self.config.name, "consumer started");
+        let mut fetch_attempt = 0u32;
+        while !cancel.is_cancelled() {
+            let fetched = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.subscriber.fetch(self.config.batch_size, self.config.fetch_wait) => r,
+            };
+            let batch = match fetched {
+                Ok(b) => {
+                    fetch_attempt = 0;
+                    b
+                }
+                Err(e) if e.retryable() => {
+                    fetch_attempt = fetch_attempt.saturating_add(1);
+                    let delay = self.config.backoff.delay(fetch_attempt, &mut self.rng);
+                    warn!(consumer = %self.config.name, error = %e, ?delay, "fetch failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            for delivery in batch {
+                // Finish the delivery in hand even when cancelled meanwhile,
+                // but do not start the next one.
+                if cancel.is_cancelled() {
+                    break;
+                }
+                self.handle_delivery(delivery, &cancel).await?;
+            }
+        }
+        info!(consumer = %self.config.name, processed = self.stats.processed, "consumer stopped");
+        Ok(self.stats)
+    }
+
+    /// Fetch one batch (waiting at most `fetch_wait`) and process it.
+    /// Returns how many deliveries were handled.
+    pub async fn run_once(&mut self) -> Result<usize> {
+        let batch = self
+            .subscriber
+            .fetch(self.config.batch_size, self.config.fetch_wait)
+            .await?;
+        let n = batch.len();
+        let never = CancellationToken::new();
+        for d in batch {
+            self.handle_delivery(d, &never).await?;
+        }
+        Ok(n)
+    }
+
+    async fn handle_delivery(
+        &mut self,
+        delivery: Delivery<S::Token>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let Delivery { message, token, .. } = delivery;
+        let settled = match message {
+            Ok(msg) => {
+                let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
+                match self.process(&msg, cancel).instrument(span).await? {
+                    Some(s) => s,
+                    // cancelled while waiting out a transient failure: leave it unacked
+                    None => return Ok(()),
+                }
+            }
+            Err(bad) => {
+                self.dead_letter_malformed(&bad, cancel).await?;
+                Settled::DeadLettered
+            }
+        };
+        match settled {
+            Settled::Processed => {
+                self.stats.processed += 1;
+                metrics::counter!(m::CONSUMER_PROCESSED_TOTAL, "consumer" => self.config.name.clone()).increment(1);
+            }
+            Settled::Duplicate => {
+                self.stats.duplicates += 1;
+                metrics::counter!(m::CONSUMER_DUPLICATES_TOTAL, "consumer" => self.config.name.clone()).increment(1);
+            }
+            Settled::DeadLettered => {
+                self.stats.dead_lettered += 1;
+            }
+        }
+        if let Err(e) = self.subscriber.ack(token).await {
+            // The effect is committed; the redelivery this causes is skipped by the inbox.
+            warn!(consumer = %self.config.name, error = %e, "ack failed; the message will be redelivered and skipped as a duplicate");
+        }
+        Ok(())
+    }
+
+    /// Apply one message. `Ok(None)` = cancelled before it was settled.
+    async fn process(
+        &mut self,
+        msg: &Message,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Settled>> {
+        let mut handler_attempt = 0u32;
+        let mut store_attempt = 0u32;
+        loop {
+            match self.try_once(msg).await {
+                Ok(Ok(outcome)) => {
+                    return Ok(Some(match outcome {
+                        InboxOutcome::New => Settled::Processed,
+                        InboxOutcome::Duplicate => {
+                            debug!(message_id = %msg.id, "duplicate skipped");
+                            Settled::Duplicate
+                        }
+                    }))
+                }
+                // our own database failed: wait for it, never blame the message
+                Err(e) if e.retryable() => {
+                    store_attempt = store_attempt.saturating_add(1);
+                    let delay = self.config.backoff.delay(store_attempt, &mut self.rng);
+                    warn!(consumer = %self.config.name, error = %e, ?delay, "inbox store unavailable; retrying");
+                    if !self.sleep(delay, cancel).await {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+                Ok(Err(HandlerError::Transient(e))) => {
+                    handler_attempt = handler_attempt.saturating_add(1);
+                    if handler_attempt >= self.config.max_attempts {
+                        let reason = format!(
+                            "handler failed {handler_attempt} times with transient errors; last: {e}. Fix the cause, then redrive the dead letter"
+                        );
+                        self.dead_letter_message(
+                            msg,
+                            &reason,
+                            handler_attempt,
+                            "transient_exhausted",
+                            cancel,
+                        )
+                        .await?;
+                        return Ok(Some(Settled::DeadLettered));
+                    }
+                    self.stats.retries += 1;
+                    metrics::counter!(m::CONSUMER_RETRIES_TOTAL, "consumer" => self.config.name.clone()).increment(1);
+                    let delay = self.config.backoff.delay(handler_attempt, &mut self.rng);
+                    debug!(message_id = %msg.id, error = %e, ?delay, "transient handler error; retrying");
+                    if !self.sleep(delay, cancel).await {
+                        return Ok(None);
+                    }
+                }
+                Ok(Err(HandlerError::UnknownType(t))) => {
+                    let reason = format!(
+                        "unknown message type {t:?} for consumer {:?}; add a handler for it or stop routing it here, then redrive",
+                        self.config.name
+                    );
+                    self.dead_letter_message(
+                        msg,
+                        &reason,
+                        handler_attempt + 1,
+                        "unknown_type",
+                        cancel,
+                    )
+                    .await?;
+                    return Ok(Some(Settled::DeadLettered));
+                }
+                Ok(Err(e)) => {
+                    let reason = format!("handler failed permanently: {e}");
+                    self.dead_letter_message(
+                        msg,
+                        &reason,
+                        handler_attempt + 1,
+                        "permanent",
+                        cancel,
+                    )
+                    .await?;
+                    return Ok(Some(Settled::DeadLettered));
+                }
+            }
+        }
+    }
+
+    /// One transaction: inbox row + handler + commit. The outer `Result` is
+    /// the store's, the inner the handler's.
+    async fn try_once(
+        &self,
+        msg: &Message,
+    ) -> Result<std::result::Result<InboxOutcome, HandlerError>> {
+        let mut tx = self.inbox.begin().await?;
+        let outcome = self
+            .inbox
+            .record(&mut tx, &self.config.name, msg, self.clock.now())
+            .await?;
+        if outcome == InboxOutcome::New {
+            if let Err(e) = self.handler.handle(&mut tx, msg).await {
+                // dropping the transaction rolls back the inbox row and the effects
+                drop(tx);
+                return Ok(Err(e));
+            }
+        }
+        self.inbox.commit(tx).await?;
+        Ok(Ok(outcome))
+    }
+
+    async fn sleep(&self, d: Duration, cancel: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+
+    async fn dead_letter_message(
+        &mut self,
+        msg: &Message,
+        reason: &str,
+        attempts: u32,
+        label: &'static str,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        warn!(consumer = %self.config.name, message_id = %msg.id, reason, "dead-lettering");
+        let dead = DeadLetter {
+            message_id: Some(msg.id),
+            origin: format!("consumer:{}", self.config.name),
+            topic: msg.topic.clone(),
+            key: Some(msg.key.clone()),
+            message_type: Some(msg.message_type.clone()),
+            payload: msg.payload.clone(),
+            envelope: serde_json::to_string(msg).ok(),
+            error: reason.to_owned(),
+            attempts,
+            dead_at: Utc::now(),
+        };
+        metrics::counter!(m::CONSUMER_DEAD_LETTERED_TOTAL, "consumer" => self.config.name.clone(), "reason" => label).increment(1);
+        self.store_dead_letter(dead, cancel).await
+    }
+
+    async fn dead_letter_malformed(
+        &mut self,
+        bad: &Malformed,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        warn!(consumer = %self.config.name, message_id = ?bad.id, reason = %bad.reason, "malformed message; dead-lettering");
+        let dead = DeadLetter {
+            message_id: bad.id,
+            origin: format!("consumer:{}", self.config.name),
+            topic: bad.topic.clone(),
+            key: None,
+            message_type: None,
+            payload: bad.payload.clone(),
+            envelope: None,
+            error: format!("malformed message: {}", bad.reason),
+            attempts: 1,
+            dead_at: Utc::now(),
+        };
+        metrics::counter!(m::CONSUMER_DEAD_LETTERED_TOTAL, "consumer" => self.config.name.clone(), "reason" => "malformed").increment(1);
+        self.store_dead_letter(dead, cancel).await
+    }
+
+    /// Write a dead letter, waiting out an unavailable store: a dead letter
+    /// is never dropped.
+    async fn store_dead_letter(
+        &mut self,
+        mut dead: DeadLetter,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        dead.dead_at = self.clock.now();
+        let mut attempt = 0u32;
+        loop {
+            match self.inbox.dead_letter(&self.config.name, &dead).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.retryable() => {
+                    attempt = attempt.saturating_add(1);
+                    let delay = self.config.backoff.delay(attempt, &mut self.rng);
+                    warn!(error = %e, ?delay, "cannot store dead letter yet; retrying");
+                    if !self.sleep(delay, cancel).await {
+                        return Err(custody_core::Error::Shutdown);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

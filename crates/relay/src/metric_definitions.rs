@@ -1,0 +1,21 @@
+//! Names of the metrics the engines emit through the `metrics` facade.
+//! Libraries only emit; the binary installs an exporter.
+
+/// Messages the relay published and marked (label: `relay`).
+pub const RELAY_PUBLISHED_TOTAL: &str = "custody_relay_published_total";
+/// Failed publish attempts (label: `retryable`).
+pub const RELAY_PUBLISH_FAILURES_TOTAL: &str = "custody_relay_publish_failures_total";
+/// Messages the relay moved to the dead-letter table.
+pub const RELAY_DEAD_LETTERED_TOTAL: &str = "custody_relay_dead_lettered_total";
+/// Partitions the relay holds.
+pub const RELAY_PARTITIONS_HELD: &str = "custody_relay_partitions_held";
+/// 1 when the relay's circuit breaker is open.
+pub const RELAY_BREAKER_OPEN: &str = "custody_relay_breaker_open";
+/// Messages a consumer processed (label: `consumer`).
+pub const CONSUMER_PROCESSED_TOTAL: &str = "custody_consumer_processed_total";
+/// Redeliveries recognised by the inbox and skipped (label: `consumer`).
+pub const CONSUMER_DUPLICATES_TOTAL: &str = "custody_consumer_duplicates_suppressed_total";
+/// Messages a consumer dead-lettered (labels: `consumer`, `reason`).
+pub const CONSUMER_DEAD_LETTERED_TOTAL: &str = "custody_consumer_dead_lettered_total";
+/// Handler retries after a transient error (label: `consumer`).
+pub const CONSUMER_RETRIES_TOTAL: &str = "custody_consumer_retries_total";

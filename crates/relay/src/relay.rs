@@ -1,0 +1,389 @@
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use custody_core::{
+    Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig, Clock, Error, OutboxRecord,
+    OutboxStore, PublishAck, Publisher, Result, SystemClock,
+};
+use futures::StreamExt;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::metric_definitions as m;
+
+/// Relay settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RelayConfig {
+    /// Messages read per batch.
+    pub batch_size: usize,
+    /// Keys published concurrently within a batch (each key stays sequential).
+    pub max_concurrent_keys: usize,
+    /// How long a partition lease lasts without renewal; a dead relay's
+    /// partitions move to others after this.
+    #[serde(with = "custody_core::duration_serde")]
+    pub lease_ttl: Duration,
+    /// Longest wait for new messages when idle (LISTEN/NOTIFY or an
+    /// in-process signal usually wakes the relay earlier).
+    #[serde(with = "custody_core::duration_serde")]
+    pub poll_interval: Duration,
+    /// Failed attempts of one message (while the transport is otherwise
+    /// healthy) before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Backoff between attempts of one message.
+    pub backoff: Backoff,
+    /// Circuit breaker for the transport.
+    pub breaker: CircuitBreakerConfig,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 500,
+            max_concurrent_keys: 64,
+            lease_ttl: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(500),
+            max_attempts: 10,
+            backoff: Backoff::default(),
+            breaker: CircuitBreakerConfig::default(),
+        }
+    }
+}
+
+/// What a relay has done so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Messages published and marked.
+    pub published: u64,
+    /// Publishes the transport reported as duplicates (already stored).
+    pub duplicates: u64,
+    /// Failed publish attempts.
+    pub failures: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Batches read.
+    pub batches: u64,
+}
+
+/// Moves committed outbox messages to a transport.
+///
+/// One relay holds a set of partitions through leases; within a partition it
+/// publishes in position order, keys concurrently, each key sequentially, and
+/// marks a message published only after the transport's durable ack.
+pub struct Relay<S, P, C = SystemClock> {
+    store: S,
+    publisher: Arc<P>,
+    config: RelayConfig,
+    id: String,
+    clock: C,
+    rng: StdRng,
+    breaker: CircuitBreaker,
+    partitions: Vec<u32>,
+    lease_renew_at: Option<DateTime<Utc>>,
+    last_success: Option<DateTime<Utc>>,
+    stats: RelayStats,
+}
+
+/// Outcome of publishing one batch.
+#[derive(Debug, Default)]
+struct BatchOutcome {
+    acked: Vec<(i64, PublishAck)>,
+    failed: Vec<(OutboxRecord, Error)>,
+}
+
+impl<S: OutboxStore, P: Publisher> Relay<S, P, SystemClock> {
+    /// A relay with a random id, the system clock and an entropy-seeded RNG.
+    pub fn new(store: S, publisher: P, config: RelayConfig) -> Self {
+        let id = format!("relay-{}", uuid::Uuid::now_v7().simple());
+        Relay {
+            breaker: CircuitBreaker::new(config.breaker),
+            store,
+            publisher: Arc::new(publisher),
+            config,
+            id,
+            clock: SystemClock,
+            rng: StdRng::from_entropy(),
+            partitions: Vec::new(),
+            lease_renew_at: None,
+            last_success: None,
+            stats: RelayStats::default(),
+        }
+    }
+}
+
+impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
+    /// Use another clock (tests, simulation).
+    pub fn with_clock<C2: Clock>(self, clock: C2) -> Relay<S, P, C2> {
+        Relay {
+            store: self.store,
+            publisher: self.publisher,
+            config: self.config,
+            id: self.id,
+            clock,
+            rng: self.rng,
+            breaker: self.breaker,
+            partitions: self.partitions,
+            lease_renew_at: self.lease_renew_at,
+            last_success: self.last_success,
+            stats: self.stats,
+        }
+    }
+
+    /// Use a seeded RNG for backoff jitter (deterministic tests).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.rng = StdRng::seed_from_u64(seed);
+        self
+    }
+
+    /// Set the relay's id (its name in the lease table). Ids must be unique
+    /// among live relays of one outbox.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// The relay's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Partitions held after the last lease round.
+    pub fn partitions(&self) -> &[u32] {
+        &self.partitions
+    }
+
+    /// When the transport last acknowledged a message (health checks).
+    pub fn last_success(&self) -> Option<DateTime<Utc>> {
+        self.last_success
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Run until `cancel` fires, then give back the leases and return the
+    /// counters. Transient store errors are logged and retried; the relay only
+    /// returns an error for terminal ones (bad schema, bad configuration).
+    pub async fn run(mut self, cancel: CancellationToken) -> Result<RelayStats> {
+        info!(relay = %self.id, "relay started");
+        let mut store_backoff_attempt = 0u32;
+        while !cancel.is_cancelled() {
+            match self.step().await {
+                Ok(0) => {
+                    store_backoff_attempt = 0;
+                    let wait = self.idle_wait();
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = self.store.wait_for_new(wait) => {}
+                    }
+                }
+                Ok(_) => store_backoff_attempt = 0,
+                Err(e) if e.retryable() => {
+                    store_backoff_attempt = store_backoff_attempt.saturating_add(1);
+                    let delay = self
+                        .config
+                        .backoff
+                        .delay(store_backoff_attempt, &mut self.rng);
+                    warn!(relay = %self.id, error = %e, ?delay, "relay step failed; retrying");
+                    // a lost connection may also have lost our leases: renew first
+                    self.lease_renew_at = None;
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if let Err(e) = self.store.release_leases(&self.id).await {
+            warn!(relay = %self.id, error = %e, "could not release leases; they expire after the lease ttl");
+        }
+        info!(relay = %self.id, published = self.stats.published, "relay stopped");
+        Ok(self.stats)
+    }
+
+    fn idle_wait(&self) -> Duration {
+        match self.breaker.state() {
+            BreakerState::Open { until } => (until - self.clock.now())
+                .to_std()
+                .unwrap_or(Duration::from_millis(1))
+                .min(self.config.poll_interval),
+            _ if self.partitions.is_empty() => self.config.lease_ttl / 3,
+            _ => self.config.poll_interval,
+        }
+    }
+
+    /// Renew leases if due, then read and publish one batch. Returns how many
+    /// messages were handled (published, failed or dead-lettered); 0 means
+    /// idle (nothing due, no partitions, or the circuit is open).
+    pub async fn step(&mut self) -> Result<usize> {
+        let now = self.clock.now();
+        if self.lease_renew_at.is_none_or(|t| now >= t) {
+            self.partitions = self
+                .store
+                .acquire_leases(&self.id, self.config.lease_ttl, now)
+                .await?;
+            // renew at a third of the ttl so one slow round does not lose them
+            let renew = chrono::Duration::from_std(self.config.lease_ttl / 3)
+                .unwrap_or(chrono::Duration::seconds(1));
+            self.lease_renew_at = Some(now + renew);
+            metrics::gauge!(m::RELAY_PARTITIONS_HELD, "relay" => self.id.clone())
+                .set(self.partitions.len() as f64);
+            debug!(relay = %self.id, partitions = ?self.partitions, "leases renewed");
+        }
+        if self.partitions.is_empty() {
+            return Ok(0);
+        }
+        if !self.breaker.allow(now) {
+            return Ok(0);
+        }
+        let batch = self
+            .store
+            .fetch_batch(&self.partitions, self.config.batch_size, now)
+            .await?;
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        self.stats.batches += 1;
+        let n = batch.len();
+        let outcome = self.publish_batch(batch).await;
+        self.settle(outcome).await?;
+        Ok(n)
+    }
+
+    /// Publish a batch: keys concurrently, each key's messages in order; a
+    /// key stops at its first failure so nothing overtakes it.
+    async fn publish_batch(&self, batch: Vec<OutboxRecord>) -> BatchOutcome {
+        let mut order: Vec<String> = Vec::new();
+        let mut by_key: HashMap<String, Vec<OutboxRecord>> = HashMap::new();
+        for rec in batch {
+            let k = rec.message.key.clone();
+            by_key
+                .entry(k.clone())
+                .or_insert_with(|| {
+                    order.push(k);
+                    Vec::new()
+                })
+                .push(rec);
+        }
+        let chains = order
+            .into_iter()
+            .filter_map(|k| by_key.remove(&k))
+            .map(|recs| {
+                let publisher = Arc::clone(&self.publisher);
+                async move {
+                    let mut out = BatchOutcome::default();
+                    for rec in recs {
+                        match publisher.publish(&rec.message).await {
+                            Ok(ack) => out.acked.push((rec.position, ack)),
+                            Err(e) => {
+                                out.failed.push((rec, e));
+                                // the rest of this key waits: order per key
+                                break;
+                            }
+                        }
+                    }
+                    out
+                }
+            });
+        let results: Vec<BatchOutcome> = futures::stream::iter(chains)
+            .buffer_unordered(self.config.max_concurrent_keys.max(1))
+            .collect()
+            .await;
+        let mut all = BatchOutcome::default();
+        for r in results {
+            all.acked.extend(r.acked);
+            all.failed.extend(r.failed);
+        }
+        all
+    }
+
+    /// Record the outcome of a batch in the store.
+    async fn settle(&mut self, outcome: BatchOutcome) -> Result<()> {
+        let now = self.clock.now();
+        if !outcome.acked.is_empty() {
+            let positions: Vec<i64> = outcome.acked.iter().map(|(p, _)| *p).collect();
+            let marked = self.store.mark_published(&self.id, &positions, now).await?;
+            if marked < positions.len() as u64 {
+                // Lease lost while publishing (another relay took the partition):
+                // the new holder republishes; transport and inbox dedupe by id.
+                warn!(relay = %self.id, marked, published = positions.len(), "lease lost during batch; renewing");
+                self.lease_renew_at = None;
+            }
+            self.stats.published += marked;
+            self.stats.duplicates +=
+                outcome.acked.iter().filter(|(_, a)| a.duplicate).count() as u64;
+            metrics::counter!(m::RELAY_PUBLISHED_TOTAL, "relay" => self.id.clone())
+                .increment(marked);
+            self.last_success = Some(now);
+            self.breaker.on_success();
+        }
+        if outcome.failed.is_empty() {
+            metrics::gauge!(m::RELAY_BREAKER_OPEN).set(0.0);
+            return Ok(());
+        }
+        let transport_up = !outcome.acked.is_empty();
+        let mut transport_down = false;
+        for (rec, err) in outcome.failed {
+            self.stats.failures += 1;
+            let retryable = err.retryable();
+            metrics::counter!(m::RELAY_PUBLISH_FAILURES_TOTAL, "retryable" => retryable.to_string())
+                .increment(1);
+            let attempts = rec.attempts.saturating_add(1);
+            if !retryable {
+                warn!(message_id = %rec.message.id, error = %err, "terminal publish error; dead-lettering");
+                self.store
+                    .dead_letter(
+                        rec.position,
+                        &format!("publish failed permanently: {err}"),
+                        now,
+                    )
+                    .await?;
+                self.stats.dead_lettered += 1;
+                metrics::counter!(m::RELAY_DEAD_LETTERED_TOTAL).increment(1);
+            } else if transport_up {
+                // The transport accepts other messages, so this failure is the
+                // message's own: park its key with backoff, dead-letter at the limit.
+                if attempts >= self.config.max_attempts {
+                    warn!(message_id = %rec.message.id, attempts, error = %err, "giving up; dead-lettering");
+                    self.store
+                        .dead_letter(
+                            rec.position,
+                            &format!("publish failed {attempts} times while the transport accepted other messages; last error: {err}"),
+                            now,
+                        )
+                        .await?;
+                    self.stats.dead_lettered += 1;
+                    metrics::counter!(m::RELAY_DEAD_LETTERED_TOTAL).increment(1);
+                } else {
+                    let delay = self.config.backoff.delay(attempts, &mut self.rng);
+                    let retry_at = now
+                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(1));
+                    self.store
+                        .record_failure(rec.position, &err.to_string(), retry_at)
+                        .await?;
+                }
+            } else {
+                // Nothing in the batch got through: the transport is down. The
+                // messages stay pending in order (no attempt counted against
+                // them); the circuit breaker stops us hammering it.
+                transport_down = true;
+                debug!(message_id = %rec.message.id, error = %err, "transport unavailable");
+            }
+        }
+        if transport_down {
+            self.breaker.on_failure(now);
+            if matches!(self.breaker.state(), BreakerState::Open { .. }) {
+                metrics::gauge!(m::RELAY_BREAKER_OPEN).set(1.0);
+                warn!(relay = %self.id, "transport unavailable; circuit open, backlog kept in the outbox");
+            }
+        }
+        Ok(())
+    }
+}

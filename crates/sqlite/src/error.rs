@@ -1,0 +1,42 @@
+//! The one place sqlx errors become custody errors.
+
+use custody_core::Error;
+
+const BACKEND: &str = "sqlite";
+
+/// Primary result codes (the low byte of an extended code) that mean another
+/// connection holds a lock: trying again later can succeed.
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+
+/// Whether `e` is worth retrying: I/O, pool exhaustion, or the database being
+/// busy/locked by another connection. Everything else (constraint violations,
+/// SQL errors, decode errors, a closed pool) is terminal.
+pub(crate) fn retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, SQLITE_BUSY | SQLITE_LOCKED)),
+        _ => false,
+    }
+}
+
+/// Convert an sqlx error from operation `op`.
+pub(crate) fn store_error(op: &'static str, e: sqlx::Error) -> Error {
+    Error::store(BACKEND, op, retryable(&e), e)
+}
+
+/// `map_err` adapter for [`store_error`].
+pub(crate) fn map_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| store_error(op, e)
+}
+
+/// Migration errors: retryable only when the database was busy.
+pub(crate) fn map_migrate_err(e: sqlx::migrate::MigrateError) -> Error {
+    match e {
+        sqlx::migrate::MigrateError::Execute(inner) => store_error("migrate", inner),
+        other => Error::store(BACKEND, "migrate", false, other),
+    }
+}

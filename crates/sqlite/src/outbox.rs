@@ -1,0 +1,579 @@
+//! The transactional outbox and the relay's view of it.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, Result};
+use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::error::{map_err, store_error};
+use crate::row::{OutboxRow, OUTBOX_COLUMNS};
+use crate::{duration_ms, to_ms};
+
+/// Partitions of a new [`SqliteOutbox`].
+pub const DEFAULT_PARTITIONS: u32 = 16;
+
+/// Rows per `INSERT` in [`SqliteOutbox::enqueue_batch`]: 10 columns each,
+/// well under SQLite's default limit of 32,766 bound parameters (and under
+/// the 999 of builds older than 3.32).
+const BATCH_ROWS: usize = 90;
+
+const INSERT_HEAD: &str = "INSERT INTO custody_outbox \
+     (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at) VALUES ";
+const INSERT_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// The relay's next batch. `o.status = 0` as a literal so the partial
+/// `custody_outbox_pending` index applies.
+///
+/// No visibility guard: SQLite runs one write transaction at a time and holds
+/// the write lock from its first write to its commit, so a row can never
+/// commit below a position a reader has already seen (positions become
+/// visible in commit order). The NOT EXISTS leaves out every message whose
+/// key has a parked message (`retry_at > now`) at the same or a lower
+/// position; other keys flow.
+const FETCH_BATCH: &str = "SELECT position, partition, attempts, id, kind, topic, msg_key, \
+     message_type, content_type, headers, payload, created_at \
+     FROM custody_outbox AS o \
+     WHERE o.status = 0 \
+       AND o.partition IN (SELECT value FROM json_each(?1)) \
+       AND NOT EXISTS ( \
+           SELECT 1 FROM custody_outbox AS p \
+           WHERE p.status = 0 AND p.retry_at IS NOT NULL \
+             AND p.partition = o.partition AND p.msg_key = o.msg_key \
+             AND p.position <= o.position AND p.retry_at > ?2) \
+     ORDER BY o.position \
+     LIMIT ?3";
+
+/// Fencing: only rows in partitions whose unexpired lease `relay` holds.
+const MARK_PUBLISHED: &str = "UPDATE custody_outbox SET status = 1, published_at = ?3 \
+     WHERE status = 0 \
+       AND position IN (SELECT value FROM json_each(?1)) \
+       AND partition IN (SELECT partition FROM custody_relay_lease \
+                         WHERE owner = ?2 AND expires_at > ?3)";
+
+const RECORD_FAILURE: &str = "UPDATE custody_outbox \
+     SET attempts = attempts + 1, last_error = ?2, retry_at = ?3 \
+     WHERE position = ?1 AND status = 0";
+
+const DEAD_LETTER_COPY: &str = "INSERT INTO custody_dead_letter \
+     (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
+     SELECT id, 'relay', topic, msg_key, message_type, payload, ?2, ?3, attempts, ?4 \
+     FROM custody_outbox WHERE position = ?1 AND status = 0";
+
+const DEAD_LETTER_MARK: &str = "UPDATE custody_outbox SET status = 2, last_error = ?2, retry_at = NULL \
+     WHERE position = ?1 AND status = 0";
+
+/// The highest position ever inserted and committed (AUTOINCREMENT's high-water mark).
+const HIGH_WATER: &str =
+    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'custody_outbox'), 0)";
+
+/// Longest a woken waiter waits for a signalled commit to become visible.
+const VISIBILITY_WAIT: Duration = Duration::from_secs(1);
+
+/// In-process "new messages committed" signal, shared by clones of an outbox
+/// and the readers attached to it.
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    notify: Notify,
+    /// Highest position whose commit has been signalled.
+    committed: AtomicI64,
+}
+
+impl Signal {
+    /// Wake every current waiter, and the next one if nobody waits right now.
+    pub(crate) fn wake(&self) {
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+
+    fn committed(&self, position: i64) {
+        self.committed.fetch_max(position, Ordering::AcqRel);
+        self.wake();
+    }
+
+    /// A future resolved by the next [`Signal::wake`].
+    pub(crate) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// SQLite calls the commit hook just before the commit becomes visible to
+    /// other connections (and before it is synced). Wait until the signalled
+    /// position is visible, so the woken reader does not look too early and
+    /// then sleep a whole poll interval.
+    pub(crate) async fn await_visible(&self, pool: &SqlitePool, deadline: Instant) {
+        let want = self.committed.load(Ordering::Acquire);
+        let deadline = deadline.min(Instant::now() + VISIBILITY_WAIT);
+        loop {
+            match sqlx::query_scalar::<_, i64>(HIGH_WATER).fetch_one(pool).await {
+                Ok(seen) if seen >= want => return,
+                Ok(_) => {}
+                // The caller's own query will report the problem.
+                Err(_) => return,
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// The transactional outbox on SQLite.
+///
+/// [`enqueue`](Self::enqueue) joins the caller's transaction, so a message
+/// exists if and only if the business change committed. The
+/// [`OutboxStore`] implementation is what the relay uses. Clones share the
+/// pool and the in-process wake-up signal.
+#[derive(Debug, Clone)]
+pub struct SqliteOutbox {
+    pool: SqlitePool,
+    partitions: u32,
+    signal: Arc<Signal>,
+}
+
+impl SqliteOutbox {
+    /// An outbox on `pool` (migrated with [`crate::migrate`]) with
+    /// [`DEFAULT_PARTITIONS`] (16) partitions.
+    pub fn new(pool: SqlitePool) -> Self {
+        SqliteOutbox {
+            pool,
+            partitions: DEFAULT_PARTITIONS,
+            signal: Arc::new(Signal::default()),
+        }
+    }
+
+    /// Use `n` partitions (at least 1). Every producer and relay of one
+    /// outbox must use the same number.
+    #[must_use]
+    pub fn with_partitions(mut self, n: u32) -> Self {
+        self.partitions = n.max(1);
+        self
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub(crate) fn signal(&self) -> Arc<Signal> {
+        self.signal.clone()
+    }
+
+    /// Add `msg` to the outbox on `conn`, normally the caller's transaction
+    /// (`&mut *tx`): the message commits or rolls back with it. Returns the
+    /// message's position.
+    ///
+    /// Relays and readers in this process are woken when the transaction
+    /// commits (through an SQLite commit hook installed on `conn`, which
+    /// replaces any commit or rollback hook set there before). Other
+    /// processes see the message at their next poll.
+    pub async fn enqueue(&self, conn: &mut SqliteConnection, msg: &Message) -> Result<i64> {
+        let positions = self.enqueue_batch(conn, std::slice::from_ref(msg)).await?;
+        positions.into_iter().next().ok_or_else(|| {
+            Error::store(
+                "sqlite",
+                "enqueue",
+                false,
+                "INSERT ... RETURNING returned no position",
+            )
+        })
+    }
+
+    /// Add `msgs` in order with multi-row `INSERT`s (chunked under SQLite's
+    /// bound-parameter limit). Returns their positions, increasing, in the
+    /// order of `msgs`. See [`enqueue`](Self::enqueue).
+    pub async fn enqueue_batch(
+        &self,
+        conn: &mut SqliteConnection,
+        msgs: &[Message],
+    ) -> Result<Vec<i64>> {
+        let mut positions = Vec::with_capacity(msgs.len());
+        for chunk in msgs.chunks(BATCH_ROWS) {
+            let mut rows = Vec::with_capacity(chunk.len());
+            for msg in chunk {
+                msg.validate()?;
+                let headers = serde_json::to_string(&msg.headers).map_err(|e| {
+                    Error::InvalidMessage(format!("headers do not serialize to JSON: {e}"))
+                })?;
+                rows.push((msg, headers));
+            }
+            let mut sql = String::with_capacity(INSERT_HEAD.len() + chunk.len() * 32 + 20);
+            sql.push_str(INSERT_HEAD);
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(INSERT_ROW);
+            }
+            // SQLite returns RETURNING rows in insertion order for a plain
+            // multi-row VALUES insert; sort anyway rather than rely on it.
+            sql.push_str(" RETURNING position");
+            let mut query = sqlx::query_scalar::<_, i64>(&sql);
+            for (msg, headers) in rows {
+                query = query
+                    .bind(msg.id.hyphenated().to_string())
+                    .bind(msg.kind.as_str())
+                    .bind(msg.topic.as_str())
+                    .bind(msg.key.as_str())
+                    .bind(i64::from(partition_for(&msg.key, self.partitions)))
+                    .bind(msg.message_type.as_str())
+                    .bind(msg.content_type.as_str())
+                    .bind(headers)
+                    .bind(msg.payload.as_slice())
+                    .bind(to_ms(msg.created_at));
+            }
+            let mut got = query
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(|e| enqueue_error(e, chunk))?;
+            got.sort_unstable();
+            positions.extend(got);
+        }
+        if let Some(&last) = positions.last() {
+            self.signal_on_commit(conn, last).await?;
+        }
+        Ok(positions)
+    }
+
+    /// Wake relays and readers in this process (e.g. after inserting outbox
+    /// rows by other means). Waiters then re-read the outbox.
+    pub fn notify(&self) {
+        self.signal.wake();
+    }
+
+    /// Arrange for waiters to be woken once `position` is committed on `conn`.
+    async fn signal_on_commit(&self, conn: &mut SqliteConnection, position: i64) -> Result<()> {
+        if !conn.is_in_transaction() {
+            // Autocommit: the row is already committed.
+            self.signal.committed(position);
+            return Ok(());
+        }
+        let armed = Arc::new(AtomicI64::new(position));
+        let on_commit = armed.clone();
+        let signal = self.signal.clone();
+        let mut handle = conn
+            .lock_handle()
+            .await
+            .map_err(map_err("enqueue: install commit hook"))?;
+        // One-shot: later commits on this pooled connection must not wake
+        // readers for nothing, and a rollback disarms it.
+        handle.set_commit_hook(move || {
+            let p = on_commit.swap(0, Ordering::AcqRel);
+            if p > 0 {
+                signal.committed(p);
+            }
+            true
+        });
+        handle.set_rollback_hook(move || armed.store(0, Ordering::Release));
+        Ok(())
+    }
+
+    /// Move the pending row at `position` to the dead-letter table.
+    async fn dead_letter_row(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
+        const OP: &str = "dead-letter outbox message";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        let select = format!("SELECT {OUTBOX_COLUMNS} FROM custody_outbox WHERE position = ?1");
+        let row = sqlx::query(&select)
+            .bind(position)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let row = OutboxRow::decode(&row).map_err(map_err(OP))?;
+        // The envelope lets an operator redrive the message as it was.
+        let envelope = match &row.message {
+            Ok(m) => serde_json::to_string(m).ok(),
+            Err(_) => None,
+        };
+        sqlx::query(DEAD_LETTER_COPY)
+            .bind(position)
+            .bind(envelope)
+            .bind(error)
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        sqlx::query(DEAD_LETTER_MARK)
+            .bind(position)
+            .bind(error)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        tx.commit().await.map_err(map_err(OP))
+    }
+}
+
+fn enqueue_error(e: sqlx::Error, chunk: &[Message]) -> Error {
+    let unique = e
+        .as_database_error()
+        .is_some_and(|d| d.is_unique_violation());
+    if unique {
+        let ids: Vec<String> = chunk.iter().map(|m| m.id.to_string()).collect();
+        return Error::InvalidMessage(format!(
+            "a message id is already in the outbox (one of {}); give every message a fresh id ({e})",
+            ids.join(", ")
+        ));
+    }
+    store_error("enqueue", e)
+}
+
+fn json_list<T: std::fmt::Display>(items: &[T]) -> String {
+    let mut s = String::with_capacity(items.len() * 6 + 2);
+    s.push('[');
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&x.to_string());
+    }
+    s.push(']');
+    s
+}
+
+impl OutboxStore for SqliteOutbox {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    async fn acquire_leases(
+        &self,
+        relay: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<u32>> {
+        const OP: &str = "acquire relay leases";
+        let now_ms = to_ms(now);
+        let ttl_ms = duration_ms(ttl);
+        let expires = now_ms.saturating_add(ttl_ms);
+        let p = i64::from(self.partitions);
+        // BEGIN IMMEDIATE takes the write lock at once: the whole
+        // read-decide-write below sees and changes one consistent state.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        sqlx::query(
+            "INSERT INTO custody_relay_member (relay, heartbeat_at) VALUES (?1, ?2) \
+             ON CONFLICT (relay) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(relay)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err(OP))?;
+        sqlx::query("DELETE FROM custody_relay_member WHERE heartbeat_at < ?1")
+            .bind(now_ms.saturating_sub(ttl_ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        sqlx::query(
+            "WITH RECURSIVE s(p) AS (SELECT 0 UNION ALL SELECT p + 1 FROM s WHERE p + 1 < ?1) \
+             INSERT OR IGNORE INTO custody_relay_lease (partition) SELECT p FROM s",
+        )
+        .bind(p)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err(OP))?;
+        // Leases on partitions beyond the configured count are dropped.
+        sqlx::query(
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL \
+             WHERE owner = ?1 AND partition >= ?2",
+        )
+        .bind(relay)
+        .bind(p)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err(OP))?;
+        let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM custody_relay_member")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        let live = u32::try_from(live.max(1)).unwrap_or(u32::MAX);
+        let share = usize::try_from(self.partitions.div_ceil(live)).unwrap_or(usize::MAX);
+
+        let rows = sqlx::query(
+            "SELECT partition, owner, expires_at FROM custody_relay_lease \
+             WHERE partition < ?1 ORDER BY partition",
+        )
+        .bind(p)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err(OP))?;
+        let mut held = Vec::new();
+        let mut free = Vec::new();
+        for row in &rows {
+            let partition: i64 = row.try_get("partition").map_err(map_err(OP))?;
+            let owner: Option<String> = row.try_get("owner").map_err(map_err(OP))?;
+            let expires_at: Option<i64> = row.try_get("expires_at").map_err(map_err(OP))?;
+            match owner {
+                Some(o) if o == relay => held.push(partition),
+                Some(_) if expires_at.is_some_and(|e| e > now_ms) => {}
+                _ => free.push(partition),
+            }
+        }
+        // Above the fair share: give back the highest partitions.
+        let release: Vec<i64> = if held.len() > share {
+            held.split_off(share)
+        } else {
+            Vec::new()
+        };
+        // Below it: claim the lowest free or expired ones.
+        let want = share.saturating_sub(held.len());
+        held.extend(free.into_iter().take(want));
+        held.sort_unstable();
+
+        if !release.is_empty() {
+            sqlx::query(
+                "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL \
+                 WHERE owner = ?2 AND partition IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(json_list(&release))
+            .bind(relay)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        }
+        if !held.is_empty() {
+            sqlx::query(
+                "UPDATE custody_relay_lease SET owner = ?2, expires_at = ?3 \
+                 WHERE partition IN (SELECT value FROM json_each(?1))",
+            )
+            .bind(json_list(&held))
+            .bind(relay)
+            .bind(expires)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        }
+        tx.commit().await.map_err(map_err(OP))?;
+        Ok(held
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect())
+    }
+
+    async fn release_leases(&self, relay: &str) -> Result<()> {
+        const OP: &str = "release relay leases";
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        sqlx::query(
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = ?1",
+        )
+        .bind(relay)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err(OP))?;
+        sqlx::query("DELETE FROM custody_relay_member WHERE relay = ?1")
+            .bind(relay)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        tx.commit().await.map_err(map_err(OP))
+    }
+
+    async fn fetch_batch(
+        &self,
+        partitions: &[u32],
+        limit: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>> {
+        const OP: &str = "fetch outbox batch";
+        if partitions.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(FETCH_BATCH)
+            .bind(json_list(partitions))
+            .bind(to_ms(now))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(OP))?;
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let row = OutboxRow::decode(row).map_err(map_err(OP))?;
+            match row.message {
+                Ok(message) => batch.push(OutboxRecord {
+                    position: row.position,
+                    partition: row.partition,
+                    attempts: row.attempts,
+                    message,
+                }),
+                // A damaged row can never be published; keep it from
+                // blocking its key forever (DESIGN.md invariant 6).
+                Err(bad) => {
+                    let error = format!(
+                        "outbox row cannot be read, so it was not published: {}; \
+                         fix the row and redrive it from the dead-letter table",
+                        bad.reason
+                    );
+                    tracing::warn!(position = row.position, %error, "dead-lettering damaged outbox row");
+                    self.dead_letter_row(row.position, &error, now).await?;
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn mark_published(
+        &self,
+        relay: &str,
+        positions: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(MARK_PUBLISHED)
+            .bind(json_list(positions))
+            .bind(relay)
+            .bind(to_ms(now))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err("mark published"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_failure(
+        &self,
+        position: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(RECORD_FAILURE)
+            .bind(position)
+            .bind(error)
+            .bind(to_ms(retry_at))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err("record publish failure"))?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
+        self.dead_letter_row(position, error, now).await
+    }
+
+    async fn wait_for_new(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        if tokio::time::timeout(timeout, self.signal.notified())
+            .await
+            .is_ok()
+        {
+            self.signal.await_visible(&self.pool, deadline).await;
+        }
+    }
+}

@@ -17,6 +17,9 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+mod nats_server;
+pub use nats_server::*;
+
 /// Whether missing services must fail tests (`CUSTODY_REQUIRE_SERVICES=1`).
 pub fn require_services() -> bool {
     matches!(
@@ -68,16 +71,14 @@ pub struct PgTestDb {
 /// Create a fresh PostgreSQL database, or skip / fail as [`require_services`] says.
 pub async fn postgres_db() -> anyhow::Result<Option<PgTestDb>> {
     let server = postgres_server_url();
-    let mut conn = match tokio::time::timeout(
-        Duration::from_secs(5),
-        sqlx::PgConnection::connect(&server),
-    )
-    .await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return unavailable("PostgreSQL", &format!("{server}: {e}")),
-        Err(_) => return unavailable("PostgreSQL", &format!("{server}: connect timed out")),
-    };
+    let mut conn =
+        match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&server))
+            .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return unavailable("PostgreSQL", &format!("{server}: {e}")),
+            Err(_) => return unavailable("PostgreSQL", &format!("{server}: connect timed out")),
+        };
     let name = unique_name("custody_t");
     sqlx::query(&format!("CREATE DATABASE {name}"))
         .execute(&mut conn)
@@ -122,7 +123,12 @@ impl Drop for PgTestDb {
 pub async fn nats() -> anyhow::Result<Option<String>> {
     let url = nats_url();
     let addr = url.trim_start_matches("nats://").to_owned();
-    match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    {
         Ok(Ok(_)) => Ok(Some(url)),
         Ok(Err(e)) => unavailable("NATS", &format!("{url}: {e}")),
         Err(_) => unavailable("NATS", &format!("{url}: connect timed out")),

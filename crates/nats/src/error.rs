@@ -1,0 +1,219 @@
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::context::{CreateStreamErrorKind, PublishErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::{ConnectErrorKind, RequestErrorKind};
+
+/// What went wrong talking to NATS. It reaches users as the `#[source]` of a
+/// [`custody_core::Error::Transport`] (transport `"nats"`); downcast to this
+/// type to inspect it. Whether a retry can help is decided in one place,
+/// [`NatsError::retryable`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NatsError {
+    /// The first connection to the server failed.
+    #[error("cannot connect to NATS at {url}: {source}. Check that nats-server is running there (with JetStream: -js)")]
+    Connect {
+        /// The URL given to [`crate::connect`].
+        url: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+
+    /// Headers plus payload exceed the server's `max_payload`.
+    #[error("message for {subject} is {size} bytes (headers and payload), above the server's max_payload of {limit} bytes; store large payloads elsewhere and send a reference, or raise max_payload in nats-server.conf")]
+    PayloadTooLarge {
+        /// Subject it was going to.
+        subject: String,
+        /// Size of headers plus payload in bytes.
+        size: usize,
+        /// The server's limit in bytes.
+        limit: usize,
+    },
+
+    /// A topic that does not make a valid NATS subject token sequence.
+    #[error("topic {topic:?} does not make a valid NATS subject ({reason}); use letters, digits, '-', '_' and single dots")]
+    BadSubject {
+        /// The message topic.
+        topic: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// JetStream did not acknowledge a publish.
+    #[error("publish to {subject}: {source}{hint}", hint = publish_hint(source.kind()))]
+    Publish {
+        /// Subject published to.
+        subject: String,
+        /// The client's error.
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+
+    /// No answer within the configured time.
+    #[error("{what}: no answer from NATS within {after:?}; the server may be down or overloaded")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// The configured timeout.
+        after: Duration,
+    },
+
+    /// Creating or updating a stream failed.
+    #[error("create or update stream {stream}: {source}")]
+    Stream {
+        /// Stream name.
+        stream: String,
+        /// The client's error.
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+
+    /// Creating or updating a durable consumer failed.
+    #[error("create durable consumer {durable} on stream {stream}: {source}")]
+    Consumer {
+        /// Stream name.
+        stream: String,
+        /// Durable consumer name.
+        durable: String,
+        /// The client's error.
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+
+    /// The server did not apply the consumer's subject filter (servers before
+    /// 2.10 ignore a list of several filters).
+    #[error("durable consumer {durable} on stream {stream}: nats-server {server_version} did not apply the subject filters {wanted:?} (it has {got:?}); several topics in one consumer need nats-server 2.10 or later, or use one subscriber per topic")]
+    FilterNotApplied {
+        /// Stream name.
+        stream: String,
+        /// Durable consumer name.
+        durable: String,
+        /// Server version string.
+        server_version: String,
+        /// The filters asked for.
+        wanted: Vec<String>,
+        /// The filters the server reports.
+        got: Vec<String>,
+    },
+
+    /// A pull request could not be sent or its answer was an error status.
+    #[error("pull from consumer {durable}: {source}")]
+    Fetch {
+        /// Durable consumer name.
+        durable: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::Error,
+    },
+
+    /// The server did not confirm an acknowledgement.
+    #[error("acknowledge stream sequence {stream_sequence}: {source}")]
+    Ack {
+        /// Stream sequence of the acknowledged message.
+        stream_sequence: u64,
+        /// The client's error.
+        #[source]
+        source: async_nats::RequestError,
+    },
+}
+
+fn publish_hint(kind: PublishErrorKind) -> &'static str {
+    match kind {
+        PublishErrorKind::StreamNotFound => {
+            " (no responders: no stream captures this subject, or JetStream is unavailable; call ensure_stream)"
+        }
+        _ => "",
+    }
+}
+
+impl NatsError {
+    /// Whether a later attempt of the same operation can succeed. The one
+    /// place where NATS failures are classified.
+    pub fn retryable(&self) -> bool {
+        match self {
+            NatsError::Connect { source, .. } => !matches!(
+                source.kind(),
+                ConnectErrorKind::ServerParse
+                    | ConnectErrorKind::Authentication
+                    | ConnectErrorKind::AuthorizationViolation
+                    | ConnectErrorKind::Tls
+            ),
+            NatsError::PayloadTooLarge { .. }
+            | NatsError::BadSubject { .. }
+            | NatsError::FilterNotApplied { .. } => false,
+            NatsError::Publish { source, .. } => match source.kind() {
+                // No responders: the stream is missing or the server is
+                // unreachable / restarting; both can heal.
+                PublishErrorKind::StreamNotFound
+                | PublishErrorKind::TimedOut
+                | PublishErrorKind::BrokenPipe => true,
+                PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => false,
+                PublishErrorKind::Other => match jetstream_code(source) {
+                    Some(code) => transient_jetstream_code(code),
+                    // Client-side failures (channel closed, reconnecting).
+                    None => true,
+                },
+            },
+            NatsError::Timeout { .. } => true,
+            NatsError::Stream { source, .. } => match source.kind() {
+                CreateStreamErrorKind::JetStream(e) => transient_jetstream_code(e.error_code()),
+                CreateStreamErrorKind::EmptyStreamName
+                | CreateStreamErrorKind::InvalidStreamName
+                | CreateStreamErrorKind::DomainAndExternalSet => false,
+                CreateStreamErrorKind::JetStreamUnavailable
+                | CreateStreamErrorKind::TimedOut
+                | CreateStreamErrorKind::Response
+                | CreateStreamErrorKind::NotFound
+                | CreateStreamErrorKind::ResponseParse => true,
+            },
+            NatsError::Consumer { source, .. } => match source.kind() {
+                ConsumerErrorKind::JetStream(e) => transient_jetstream_code(e.error_code()),
+                ConsumerErrorKind::InvalidConsumerType | ConsumerErrorKind::InvalidName => false,
+                ConsumerErrorKind::TimedOut
+                | ConsumerErrorKind::Request
+                | ConsumerErrorKind::Other => true,
+            },
+            NatsError::Fetch { .. } => true,
+            NatsError::Ack { source, .. } => match source.kind() {
+                RequestErrorKind::TimedOut | RequestErrorKind::Other => true,
+                // Nobody answers acks for this consumer: it was deleted, or
+                // the server is restarting. The message will be redelivered
+                // if the consumer comes back.
+                RequestErrorKind::NoResponders => true,
+            },
+        }
+    }
+
+    /// Into custody's error for operation `op`.
+    pub(crate) fn into_core(self, op: &'static str) -> custody_core::Error {
+        let retryable = self.retryable();
+        custody_core::Error::transport("nats", op, retryable, self)
+    }
+}
+
+/// The JetStream API error code carried by a publish error, if any.
+fn jetstream_code(e: &jetstream::context::PublishError) -> Option<ErrorCode> {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .map(|e| e.error_code())
+}
+
+/// JetStream API errors that describe a passing state of the server or
+/// cluster rather than a wrong request.
+fn transient_jetstream_code(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::CLUSTER_NOT_AVAILABLE
+            | ErrorCode::CLUSTER_NOT_ACTIVE
+            | ErrorCode::CLUSTER_NOT_LEADER
+            | ErrorCode::CLUSTER_NOT_ASSIGNED
+            | ErrorCode::INSUFFICIENT_RESOURCES
+            | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            | ErrorCode::MEMORY_RESOURCES_EXCEEDED
+            | ErrorCode::STREAM_MAX_STREAM_BYTES_EXCEEDED
+    )
+}

@@ -1,0 +1,259 @@
+//! Publisher and subscriber against the machine's NATS server.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{rich_message, TestStream};
+use custody_core::{Message, Publisher, Subscriber};
+use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
+
+#[tokio::test]
+async fn published_message_arrives_unchanged_and_ack_stops_redelivery() -> anyhow::Result<()> {
+    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let ts = TestStream::create(&url).await?;
+    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+
+    let sent = vec![
+        rich_message("orders", "order-1"),
+        rich_message("orders.eu", "ключ с пробелом "),
+        Message::builder("orders", "", "Empty")
+            .payload("", Vec::new())
+            .build()?,
+    ];
+    for m in &sent {
+        let ack = publisher.publish(m).await?;
+        assert_eq!(ack.stream.as_deref(), Some(ts.spec.name.as_str()));
+        assert!(!ack.duplicate);
+    }
+
+    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "billing", &[]).await?;
+    let got = sub.fetch(10, Duration::from_secs(2)).await?;
+    assert_eq!(got.len(), sent.len());
+    for (d, m) in got.into_iter().zip(&sent) {
+        assert_eq!(d.delivery_count, 1);
+        assert_eq!(d.message.as_ref().ok(), Some(m));
+        sub.ack(d.token).await?;
+    }
+    drop(sub);
+
+    let mut again = NatsSubscriber::new(ts.client.clone(), &ts.spec, "billing", &[]).await?;
+    let got = again.fetch(10, Duration::from_millis(500)).await?;
+    assert!(got.is_empty(), "acked messages came back: {got:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unacked_message_is_redelivered_with_delivery_count_2() -> anyhow::Result<()> {
+    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let ts = TestStream::create(&url).await?;
+    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let m = rich_message("orders", "order-1");
+    publisher.publish(&m).await?;
+
+    let options = SubscriberOptions {
+        ack_wait: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let topics = ["orders".to_owned()];
+    let mut sub =
+        NatsSubscriber::with_options(ts.client.clone(), &ts.spec, "c1", &topics, options.clone())
+            .await?;
+    let first = sub.fetch(10, Duration::from_secs(2)).await?;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].delivery_count, 1);
+    drop(first); // not acked
+    drop(sub);
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut sub =
+        NatsSubscriber::with_options(ts.client.clone(), &ts.spec, "c1", &topics, options).await?;
+    let second = sub.fetch(10, Duration::from_secs(3)).await?;
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].delivery_count, 2);
+    assert_eq!(second[0].message.as_ref().ok(), Some(&m));
+    for d in second {
+        sub.ack(d.token).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn same_id_twice_is_stored_once() -> anyhow::Result<()> {
+    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let ts = TestStream::create(&url).await?;
+    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let m = rich_message("orders", "order-1");
+
+    let first = publisher.publish(&m).await?;
+    let second = publisher.publish(&m).await?;
+    assert!(!first.duplicate);
+    assert!(second.duplicate, "{second:?}");
+    assert_eq!(first.sequence, second.sequence);
+    assert_eq!(ts.message_count().await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -> anyhow::Result<()>
+{
+    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let ts = TestStream::create(&url).await?;
+    let js = async_nats::jetstream::new(ts.client.clone());
+    let subject = ts.spec.subject("orders");
+
+    js.publish(subject.clone(), "plain bytes".into()).await?.await?;
+    let mut bad_id = async_nats::HeaderMap::new();
+    bad_id.insert("ce-id", "not-a-uuid");
+    bad_id.insert("ce-type", "OrderPlaced");
+    bad_id.insert("ce-time", "2024-01-01T00:00:00Z");
+    js.publish_with_headers(subject.clone(), bad_id, "x".into())
+        .await?
+        .await?;
+    let mut no_type = async_nats::HeaderMap::new();
+    no_type.insert("ce-id", uuid::Uuid::now_v7().to_string());
+    no_type.insert("ce-time", "2024-01-01T00:00:00Z");
+    js.publish_with_headers(subject.clone(), no_type, "y".into())
+        .await?
+        .await?;
+    let good = rich_message("orders", "order-1");
+    NatsPublisher::new(ts.client.clone(), &ts.spec)
+        .publish(&good)
+        .await?;
+
+    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "c", &[]).await?;
+    let got = sub.fetch(10, Duration::from_secs(2)).await?;
+    assert_eq!(got.len(), 4);
+    let reasons: Vec<String> = got[..3]
+        .iter()
+        .map(|d| d.message.as_ref().expect_err("malformed").reason.clone())
+        .collect();
+    assert!(reasons[0].contains("ce-id"), "{}", reasons[0]);
+    assert!(reasons[1].contains("ce-id") && reasons[1].contains("UUID"), "{}", reasons[1]);
+    assert!(reasons[2].contains("ce-type"), "{}", reasons[2]);
+    let raw = got[0].message.as_ref().expect_err("malformed");
+    assert_eq!(raw.payload, b"plain bytes");
+    assert_eq!(raw.topic, "orders");
+    assert_eq!(got[3].message.as_ref().ok(), Some(&good));
+    for d in got {
+        sub.ack(d.token).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn payload_above_max_payload_is_not_retryable_and_connection_survives() -> anyhow::Result<()>
+{
+    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let ts = TestStream::create(&url).await?;
+    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let limit = ts.client.server_info().max_payload;
+    let big = Message::builder("orders", "k", "Big")
+        .payload("application/octet-stream", vec![7u8; limit + 1])
+        .build()?;
+
+    let err = publisher.publish(&big).await.expect_err("too large");
+    assert!(!err.retryable(), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&limit.to_string()), "{text}");
+    assert!(text.contains("max_payload"), "{text}");
+
+    // Just under the limit once headers are counted: still refused, still ours.
+    let near = Message::builder("orders", "k", "Big")
+        .payload("application/octet-stream", vec![7u8; limit - 10])
+        .build()?;
+    let err = publisher.publish(&near).await.expect_err("headers count too");
+    assert!(!err.retryable(), "{err}");
+
+    publisher.publish(&rich_message("orders", "k")).await?;
+    assert_eq!(ts.message_count().await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyhow::Result<()> {
+    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let ts = TestStream::create(&url).await?;
+    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "c", &[]).await?;
+
+    let start = Instant::now();
+    let got = sub.fetch(10, Duration::from_millis(400)).await?;
+    let waited = start.elapsed();
+    assert!(got.is_empty());
+    assert!(waited >= Duration::from_millis(350), "returned after {waited:?}");
+    assert!(waited < Duration::from_secs(3), "returned after {waited:?}");
+
+    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    publisher.publish(&rich_message("orders", "a")).await?;
+    publisher.publish(&rich_message("orders", "b")).await?;
+    let start = Instant::now();
+    let got = sub.fetch(10, Duration::from_secs(5)).await?;
+    assert_eq!(got.len(), 2);
+    assert!(start.elapsed() < Duration::from_secs(2), "waited {:?}", start.elapsed());
+
+    // A message published while a fetch waits ends the wait.
+    let late = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            publisher.publish(&rich_message("orders", "c")).await
+        })
+    };
+    let start = Instant::now();
+    let got2 = sub.fetch(10, Duration::from_secs(5)).await?;
+    late.await??;
+    assert_eq!(got2.len(), 1);
+    assert!(start.elapsed() < Duration::from_secs(3), "waited {:?}", start.elapsed());
+    for d in got.into_iter().chain(got2) {
+        sub.ack(d.token).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn topic_filters_select_subjects() -> anyhow::Result<()> {
+    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let ts = TestStream::create(&url).await?;
+    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    for topic in ["a", "b", "c"] {
+        publisher.publish(&rich_message(topic, "k")).await?;
+    }
+
+    let mut one = NatsSubscriber::new(ts.client.clone(), &ts.spec, "only_b", &["b".into()]).await?;
+    let got = one.fetch(10, Duration::from_secs(1)).await?;
+    let topics: Vec<String> = got
+        .iter()
+        .map(|d| d.message.as_ref().map(|m| m.topic.clone()).unwrap_or_default())
+        .collect();
+    assert_eq!(topics, ["b"]);
+
+    match NatsSubscriber::new(ts.client.clone(), &ts.spec, "a_and_c", &["a".into(), "c".into()])
+        .await
+    {
+        Ok(mut two) => {
+            let got = two.fetch(10, Duration::from_secs(1)).await?;
+            let topics: Vec<String> = got
+                .iter()
+                .map(|d| d.message.as_ref().map(|m| m.topic.clone()).unwrap_or_default())
+                .collect();
+            assert_eq!(topics, ["a", "c"]);
+        }
+        // nats-server < 2.10 cannot filter on several subjects: refused, not ignored.
+        Err(e) => {
+            eprintln!("several filters refused: {e}");
+            assert!(e.to_string().contains("2.10"), "{e}");
+            assert!(!e.retryable());
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn connect_to_a_dead_port_names_the_url() -> anyhow::Result<()> {
+    let port = custody_testkit::free_port()?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let err = custody_nats::connect(&url).await.expect_err("nothing listens");
+    assert!(err.to_string().contains(&url), "{err}");
+    assert!(err.retryable());
+    Ok(())
+}

@@ -1,1 +1,92 @@
-fn main() {}
+//! The `custody` command line: `demo`, `migrate`, `relay`, `dlq`.
+#![forbid(unsafe_code)]
+
+mod config;
+mod demo;
+mod ops;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// custody: transactional outbox, relay and idempotent inbox.
+#[derive(Debug, Parser)]
+#[command(name = "custody", version, about, long_about = None)]
+struct Cli {
+    /// TOML config file; every key can be overridden by `CUSTODY_<SECTION>__<KEY>`
+    /// environment variables (e.g. `CUSTODY_RELAY__BATCH_SIZE=200`).
+    #[arg(long, global = true, env = "CUSTODY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run two services (orders → billing) with injected faults and prove nothing was lost.
+    Demo(demo::DemoArgs),
+    /// Create or upgrade custody's tables in a database.
+    Migrate(ops::MigrateArgs),
+    /// Move committed outbox messages to NATS JetStream until stopped (SIGINT/SIGTERM).
+    Relay(ops::RelayArgs),
+    /// Inspect dead letters.
+    Dlq(ops::DlqArgs),
+    /// Internal: a process of the demo (consumer or relay), started and killed by `custody demo`.
+    #[command(hide = true)]
+    DemoWorker(demo::WorkerArgs),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => {
+                init_tracing("error");
+                demo::run(args).await
+            }
+            Command::DemoWorker(args) => {
+                init_tracing("error");
+                demo::worker(args).await
+            }
+            Command::Migrate(args) => {
+                init_tracing("info");
+                ops::migrate(args).await
+            }
+            Command::Relay(args) => {
+                init_tracing("info");
+                let cfg = config::load(cli.config.as_deref())?;
+                ops::relay(args, cfg).await
+            }
+            Command::Dlq(args) => {
+                init_tracing("warn");
+                ops::dlq(args).await
+            }
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,87 @@
-//! placeholder
+//! # custody
+//!
+//! Keeps data consistent between services that each own their database:
+//! a **transactional outbox** written in the service's own transaction, a
+//! **relay** that moves committed messages to a transport (in order per key,
+//! at least once, with retries, a circuit breaker and dead letters), and an
+//! **idempotent inbox** that turns at-least-once delivery into an
+//! exactly-once effect.
+//!
+//! Backends and transports are cargo features: `sqlite` (default),
+//! `postgres`, `nats`.
+//!
+//! ```
+//! use custody::sqlite::{connect, migrate, EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+//! use custody::{Consumer, ConsumerConfig, Handler, HandlerError, Message};
+//!
+//! // The billing service applies OrderPlaced to its ledger, inside the inbox transaction.
+//! struct Billing;
+//! impl Handler<sqlx::Transaction<'static, sqlx::Sqlite>> for Billing {
+//!     async fn handle(
+//!         &self,
+//!         tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+//!         msg: &Message,
+//!     ) -> Result<(), HandlerError> {
+//!         let order: serde_json::Value = msg.decode_json()?;
+//!         sqlx::query("INSERT INTO ledger (order_id) VALUES (?)")
+//!             .bind(order["id"].as_i64())
+//!             .execute(&mut **tx)
+//!             .await
+//!             .map_err(HandlerError::transient)?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> anyhow::Result<()> {
+//! let dir = std::env::temp_dir().join(format!("custody-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let orders = connect(dir.join("orders.db").to_str().unwrap_or_default()).await?;
+//! let billing = connect(dir.join("billing.db").to_str().unwrap_or_default()).await?;
+//! migrate(&orders).await?;
+//! migrate(&billing).await?;
+//! sqlx::query("CREATE TABLE IF NOT EXISTS ledger (order_id INTEGER)").execute(&billing).await?;
+//!
+//! // Service A: the business change and its event commit together, or not at all.
+//! let outbox = SqliteOutbox::new(orders.clone());
+//! let mut tx = orders.begin().await?;
+//! let msg = Message::builder("orders", "customer-7", "OrderPlaced")
+//!     .json(&serde_json::json!({ "id": 1 }))?
+//!     .build()?;
+//! outbox.enqueue(&mut tx, &msg).await?;
+//! tx.commit().await?;
+//!
+//! // Service B: read A's log (embedded transport, no broker), apply through the inbox.
+//! let sub = EmbeddedSubscriber::new(orders.clone(), "billing", &["orders".to_owned()]).await?;
+//! let mut consumer = Consumer::new(SqliteInbox::new(billing.clone()), sub, Billing, ConsumerConfig::new("billing"));
+//! consumer.run_once().await?;
+//! assert_eq!(consumer.stats().processed, 1);
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub use custody_core::*;
+pub use custody_relay::{
+    metric_definitions, CancellationToken, Consumer, ConsumerConfig, ConsumerStats, Relay,
+    RelayConfig, RelayStats,
+};
+
+/// SQLite backend: outbox, inbox, dead letters and the embedded transport.
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use custody_sqlite::*;
+}
+
+/// PostgreSQL backend: outbox (with LISTEN/NOTIFY and partition leases),
+/// inbox, dead letters and the embedded transport.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use custody_postgres::*;
+}
+
+/// NATS JetStream transport.
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use custody_nats::*;
+}

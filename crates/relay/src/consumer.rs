@@ -304,7 +304,11 @@ where
                     return Ok(Some(Settled::DeadLettered));
                 }
                 Ok(Err(e)) => {
-                    let reason = format!("handler failed permanently: {e}");
+                    let inner = match &e {
+                        HandlerError::Permanent(inner) => inner.to_string(),
+                        other => other.to_string(),
+                    };
+                    let reason = format!("handler failed permanently: {inner}");
                     self.dead_letter_message(
                         msg,
                         &reason,

@@ -1,0 +1,109 @@
+//! The binary's configuration: one TOML file, every key overridable by
+//! `CUSTODY_<SECTION>__<KEY>` environment variables. Only the binary reads
+//! files and the environment; libraries take the structs.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Relay settings.
+    pub relay: custody::RelayConfig,
+    /// Consumer settings.
+    pub consumer: custody::ConsumerConfig,
+}
+
+/// Load `path` (if given) and apply `CUSTODY_*` overrides.
+pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+    let mut value = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read config file {}", p.display()))?;
+            text.parse::<toml::Table>()
+                .with_context(|| format!("config file {} is not valid TOML", p.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    apply_env(&mut value, std::env::vars())?;
+    Config::deserialize(toml::Value::Table(value)).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid configuration: {e}. See docs/CONFIG.md for the keys and their forms"
+        )
+    })
+}
+
+/// `CUSTODY_RELAY__BATCH_SIZE=200` sets `relay.batch-size = 200`. Values are
+/// read as TOML scalars where they parse (numbers, booleans), else as strings.
+fn apply_env(
+    table: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    for (k, v) in vars {
+        let Some(rest) = k.strip_prefix("CUSTODY_") else {
+            continue;
+        };
+        if !rest.contains("__") {
+            continue; // CUSTODY_CONFIG, CUSTODY_LOG, ... are not config keys
+        }
+        let path: Vec<String> = rest
+            .split("__")
+            .map(|p| p.to_ascii_lowercase().replace('_', "-"))
+            .collect();
+        let scalar = format!("x = {v}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("x"))
+            .unwrap_or(toml::Value::String(v.clone()));
+        let mut cur = &mut *table;
+        for (i, part) in path.iter().enumerate() {
+            if i + 1 == path.len() {
+                cur.insert(part.clone(), scalar.clone());
+            } else {
+                let next = cur
+                    .entry(part.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                cur = next
+                    .as_table_mut()
+                    .with_context(|| format!("{k}: {part} is not a section"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_values() {
+        let mut t: toml::Table = "[relay]\nbatch-size = 10\n".parse().unwrap();
+        apply_env(
+            &mut t,
+            vec![
+                ("CUSTODY_RELAY__BATCH_SIZE".to_owned(), "200".to_owned()),
+                ("CUSTODY_RELAY__POLL_INTERVAL".to_owned(), "50ms".to_owned()),
+                ("CUSTODY_LOG".to_owned(), "debug".to_owned()),
+            ]
+            .into_iter(),
+        )
+        .unwrap();
+        let cfg = Config::deserialize(toml::Value::Table(t)).unwrap();
+        assert_eq!(cfg.relay.batch_size, 200);
+        assert_eq!(
+            cfg.relay.poll_interval,
+            std::time::Duration::from_millis(50)
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let t: toml::Table = "[relay]\nbatch-sise = 10\n".parse().unwrap();
+        let err = Config::deserialize(toml::Value::Table(t)).unwrap_err();
+        assert!(err.to_string().contains("batch-sise"), "{err}");
+    }
+}

@@ -1,0 +1,374 @@
+//! The demo on embedded SQLite: A's outbox is the log B reads (no broker).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
+use custody::{Consumer, ConsumerConfig, Message};
+use indicatif::{ProgressBar, ProgressStyle};
+use sqlx::{Connection, Row, SqlitePool};
+use uuid::Uuid;
+
+use super::billing::{SqliteBilling, A_SCHEMA_SQLITE, B_SCHEMA_SQLITE};
+use super::report::{Observed, Report};
+use super::{DemoArgs, OrderPlaced, Role, Step, Worker, WorkerArgs, Workload};
+
+const SUBSCRIPTION: &str = "billing";
+
+/// Where the demo keeps its two databases.
+struct Dir {
+    path: PathBuf,
+    remove: bool,
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn fresh_db(dir: &Path, name: &str) -> anyhow::Result<String> {
+    for suffix in ["", "-wal", "-shm"] {
+        let p = dir.join(format!("{name}{suffix}"));
+        if p.exists() {
+            std::fs::remove_file(&p)
+                .with_context(|| format!("cannot remove old {}", p.display()))?;
+        }
+    }
+    Ok(dir.join(name).to_string_lossy().into_owned())
+}
+
+/// Progress and fault log shared by the demo variants.
+pub struct Run {
+    pub started: Instant,
+    pub faults: Vec<String>,
+    pub bar: ProgressBar,
+}
+
+impl Run {
+    pub fn new(total: u64) -> Run {
+        let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} processed by B  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Run {
+            started: Instant::now(),
+            faults: Vec::new(),
+            bar,
+        }
+    }
+
+    pub fn fault(&mut self, what: String) {
+        let line = format!("+{:>5.1}s  {what}", self.started.elapsed().as_secs_f64());
+        self.bar.println(format!("fault {line}"));
+        if self.bar.is_hidden() {
+            eprintln!("fault {line}");
+        }
+        self.faults.push(line);
+    }
+}
+
+pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
+    let dir = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            Dir {
+                path: d.clone(),
+                remove: false,
+            }
+        }
+        None => {
+            let p =
+                std::env::temp_dir().join(format!("custody-demo-{}-{seed}", std::process::id()));
+            std::fs::create_dir_all(&p)?;
+            Dir {
+                path: p,
+                remove: true,
+            }
+        }
+    };
+    let a_path = fresh_db(&dir.path, "orders.db")?;
+    let b_path = fresh_db(&dir.path, "billing.db")?;
+    let a = sqlite::connect(&a_path).await?;
+    let b = sqlite::connect(&b_path).await?;
+    sqlite::migrate(&a).await?;
+    sqlite::migrate(&b).await?;
+    sqlx::query(A_SCHEMA_SQLITE).execute(&a).await?;
+    sqlx::query(B_SCHEMA_SQLITE).execute(&b).await?;
+    let outbox = SqliteOutbox::new(a.clone());
+
+    eprintln!(
+        "custody demo: service A (orders, {a_path}) → embedded log → service B (billing, {b_path}); {} orders over {} customers, seed {seed}",
+        args.messages, args.customers
+    );
+    let worker_args = vec![
+        "--role".to_owned(),
+        "consume-embedded".to_owned(),
+        "--a".to_owned(),
+        a_path.clone(),
+        "--b".to_owned(),
+        b_path.clone(),
+    ];
+    debug_assert!(matches!(Role::ConsumeEmbedded, Role::ConsumeEmbedded));
+    let mut worker = Worker::spawn(worker_args)?;
+    let mut run = Run::new(args.messages);
+    let mut workload = Workload::new(seed, args.messages, args.customers);
+    let mut rolled_back = Vec::new();
+    let mut lock_task = None;
+
+    for i in 0..args.messages {
+        // the fault schedule, by how far the producer is
+        if i == args.messages / 5 {
+            run.fault("service B unavailable: its database is write-locked for 2s (consumer retries with backoff)".into());
+            lock_task = Some(tokio::spawn(lock_database(
+                b_path.clone(),
+                Duration::from_secs(2),
+            )));
+        }
+        if i == args.messages * 9 / 20 {
+            worker.kill9().await?;
+            let cp = sqlite::checkpoint(&a, SUBSCRIPTION).await?.unwrap_or(0);
+            let rewound = (cp - 40).max(0);
+            sqlite::set_checkpoint(&a, SUBSCRIPTION, rewound).await?;
+            run.fault(format!(
+                "consumer killed with SIGKILL mid-batch; checkpoint rewound {cp} → {rewound} so {} messages are delivered twice; restarted",
+                cp - rewound
+            ));
+            worker.restart()?;
+        }
+        if i == args.messages * 7 / 10 {
+            worker.kill9().await?;
+            run.fault(
+                "consumer killed with SIGKILL mid-batch; down for 1s while A keeps committing"
+                    .into(),
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            worker.restart()?;
+        }
+        produce(&a, &outbox, workload.step(i), &mut rolled_back).await?;
+        if i % 50 == 0 {
+            worker.check_alive()?;
+            run.bar.set_position(processed(&b).await.unwrap_or(0));
+        }
+    }
+    if let Some(t) = lock_task {
+        t.await??;
+    }
+    run.bar.set_message("A finished; waiting for B to drain");
+
+    let expected: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM custody_outbox WHERE topic = 'orders'")
+            .fetch_one(&a)
+            .await?;
+    run.bar.set_length(expected as u64);
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        let done = processed(&b).await.unwrap_or(0);
+        run.bar.set_position(done);
+        if done >= expected as u64 || Instant::now() > deadline {
+            break;
+        }
+        worker.check_alive()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = run.started.elapsed();
+    worker.kill9().await?;
+    run.bar.finish_and_clear();
+
+    let obs = observe(&a, &b).await?;
+    a.close().await;
+    b.close().await;
+    Ok(Report::compute(
+        "embedded SQLite, consumer reading A's outbox as the log".into(),
+        seed,
+        run.faults,
+        &rolled_back,
+        &obs,
+        elapsed,
+    ))
+}
+
+/// Hold B's write lock for `d`: B is "down" for writers.
+async fn lock_database(path: String, d: Duration) -> anyhow::Result<()> {
+    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{path}")).await?;
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await?;
+    tokio::time::sleep(d).await;
+    sqlx::query("ROLLBACK").execute(&mut c).await?;
+    Ok(())
+}
+
+/// Messages B has settled (processed or dead-lettered with an id).
+async fn processed(b: &SqlitePool) -> anyhow::Result<u64> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM custody_inbox WHERE consumer = ?")
+        .bind(SUBSCRIPTION)
+        .fetch_one(b)
+        .await?;
+    Ok(n as u64)
+}
+
+async fn produce(
+    a: &SqlitePool,
+    outbox: &SqliteOutbox,
+    step: Step,
+    rolled_back: &mut Vec<Uuid>,
+) -> anyhow::Result<()> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match produce_once(a, outbox, &step, rolled_back).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 5 => {
+                tracing::warn!(error = %e, "producer transaction failed; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn produce_once(
+    a: &SqlitePool,
+    outbox: &SqliteOutbox,
+    step: &Step,
+    rolled_back: &mut Vec<Uuid>,
+) -> anyhow::Result<()> {
+    let mut tx = a.begin().await?;
+    match step {
+        Step::Order { customer } | Step::RolledBack { customer } => {
+            let order_id = Uuid::now_v7();
+            let amount_cents = 100 + (order_id.as_u128() % 9_900) as i64;
+            // the first statement writes, so SQLite takes the write lock at once
+            // (a read-then-write transaction could fail to upgrade)
+            let seq: i64 = sqlx::query(
+                "INSERT INTO orders (order_id, customer, amount_cents, seq)
+                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders WHERE customer = ?2))
+                 RETURNING seq",
+            )
+            .bind(order_id.to_string())
+            .bind(customer)
+            .bind(amount_cents)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            let event = OrderPlaced {
+                order_id,
+                customer: customer.clone(),
+                amount_cents,
+                seq,
+            };
+            let msg = Message::builder("orders", customer.clone(), "OrderPlaced")
+                .json(&event)?
+                .build()?;
+            outbox.enqueue(&mut tx, &msg).await?;
+            if matches!(step, Step::RolledBack { .. }) {
+                tx.rollback().await?;
+                rolled_back.push(order_id);
+                return Ok(());
+            }
+        }
+        Step::Malformed => {
+            let msg = Message::builder("orders", "customer-bad", "OrderPlaced")
+                .payload(custody::CONTENT_TYPE_JSON, b"{\"order_id\": oops".to_vec())
+                .build()?;
+            outbox.enqueue(&mut tx, &msg).await?;
+        }
+        Step::UnknownType => {
+            let msg = Message::builder("orders", "customer-gift", "OrderGiftWrapped")
+                .json(&serde_json::json!({ "ribbon": "red" }))?
+                .build()?;
+            outbox.enqueue(&mut tx, &msg).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn uuid_of(s: &str) -> anyhow::Result<Uuid> {
+    Uuid::parse_str(s).with_context(|| format!("bad uuid {s:?} in a demo table"))
+}
+
+async fn observe(a: &SqlitePool, b: &SqlitePool) -> anyhow::Result<Observed> {
+    let mut obs = Observed::default();
+    for r in sqlx::query(
+        "SELECT id, message_type FROM custody_outbox WHERE topic = 'orders' ORDER BY position",
+    )
+    .fetch_all(a)
+    .await?
+    {
+        obs.a_outbox
+            .push((uuid_of(&r.try_get::<String, _>(0)?)?, r.try_get(1)?));
+    }
+    for r in sqlx::query("SELECT order_id, customer, seq FROM orders")
+        .fetch_all(a)
+        .await?
+    {
+        obs.a_orders.push((
+            uuid_of(&r.try_get::<String, _>(0)?)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+        ));
+    }
+    for r in sqlx::query("SELECT order_id, customer, seq FROM ledger ORDER BY entry")
+        .fetch_all(b)
+        .await?
+    {
+        obs.b_ledger.push((
+            uuid_of(&r.try_get::<String, _>(0)?)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+        ));
+    }
+    for r in sqlx::query("SELECT message_id, duplicates FROM custody_inbox WHERE consumer = ?")
+        .bind(SUBSCRIPTION)
+        .fetch_all(b)
+        .await?
+    {
+        obs.b_inbox
+            .push((uuid_of(&r.try_get::<String, _>(0)?)?, r.try_get(1)?));
+    }
+    for d in sqlite::dead_letters(b).await? {
+        obs.b_dead.push((d.message_id, d.error));
+    }
+    let inv: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM custody_outbox WHERE topic = 'invoices'")
+            .fetch_one(b)
+            .await?;
+    obs.b_invoices = inv as u64;
+    Ok(obs)
+}
+
+/// The billing consumer process (embedded transport).
+pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
+    let a = sqlite::connect(&args.a).await?;
+    // a short busy timeout so a locked B shows up as "unavailable" and is retried
+    let b = sqlite::connect_with(
+        &args.b,
+        SqliteSettings {
+            busy_timeout: Duration::from_millis(200),
+            ..SqliteSettings::default()
+        },
+    )
+    .await?;
+    let sub = EmbeddedSubscriber::new(a.clone(), SUBSCRIPTION, &["orders".to_owned()])
+        .await?
+        .with_poll_interval(Duration::from_millis(20));
+    let handler = SqliteBilling {
+        outbox: SqliteOutbox::new(b.clone()),
+    };
+    let mut cfg = ConsumerConfig::new(SUBSCRIPTION);
+    cfg.batch_size = 50;
+    Consumer::new(SqliteInbox::new(b), sub, handler, cfg)
+        .run(crate::ops::shutdown_token())
+        .await?;
+    Ok(())
+}

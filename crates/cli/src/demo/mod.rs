@@ -1,0 +1,215 @@
+//! `custody demo`: an order service A and a billing service B with separate
+//! databases, real faults injected while messages flow, and a report computed
+//! by comparing A's and B's databases.
+
+mod billing;
+mod embedded;
+mod pg_nats;
+mod report;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+/// `custody demo` options.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Orders service A commits (each an order row + an OrderPlaced event).
+    #[arg(long, default_value_t = 3000)]
+    pub messages: u64,
+    /// Customers (ordering keys) the orders are spread over.
+    #[arg(long, default_value_t = 50)]
+    pub customers: u64,
+    /// Seed for the workload and fault schedule (printed, so a run can be replayed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep the databases in this directory instead of a temporary one.
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Run on PostgreSQL (A and B get their own fresh databases on this server) ...
+    #[arg(long, requires = "nats")]
+    pub postgres: Option<String>,
+    /// ... with NATS JetStream as the transport.
+    #[arg(long, requires = "postgres")]
+    pub nats: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up waiting for the pipeline to drain after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+    pub timeout: Duration,
+}
+
+/// Role of a demo worker process.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Role {
+    /// Billing consumer reading A's SQLite outbox directly (embedded transport).
+    ConsumeEmbedded,
+    /// Relay from A's PostgreSQL outbox to NATS.
+    RelayPg,
+    /// Billing consumer on NATS into B's PostgreSQL.
+    ConsumePg,
+}
+
+/// `custody demo-worker` options (internal).
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// What this process does.
+    #[arg(long, value_enum)]
+    pub role: Role,
+    /// Service A's database.
+    #[arg(long)]
+    pub a: String,
+    /// Service B's database.
+    #[arg(long)]
+    pub b: String,
+    /// NATS URL.
+    #[arg(long, default_value = "")]
+    pub nats: String,
+    /// JetStream stream.
+    #[arg(long, default_value = "")]
+    pub stream: String,
+    /// Subject prefix.
+    #[arg(long, default_value = "")]
+    pub prefix: String,
+}
+
+/// Run the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7)
+    });
+    if args.messages < 10 {
+        anyhow::bail!(
+            "--messages must be at least 10 (got {}) so every fault has messages to hit",
+            args.messages
+        );
+    }
+    if args.customers == 0 {
+        anyhow::bail!("--customers must be at least 1");
+    }
+    let report = match (&args.postgres, &args.nats) {
+        (Some(pg), Some(nats)) => pg_nats::run(&args, seed, pg, nats).await?,
+        _ => embedded::run(&args, seed).await?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print();
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+/// Run one demo worker process until SIGTERM / SIGKILL.
+pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    match args.role {
+        Role::ConsumeEmbedded => embedded::consume(&args).await?,
+        Role::RelayPg => pg_nats::relay(&args).await?,
+        Role::ConsumePg => pg_nats::consume(&args).await?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A child process of the demo that can be killed for real.
+pub struct Worker {
+    child: tokio::process::Child,
+    args: Vec<String>,
+}
+
+impl Worker {
+    /// Start `custody demo-worker <args>`.
+    pub fn spawn(args: Vec<String>) -> anyhow::Result<Worker> {
+        let exe = std::env::current_exe()?;
+        let child = tokio::process::Command::new(exe)
+            .arg("demo-worker")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Worker { child, args })
+    }
+
+    /// SIGKILL: no cleanup, no graceful shutdown — a real crash.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// Start the same worker again.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        *self = Worker::spawn(self.args.clone())?;
+        Ok(())
+    }
+
+    /// Fail if the worker died on its own (not killed by us).
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            anyhow::bail!("demo worker {:?} exited on its own with {status}; run with CUSTODY_LOG=info to see why", self.args.first());
+        }
+        Ok(())
+    }
+}
+
+/// The workload: which customer each order belongs to, which transactions
+/// roll back, where the bad messages go. Deterministic for a seed.
+pub struct Workload {
+    rng: rand::rngs::StdRng,
+    customers: u64,
+    pub total: u64,
+}
+
+/// One step of the producer.
+pub enum Step {
+    /// Commit an order and its OrderPlaced event.
+    Order { customer: String },
+    /// Insert an order + event, then roll back: must never be seen by B.
+    RolledBack { customer: String },
+    /// An OrderPlaced whose payload is not JSON.
+    Malformed,
+    /// A message type billing has no handler for.
+    UnknownType,
+}
+
+impl Workload {
+    pub fn new(seed: u64, total: u64, customers: u64) -> Self {
+        use rand::SeedableRng;
+        Workload {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            customers,
+            total,
+        }
+    }
+
+    pub fn step(&mut self, i: u64) -> Step {
+        use rand::Rng;
+        let customer = format!("customer-{:03}", self.rng.gen_range(0..self.customers));
+        if i == self.total / 3 {
+            Step::Malformed
+        } else if i == self.total / 2 {
+            Step::UnknownType
+        } else if self.rng.gen_ratio(1, 40) {
+            Step::RolledBack { customer }
+        } else {
+            Step::Order { customer }
+        }
+    }
+}
+
+/// The OrderPlaced payload.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OrderPlaced {
+    pub order_id: uuid::Uuid,
+    pub customer: String,
+    pub amount_cents: i64,
+    /// 1, 2, 3, ... per customer, in A's commit order.
+    pub seq: i64,
+}

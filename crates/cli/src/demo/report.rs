@@ -1,0 +1,257 @@
+//! The demo's report, computed only from what A's and B's databases hold.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+/// What the two databases hold at the end of a run.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// Every message A committed to its outbox on topic `orders`: (id, type).
+    pub a_outbox: Vec<(Uuid, String)>,
+    /// A's committed orders: (order id, customer, seq within customer).
+    pub a_orders: Vec<(Uuid, String, i64)>,
+    /// B's ledger in insertion order: (order id, customer, seq).
+    pub b_ledger: Vec<(Uuid, String, i64)>,
+    /// B's inbox for the billing consumer: (message id, duplicates seen).
+    pub b_inbox: Vec<(Uuid, i64)>,
+    /// B's dead letters: (message id, reason).
+    pub b_dead: Vec<(Option<Uuid>, String)>,
+    /// InvoiceIssued events B derived into its own outbox (same transaction as the ledger).
+    pub b_invoices: u64,
+}
+
+/// One dead letter in the report.
+#[derive(Debug, Serialize)]
+pub struct DeadEntry {
+    pub message_id: Option<Uuid>,
+    pub reason: String,
+}
+
+/// The demo's verdict.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub seed: u64,
+    pub faults: Vec<String>,
+    pub sent: u64,
+    pub orders_committed: u64,
+    pub rolled_back: u64,
+    pub processed: u64,
+    pub duplicates_suppressed: u64,
+    pub dead_lettered: Vec<DeadEntry>,
+    pub invoices_derived: u64,
+    pub lost: u64,
+    pub lost_ids: Vec<Uuid>,
+    pub phantoms: u64,
+    pub duplicate_effects: u64,
+    pub order_violations: u64,
+    pub elapsed_secs: f64,
+    pub messages_per_sec: f64,
+}
+
+impl Report {
+    /// Compare the databases.
+    pub fn compute(
+        mode: String,
+        seed: u64,
+        faults: Vec<String>,
+        rolled_back: &[Uuid],
+        obs: &Observed,
+        elapsed: Duration,
+    ) -> Report {
+        let inbox: HashSet<Uuid> = obs.b_inbox.iter().map(|(id, _)| *id).collect();
+        let dead: HashSet<Uuid> = obs.b_dead.iter().filter_map(|(id, _)| *id).collect();
+        // lost: A committed it, and B neither processed nor dead-lettered it
+        let lost_ids: Vec<Uuid> = obs
+            .a_outbox
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !inbox.contains(id) && !dead.contains(id))
+            .collect();
+        let a_orders: HashSet<Uuid> = obs.a_orders.iter().map(|(id, _, _)| *id).collect();
+        let rolled: HashSet<Uuid> = rolled_back.iter().copied().collect();
+        let phantoms = obs
+            .b_ledger
+            .iter()
+            .filter(|(id, _, _)| !a_orders.contains(id) || rolled.contains(id))
+            .count() as u64;
+        let distinct: HashSet<Uuid> = obs.b_ledger.iter().map(|(id, _, _)| *id).collect();
+        let duplicate_effects = (obs.b_ledger.len() - distinct.len()) as u64;
+        // order: per customer, seq must increase along the ledger
+        let mut last: HashMap<&str, i64> = HashMap::new();
+        let mut order_violations = 0u64;
+        for (_, customer, seq) in &obs.b_ledger {
+            let prev = last.entry(customer.as_str()).or_insert(0);
+            if *seq <= *prev {
+                order_violations += 1;
+            }
+            *prev = (*prev).max(*seq);
+        }
+        // an order whose event was never applied (and not dead-lettered) is lost too
+        let missing_orders = obs
+            .a_orders
+            .iter()
+            .filter(|(id, _, _)| !distinct.contains(id))
+            .count() as u64;
+        let lost = (lost_ids.len() as u64).max(missing_orders);
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        Report {
+            mode,
+            seed,
+            faults,
+            sent: obs.a_outbox.len() as u64,
+            orders_committed: obs.a_orders.len() as u64,
+            rolled_back: rolled_back.len() as u64,
+            processed: distinct.len() as u64,
+            duplicates_suppressed: obs.b_inbox.iter().map(|(_, d)| *d as u64).sum(),
+            dead_lettered: obs
+                .b_dead
+                .iter()
+                .map(|(id, r)| DeadEntry {
+                    message_id: *id,
+                    reason: r.clone(),
+                })
+                .collect(),
+            invoices_derived: obs.b_invoices,
+            lost,
+            lost_ids,
+            phantoms,
+            duplicate_effects,
+            order_violations,
+            elapsed_secs: secs,
+            messages_per_sec: obs.a_outbox.len() as f64 / secs,
+        }
+    }
+
+    /// Every invariant held.
+    pub fn ok(&self) -> bool {
+        self.lost == 0
+            && self.phantoms == 0
+            && self.duplicate_effects == 0
+            && self.order_violations == 0
+            && self.invoices_derived == self.processed
+    }
+
+    /// Print for people.
+    pub fn print(&self) {
+        println!();
+        println!("custody demo — {} (seed {})", self.mode, self.seed);
+        println!("faults injected:");
+        for f in &self.faults {
+            println!("  {f}");
+        }
+        println!("report (computed by comparing service A's and service B's databases):");
+        let row = |k: &str, v: String| println!("  {k:<44} {v:>10}");
+        row(
+            "sent (messages committed in A's outbox)",
+            self.sent.to_string(),
+        );
+        row("orders committed in A", self.orders_committed.to_string());
+        row(
+            "transactions rolled back in A",
+            self.rolled_back.to_string(),
+        );
+        row(
+            "processed by B (ledger entries)",
+            self.processed.to_string(),
+        );
+        row(
+            "duplicate deliveries suppressed by B's inbox",
+            self.duplicates_suppressed.to_string(),
+        );
+        row("dead-lettered", self.dead_lettered.len().to_string());
+        for d in &self.dead_lettered {
+            let id = d
+                .message_id
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "(no id)".into());
+            println!("      {id}  {}", d.reason);
+        }
+        row(
+            "invoices derived by B (same tx as ledger)",
+            self.invoices_derived.to_string(),
+        );
+        row("LOST", self.lost.to_string());
+        row(
+            "phantoms (rolled back, yet applied)",
+            self.phantoms.to_string(),
+        );
+        row("duplicate effects", self.duplicate_effects.to_string());
+        row(
+            "order violations (per customer)",
+            self.order_violations.to_string(),
+        );
+        println!(
+            "  elapsed {:.1}s, {:.0} messages/s end to end (faults included)",
+            self.elapsed_secs, self.messages_per_sec
+        );
+        for id in self.lost_ids.iter().take(10) {
+            println!("  lost: {id}");
+        }
+        if self.ok() {
+            println!("RESULT: OK — nothing lost, nothing applied twice, no phantom, order kept per customer");
+        } else {
+            println!("RESULT: FAILED — an invariant broke (see above); this is a bug, please report it with the seed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    #[test]
+    fn detects_loss_duplicates_phantoms_and_disorder() {
+        let obs = Observed {
+            a_outbox: vec![
+                (id(1), "OrderPlaced".into()),
+                (id(2), "OrderPlaced".into()),
+                (id(3), "OrderPlaced".into()),
+            ],
+            a_orders: vec![
+                (id(11), "c".into(), 1),
+                (id(12), "c".into(), 2),
+                (id(13), "c".into(), 3),
+            ],
+            b_ledger: vec![
+                (id(12), "c".into(), 2),
+                (id(11), "c".into(), 1),
+                (id(11), "c".into(), 1),
+                (id(99), "c".into(), 4),
+            ],
+            b_inbox: vec![(id(1), 0), (id(2), 3)],
+            b_dead: vec![],
+            b_invoices: 3,
+        };
+        let r = Report::compute("t".into(), 1, vec![], &[], &obs, Duration::from_secs(1));
+        assert_eq!(r.lost_ids, vec![id(3)]);
+        assert_eq!(r.lost, 1); // order 13 never applied
+        assert_eq!(r.duplicate_effects, 1);
+        assert_eq!(r.phantoms, 1);
+        assert_eq!(r.order_violations, 2); // 1 after 2, and the repeated 1
+        assert_eq!(r.duplicates_suppressed, 3);
+        assert!(!r.ok());
+    }
+
+    #[test]
+    fn dead_lettered_is_not_lost() {
+        let obs = Observed {
+            a_outbox: vec![(id(1), "OrderPlaced".into()), (id(2), "Bad".into())],
+            a_orders: vec![(id(11), "c".into(), 1)],
+            b_ledger: vec![(id(11), "c".into(), 1)],
+            b_inbox: vec![(id(1), 0)],
+            b_dead: vec![(Some(id(2)), "malformed".into())],
+            b_invoices: 1,
+        };
+        let r = Report::compute("t".into(), 1, vec![], &[], &obs, Duration::from_secs(1));
+        assert_eq!(r.lost, 0);
+        assert!(r.ok());
+    }
+}

@@ -1,0 +1,208 @@
+//! Operational commands: migrate, relay, dlq.
+
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use custody::{CancellationToken, DeadLetter, Relay};
+
+use crate::config::Config;
+
+/// Which backend a database URL names.
+pub enum Db {
+    /// `sqlite://…` or a file path.
+    Sqlite(String),
+    /// `postgres://…` / `postgresql://…`.
+    Postgres(String),
+}
+
+impl Db {
+    /// Classify a URL; anything that is not a PostgreSQL URL is a SQLite path.
+    pub fn parse(url: &str) -> Db {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Db::Postgres(url.to_owned())
+        } else {
+            Db::Sqlite(url.to_owned())
+        }
+    }
+}
+
+/// `custody migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Database URL: `postgres://…` or a SQLite file (`sqlite://path` or a path).
+    #[arg(long, env = "CUSTODY_DB")]
+    pub db: String,
+}
+
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    match Db::parse(&args.db) {
+        Db::Sqlite(url) => {
+            let pool = custody::sqlite::connect(&url).await?;
+            custody::sqlite::migrate(&pool).await?;
+        }
+        Db::Postgres(url) => {
+            let pool = custody::postgres::connect(&url).await?;
+            custody::postgres::migrate(&pool).await?;
+        }
+    }
+    println!("custody tables are up to date in {}", redact(&args.db));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `custody relay`.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// The producer's database holding the outbox.
+    #[arg(long, env = "CUSTODY_DB")]
+    pub db: String,
+    /// NATS server URL.
+    #[arg(long, env = "CUSTODY_NATS", default_value = "nats://127.0.0.1:4222")]
+    pub nats: String,
+    /// JetStream stream name (created if missing).
+    #[arg(long, default_value = "CUSTODY")]
+    pub stream: String,
+    /// Subject prefix: a message of topic `orders` goes to `<prefix>.orders`.
+    #[arg(long, default_value = "custody")]
+    pub subject_prefix: String,
+    /// Relay id in the lease table (default: random). Unique per live relay.
+    #[arg(long)]
+    pub id: Option<String>,
+}
+
+pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
+    let client = custody::nats::connect(&args.nats).await?;
+    let spec = custody::nats::StreamSpec::new(&args.stream, &args.subject_prefix);
+    custody::nats::ensure_stream(&client, &spec).await?;
+    let publisher = custody::nats::NatsPublisher::new(client, &spec);
+    let cancel = shutdown_token();
+    let stats = match Db::parse(&args.db) {
+        Db::Sqlite(url) => {
+            let pool = custody::sqlite::connect(&url).await?;
+            custody::sqlite::migrate(&pool).await?;
+            let mut r = Relay::new(
+                custody::sqlite::SqliteOutbox::new(pool),
+                publisher,
+                cfg.relay,
+            );
+            if let Some(id) = args.id {
+                r = r.with_id(id);
+            }
+            r.run(cancel).await?
+        }
+        Db::Postgres(url) => {
+            let pool = custody::postgres::connect(&url).await?;
+            custody::postgres::migrate(&pool).await?;
+            let mut r = Relay::new(custody::postgres::PgOutbox::new(pool), publisher, cfg.relay);
+            if let Some(id) = args.id {
+                r = r.with_id(id);
+            }
+            r.run(cancel).await?
+        }
+    };
+    println!(
+        "relay stopped: published {}, dead-lettered {}, failed attempts {}",
+        stats.published, stats.dead_lettered, stats.failures
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `custody dlq`.
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// Dead-letter subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters with their reasons.
+    List {
+        /// Database URL (`postgres://…` or a SQLite file).
+        #[arg(long, env = "CUSTODY_DB")]
+        db: String,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn dlq(args: DlqArgs) -> anyhow::Result<ExitCode> {
+    let DlqCommand::List { db, json } = args.command;
+    let rows: Vec<DeadLetter> = match Db::parse(&db) {
+        Db::Sqlite(url) => {
+            custody::sqlite::dead_letters(&custody::sqlite::connect(&url).await?).await?
+        }
+        Db::Postgres(url) => {
+            custody::postgres::dead_letters(&custody::postgres::connect(&url).await?).await?
+        }
+    };
+    for d in &rows {
+        if json {
+            let v = serde_json::json!({
+                "message_id": d.message_id.map(|i| i.to_string()),
+                "origin": d.origin, "topic": d.topic, "key": d.key, "type": d.message_type,
+                "error": d.error, "attempts": d.attempts, "dead_at": d.dead_at.to_rfc3339(),
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{}  {:<18} {:<12} {:<16} {}",
+                d.message_id
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|| "(no id)".into()),
+                d.origin,
+                d.topic,
+                d.message_type.as_deref().unwrap_or("?"),
+                d.error
+            );
+        }
+    }
+    if !json {
+        println!("{} dead letter(s)", rows.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A token cancelled on SIGINT or SIGTERM.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        t.cancel();
+    });
+    token
+}
+
+/// A URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,1 +1,144 @@
-//! placeholder
+//! custody-postgres: the PostgreSQL backend of custody (not for direct use;
+//! see `custody`). Transactional outbox with partition leases for several
+//! relays, idempotent inbox, dead letters, and an embedded transport that
+//! reads the outbox as a log.
+//!
+//! ```no_run
+//! use custody_core::Message;
+//! use custody_postgres::{connect, migrate, PgOutbox};
+//!
+//! # async fn run() -> custody_core::Result<()> {
+//! let pool = connect("postgres://postgres@127.0.0.1:5432/shop").await?;
+//! migrate(&pool).await?;
+//! let outbox = PgOutbox::new(pool.clone());
+//!
+//! // The message exists iff the business change commits.
+//! let mut tx = pool.begin().await.map_err(|e| custody_core::Error::store("postgres", "begin", true, e))?;
+//! // sqlx::query("INSERT INTO orders ...").execute(&mut *tx).await?;
+//! let msg = Message::builder("orders", "order-1", "OrderPlaced").json(&serde_json::json!({"total": 990}))?.build()?;
+//! let position = outbox.enqueue(&mut tx, &msg).await?;
+//! tx.commit().await.map_err(|e| custody_core::Error::store("postgres", "commit", true, e))?;
+//! # let _ = position;
+//! # Ok(()) }
+//! ```
+//!
+//! Invariant 5 of DESIGN.md (no skipped commits): positions come from an
+//! identity column assigned at insert, so a reader must not go past a row
+//! whose transaction is still running. Every reader here only takes rows
+//! with `txid < pg_snapshot_xmin(pg_current_snapshot())`.
+#![forbid(unsafe_code)]
+
+mod error;
+mod inbox;
+mod outbox;
+mod row;
+mod subscriber;
+mod wake;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub use inbox::{dead_letters, PgInbox};
+pub use outbox::PgOutbox;
+pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};
+
+use error::{map_err, ConnectError};
+
+/// Default pool size of [`connect`].
+const POOL_SIZE: u32 = 10;
+/// How long [`connect`] waits for the first connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open a connection pool to `url` (`postgres://user:password@host:port/db`).
+///
+/// The pool holds up to 10 connections and waits at most 10 s for one. The
+/// first connection is made at once, so a wrong URL or a server that is down
+/// is reported here, naming the URL (without its password).
+pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
+    let shown = redact_url(url);
+    let options: PgConnectOptions = url.parse().map_err(|e| {
+        custody_core::Error::Config(format!(
+            "{shown} is not a PostgreSQL URL ({e}); expected postgres://user:password@host:port/database"
+        ))
+    })?;
+    let connecting = PgPoolOptions::new()
+        .max_connections(POOL_SIZE)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(pool)) => Ok(pool),
+        Ok(Err(e)) => {
+            let retryable = error::retryable(&e);
+            Err(custody_core::Error::store(
+                "postgres",
+                "connect",
+                retryable,
+                ConnectError {
+                    url: shown,
+                    detail: e.to_string(),
+                    source: Some(e),
+                },
+            ))
+        }
+        Err(_) => Err(custody_core::Error::store(
+            "postgres",
+            "connect",
+            true,
+            ConnectError {
+                url: shown,
+                detail: format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
+                source: None,
+            },
+        )),
+    }
+}
+
+/// Apply custody's migrations (embedded from `crates/postgres/migrations`).
+///
+/// They are recorded in sqlx's `_sqlx_migrations` table; migrations of the
+/// application's own that share the database and that table are tolerated.
+pub async fn migrate(pool: &PgPool) -> custody_core::Result<()> {
+    let mut migrator = sqlx::migrate!("./migrations");
+    // the application may keep its own sqlx migrations in the same table
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => map_err("migrate", e),
+        other => custody_core::Error::store("postgres", "migrate", false, other),
+    })
+}
+
+/// `url` with the password replaced by `***`, for error messages.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn redacts_password_only() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr@t@db:5432/shop?sslmode=require"),
+            "postgres://app:***@db:5432/shop?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/test"),
+            "postgres://postgres@127.0.0.1/test"
+        );
+        assert_eq!(redact_url("nonsense"), "nonsense");
+    }
+}

@@ -1,0 +1,43 @@
+//! Mapping sqlx errors onto custody's error, with the retryable classification.
+
+use custody_core::Error;
+
+/// SQLSTATE codes that mean "try again": serialization_failure,
+/// deadlock_detected, admin_shutdown, cannot_connect_now.
+///
+/// sqlx's portable `ErrorKind` only classifies constraint violations, so these
+/// are read through `PgDatabaseError::code()`; this is the one place custody
+/// looks at SQLSTATE strings.
+const RETRYABLE_SQLSTATES: [&str; 4] = ["40001", "40P01", "57P01", "57P03"];
+
+/// Whether a later attempt can succeed.
+pub(crate) fn retryable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|pg| RETRYABLE_SQLSTATES.contains(&pg.code())),
+        _ => false,
+    }
+}
+
+/// A custody store error for operation `op`.
+pub(crate) fn map_err(op: &'static str, e: sqlx::Error) -> Error {
+    let retryable = retryable(&e);
+    Error::store("postgres", op, retryable, e)
+}
+
+/// `.map_err(db(op))`.
+pub(crate) fn db(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| map_err(op, e)
+}
+
+/// Connecting failed; names the URL (password redacted).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {url}: {detail}; check that PostgreSQL is running there and that the URL, user and database are right")]
+pub(crate) struct ConnectError {
+    pub(crate) url: String,
+    pub(crate) detail: String,
+    #[source]
+    pub(crate) source: Option<sqlx::Error>,
+}

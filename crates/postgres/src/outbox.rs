@@ -1,0 +1,598 @@
+//! The transactional outbox: enqueue in the caller's transaction, and the
+//! relay's side (leases, batches, outcomes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, Result};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::db;
+use crate::row::{OutboxRow, COLUMNS};
+use crate::wake::{Waiter, Wake};
+
+/// Partitions keys are hashed into unless [`PgOutbox::with_partitions`] says otherwise.
+pub const DEFAULT_PARTITIONS: u32 = 16;
+
+/// The PostgreSQL outbox. Cheap to clone; clones share the pool and the
+/// LISTEN connection used by [`OutboxStore::wait_for_new`].
+pub struct PgOutbox {
+    pool: PgPool,
+    partitions: u32,
+    notify: bool,
+    waiter: Waiter,
+}
+
+impl Clone for PgOutbox {
+    fn clone(&self) -> Self {
+        PgOutbox {
+            pool: self.pool.clone(),
+            partitions: self.partitions,
+            notify: self.notify,
+            waiter: self.waiter.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PgOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOutbox")
+            .field("partitions", &self.partitions)
+            .field("notify", &self.notify)
+            .finish_non_exhaustive()
+    }
+}
+
+const INSERT_ONE: &str = "\
+INSERT INTO custody_outbox
+    (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+RETURNING position";
+
+// One statement for the whole batch. WITH ORDINALITY + ORDER BY keeps the
+// identity values in input order (a subquery with ORDER BY is not pulled up,
+// so the rows reach the insert sorted), which keeps a batch's messages of one
+// key in order.
+const INSERT_BATCH: &str = "\
+INSERT INTO custody_outbox
+    (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at)
+SELECT id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at
+FROM (
+    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[],
+                         $7::text[], $8::text[], $9::bytea[], $10::timestamptz[])
+        WITH ORDINALITY AS t(id, kind, topic, msg_key, partition, message_type, content_type,
+                             headers, payload, created_at, ord)
+    ORDER BY ord
+) AS s
+RETURNING id, position";
+
+// NOTIFY is transactional: delivered at commit, never for a rollback. Note
+// that a transaction that has issued NOTIFY takes a global lock at commit
+// (serializing committing notifiers); `with_notify(false)` avoids it for
+// producers with very high commit rates, at the cost of poll latency.
+const NOTIFY: &str = "SELECT pg_notify('custody_outbox', '')";
+
+// Invariant 5 (no skipped commits). `position` is assigned at insert, not at
+// commit, so a transaction that began earlier can commit a lower position
+// after a higher one became visible. `txid < pg_snapshot_xmin(...)` takes
+// only rows of transactions that finished before every transaction still in
+// progress started, so a row that commits late is not passed over (and
+// positions are published in order); it shows up on a later call once its
+// transaction and all older ones have ended.
+//
+// A failing message holds back only its own key: the NOT EXISTS (served by
+// the partial index custody_outbox_parked) leaves out a row when a pending row
+// of the same key at the same or a lower position is parked until after $3.
+const FETCH_BATCH: &str = "\
+SELECT {COLUMNS}
+FROM custody_outbox o
+WHERE o.status = 0
+  AND o.partition = ANY($1)
+  AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+  AND NOT EXISTS (
+      SELECT 1 FROM custody_outbox p
+      WHERE p.status = 0 AND p.retry_at IS NOT NULL
+        AND p.partition = o.partition AND p.msg_key = o.msg_key
+        AND p.position <= o.position AND p.retry_at > $3)
+ORDER BY o.position
+LIMIT $2";
+
+// Fencing: only rows of partitions `relay` still holds an unexpired lease on.
+const MARK_PUBLISHED: &str = "\
+UPDATE custody_outbox o SET status = 1, published_at = $3
+FROM custody_relay_lease l
+WHERE o.position = ANY($2) AND o.status = 0
+  AND l.partition = o.partition AND l.owner = $1 AND l.expires_at > $3";
+
+const RECORD_FAILURE: &str = "\
+UPDATE custody_outbox SET attempts = attempts + 1, last_error = $2, retry_at = $3
+WHERE position = $1 AND status = 0";
+
+const MARK_DEAD: &str = "\
+UPDATE custody_outbox o SET status = 2, last_error = $2
+WHERE o.position = $1 AND o.status = 0
+RETURNING {COLUMNS}";
+
+pub(crate) const INSERT_DEAD_LETTER: &str = "\
+INSERT INTO custody_dead_letter
+    (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+impl PgOutbox {
+    /// An outbox on `pool` with 16 partitions; enqueue sends NOTIFY.
+    pub fn new(pool: PgPool) -> Self {
+        let waiter = Waiter::new(Wake::new(pool.clone()));
+        PgOutbox {
+            pool,
+            partitions: DEFAULT_PARTITIONS,
+            notify: true,
+            waiter,
+        }
+    }
+
+    /// Hash keys into `n` partitions (at least 1). Every producer and relay
+    /// of one outbox must use the same number.
+    pub fn with_partitions(mut self, n: u32) -> Self {
+        self.partitions = n.max(1);
+        self
+    }
+
+    /// Whether [`PgOutbox::enqueue`] sends `NOTIFY custody_outbox` (default
+    /// true). NOTIFY makes relays react at once, but a committing transaction
+    /// that notified takes a global lock; switch it off for very high commit
+    /// rates and let relays poll.
+    pub fn with_notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Insert `msg` into the outbox on `conn`, joining the caller's
+    /// transaction (pass `&mut *tx`). Returns its position. The message is
+    /// published iff the transaction commits.
+    #[tracing::instrument(skip_all, fields(message_id = %msg.id, topic = %msg.topic))]
+    pub async fn enqueue(&self, conn: &mut PgConnection, msg: &Message) -> Result<i64> {
+        msg.validate()?;
+        let headers = headers_json(msg)?;
+        let partition = self.partition_of(msg)?;
+        let position: i64 = sqlx::query_scalar(INSERT_ONE)
+            .bind(msg.id)
+            .bind(msg.kind.as_str())
+            .bind(&msg.topic)
+            .bind(&msg.key)
+            .bind(partition)
+            .bind(&msg.message_type)
+            .bind(&msg.content_type)
+            .bind(headers)
+            .bind(&msg.payload)
+            .bind(msg.created_at)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db("enqueue"))?;
+        if self.notify {
+            sqlx::query(NOTIFY)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("enqueue (notify)"))?;
+        }
+        Ok(position)
+    }
+
+    /// Insert `msgs` in one statement on `conn` (the caller's transaction).
+    /// Returns their positions, in the order of `msgs`, increasing.
+    #[tracing::instrument(skip_all, fields(count = msgs.len()))]
+    pub async fn enqueue_batch(
+        &self,
+        conn: &mut PgConnection,
+        msgs: &[Message],
+    ) -> Result<Vec<i64>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = msgs.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut kinds = Vec::with_capacity(n);
+        let mut topics = Vec::with_capacity(n);
+        let mut keys = Vec::with_capacity(n);
+        let mut partitions = Vec::with_capacity(n);
+        let mut types = Vec::with_capacity(n);
+        let mut content_types = Vec::with_capacity(n);
+        let mut headers = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        let mut created = Vec::with_capacity(n);
+        for msg in msgs {
+            msg.validate()?;
+            ids.push(msg.id);
+            kinds.push(msg.kind.as_str());
+            topics.push(msg.topic.as_str());
+            keys.push(msg.key.as_str());
+            partitions.push(self.partition_of(msg)?);
+            types.push(msg.message_type.as_str());
+            content_types.push(msg.content_type.as_str());
+            headers.push(headers_json(msg)?);
+            payloads.push(msg.payload.as_slice());
+            created.push(msg.created_at);
+        }
+        let rows = sqlx::query(INSERT_BATCH)
+            .bind(&ids)
+            .bind(&kinds)
+            .bind(&topics)
+            .bind(&keys)
+            .bind(&partitions)
+            .bind(&types)
+            .bind(&content_types)
+            .bind(&headers)
+            .bind(&payloads)
+            .bind(&created)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("enqueue batch"))?;
+        let mut by_id = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let id: Uuid = row.try_get(0).map_err(db("enqueue batch"))?;
+            let position: i64 = row.try_get(1).map_err(db("enqueue batch"))?;
+            by_id.insert(id, position);
+        }
+        let positions = ids
+            .iter()
+            .map(|id| {
+                by_id.get(id).copied().ok_or_else(|| {
+                    Error::store(
+                        "postgres",
+                        "enqueue batch",
+                        false,
+                        format!("the insert returned no position for message {id}"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if self.notify {
+            sqlx::query(NOTIFY)
+                .execute(&mut *conn)
+                .await
+                .map_err(db("enqueue batch (notify)"))?;
+        }
+        Ok(positions)
+    }
+
+    fn partition_of(&self, msg: &Message) -> Result<i32> {
+        i32::try_from(partition_for(&msg.key, self.partitions)).map_err(|_| {
+            Error::Config(format!(
+                "{} partitions do not fit PostgreSQL's INT column; use fewer",
+                self.partitions
+            ))
+        })
+    }
+
+    /// Dead-letter rows that cannot be read as messages so they never block
+    /// the relay (invariant 6).
+    async fn dead_letter_malformed(&self, position: i64, reason: &str) -> Result<()> {
+        tracing::warn!(
+            position,
+            reason,
+            "custody: outbox row is not a valid message; dead-lettering it"
+        );
+        self.dead_letter_row(position, reason, Utc::now()).await
+    }
+
+    async fn dead_letter_row(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db("dead letter"))?;
+        let row = sqlx::query(&MARK_DEAD.replace("{COLUMNS}", COLUMNS))
+            .bind(position)
+            .bind(error)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db("dead letter"))?;
+        let Some(row) = row else {
+            // already published or dead: nothing to do
+            return Ok(());
+        };
+        let row = OutboxRow::from_row(&row).map_err(db("dead letter"))?;
+        let attempts = row.attempts;
+        let (message_id, topic, key, message_type) = (
+            row.id,
+            row.topic.clone(),
+            row.key.clone(),
+            row.message_type.clone(),
+        );
+        let (payload, envelope) = match row.into_message() {
+            Ok(msg) => {
+                let envelope = serde_json::to_string(&msg).ok();
+                (msg.payload, envelope)
+            }
+            Err(bad) => (bad.payload, None),
+        };
+        sqlx::query(INSERT_DEAD_LETTER)
+            .bind(message_id)
+            .bind("relay")
+            .bind(topic)
+            .bind(key)
+            .bind(message_type)
+            .bind(payload)
+            .bind(envelope)
+            .bind(error)
+            .bind(attempts)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("dead letter"))?;
+        tx.commit().await.map_err(db("dead letter"))
+    }
+}
+
+fn headers_json(msg: &Message) -> Result<String> {
+    serde_json::to_string(&msg.headers)
+        .map_err(|e| Error::InvalidMessage(format!("headers do not serialize to JSON: {e}")))
+}
+
+fn ttl_interval(ttl: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+}
+
+impl OutboxStore for PgOutbox {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    // Several relays may call this at the same time. Each step locks rows
+    // so that no partition is ever handed to two relays:
+    // - lease rows are created with ON CONFLICT DO NOTHING, in partition
+    //   order, so concurrent creators wait for each other without deadlock;
+    // - stale members are deleted through FOR UPDATE SKIP LOCKED, so a relay
+    //   never waits on another's heartbeat (two relays deleting each other's
+    //   stale rows would otherwise deadlock);
+    // - renewing updates only rows whose owner is still `relay` (an UPDATE
+    //   re-checks its WHERE after waiting on a row lock), so a lease taken
+    //   over after expiry is not renewed;
+    // - claiming selects free/expired rows FOR UPDATE SKIP LOCKED: rows
+    //   another relay is claiming are skipped instead of waited on, and the
+    //   WHERE is re-checked on the newest row version after locking, so a
+    //   row claimed and committed meanwhile is not taken twice.
+    // Only the claim can take rows from someone else, and it never waits, so
+    // no two acquirers wait on each other in a cycle.
+    #[tracing::instrument(skip_all, fields(relay))]
+    async fn acquire_leases(
+        &self,
+        relay: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<u32>> {
+        const OP: &str = "acquire leases";
+        let p = i32::try_from(self.partitions)
+            .map_err(|_| Error::Config("too many partitions".to_owned()))?;
+        let ttl = ttl_interval(ttl);
+        let expires = now
+            .checked_add_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let stale_before = now
+            .checked_sub_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+
+        sqlx::query(
+            "INSERT INTO custody_relay_member (relay, heartbeat_at) VALUES ($1, $2)
+             ON CONFLICT (relay) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+        )
+        .bind(relay)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        sqlx::query(
+            "DELETE FROM custody_relay_member WHERE relay IN (
+                 SELECT relay FROM custody_relay_member
+                 WHERE heartbeat_at < $1 AND relay <> $2
+                 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(stale_before)
+        .bind(relay)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+
+        let existing: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM custody_relay_lease WHERE partition >= 0 AND partition < $1",
+        )
+        .bind(p)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        if existing < i64::from(p) {
+            sqlx::query(
+                "INSERT INTO custody_relay_lease (partition)
+                 SELECT g FROM generate_series(0, $1 - 1) AS g ORDER BY g
+                 ON CONFLICT (partition) DO NOTHING",
+            )
+            .bind(p)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        }
+
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM custody_relay_member")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let live = live.max(1);
+        let share = (i64::from(p) + live - 1) / live;
+
+        let mut held: Vec<i32> = sqlx::query_scalar(
+            "UPDATE custody_relay_lease SET expires_at = $2
+             WHERE owner = $1 AND partition >= 0 AND partition < $3
+             RETURNING partition",
+        )
+        .bind(relay)
+        .bind(expires)
+        .bind(p)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        held.sort_unstable();
+
+        let held_count = i64::try_from(held.len()).unwrap_or(i64::MAX);
+        if held_count > share {
+            // give back the highest ones
+            let keep = usize::try_from(share).unwrap_or(held.len());
+            let release = held.split_off(keep);
+            sqlx::query(
+                "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL
+                 WHERE partition = ANY($1) AND owner = $2",
+            )
+            .bind(&release)
+            .bind(relay)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        } else if held_count < share {
+            let claimed: Vec<i32> = sqlx::query_scalar(
+                "UPDATE custody_relay_lease SET owner = $1, expires_at = $2
+                 WHERE partition IN (
+                     SELECT partition FROM custody_relay_lease
+                     WHERE partition >= 0 AND partition < $3
+                       AND (owner IS NULL OR expires_at IS NULL OR expires_at <= $4)
+                     ORDER BY partition
+                     LIMIT $5
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING partition",
+            )
+            .bind(relay)
+            .bind(expires)
+            .bind(p)
+            .bind(now)
+            .bind(share - held_count)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+            held.extend(claimed);
+        }
+        tx.commit().await.map_err(db(OP))?;
+
+        let mut out: Vec<u32> = held
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    async fn release_leases(&self, relay: &str) -> Result<()> {
+        const OP: &str = "release leases";
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        sqlx::query(
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = $1",
+        )
+        .bind(relay)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        sqlx::query("DELETE FROM custody_relay_member WHERE relay = $1")
+            .bind(relay)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))
+    }
+
+    #[tracing::instrument(skip_all, fields(partitions = partitions.len(), limit))]
+    async fn fetch_batch(
+        &self,
+        partitions: &[u32],
+        limit: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>> {
+        const OP: &str = "fetch outbox batch";
+        // Notifications from here on count as new for wait_for_new.
+        self.waiter.catch_up();
+        let parts: Vec<i32> = partitions
+            .iter()
+            .filter_map(|p| i32::try_from(*p).ok())
+            .collect();
+        if parts.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query(&FETCH_BATCH.replace("{COLUMNS}", COLUMNS))
+            .bind(&parts)
+            .bind(limit)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(OP))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let row = OutboxRow::from_row(row).map_err(db(OP))?;
+            let (position, partition, attempts) = (row.position, row.partition, row.attempts);
+            match (row.into_message(), u32::try_from(partition)) {
+                (Ok(message), Ok(partition)) => out.push(OutboxRecord {
+                    position,
+                    partition,
+                    attempts: u32::try_from(attempts).unwrap_or(0),
+                    message,
+                }),
+                (Err(bad), _) => self.dead_letter_malformed(position, &bad.reason).await?,
+                (Ok(_), Err(_)) => {
+                    self.dead_letter_malformed(position, "negative partition")
+                        .await?
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark_published(
+        &self,
+        relay: &str,
+        positions: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(MARK_PUBLISHED)
+            .bind(relay)
+            .bind(positions)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(db("mark published"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_failure(
+        &self,
+        position: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(RECORD_FAILURE)
+            .bind(position)
+            .bind(error)
+            .bind(retry_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db("record publish failure"))?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
+        self.dead_letter_row(position, error, now).await
+    }
+
+    async fn wait_for_new(&self, timeout: Duration) {
+        self.waiter.wait(timeout).await;
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync + 'static>() {}
+    is::<PgOutbox>();
+    is::<Arc<Wake>>();
+}

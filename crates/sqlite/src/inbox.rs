@@ -19,7 +19,8 @@ const INSERT_DEAD_LETTER: &str = "INSERT INTO custody_dead_letter \
      (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-const INSERT_DEAD_INBOX: &str = "INSERT INTO custody_inbox (consumer, message_id, topic, processed_at) \
+const INSERT_DEAD_INBOX: &str =
+    "INSERT INTO custody_inbox (consumer, message_id, topic, processed_at) \
      VALUES (?1, ?2, ?3, ?4) ON CONFLICT (consumer, message_id) DO NOTHING";
 
 /// A consumer's inbox in its own SQLite database.

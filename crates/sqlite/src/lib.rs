@@ -3,7 +3,7 @@
 //! log). Not for direct use; see the `custody` facade crate.
 //!
 //! ```
-//! use chrono::Utc;
+//! use chrono::{SubsecRound, Utc};
 //! use custody_core::{Message, OutboxStore};
 //! use custody_sqlite::SqliteOutbox;
 //!
@@ -18,7 +18,10 @@
 //! let mut tx = pool.begin().await?;
 //! sqlx::query("CREATE TABLE orders (id INTEGER PRIMARY KEY)").execute(&mut *tx).await?;
 //! sqlx::query("INSERT INTO orders (id) VALUES (1)").execute(&mut *tx).await?;
-//! let msg = Message::builder("orders", "order-1", "OrderPlaced").json(&1)?.build()?;
+//! let msg = Message::builder("orders", "order-1", "OrderPlaced")
+//!     .created_at(Utc::now().trunc_subsecs(3)) // stored to the millisecond
+//!     .json(&1)?
+//!     .build()?;
 //! let position = outbox.enqueue(&mut tx, &msg).await?;
 //! tx.commit().await?;
 //!
@@ -31,6 +34,11 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Storage
+//!
+//! Timestamps are stored as unix milliseconds (docs/SCHEMA.md): a message's
+//! `created_at` comes back cut to the millisecond.
 //!
 //! # Ordering
 //!

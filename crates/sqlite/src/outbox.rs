@@ -64,7 +64,8 @@ const DEAD_LETTER_COPY: &str = "INSERT INTO custody_dead_letter \
      SELECT id, 'relay', topic, msg_key, message_type, payload, ?2, ?3, attempts, ?4 \
      FROM custody_outbox WHERE position = ?1 AND status = 0";
 
-const DEAD_LETTER_MARK: &str = "UPDATE custody_outbox SET status = 2, last_error = ?2, retry_at = NULL \
+const DEAD_LETTER_MARK: &str =
+    "UPDATE custody_outbox SET status = 2, last_error = ?2, retry_at = NULL \
      WHERE position = ?1 AND status = 0";
 
 /// The highest position ever inserted and committed (AUTOINCREMENT's high-water mark).
@@ -108,7 +109,10 @@ impl Signal {
         let want = self.committed.load(Ordering::Acquire);
         let deadline = deadline.min(Instant::now() + VISIBILITY_WAIT);
         loop {
-            match sqlx::query_scalar::<_, i64>(HIGH_WATER).fetch_one(pool).await {
+            match sqlx::query_scalar::<_, i64>(HIGH_WATER)
+                .fetch_one(pool)
+                .await
+            {
                 Ok(seen) if seen >= want => return,
                 Ok(_) => {}
                 // The caller's own query will report the problem.

@@ -52,10 +52,7 @@ fn decode_message(row: &SqliteRow, position: i64) -> Result<Message, Malformed> 
             .map_err(|e| format!("column {col} of outbox position {position} is not text: {e}"))
     };
     let id_text = text("id");
-    let id = id_text
-        .as_ref()
-        .ok()
-        .and_then(|s| Uuid::parse_str(s).ok());
+    let id = id_text.as_ref().ok().and_then(|s| Uuid::parse_str(s).ok());
     let topic = text("topic").unwrap_or_default();
     let payload = row.try_get::<Vec<u8>, _>("payload");
     let malformed = |reason: String, payload: Vec<u8>| Malformed {

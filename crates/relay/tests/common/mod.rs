@@ -1,0 +1,123 @@
+//! Shared pieces of the end-to-end tests: a handler that records its effect,
+//! and checks over the recorded effects.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use custody_core::{Handler, HandlerError, Message};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// The test payload: a per-key sequence number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    pub key: String,
+    pub seq: i64,
+}
+
+pub fn step_message(topic: &str, key: &str, seq: i64) -> Message {
+    Message::builder(topic, key, "Step")
+        .json(&Step {
+            key: key.to_owned(),
+            seq,
+        })
+        .expect("json")
+        .build()
+        .expect("valid message")
+}
+
+pub const EFFECTS_SQLITE: &str =
+    "CREATE TABLE effects (n INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, k TEXT NOT NULL, seq INTEGER NOT NULL)";
+pub const EFFECTS_PG: &str =
+    "CREATE TABLE effects (n BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, message_id UUID NOT NULL, k TEXT NOT NULL, seq BIGINT NOT NULL)";
+
+/// Records each message as a row of `effects`. When `hang_after_effect` is
+/// set, the first message it sees has its effect written and then the
+/// handler never returns (the test kills the consumer at that point).
+#[derive(Clone, Default)]
+pub struct Recorder {
+    pub hang_after_effect: Arc<AtomicBool>,
+    pub reached: Arc<Notify>,
+}
+
+fn decode(msg: &Message) -> Result<Step, HandlerError> {
+    if msg.message_type != "Step" {
+        return Err(HandlerError::UnknownType(msg.message_type.clone()));
+    }
+    Ok(msg.decode_json::<Step>()?)
+}
+
+impl Recorder {
+    async fn maybe_hang(&self) {
+        if self.hang_after_effect.swap(false, Ordering::SeqCst) {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Handler<sqlx::Transaction<'static, sqlx::Sqlite>> for Recorder {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        msg: &Message,
+    ) -> Result<(), HandlerError> {
+        let s = decode(msg)?;
+        sqlx::query("INSERT INTO effects (message_id, k, seq) VALUES (?, ?, ?)")
+            .bind(msg.id.to_string())
+            .bind(&s.key)
+            .bind(s.seq)
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        self.maybe_hang().await;
+        Ok(())
+    }
+}
+
+impl Handler<sqlx::Transaction<'static, sqlx::Postgres>> for Recorder {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+        msg: &Message,
+    ) -> Result<(), HandlerError> {
+        let s = decode(msg)?;
+        sqlx::query("INSERT INTO effects (message_id, k, seq) VALUES ($1, $2, $3)")
+            .bind(msg.id)
+            .bind(&s.key)
+            .bind(s.seq)
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        self.maybe_hang().await;
+        Ok(())
+    }
+}
+
+/// Checks over effects read in application order: (message id, key, seq).
+pub struct Verdict {
+    pub applied: usize,
+    pub distinct: usize,
+    pub order_violations: usize,
+}
+
+pub fn verdict(effects: &[(String, String, i64)]) -> Verdict {
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    let mut order_violations = 0;
+    let mut ids = std::collections::HashSet::new();
+    for (id, k, seq) in effects {
+        ids.insert(id.clone());
+        let prev = last.entry(k.as_str()).or_insert(0);
+        if *seq <= *prev {
+            order_violations += 1;
+        }
+        *prev = (*prev).max(*seq);
+    }
+    Verdict {
+        applied: effects.len(),
+        distinct: ids.len(),
+        order_violations,
+    }
+}

@@ -64,7 +64,7 @@ use sqlx::SqlitePool;
 
 pub use admin::{checkpoint, dead_letters, set_checkpoint};
 pub use inbox::SqliteInbox;
-pub use outbox::SqliteOutbox;
+pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
 pub use subscriber::EmbeddedSubscriber;
 
 use error::map_err;

@@ -39,8 +39,11 @@ CREATE INDEX custody_outbox_parked ON custody_outbox (partition, msg_key, positi
     WHERE status = 0 AND retry_at IS NOT NULL;
 
 -- Serves the embedded readers (PgEmbeddedSubscriber): rows of some topics
--- after a position, in position order.
-CREATE INDEX custody_outbox_topic ON custody_outbox (topic, position);
+-- after a (txid, position) cursor, in (txid, position) order.
+CREATE INDEX custody_outbox_topic ON custody_outbox (topic, txid, position);
+
+-- Serves embedded readers of every topic: (txid, position) order.
+CREATE INDEX custody_outbox_log ON custody_outbox (txid, position);
 
 -- Partition leases of relay instances.
 CREATE TABLE custody_relay_lease (
@@ -60,6 +63,9 @@ CREATE TABLE custody_relay_member (
 CREATE TABLE custody_checkpoint (
     subscription  TEXT PRIMARY KEY,
     position      BIGINT NOT NULL,
+    -- txid of the row at `position`: readers resume after (txid, position),
+    -- the order they read in (see PgEmbeddedSubscriber)
+    txid          xid8 NOT NULL DEFAULT '0',
     updated_at    TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 

@@ -25,7 +25,11 @@
 //! Invariant 5 of DESIGN.md (no skipped commits): positions come from an
 //! identity column assigned at insert, so a reader must not go past a row
 //! whose transaction is still running. Every reader here only takes rows
-//! with `txid < pg_snapshot_xmin(pg_current_snapshot())`.
+//! with `txid < pg_snapshot_xmin(pg_current_snapshot())`, and the embedded
+//! subscriber, which keeps a cursor, reads in `(txid, position)` order (see
+//! [`PgEmbeddedSubscriber`]). The snapshot's xmin is cluster-wide: a long
+//! transaction in any database of the server delays publication (never
+//! loses anything).
 #![forbid(unsafe_code)]
 
 mod error;

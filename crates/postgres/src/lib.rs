@@ -45,7 +45,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub use inbox::{dead_letters, PgInbox};
-pub use outbox::PgOutbox;
+pub use outbox::{PgOutbox, DEFAULT_PARTITIONS};
 pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};
 
 use error::{map_err, ConnectError};

@@ -1,0 +1,392 @@
+//! End to end on the real components: PostgreSQL outbox → relay → NATS
+//! JetStream → consumer → PostgreSQL inbox. Each test has its own databases
+//! and its own stream; broker faults use a test-owned nats-server.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{step_message, verdict, Recorder, EFFECTS_PG};
+use custody_core::{Message, PublishAck, Publisher};
+use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec, SubscriberOptions};
+use custody_postgres::{PgInbox, PgOutbox};
+use custody_relay::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
+use custody_testkit::{postgres_db, unique_name, NatsServer, PgTestDb};
+use sqlx::{PgPool, Row};
+
+struct Env {
+    _a_db: PgTestDb,
+    _b_db: PgTestDb,
+    a: PgPool,
+    b: PgPool,
+    outbox: PgOutbox,
+    client: async_nats::Client,
+    spec: StreamSpec,
+}
+
+async fn env(nats_url: Option<&str>) -> anyhow::Result<Option<Env>> {
+    let Some(a_db) = postgres_db().await? else {
+        return Ok(None);
+    };
+    let Some(b_db) = postgres_db().await? else {
+        return Ok(None);
+    };
+    let nats_url = match nats_url {
+        Some(u) => u.to_owned(),
+        None => match custody_testkit::nats().await? {
+            Some(u) => u,
+            None => return Ok(None),
+        },
+    };
+    let a = custody_postgres::connect(&a_db.url).await?;
+    let b = custody_postgres::connect(&b_db.url).await?;
+    custody_postgres::migrate(&a).await?;
+    custody_postgres::migrate(&b).await?;
+    sqlx::query(EFFECTS_PG).execute(&b).await?;
+    let client = custody_nats::connect(&nats_url).await?;
+    let name = unique_name("custody_e2e");
+    let spec = StreamSpec::new(&name.to_uppercase(), &name);
+    custody_nats::ensure_stream(&client, &spec).await?;
+    Ok(Some(Env {
+        outbox: PgOutbox::new(a.clone()),
+        _a_db: a_db,
+        _b_db: b_db,
+        a,
+        b,
+        client,
+        spec,
+    }))
+}
+
+impl Env {
+    async fn cleanup(&self) {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let _ = js.delete_stream(&self.spec.name).await;
+    }
+
+    fn relay_config() -> RelayConfig {
+        RelayConfig {
+            poll_interval: Duration::from_millis(50),
+            lease_ttl: Duration::from_secs(2),
+            ..RelayConfig::default()
+        }
+    }
+
+    async fn consumer(
+        &self,
+        rec: Recorder,
+    ) -> anyhow::Result<Consumer<PgInbox, NatsSubscriber, Recorder>> {
+        let sub = NatsSubscriber::with_options(
+            self.client.clone(),
+            &self.spec,
+            "billing",
+            &["steps".to_owned()],
+            SubscriberOptions {
+                ack_wait: Duration::from_secs(5),
+                ..SubscriberOptions::default()
+            },
+        )
+        .await?;
+        let mut cfg = ConsumerConfig::new("billing");
+        cfg.fetch_wait = Duration::from_millis(200);
+        cfg.batch_size = 200;
+        Ok(Consumer::new(PgInbox::new(self.b.clone()), sub, rec, cfg))
+    }
+
+    async fn effects(&self) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query("SELECT message_id::text, k, seq FROM effects ORDER BY n")
+            .fetch_all(&self.b)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    async fn count(&self, sql: &str) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(sql).fetch_one(&self.a).await?)
+    }
+
+    /// Run the consumer until `n` effects exist or `limit` passes.
+    async fn consume_until(
+        &self,
+        c: &mut Consumer<PgInbox, NatsSubscriber, Recorder>,
+        n: usize,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.effects().await?.len() < n && Instant::now() < deadline {
+            c.run_once().await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn rollback_publishes_nothing_commit_publishes_exactly_one() -> anyhow::Result<()> {
+    let Some(e) = env(None).await? else {
+        return Ok(());
+    };
+    let mut tx = e.a.begin().await?;
+    e.outbox
+        .enqueue(&mut tx, &step_message("steps", "k", 1))
+        .await?;
+    tx.rollback().await?;
+    let mut tx = e.a.begin().await?;
+    let m = step_message("steps", "k", 1);
+    e.outbox.enqueue(&mut tx, &m).await?;
+    tx.commit().await?;
+
+    let publisher = NatsPublisher::new(e.client.clone(), &e.spec);
+    let mut relay = Relay::new(e.outbox.clone(), publisher, Env::relay_config());
+    while relay.step().await? > 0 {}
+    assert_eq!(relay.stats().published, 1);
+    let js = async_nats::jetstream::new(e.client.clone());
+    let mut stream = js.get_stream(&e.spec.name).await?;
+    assert_eq!(stream.info().await?.state.messages, 1);
+    let mut c = e.consumer(Recorder::default()).await?;
+    e.consume_until(&mut c, 1, Duration::from_secs(10)).await?;
+    let eff = e.effects().await?;
+    assert_eq!(eff.len(), 1);
+    assert_eq!(eff[0].0, m.id.to_string());
+    e.cleanup().await;
+    Ok(())
+}
+
+/// Publishes through NATS, then after `crash_after` acks never returns:
+/// the relay dies between the transport's ack and marking the row.
+struct CrashAfterPublish {
+    inner: NatsPublisher,
+    published: AtomicUsize,
+    crash_after: usize,
+    crashed: Arc<AtomicBool>,
+    reached: Arc<tokio::sync::Notify>,
+}
+
+impl Publisher for CrashAfterPublish {
+    async fn publish(&self, message: &Message) -> custody_core::Result<PublishAck> {
+        let ack = self.inner.publish(message).await?;
+        if self.published.fetch_add(1, Ordering::SeqCst) + 1 >= self.crash_after {
+            self.crashed.store(true, Ordering::SeqCst);
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(ack)
+    }
+}
+
+#[tokio::test]
+async fn relay_killed_after_publish_before_mark_redelivers_and_effect_applies_once(
+) -> anyhow::Result<()> {
+    let Some(e) = env(None).await? else {
+        return Ok(());
+    };
+    let msgs: Vec<Message> = (1..=20).map(|i| step_message("steps", "k", i)).collect();
+    let mut tx = e.a.begin().await?;
+    e.outbox.enqueue_batch(&mut tx, &msgs).await?;
+    tx.commit().await?;
+
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let crashing = CrashAfterPublish {
+        inner: NatsPublisher::new(e.client.clone(), &e.spec),
+        published: AtomicUsize::new(0),
+        crash_after: 5,
+        crashed: Arc::new(AtomicBool::new(false)),
+        reached: reached.clone(),
+    };
+    let relay = Relay::new(e.outbox.clone(), crashing, Env::relay_config()).with_id("relay-1");
+    let task = tokio::spawn(relay.run(CancellationToken::new()));
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await?;
+    task.abort();
+    let _ = task.await;
+    // published to the broker, not marked: still pending in the outbox
+    assert_eq!(
+        e.count("SELECT COUNT(*) FROM custody_outbox WHERE status = 0")
+            .await?,
+        20
+    );
+
+    // the restarted relay (same id, so it takes its leases back) republishes
+    let mut relay = Relay::new(
+        e.outbox.clone(),
+        NatsPublisher::new(e.client.clone(), &e.spec),
+        Env::relay_config(),
+    )
+    .with_id("relay-1");
+    while relay.step().await? > 0 {}
+    assert_eq!(relay.stats().published, 20);
+    assert!(
+        relay.stats().duplicates >= 5,
+        "JetStream should recognise the republished ids: {:?}",
+        relay.stats()
+    );
+    assert_eq!(
+        e.count("SELECT COUNT(*) FROM custody_outbox WHERE status = 1")
+            .await?,
+        20
+    );
+
+    let mut c = e.consumer(Recorder::default()).await?;
+    e.consume_until(&mut c, 20, Duration::from_secs(20)).await?;
+    let v = verdict(&e.effects().await?);
+    assert_eq!((v.applied, v.distinct, v.order_violations), (20, 20, 0));
+    e.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_relays_share_one_outbox_10k_messages_100_keys_in_order() -> anyhow::Result<()> {
+    let Some(e) = env(None).await? else {
+        return Ok(());
+    };
+    let cancel = CancellationToken::new();
+    let mut relays = Vec::new();
+    for id in ["relay-a", "relay-b"] {
+        let r = Relay::new(
+            e.outbox.clone(),
+            NatsPublisher::new(e.client.clone(), &e.spec),
+            Env::relay_config(),
+        )
+        .with_id(id);
+        relays.push(tokio::spawn(r.run(cancel.clone())));
+    }
+    // wait until the partitions are split between the two relays
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let owners: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT owner, COUNT(*) FROM custody_relay_lease WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
+        )
+        .fetch_all(&e.a)
+        .await?;
+        if owners.len() == 2 && owners.iter().all(|(_, n)| *n == 8) {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "relays did not split the partitions: {owners:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // 10,000 messages over 100 keys, committed in 20 transactions
+    let mut seq = vec![0i64; 100];
+    for t in 0..20 {
+        let batch: Vec<Message> = (0..500)
+            .map(|i| {
+                let k = (t * 500 + i) % 100;
+                seq[k] += 1;
+                step_message("steps", &format!("key-{k:03}"), seq[k])
+            })
+            .collect();
+        let mut tx = e.a.begin().await?;
+        e.outbox.enqueue_batch(&mut tx, &batch).await?;
+        tx.commit().await?;
+    }
+
+    let mut c = e.consumer(Recorder::default()).await?;
+    e.consume_until(&mut c, 10_000, Duration::from_secs(240))
+        .await?;
+    cancel.cancel();
+    let mut published = Vec::new();
+    for r in relays {
+        published.push(r.await??.published);
+    }
+    let v = verdict(&e.effects().await?);
+    assert_eq!(v.applied, 10_000, "lost messages");
+    assert_eq!(v.distinct, 10_000);
+    assert_eq!(v.order_violations, 0);
+    assert!(
+        published.iter().all(|p| *p > 0),
+        "both relays should have published: {published:?}"
+    );
+    assert_eq!(
+        published.iter().sum::<u64>(),
+        10_000,
+        "no duplicate publishing in the normal path"
+    );
+    e.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn transport_down_backlog_grows_then_drains_nothing_lost() -> anyhow::Result<()> {
+    let Some(mut server) = NatsServer::start().await? else {
+        return Ok(());
+    };
+    let Some(e) = env(Some(&server.url)).await? else {
+        return Ok(());
+    };
+    let cancel = CancellationToken::new();
+    let mut cfg = Env::relay_config();
+    cfg.breaker.open_for = Duration::from_millis(500);
+    let publisher =
+        NatsPublisher::new(e.client.clone(), &e.spec).with_ack_timeout(Duration::from_secs(1));
+    let relay = tokio::spawn(Relay::new(e.outbox.clone(), publisher, cfg).run(cancel.clone()));
+
+    let produce = |from: i64, to: i64| {
+        let e = &e;
+        async move {
+            for i in from..=to {
+                let mut tx = e.a.begin().await?;
+                e.outbox
+                    .enqueue(
+                        &mut tx,
+                        &step_message("steps", &format!("key-{}", i % 7), i),
+                    )
+                    .await?;
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    produce(1, 50).await?;
+    server.stop(); // kill -9 of the broker
+                   // producers keep committing while the transport is down
+    produce(51, 300).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pending = e
+        .count("SELECT COUNT(*) FROM custody_outbox WHERE status = 0")
+        .await?;
+    assert!(
+        pending >= 250,
+        "backlog should grow while NATS is down, pending = {pending}"
+    );
+    assert_eq!(
+        e.count("SELECT COUNT(*) FROM custody_outbox WHERE status = 2")
+            .await?,
+        0,
+        "an outage must not dead-letter"
+    );
+
+    server.restart().await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while e
+        .count("SELECT COUNT(*) FROM custody_outbox WHERE status = 0")
+        .await?
+        > 0
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "backlog did not drain after NATS came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cancel.cancel();
+    relay.await??;
+
+    let mut c = e.consumer(Recorder::default()).await?;
+    e.consume_until(&mut c, 300, Duration::from_secs(30))
+        .await?;
+    let eff = e.effects().await?;
+    let v = verdict(&eff);
+    assert_eq!(
+        (v.applied, v.distinct),
+        (300, 300),
+        "lost or doubled messages"
+    );
+    // per key the seq values are increasing (keys are i % 7, seq = i)
+    assert_eq!(v.order_violations, 0);
+    e.cleanup().await;
+    Ok(())
+}

@@ -140,9 +140,10 @@ pub fn decode(
     let mut map: BTreeMap<String, String> = BTreeMap::new();
     for (name, values) in headers.iter() {
         let name = name.to_string().to_ascii_lowercase();
-        let Some(value) = values.first() else { continue };
-        if name.starts_with(CE_PREFIX) || name.starts_with(ESCAPED_PREFIX) || name == CONTENT_TYPE
-        {
+        let Some(value) = values.first() else {
+            continue;
+        };
+        if name.starts_with(CE_PREFIX) || name.starts_with(ESCAPED_PREFIX) || name == CONTENT_TYPE {
             match decode_value(value.as_str()) {
                 Ok(v) => {
                     map.entry(name).or_insert(v);
@@ -223,7 +224,9 @@ pub fn decode(
 
 /// Percent-encode as the CloudEvents HTTP binding does for `ce-*` values.
 fn encode_value(v: &str) -> String {
-    percent_encode(v, |b| b == b' ' || b == b'"' || b == b'%' || !(0x21..=0x7e).contains(&b))
+    percent_encode(v, |b| {
+        b == b' ' || b == b'"' || b == b'%' || !(0x21..=0x7e).contains(&b)
+    })
 }
 
 /// `content-type` stays a plain media type for non-custody readers; only

@@ -2,8 +2,8 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::context::{CreateStreamErrorKind, PublishErrorKind};
-use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::jetstream::ErrorCode;
 use async_nats::{ConnectErrorKind, RequestErrorKind};
 
 /// What went wrong talking to NATS. It reaches users as the `#[source]` of a
@@ -60,6 +60,15 @@ pub enum NatsError {
         what: String,
         /// The configured timeout.
         after: Duration,
+    },
+
+    /// The client has lost its server and is reconnecting.
+    #[error("{what}: not connected to NATS (connection state: {state}); the client reconnects by itself, try again shortly")]
+    NotConnected {
+        /// What was attempted.
+        what: String,
+        /// The client's connection state.
+        state: String,
     },
 
     /// Creating or updating a stream failed.
@@ -126,6 +135,9 @@ fn publish_hint(kind: PublishErrorKind) -> &'static str {
         PublishErrorKind::StreamNotFound => {
             " (no responders: no stream captures this subject, or JetStream is unavailable; call ensure_stream)"
         }
+        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => {
+            " (the server may be down, restarting or overloaded; the message may still have been stored, and a retry with the same id within the duplicate window is deduplicated)"
+        }
         _ => "",
     }
 }
@@ -158,7 +170,7 @@ impl NatsError {
                     None => true,
                 },
             },
-            NatsError::Timeout { .. } => true,
+            NatsError::Timeout { .. } | NatsError::NotConnected { .. } => true,
             NatsError::Stream { source, .. } => match source.kind() {
                 CreateStreamErrorKind::JetStream(e) => transient_jetstream_code(e.error_code()),
                 CreateStreamErrorKind::EmptyStreamName

@@ -52,8 +52,8 @@ mod stream;
 mod subscriber;
 
 pub use codec::{
-    decode, encode_headers, CE_CUSTODYKIND, CE_CUSTODYTOPIC, CE_ID, CE_PARTITIONKEY,
-    CE_SOURCE, CE_SPECVERSION, CE_SUBJECT, CE_TIME, CE_TYPE, CONTENT_TYPE, SOURCE, SPECVERSION,
+    decode, encode_headers, CE_CUSTODYKIND, CE_CUSTODYTOPIC, CE_ID, CE_PARTITIONKEY, CE_SOURCE,
+    CE_SPECVERSION, CE_SUBJECT, CE_TIME, CE_TYPE, CONTENT_TYPE, SOURCE, SPECVERSION,
 };
 pub use error::NatsError;
 pub use publisher::{NatsPublisher, DEFAULT_ACK_TIMEOUT};

@@ -59,9 +59,9 @@ impl StreamSpec {
 
     fn check(&self) -> Result<()> {
         if self.name.is_empty()
-            || self
-                .name
-                .contains(|c: char| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control())
+            || self.name.contains(|c: char| {
+                c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control()
+            })
         {
             return Err(Error::Config(format!(
                 "stream name {:?} is not a valid JetStream name; use letters, digits, '-' and '_'",

@@ -108,6 +108,16 @@ impl NatsSubscriber {
             [one] => (one.clone(), Vec::new()),
             many => (String::new(), many.to_vec()),
         };
+        if filter_subjects.len() > 1 && !supports_several_filters(&client.server_info().version) {
+            return Err(NatsError::FilterNotApplied {
+                stream: spec.name.clone(),
+                durable: durable.to_owned(),
+                server_version: client.server_info().version,
+                wanted: filters,
+                got: Vec::new(),
+            }
+            .into_core("create consumer"));
+        }
         let config = pull::Config {
             durable_name: Some(durable.to_owned()),
             deliver_policy: DeliverPolicy::All,
@@ -132,7 +142,8 @@ impl NatsSubscriber {
             })?;
 
         // Servers before 2.10 silently ignore `filter_subjects`; such a
-        // consumer would deliver every topic. Refuse it.
+        // consumer would deliver every topic. The version check above should
+        // have caught that; this also catches servers that misreport.
         let applied = &consumer.cached_info().config;
         let got: Vec<String> = if applied.filter_subjects.is_empty() {
             Some(applied.filter_subject.clone())
@@ -193,6 +204,17 @@ impl Subscriber for NatsSubscriber {
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery<NatsAckToken>>> {
         if max == 0 {
             return Ok(Vec::new());
+        }
+        // A pull sent while reconnecting would sit in the client's buffer
+        // and come back empty after `wait` plus the client's grace period;
+        // say what is going on instead.
+        let state = self.client.connection_state();
+        if state != async_nats::connection::State::Connected {
+            return Err(NatsError::NotConnected {
+                what: format!("pull from consumer {}", self.durable),
+                state: state.to_string(),
+            }
+            .into_core("fetch"));
         }
         // A no-wait pull with an expiry: the server answers as soon as it has
         // at least one message (with as many as are ready, up to `max`), or
@@ -261,10 +283,43 @@ impl Subscriber for NatsSubscriber {
             }
             .into_core("ack")),
             Err(_) => Err(NatsError::Timeout {
-                what: format!("confirmation of ack for stream sequence {}", token.stream_sequence),
+                what: format!(
+                    "confirmation of ack for stream sequence {}",
+                    token.stream_sequence
+                ),
                 after: self.ack_timeout,
             }
             .into_core("ack")),
         }
+    }
+}
+
+/// Whether a server of `version` (`"2.10.4"`) applies `filter_subjects`.
+/// Unparseable versions are given the benefit of the doubt; the check of the
+/// created consumer's config still applies.
+fn supports_several_filters(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| {
+        p.chars()
+            .take_while(char::is_ascii_digit)
+            .collect::<String>()
+            .parse::<u32>()
+    });
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (2, 10),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supports_several_filters;
+
+    #[test]
+    fn several_filters_need_2_10() {
+        assert!(!supports_several_filters("2.9.10"));
+        assert!(supports_several_filters("2.10.0"));
+        assert!(supports_several_filters("2.11.3-beta"));
+        assert!(supports_several_filters("3.0.0"));
+        assert!(supports_several_filters("unknown"));
     }
 }

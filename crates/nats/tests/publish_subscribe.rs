@@ -10,7 +10,9 @@ use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
 
 #[tokio::test]
 async fn published_message_arrives_unchanged_and_ack_stops_redelivery() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let Some(url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
     let ts = TestStream::create(&url).await?;
     let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
 
@@ -45,7 +47,9 @@ async fn published_message_arrives_unchanged_and_ack_stops_redelivery() -> anyho
 
 #[tokio::test]
 async fn unacked_message_is_redelivered_with_delivery_count_2() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let Some(url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
     let ts = TestStream::create(&url).await?;
     let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
     let m = rich_message("orders", "order-1");
@@ -80,7 +84,9 @@ async fn unacked_message_is_redelivered_with_delivery_count_2() -> anyhow::Resul
 
 #[tokio::test]
 async fn same_id_twice_is_stored_once() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let Some(url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
     let ts = TestStream::create(&url).await?;
     let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
     let m = rich_message("orders", "order-1");
@@ -97,12 +103,16 @@ async fn same_id_twice_is_stored_once() -> anyhow::Result<()> {
 #[tokio::test]
 async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -> anyhow::Result<()>
 {
-    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let Some(url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
     let ts = TestStream::create(&url).await?;
     let js = async_nats::jetstream::new(ts.client.clone());
     let subject = ts.spec.subject("orders");
 
-    js.publish(subject.clone(), "plain bytes".into()).await?.await?;
+    js.publish(subject.clone(), "plain bytes".into())
+        .await?
+        .await?;
     let mut bad_id = async_nats::HeaderMap::new();
     bad_id.insert("ce-id", "not-a-uuid");
     bad_id.insert("ce-type", "OrderPlaced");
@@ -129,7 +139,11 @@ async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -
         .map(|d| d.message.as_ref().expect_err("malformed").reason.clone())
         .collect();
     assert!(reasons[0].contains("ce-id"), "{}", reasons[0]);
-    assert!(reasons[1].contains("ce-id") && reasons[1].contains("UUID"), "{}", reasons[1]);
+    assert!(
+        reasons[1].contains("ce-id") && reasons[1].contains("UUID"),
+        "{}",
+        reasons[1]
+    );
     assert!(reasons[2].contains("ce-type"), "{}", reasons[2]);
     let raw = got[0].message.as_ref().expect_err("malformed");
     assert_eq!(raw.payload, b"plain bytes");
@@ -144,7 +158,9 @@ async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -
 #[tokio::test]
 async fn payload_above_max_payload_is_not_retryable_and_connection_survives() -> anyhow::Result<()>
 {
-    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let Some(url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
     let ts = TestStream::create(&url).await?;
     let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
     let limit = ts.client.server_info().max_payload;
@@ -153,6 +169,7 @@ async fn payload_above_max_payload_is_not_retryable_and_connection_survives() ->
         .build()?;
 
     let err = publisher.publish(&big).await.expect_err("too large");
+    eprintln!("oversized: {err}");
     assert!(!err.retryable(), "{err}");
     let text = err.to_string();
     assert!(text.contains(&limit.to_string()), "{text}");
@@ -162,7 +179,10 @@ async fn payload_above_max_payload_is_not_retryable_and_connection_survives() ->
     let near = Message::builder("orders", "k", "Big")
         .payload("application/octet-stream", vec![7u8; limit - 10])
         .build()?;
-    let err = publisher.publish(&near).await.expect_err("headers count too");
+    let err = publisher
+        .publish(&near)
+        .await
+        .expect_err("headers count too");
     assert!(!err.retryable(), "{err}");
 
     publisher.publish(&rich_message("orders", "k")).await?;
@@ -172,7 +192,9 @@ async fn payload_above_max_payload_is_not_retryable_and_connection_survives() ->
 
 #[tokio::test]
 async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let Some(url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
     let ts = TestStream::create(&url).await?;
     let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "c", &[]).await?;
 
@@ -180,7 +202,10 @@ async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyh
     let got = sub.fetch(10, Duration::from_millis(400)).await?;
     let waited = start.elapsed();
     assert!(got.is_empty());
-    assert!(waited >= Duration::from_millis(350), "returned after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(350),
+        "returned after {waited:?}"
+    );
     assert!(waited < Duration::from_secs(3), "returned after {waited:?}");
 
     let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
@@ -189,7 +214,11 @@ async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyh
     let start = Instant::now();
     let got = sub.fetch(10, Duration::from_secs(5)).await?;
     assert_eq!(got.len(), 2);
-    assert!(start.elapsed() < Duration::from_secs(2), "waited {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        start.elapsed()
+    );
 
     // A message published while a fetch waits ends the wait.
     let late = {
@@ -203,7 +232,11 @@ async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyh
     let got2 = sub.fetch(10, Duration::from_secs(5)).await?;
     late.await??;
     assert_eq!(got2.len(), 1);
-    assert!(start.elapsed() < Duration::from_secs(3), "waited {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "waited {:?}",
+        start.elapsed()
+    );
     for d in got.into_iter().chain(got2) {
         sub.ack(d.token).await?;
     }
@@ -212,7 +245,9 @@ async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyh
 
 #[tokio::test]
 async fn topic_filters_select_subjects() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else { return Ok(()) };
+    let Some(url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
     let ts = TestStream::create(&url).await?;
     let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
     for topic in ["a", "b", "c"] {
@@ -223,18 +258,33 @@ async fn topic_filters_select_subjects() -> anyhow::Result<()> {
     let got = one.fetch(10, Duration::from_secs(1)).await?;
     let topics: Vec<String> = got
         .iter()
-        .map(|d| d.message.as_ref().map(|m| m.topic.clone()).unwrap_or_default())
+        .map(|d| {
+            d.message
+                .as_ref()
+                .map(|m| m.topic.clone())
+                .unwrap_or_default()
+        })
         .collect();
     assert_eq!(topics, ["b"]);
 
-    match NatsSubscriber::new(ts.client.clone(), &ts.spec, "a_and_c", &["a".into(), "c".into()])
-        .await
+    match NatsSubscriber::new(
+        ts.client.clone(),
+        &ts.spec,
+        "a_and_c",
+        &["a".into(), "c".into()],
+    )
+    .await
     {
         Ok(mut two) => {
             let got = two.fetch(10, Duration::from_secs(1)).await?;
             let topics: Vec<String> = got
                 .iter()
-                .map(|d| d.message.as_ref().map(|m| m.topic.clone()).unwrap_or_default())
+                .map(|d| {
+                    d.message
+                        .as_ref()
+                        .map(|m| m.topic.clone())
+                        .unwrap_or_default()
+                })
                 .collect();
             assert_eq!(topics, ["a", "c"]);
         }
@@ -252,7 +302,9 @@ async fn topic_filters_select_subjects() -> anyhow::Result<()> {
 async fn connect_to_a_dead_port_names_the_url() -> anyhow::Result<()> {
     let port = custody_testkit::free_port()?;
     let url = format!("nats://127.0.0.1:{port}");
-    let err = custody_nats::connect(&url).await.expect_err("nothing listens");
+    let err = custody_nats::connect(&url)
+        .await
+        .expect_err("nothing listens");
     assert!(err.to_string().contains(&url), "{err}");
     assert!(err.retryable());
     Ok(())

@@ -63,9 +63,17 @@ impl Drop for TestStream {
 pub fn rich_message(topic: &str, key: &str) -> Message {
     Message::builder(topic, key, "OrderPlaced")
         .kind(MessageKind::Command)
-        .payload("application/json; charset=utf-8", br#"{"amount":990}"#.to_vec())
+        .payload(
+            "application/json; charset=utf-8",
+            br#"{"amount":990}"#.to_vec(),
+        )
         .header("correlationid", "req-42")
-        .and_then(|b| b.header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"))
+        .and_then(|b| {
+            b.header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+        })
         .and_then(|b| b.header("note", " spaces, \"quotes\", 100% and\r\na newline "))
         .and_then(|b| b.header("time", "a header named like a CloudEvents attribute"))
         .and_then(|b| b.build())

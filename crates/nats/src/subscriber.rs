@@ -129,17 +129,52 @@ impl NatsSubscriber {
             ..Default::default()
         };
         let js = async_nats::jetstream::new(client.clone());
-        let consumer: PullConsumer = js
-            .create_consumer_on_stream(config, &spec.name)
-            .await
-            .map_err(|source| {
-                NatsError::Consumer {
-                    stream: spec.name.clone(),
-                    durable: durable.to_owned(),
-                    source,
-                }
-                .into_core("create consumer")
-            })?;
+        let consumer_error = |source| {
+            NatsError::Consumer {
+                stream: spec.name.clone(),
+                durable: durable.to_owned(),
+                source,
+            }
+            .into_core("create consumer")
+        };
+        let mut consumer: PullConsumer =
+            match js.get_consumer_from_stream(durable, &spec.name).await {
+                Ok(existing) => existing,
+                Err(_) => js
+                    .create_consumer_on_stream(config.clone(), &spec.name)
+                    .await
+                    .map_err(consumer_error)?,
+            };
+
+        // Resume in stream order after a crash. A subscriber that died left
+        // messages delivered but unacknowledged; JetStream would redeliver
+        // them only after `ack_wait`, *behind* newer messages of the same
+        // key, and the consumer would apply a key's later message first.
+        // Instead restart the durable just after its ack floor: everything
+        // after it comes again in order (what was already processed is
+        // skipped by the inbox). One active subscriber per durable is
+        // assumed for ordered processing.
+        let info = consumer.cached_info().clone();
+        if info.num_ack_pending > 0 {
+            let start_sequence = info.ack_floor.stream_sequence + 1;
+            tracing::info!(
+                durable,
+                pending = info.num_ack_pending,
+                start_sequence,
+                "unacknowledged deliveries from a previous run; resuming in order after the ack floor"
+            );
+            js.delete_consumer_from_stream(durable, &spec.name)
+                .await
+                .map_err(consumer_error)?;
+            let resume = pull::Config {
+                deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+                ..config
+            };
+            consumer = js
+                .create_consumer_on_stream(resume, &spec.name)
+                .await
+                .map_err(consumer_error)?;
+        }
 
         // Servers before 2.10 silently ignore `filter_subjects`; such a
         // consumer would deliver every topic. The version check above should

@@ -59,7 +59,7 @@ impl Handler<sqlx::Transaction<'static, sqlx::Sqlite>> for SqliteBilling {
         .execute(&mut **tx)
         .await
         .map_err(HandlerError::transient)?;
-        self.outbox.enqueue(&mut **tx, &invoice(msg, &o)?).await?;
+        self.outbox.enqueue(tx, &invoice(msg, &o)?).await?;
         Ok(())
     }
 }
@@ -86,7 +86,7 @@ impl Handler<sqlx::Transaction<'static, sqlx::Postgres>> for PgBilling {
         .execute(&mut **tx)
         .await
         .map_err(HandlerError::transient)?;
-        self.outbox.enqueue(&mut **tx, &invoice(msg, &o)?).await?;
+        self.outbox.enqueue(tx, &invoice(msg, &o)?).await?;
         Ok(())
     }
 }

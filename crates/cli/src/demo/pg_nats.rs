@@ -240,7 +240,7 @@ async fn republish_recent(
         };
         let mut h = custody::nats::encode_headers(&msg);
         h.insert(
-            "Nats-Msg-Id",
+            async_nats::header::NATS_MESSAGE_ID,
             format!("redelivery-{}", Uuid::now_v7()).as_str(),
         );
         js.publish_with_headers(

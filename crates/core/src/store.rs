@@ -84,6 +84,25 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<()>> + Send;
 
+    /// Delete published (status 1) and dead-lettered (status 2) rows of `partitions` whose
+    /// published_at (or, for dead rows, enqueued_at) is older than `older_than`, at most `limit`
+    /// rows, in one short transaction. Never deletes a pending row, nor a row an embedded reader
+    /// (custody_checkpoint) has not read yet. Returns how many rows were deleted.
+    ///
+    /// Call it repeatedly (e.g. from the relay, on the partitions it leases) until it returns
+    /// less than `limit`. A reader that has no checkpoint yet does not hold pruning back.
+    fn prune(
+        &self,
+        partitions: &[u32],
+        older_than: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        async move {
+            let _ = (partitions, older_than, limit);
+            Ok(0)
+        }
+    }
+
     /// Resolve when new messages may have been committed, or after `timeout`.
     /// (PostgreSQL: LISTEN/NOTIFY; SQLite: an in-process signal.)
     fn wait_for_new(&self, timeout: Duration) -> impl Future<Output = ()> + Send;

@@ -116,6 +116,44 @@ UPDATE custody_outbox o SET status = 2, last_error = $2
 WHERE o.position = $1 AND o.status = 0
 RETURNING {COLUMNS}";
 
+// Retention (OutboxStore::prune). Safe to run next to producers, relays and
+// readers because:
+// - only `status <> 0` rows are candidates: pending rows are never touched,
+//   and a dead row (status 2) was copied into custody_dead_letter in the
+//   same transaction that set its status (dead_letter_row);
+// - the NOT EXISTS keeps every row some embedded reader has not read yet, in
+//   the readers' own (txid, position) order (PgEmbeddedSubscriber): a row is
+//   deleted only if every checkpoint is at or past it. Checkpoints only move
+//   forward, so an older view of them (the subquery keeps the statement's
+//   snapshot) can only keep more rows, never fewer;
+// - FOR UPDATE SKIP LOCKED: a row another transaction is changing (e.g. an
+//   operator's redrive) is skipped, never waited on, and the status / time
+//   conditions are re-checked on the newest row version after locking; two
+//   relays pruning at once take disjoint rows;
+// - LIMIT bounds the statement: one short transaction holds at most $3 row
+//   locks and produces at most $3 dead tuples for autovacuum to reclaim.
+// `COALESCE(published_at, enqueued_at)` is published_at for published rows
+// and enqueued_at for dead ones (they have no published_at); it is spelled
+// exactly as in the expression index custody_outbox_done (migration 0002),
+// whose ordered range scan stops after $3 rows instead of visiting every row
+// kept for the retention window. Oldest first, which is also roughly
+// position order. `= ANY(ARRAY(..))` keeps the outer delete on the primary
+// key.
+const PRUNE: &str = "\
+DELETE FROM custody_outbox
+WHERE position = ANY(ARRAY(
+    SELECT o.position
+    FROM custody_outbox o
+    WHERE o.status <> 0
+      AND COALESCE(o.published_at, o.enqueued_at) < $2
+      AND o.partition = ANY($1)
+      AND NOT EXISTS (
+          SELECT 1 FROM custody_checkpoint c
+          WHERE (c.txid, c.position) < (o.txid, o.position))
+    ORDER BY COALESCE(o.published_at, o.enqueued_at)
+    LIMIT $3
+    FOR UPDATE OF o SKIP LOCKED))";
+
 pub(crate) const INSERT_DEAD_LETTER: &str = "\
 INSERT INTO custody_dead_letter
     (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at)
@@ -585,6 +623,31 @@ impl OutboxStore for PgOutbox {
         self.dead_letter_row(position, error, now).await
     }
 
+    #[tracing::instrument(skip_all, fields(partitions = partitions.len(), limit))]
+    async fn prune(
+        &self,
+        partitions: &[u32],
+        older_than: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64> {
+        let parts: Vec<i32> = partitions
+            .iter()
+            .filter_map(|p| i32::try_from(*p).ok())
+            .collect();
+        if parts.is_empty() || limit == 0 {
+            return Ok(0);
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let done = sqlx::query(PRUNE)
+            .bind(&parts)
+            .bind(older_than)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(db("prune outbox"))?;
+        Ok(done.rows_affected())
+    }
+
     async fn wait_for_new(&self, timeout: Duration) {
         self.waiter.wait(timeout).await;
     }
@@ -595,4 +658,45 @@ fn _assert_send_sync() {
     fn is<T: Send + Sync + 'static>() {}
     is::<PgOutbox>();
     is::<Arc<Wake>>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PRUNE;
+
+    /// PRUNE must come off the partial expression index (an ordered range
+    /// scan that stops after the limit), not a scan of the retention window.
+    #[tokio::test]
+    async fn prune_uses_the_retention_index() -> anyhow::Result<()> {
+        let Some(db) = custody_testkit::postgres_db().await? else {
+            return Ok(());
+        };
+        let pool = crate::connect(&db.url).await?;
+        crate::migrate(&pool).await?;
+        // the planner picks an index only when the table is not tiny
+        sqlx::query(
+            "INSERT INTO custody_outbox (id, kind, topic, msg_key, partition, message_type,
+                 content_type, payload, created_at, status, published_at)
+             SELECT gen_random_uuid(), 'event', 't', 'k', g % 16, 'T', 'application/json',
+                    '\\x00', now(), CASE WHEN g % 10 = 0 THEN 0 ELSE 1 END,
+                    now() - (g || ' seconds')::interval
+             FROM generate_series(1, 50000) g",
+        )
+        .execute(&pool)
+        .await?;
+        sqlx::query("ANALYZE custody_outbox").execute(&pool).await?;
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {PRUNE}"))
+            .bind(vec![0_i32, 1, 2, 3])
+            .bind(chrono::Utc::now() - chrono::Duration::hours(1))
+            .bind(100_i64)
+            .fetch_all(&pool)
+            .await?;
+        let plan = plan.join("\n");
+        assert!(plan.contains("custody_outbox_done"), "plan:\n{plan}");
+        assert!(
+            !plan.contains("Seq Scan on custody_outbox"),
+            "plan:\n{plan}"
+        );
+        Ok(())
+    }
 }

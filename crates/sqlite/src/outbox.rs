@@ -68,6 +68,32 @@ const DEAD_LETTER_MARK: &str =
     "UPDATE custody_outbox SET status = 2, last_error = ?2, retry_at = NULL \
      WHERE position = ?1 AND status = 0";
 
+/// Retention ([`OutboxStore::prune`]). Safe because:
+/// - only `status <> 0` rows are candidates: pending rows are never touched,
+///   and a dead row (status 2) was copied into custody_dead_letter in the
+///   transaction that set its status;
+/// - embedded readers go in position order and a checkpoint is the highest
+///   position a reader acknowledged, so rows at or below the lowest
+///   checkpoint have been read by every reader (no checkpoint, no limit);
+/// - it runs in one `BEGIN IMMEDIATE` transaction (SQLite has one writer),
+///   so the checkpoints it reads cannot move back before the delete, and
+///   `LIMIT ?3` keeps that write lock short;
+/// - AUTOINCREMENT never hands out a deleted position again, so readers'
+///   `position > checkpoint` cursors stay valid.
+///
+/// `COALESCE(published_at, enqueued_at)` (published_at for published rows,
+/// enqueued_at for dead ones, which have none) is spelled as in the partial
+/// expression index `custody_outbox_done` (migration 0002), so the oldest
+/// rows come off an ordered index range and the scan stops after `?3` rows.
+const PRUNE: &str = "DELETE FROM custody_outbox WHERE position IN ( \
+     SELECT position FROM custody_outbox \
+     WHERE status <> 0 \
+       AND COALESCE(published_at, enqueued_at) < ?2 \
+       AND partition IN (SELECT value FROM json_each(?1)) \
+       AND position <= COALESCE((SELECT MIN(position) FROM custody_checkpoint), 9223372036854775807) \
+     ORDER BY COALESCE(published_at, enqueued_at) \
+     LIMIT ?3)";
+
 /// The highest position ever inserted and committed (AUTOINCREMENT's high-water mark).
 const HIGH_WATER: &str =
     "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'custody_outbox'), 0)";
@@ -571,6 +597,32 @@ impl OutboxStore for SqliteOutbox {
         self.dead_letter_row(position, error, now).await
     }
 
+    async fn prune(
+        &self,
+        partitions: &[u32],
+        older_than: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64> {
+        const OP: &str = "prune outbox";
+        if partitions.is_empty() || limit == 0 {
+            return Ok(0);
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        let done = sqlx::query(PRUNE)
+            .bind(json_list(partitions))
+            .bind(to_ms(older_than))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        tx.commit().await.map_err(map_err(OP))?;
+        Ok(done.rows_affected())
+    }
+
     async fn wait_for_new(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         if tokio::time::timeout(timeout, self.signal.notified())
@@ -579,5 +631,33 @@ impl OutboxStore for SqliteOutbox {
         {
             self.signal.await_visible(&self.pool, deadline).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PRUNE;
+
+    /// PRUNE must come off the partial expression index (an ordered range
+    /// that stops after the limit), not a scan of the retention window.
+    #[tokio::test]
+    async fn prune_uses_the_retention_index() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let pool = crate::connect(&dir.path().join("c.db").to_string_lossy()).await?;
+        crate::migrate(&pool).await?;
+        let rows = sqlx::query(&format!("EXPLAIN QUERY PLAN {PRUNE}"))
+            .bind("[0,1,2]")
+            .bind(0_i64)
+            .bind(100_i64)
+            .fetch_all(&pool)
+            .await?;
+        let plan: Vec<String> = rows
+            .iter()
+            .map(|r| sqlx::Row::try_get::<String, _>(r, "detail"))
+            .collect::<Result<_, _>>()?;
+        let plan = plan.join("\n");
+        assert!(plan.contains("custody_outbox_done"), "plan:\n{plan}");
+        assert!(!plan.contains("SCAN custody_outbox"), "plan:\n{plan}");
+        Ok(())
     }
 }

@@ -7,6 +7,8 @@ pub const RELAY_PUBLISHED_TOTAL: &str = "custody_relay_published_total";
 pub const RELAY_PUBLISH_FAILURES_TOTAL: &str = "custody_relay_publish_failures_total";
 /// Messages the relay moved to the dead-letter table.
 pub const RELAY_DEAD_LETTERED_TOTAL: &str = "custody_relay_dead_lettered_total";
+/// Outbox rows pruned after their retention.
+pub const RELAY_PRUNED_TOTAL: &str = "custody_relay_pruned_total";
 /// Partitions the relay holds.
 pub const RELAY_PARTITIONS_HELD: &str = "custody_relay_partitions_held";
 /// 1 when the relay's circuit breaker is open.

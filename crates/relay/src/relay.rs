@@ -39,6 +39,15 @@ pub struct RelayConfig {
     pub backoff: Backoff,
     /// Circuit breaker for the transport.
     pub breaker: CircuitBreakerConfig,
+    /// How long published and dead-lettered rows stay in the outbox as
+    /// history (reconciliation and trace read it) before they are pruned.
+    #[serde(with = "custody_core::duration_serde")]
+    pub retention: Duration,
+    /// How often the relay prunes its partitions.
+    #[serde(with = "custody_core::duration_serde")]
+    pub prune_interval: Duration,
+    /// Rows deleted per prune statement (short transactions, no long locks).
+    pub prune_batch: usize,
 }
 
 impl Default for RelayConfig {
@@ -51,6 +60,9 @@ impl Default for RelayConfig {
             max_attempts: 10,
             backoff: Backoff::default(),
             breaker: CircuitBreakerConfig::default(),
+            retention: Duration::from_secs(24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 1000,
         }
     }
 }
@@ -68,6 +80,8 @@ pub struct RelayStats {
     pub dead_lettered: u64,
     /// Batches read.
     pub batches: u64,
+    /// Outbox rows pruned after their retention.
+    pub pruned: u64,
 }
 
 /// Moves committed outbox messages to a transport.
@@ -85,6 +99,7 @@ pub struct Relay<S, P, C = SystemClock> {
     breaker: CircuitBreaker,
     partitions: Vec<u32>,
     lease_renew_at: Option<DateTime<Utc>>,
+    prune_at: Option<DateTime<Utc>>,
     last_success: Option<DateTime<Utc>>,
     stats: RelayStats,
 }
@@ -110,6 +125,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P, SystemClock> {
             rng: StdRng::from_entropy(),
             partitions: Vec::new(),
             lease_renew_at: None,
+            prune_at: None,
             last_success: None,
             stats: RelayStats::default(),
         }
@@ -129,6 +145,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             breaker: self.breaker,
             partitions: self.partitions,
             lease_renew_at: self.lease_renew_at,
+            prune_at: self.prune_at,
             last_success: self.last_success,
             stats: self.stats,
         }
@@ -240,6 +257,9 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         if self.partitions.is_empty() {
             return Ok(0);
         }
+        if self.prune_at.is_none_or(|t| now >= t) {
+            self.prune(now).await?;
+        }
         if !self.breaker.allow(now) {
             return Ok(0);
         }
@@ -255,6 +275,32 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         let outcome = self.publish_batch(batch).await;
         self.settle(outcome).await?;
         Ok(n)
+    }
+
+    /// Delete history older than the retention from the leased partitions,
+    /// in bounded batches (at most ten per round, so publishing never waits long).
+    async fn prune(&mut self, now: DateTime<Utc>) -> Result<()> {
+        let interval = chrono::Duration::from_std(self.config.prune_interval)
+            .unwrap_or(chrono::Duration::seconds(60));
+        self.prune_at = Some(now + interval);
+        let retention =
+            chrono::Duration::from_std(self.config.retention).unwrap_or(chrono::Duration::MAX);
+        let Some(older_than) = now.checked_sub_signed(retention) else {
+            return Ok(());
+        };
+        let batch = self.config.prune_batch.max(1);
+        for _ in 0..10 {
+            let n = self
+                .store
+                .prune(&self.partitions, older_than, batch)
+                .await?;
+            self.stats.pruned += n;
+            metrics::counter!(m::RELAY_PRUNED_TOTAL).increment(n);
+            if (n as usize) < batch {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Publish a batch: keys concurrently, each key's messages in order; a

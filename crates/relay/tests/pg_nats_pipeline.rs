@@ -4,12 +4,12 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{step_message, verdict, Recorder, EFFECTS_PG};
-use custody_core::{Message, PublishAck, Publisher};
+use common::{step_message, verdict, CrashAfterPublish, Recorder, EFFECTS_PG};
+use custody_core::Message;
 use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec, SubscriberOptions};
 use custody_postgres::{PgInbox, PgOutbox};
 use custody_relay::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
@@ -154,28 +154,6 @@ async fn rollback_publishes_nothing_commit_publishes_exactly_one() -> anyhow::Re
     Ok(())
 }
 
-/// Publishes through NATS, then after `crash_after` acks never returns:
-/// the relay dies between the transport's ack and marking the row.
-struct CrashAfterPublish {
-    inner: NatsPublisher,
-    published: AtomicUsize,
-    crash_after: usize,
-    crashed: Arc<AtomicBool>,
-    reached: Arc<tokio::sync::Notify>,
-}
-
-impl Publisher for CrashAfterPublish {
-    async fn publish(&self, message: &Message) -> custody_core::Result<PublishAck> {
-        let ack = self.inner.publish(message).await?;
-        if self.published.fetch_add(1, Ordering::SeqCst) + 1 >= self.crash_after {
-            self.crashed.store(true, Ordering::SeqCst);
-            self.reached.notify_one();
-            std::future::pending::<()>().await;
-        }
-        Ok(ack)
-    }
-}
-
 #[tokio::test]
 async fn relay_killed_after_publish_before_mark_redelivers_and_effect_applies_once(
 ) -> anyhow::Result<()> {
@@ -192,7 +170,6 @@ async fn relay_killed_after_publish_before_mark_redelivers_and_effect_applies_on
         inner: NatsPublisher::new(e.client.clone(), &e.spec),
         published: AtomicUsize::new(0),
         crash_after: 5,
-        crashed: Arc::new(AtomicBool::new(false)),
         reached: reached.clone(),
     };
     let relay = Relay::new(e.outbox.clone(), crashing, Env::relay_config()).with_id("relay-1");
@@ -387,6 +364,97 @@ async fn transport_down_backlog_grows_then_drains_nothing_lost() -> anyhow::Resu
     );
     // per key the seq values are increasing (keys are i % 7, seq = i)
     assert_eq!(v.order_violations, 0);
+    e.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn consumer_killed_between_handler_and_commit_applies_effect_once() -> anyhow::Result<()> {
+    let Some(e) = env(None).await? else {
+        return Ok(());
+    };
+    let msgs: Vec<Message> = (1..=10).map(|i| step_message("steps", "k", i)).collect();
+    let mut tx = e.a.begin().await?;
+    e.outbox.enqueue_batch(&mut tx, &msgs).await?;
+    tx.commit().await?;
+    let mut relay = Relay::new(
+        e.outbox.clone(),
+        NatsPublisher::new(e.client.clone(), &e.spec),
+        Env::relay_config(),
+    );
+    while relay.step().await? > 0 {}
+
+    // the handler writes message 1's effect, then the consumer dies before commit
+    let rec = Recorder::default();
+    rec.hang_after_effect.store(true, Ordering::SeqCst);
+    let reached = rec.reached.clone();
+    let c = e.consumer(rec).await?;
+    let task = tokio::spawn(c.run(CancellationToken::new()));
+    tokio::time::timeout(Duration::from_secs(20), reached.notified()).await?;
+    task.abort();
+    let _ = task.await;
+    assert!(
+        e.effects().await?.is_empty(),
+        "an uncommitted effect is visible"
+    );
+
+    // restart: everything applied once, in order
+    let mut c = e.consumer(Recorder::default()).await?;
+    e.consume_until(&mut c, 10, Duration::from_secs(20)).await?;
+    let v = verdict(&e.effects().await?);
+    assert_eq!((v.applied, v.distinct, v.order_violations), (10, 10, 0));
+    e.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_payload_is_dead_lettered_and_later_messages_still_processed(
+) -> anyhow::Result<()> {
+    let Some(e) = env(None).await? else {
+        return Ok(());
+    };
+    let bad = Message::builder("steps", "k", "Step")
+        .payload(
+            custody_core::CONTENT_TYPE_JSON,
+            b"\x00\x01 not json".to_vec(),
+        )
+        .build()?;
+    let unknown = Message::builder("steps", "k", "StepRenamed")
+        .json(&serde_json::json!({"key": "k", "seq": 9}))?
+        .build()?;
+    let good = vec![step_message("steps", "k", 1), step_message("steps", "k", 2)];
+    let mut tx = e.a.begin().await?;
+    e.outbox.enqueue(&mut tx, &bad).await?;
+    e.outbox.enqueue(&mut tx, &unknown).await?;
+    e.outbox.enqueue_batch(&mut tx, &good).await?;
+    tx.commit().await?;
+    // and a message that is not a custody envelope at all, straight onto the subject
+    let js = async_nats::jetstream::new(e.client.clone());
+    js.publish(e.spec.subject("steps"), "raw bytes".into())
+        .await?
+        .await?;
+    let mut relay = Relay::new(
+        e.outbox.clone(),
+        NatsPublisher::new(e.client.clone(), &e.spec),
+        Env::relay_config(),
+    );
+    while relay.step().await? > 0 {}
+
+    let mut c = e.consumer(Recorder::default()).await?;
+    e.consume_until(&mut c, 2, Duration::from_secs(20)).await?;
+    while c.run_once().await? > 0 {}
+    assert_eq!(e.effects().await?.len(), 2);
+    let dead = custody_postgres::dead_letters(&e.b).await?;
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(dead
+        .iter()
+        .any(|d| d.message_id == Some(bad.id) && d.error.contains("cannot decode")));
+    assert!(dead
+        .iter()
+        .any(|d| d.message_id == Some(unknown.id) && d.error.contains("unknown message type")));
+    assert!(dead
+        .iter()
+        .any(|d| d.message_id.is_none() && d.error.contains("malformed")));
     e.cleanup().await;
     Ok(())
 }

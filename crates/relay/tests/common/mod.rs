@@ -121,3 +121,23 @@ pub fn verdict(effects: &[(String, String, i64)]) -> Verdict {
         order_violations,
     }
 }
+
+/// Publishes through `inner`, then after `crash_after` acks never returns:
+/// the relay dies between the transport's ack and marking the row.
+pub struct CrashAfterPublish<P> {
+    pub inner: P,
+    pub published: std::sync::atomic::AtomicUsize,
+    pub crash_after: usize,
+    pub reached: Arc<Notify>,
+}
+
+impl<P: custody_core::Publisher> custody_core::Publisher for CrashAfterPublish<P> {
+    async fn publish(&self, message: &Message) -> custody_core::Result<custody_core::PublishAck> {
+        let ack = self.inner.publish(message).await?;
+        if self.published.fetch_add(1, Ordering::SeqCst) + 1 >= self.crash_after {
+            self.reached.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(ack)
+    }
+}

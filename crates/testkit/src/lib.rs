@@ -18,7 +18,9 @@ use std::time::Duration;
 use sqlx::Connection;
 
 mod nats_server;
+mod proxy;
 pub use nats_server::*;
+pub use proxy::FaultProxy;
 
 /// Whether missing services must fail tests (`CUSTODY_REQUIRE_SERVICES=1`).
 pub fn require_services() -> bool {

@@ -29,6 +29,8 @@ mod error;
 mod message;
 mod partition;
 mod policy;
+pub mod reconcile;
+mod status;
 mod store;
 mod transport;
 
@@ -37,7 +39,11 @@ pub use error::{BoxError, Error, Result};
 pub use message::{headers, Message, MessageBuilder, MessageKind, CONTENT_TYPE_JSON};
 pub use partition::partition_for;
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
+pub use reconcile::{
+    IdDigest, IdRange, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
+};
+pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
-    DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore,
+    DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore, Redrive,
 };
 pub use transport::{Delivery, Malformed, PublishAck, Publisher, Subscriber};

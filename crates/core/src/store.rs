@@ -4,7 +4,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::{Message, Result};
+use crate::{Message, PublishAck, Result};
 
 /// A committed outbox row as the relay sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +15,9 @@ pub struct OutboxRecord {
     pub partition: u32,
     /// Failed publish attempts so far.
     pub attempts: u32,
+    /// Times the row was put back to pending by a repair or a redrive
+    /// (0: first publish); see [`crate::Publisher::publish_again`].
+    pub republish: u32,
     /// The message.
     pub message: Message,
 }
@@ -57,13 +60,14 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<OutboxRecord>>> + Send;
 
-    /// Mark messages published after the transport's durable ack. Only rows in
-    /// partitions `relay` still leases are marked (a relay that lost its lease
-    /// is fenced off); returns how many were marked.
+    /// Mark messages published after the transport's durable ack, keeping
+    /// each ack's [`PublishAck::reference`] (stream and sequence) for
+    /// tracing. Only rows in partitions `relay` still leases are marked (a
+    /// relay that lost its lease is fenced off); returns how many were marked.
     fn mark_published(
         &self,
         relay: &str,
-        positions: &[i64],
+        acked: &[(i64, PublishAck)],
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<u64>> + Send;
 
@@ -176,6 +180,63 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
         consumer: &str,
         dead: &DeadLetter,
     ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Up to `limit` messages an operator sent back to `consumer` from its
+    /// dead letters (`custody dlq redrive`), oldest first. Their inbox rows
+    /// were deleted by the redrive, so [`InboxStore::record`] sees them as
+    /// new. The default has no redrive queue.
+    fn redrives(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Redrive>>> + Send {
+        let _ = (consumer, limit);
+        async { Ok(Vec::new()) }
+    }
+
+    /// Remove redrive `seq` from the queue inside `tx` (the handler's
+    /// transaction), so the message is handed to the handler exactly once.
+    fn finish_redrive(
+        &self,
+        tx: &mut Self::Tx,
+        seq: i64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (tx, seq);
+        async { Ok(()) }
+    }
+
+    /// Remove redrive `seq` in a transaction of its own (after the message
+    /// was dead-lettered again).
+    fn drop_redrive(&self, seq: i64) -> impl Future<Output = Result<()>> + Send {
+        let _ = seq;
+        async { Ok(()) }
+    }
+
+    /// Delete at most `limit` of `consumer`'s inbox rows recorded before
+    /// `older_than`, in one short transaction, keeping rows of messages
+    /// that still have a dead letter (so a late redelivery is still
+    /// skipped). Returns how many were deleted. Rows older than the
+    /// transport's redelivery horizon are no longer needed for dedupe;
+    /// reconciliation needs them for its window, so the retention must
+    /// cover it. The default deletes nothing.
+    fn prune(
+        &self,
+        consumer: &str,
+        older_than: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64>> + Send {
+        let _ = (consumer, older_than, limit);
+        async { Ok(0) }
+    }
+}
+
+/// A dead-lettered message sent back to its consumer by an operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redrive {
+    /// Queue sequence, passed to [`InboxStore::finish_redrive`].
+    pub seq: i64,
+    /// The message as it was dead-lettered.
+    pub message: Message,
 }
 
 /// Why a handler did not apply a message.

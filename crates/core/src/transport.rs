@@ -26,6 +26,34 @@ pub trait Publisher: Send + Sync + 'static {
     /// id where the transport has one. Errors say whether a retry can help
     /// ([`crate::Error::retryable`]).
     fn publish(&self, message: &Message) -> impl Future<Output = Result<PublishAck>> + Send;
+
+    /// Publish `message` again after a repair or redrive (`generation` ≥ 1
+    /// counts the times). Transports that deduplicate by id must use a
+    /// dedupe id that differs per generation (NATS: `<id>:r<generation>`),
+    /// or the republish of a message the transport saw within its duplicate
+    /// window would be dropped; consumers still deduplicate by
+    /// `message.id` in their inbox. The default publishes as usual.
+    fn publish_again(
+        &self,
+        message: &Message,
+        generation: u32,
+    ) -> impl Future<Output = Result<PublishAck>> + Send {
+        let _ = generation;
+        self.publish(message)
+    }
+}
+
+impl PublishAck {
+    /// A short reference to where the transport stored the message
+    /// (`stream:sequence`), kept in the outbox for tracing.
+    pub fn reference(&self) -> Option<String> {
+        match (&self.stream, self.sequence) {
+            (Some(s), Some(n)) => Some(format!("{s}:{n}")),
+            (Some(s), None) => Some(s.clone()),
+            (None, Some(n)) => Some(n.to_string()),
+            (None, None) => None,
+        }
+    }
 }
 
 /// A message that arrived but could not be turned into a [`Message`]:

@@ -56,6 +56,6 @@ pub use codec::{
     CE_SPECVERSION, CE_SUBJECT, CE_TIME, CE_TYPE, CONTENT_TYPE, SOURCE, SPECVERSION,
 };
 pub use error::NatsError;
-pub use publisher::{NatsPublisher, DEFAULT_ACK_TIMEOUT};
+pub use publisher::{republish_id, NatsPublisher, DEFAULT_ACK_TIMEOUT};
 pub use stream::{connect, ensure_stream, StreamSpec};
 pub use subscriber::{NatsAckToken, NatsSubscriber, SubscriberOptions};

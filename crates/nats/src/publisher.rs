@@ -47,7 +47,11 @@ impl NatsPublisher {
         self
     }
 
-    async fn publish_inner(&self, message: &Message) -> std::result::Result<PublishAck, NatsError> {
+    async fn publish_inner(
+        &self,
+        message: &Message,
+        generation: u32,
+    ) -> std::result::Result<PublishAck, NatsError> {
         if let Err(reason) = check_subject(&message.topic) {
             return Err(NatsError::BadSubject {
                 topic: message.topic.clone(),
@@ -55,7 +59,16 @@ impl NatsPublisher {
             });
         }
         let subject = format!("{}.{}", self.subject_prefix, message.topic);
-        let headers = encode_headers(message);
+        let mut headers = encode_headers(message);
+        if generation > 0 {
+            // A republish (repair / redrive) within the stream's duplicate
+            // window must not be dropped as a duplicate of the original;
+            // consumers still deduplicate by ce-id in their inbox.
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                republish_id(message, generation).as_str(),
+            );
+        }
 
         // The server closes the whole connection on a message above
         // max_payload, and JetStream publishes skip the client's own check:
@@ -93,12 +106,22 @@ impl NatsPublisher {
     }
 }
 
+/// The `Nats-Msg-Id` of the `generation`th republish of `message`: `<id>:r<generation>`.
+pub fn republish_id(message: &Message, generation: u32) -> String {
+    format!("{}:r{generation}", message.id)
+}
+
 impl Publisher for NatsPublisher {
     #[tracing::instrument(skip_all, fields(message_id = %message.id, topic = %message.topic))]
     async fn publish(&self, message: &Message) -> Result<PublishAck> {
+        self.publish_again(message, 0).await
+    }
+
+    #[tracing::instrument(skip_all, fields(message_id = %message.id, topic = %message.topic, generation))]
+    async fn publish_again(&self, message: &Message, generation: u32) -> Result<PublishAck> {
         message.validate()?;
         let ack = self
-            .publish_inner(message)
+            .publish_inner(message, generation)
             .await
             .map_err(|e| e.into_core("publish"))?;
         if ack.duplicate {

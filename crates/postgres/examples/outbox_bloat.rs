@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use custody_core::{Message, OutboxStore};
+use custody_core::{Message, OutboxStore, PublishAck};
 use custody_postgres::PgOutbox;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool};
@@ -274,7 +274,11 @@ async fn load(
                     .await?
                     .rows_affected()
             } else {
-                outbox.mark_published(RELAY, &positions, now).await?
+                let acks: Vec<(i64, PublishAck)> = positions
+                    .iter()
+                    .map(|p| (*p, PublishAck::default()))
+                    .collect();
+                outbox.mark_published(RELAY, &acks, now).await?
             };
             anyhow::ensure!(acked as usize == positions.len(), "ack lost rows");
             done += positions.len();

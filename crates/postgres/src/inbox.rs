@@ -1,7 +1,7 @@
 //! The consumer's idempotent inbox and the dead-letter table.
 
 use chrono::{DateTime, Utc};
-use custody_core::{DeadLetter, InboxOutcome, InboxStore, Message, Result};
+use custody_core::{DeadLetter, InboxOutcome, InboxStore, Message, Redrive, Result};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use crate::error::db;
@@ -107,7 +107,80 @@ impl InboxStore for PgInbox {
         }
         tx.commit().await.map_err(db(OP))
     }
+
+    async fn redrives(&self, consumer: &str, limit: usize) -> Result<Vec<Redrive>> {
+        const OP: &str = "read redrive queue";
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, envelope FROM custody_redrive WHERE consumer = $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(consumer)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db(OP))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, envelope) in rows {
+            match serde_json::from_str::<Message>(&envelope) {
+                Ok(message) => out.push(Redrive { seq, message }),
+                Err(e) => {
+                    // `dlq redrive` checked it; a hand-edited row is dropped, loudly.
+                    tracing::error!(seq, error = %e, "redrive row has an unreadable envelope; dropping it");
+                    self.drop_redrive(seq).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn finish_redrive(&self, tx: &mut Self::Tx, seq: i64) -> Result<()> {
+        sqlx::query("DELETE FROM custody_redrive WHERE seq = $1")
+            .bind(seq)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("finish redrive"))?;
+        Ok(())
+    }
+
+    async fn drop_redrive(&self, seq: i64) -> Result<()> {
+        sqlx::query("DELETE FROM custody_redrive WHERE seq = $1")
+            .bind(seq)
+            .execute(&self.pool)
+            .await
+            .map_err(db("drop redrive"))?;
+        Ok(())
+    }
+
+    async fn prune(&self, consumer: &str, older_than: DateTime<Utc>, limit: usize) -> Result<u64> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let done = sqlx::query(PRUNE_INBOX)
+            .bind(consumer)
+            .bind(older_than)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(db("prune inbox"))?;
+        Ok(done.rows_affected())
+    }
 }
+
+// Inbox retention (InboxStore::prune): one consumer's oldest rows off the
+// custody_inbox_processed index (migration 0003), at most $3 per statement.
+// Rows of messages that still have a dead letter stay, so a redelivery keeps
+// being skipped until the letter is redriven or purged. SKIP LOCKED: a row a
+// consumer transaction is updating (a duplicate being counted) is left for
+// the next round instead of waited on.
+const PRUNE_INBOX: &str = "\
+DELETE FROM custody_inbox
+WHERE consumer = $1 AND message_id = ANY(ARRAY(
+    SELECT i.message_id FROM custody_inbox i
+    WHERE i.consumer = $1 AND i.processed_at < $2
+      AND NOT EXISTS (SELECT 1 FROM custody_dead_letter d
+                      WHERE d.message_id = i.message_id AND d.origin = 'consumer:' || $1)
+    ORDER BY i.processed_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED))";
 
 /// Every dead letter in this database (relay's and consumers'), oldest first.
 pub async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>> {

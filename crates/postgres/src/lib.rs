@@ -33,6 +33,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod history;
 mod inbox;
 mod outbox;
 mod row;
@@ -44,6 +45,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::{dead_letters, PgInbox};
 pub use outbox::{PgOutbox, DEFAULT_PARTITIONS};
 pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, Result};
+use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -87,7 +87,7 @@ const NOTIFY: &str = "SELECT pg_notify('custody_outbox', '')";
 // the partial index custody_outbox_parked) leaves out a row when a pending row
 // of the same key at the same or a lower position is parked until after $3.
 const FETCH_BATCH: &str = "\
-SELECT {COLUMNS}
+SELECT {COLUMNS}, o.republish
 FROM custody_outbox o
 WHERE o.status = 0
   AND o.partition = ANY($1)
@@ -101,10 +101,11 @@ ORDER BY o.position
 LIMIT $2";
 
 // Fencing: only rows of partitions `relay` still holds an unexpired lease on.
+// $2/$4: positions and their acks' references, zipped by UNNEST.
 const MARK_PUBLISHED: &str = "\
-UPDATE custody_outbox o SET status = 1, published_at = $3
-FROM custody_relay_lease l
-WHERE o.position = ANY($2) AND o.status = 0
+UPDATE custody_outbox o SET status = 1, published_at = $3, publish_ref = a.ref
+FROM custody_relay_lease l, UNNEST($2::bigint[], $4::text[]) AS a(pos, ref)
+WHERE o.position = a.pos AND o.status = 0
   AND l.partition = o.partition AND l.owner = $1 AND l.expires_at > $3";
 
 const RECORD_FAILURE: &str = "\
@@ -564,14 +565,16 @@ impl OutboxStore for PgOutbox {
             .await
             .map_err(db(OP))?;
         let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let row = OutboxRow::from_row(row).map_err(db(OP))?;
+        for raw in &rows {
+            let republish: i32 = raw.try_get(12).map_err(db(OP))?;
+            let row = OutboxRow::from_row(raw).map_err(db(OP))?;
             let (position, partition, attempts) = (row.position, row.partition, row.attempts);
             match (row.into_message(), u32::try_from(partition)) {
                 (Ok(message), Ok(partition)) => out.push(OutboxRecord {
                     position,
                     partition,
                     attempts: u32::try_from(attempts).unwrap_or(0),
+                    republish: u32::try_from(republish).unwrap_or(0),
                     message,
                 }),
                 (Err(bad), _) => self.dead_letter_malformed(position, &bad.reason).await?,
@@ -587,16 +590,19 @@ impl OutboxStore for PgOutbox {
     async fn mark_published(
         &self,
         relay: &str,
-        positions: &[i64],
+        acked: &[(i64, PublishAck)],
         now: DateTime<Utc>,
     ) -> Result<u64> {
-        if positions.is_empty() {
+        if acked.is_empty() {
             return Ok(0);
         }
+        let positions: Vec<i64> = acked.iter().map(|(p, _)| *p).collect();
+        let refs: Vec<Option<String>> = acked.iter().map(|(_, a)| a.reference()).collect();
         let done = sqlx::query(MARK_PUBLISHED)
             .bind(relay)
-            .bind(positions)
+            .bind(&positions)
             .bind(now)
+            .bind(&refs)
             .execute(&self.pool)
             .await
             .map_err(db("mark published"))?;

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::Utc;
-use custody_core::OutboxStore;
+use custody_core::{OutboxStore, PublishAck};
 use custody_postgres::PgOutbox;
 
 use common::{db, msg, settle};
@@ -109,8 +109,18 @@ async fn dead_relays_partitions_move_after_ttl_and_it_is_fenced() -> anyhow::Res
     assert_eq!(outbox.acquire_leases("r2", TTL, t2).await?, all);
 
     // r1 (fenced) cannot mark; r2 can
-    assert_eq!(outbox.mark_published("r1", &[pos], t2).await?, 0);
-    assert_eq!(outbox.mark_published("r2", &[pos], t2).await?, 1);
+    assert_eq!(
+        outbox
+            .mark_published("r1", &[(pos, PublishAck::default())], t2)
+            .await?,
+        0
+    );
+    assert_eq!(
+        outbox
+            .mark_published("r2", &[(pos, PublishAck::default())], t2)
+            .await?,
+        1
+    );
     assert!(outbox.fetch_batch(&[partition], 10, t2).await?.is_empty());
     // r1 comes back: its leases are gone, and it gets its share only as r2 gives back
     assert!(outbox.acquire_leases("r1", TTL, t2).await?.is_empty());

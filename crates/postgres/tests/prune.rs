@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custody_core::{partition_for, OutboxStore, Subscriber};
+use custody_core::{partition_for, OutboxStore, PublishAck, Subscriber};
 use custody_postgres::{set_checkpoint, PgEmbeddedSubscriber, PgOutbox};
 use sqlx::{Connection, PgPool};
 
@@ -29,7 +29,11 @@ async fn publish(outbox: &PgOutbox, positions: &[i64], at: DateTime<Utc>) -> any
     outbox
         .acquire_leases("r", Duration::from_secs(600), Utc::now())
         .await?;
-    let n = outbox.mark_published("r", positions, at).await?;
+    let acked: Vec<(i64, PublishAck)> = positions
+        .iter()
+        .map(|p| (*p, PublishAck::default()))
+        .collect();
+    let n = outbox.mark_published("r", &acked, at).await?;
     assert_eq!(n as usize, positions.len(), "not all rows were marked");
     Ok(())
 }

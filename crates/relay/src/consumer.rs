@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use custody_core::{
     Backoff, Clock, DeadLetter, Delivery, Handler, HandlerError, InboxOutcome, InboxStore,
     Malformed, Message, Result, Subscriber, SystemClock,
@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::metric_definitions as m;
+
+fn chrono_duration(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
 
 /// Consumer settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +32,19 @@ pub struct ConsumerConfig {
     pub max_attempts: u32,
     /// Backoff between handler attempts and while the consumer's own database is down.
     pub backoff: Backoff,
+    /// How long inbox rows (the dedupe records) are kept before pruning.
+    /// Must exceed the transport's redelivery horizon and cover every
+    /// reconciliation window (docs/OPERATIONS.md). Default 7 days.
+    #[serde(with = "custody_core::duration_serde")]
+    pub inbox_retention: Duration,
+    /// How often the consumer prunes its inbox.
+    #[serde(with = "custody_core::duration_serde")]
+    pub prune_interval: Duration,
+    /// Inbox rows deleted per prune statement.
+    pub prune_batch: usize,
+    /// How often the consumer looks for dead letters an operator redrove.
+    #[serde(with = "custody_core::duration_serde")]
+    pub redrive_interval: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -48,6 +65,10 @@ impl ConsumerConfig {
                 base: Duration::from_millis(50),
                 max: Duration::from_secs(5),
             },
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            prune_batch: 1000,
+            redrive_interval: Duration::from_secs(1),
         }
     }
 }
@@ -63,6 +84,10 @@ pub struct ConsumerStats {
     pub dead_lettered: u64,
     /// Handler retries after transient errors.
     pub retries: u64,
+    /// Redriven dead letters taken from the redrive queue.
+    pub redriven: u64,
+    /// Inbox rows pruned after their retention.
+    pub pruned: u64,
 }
 
 enum Settled {
@@ -82,6 +107,8 @@ pub struct Consumer<I, S, H, C = SystemClock> {
     clock: C,
     rng: StdRng,
     stats: ConsumerStats,
+    redrive_at: Option<DateTime<Utc>>,
+    prune_at: Option<DateTime<Utc>>,
 }
 
 impl<I, S, H> Consumer<I, S, H, SystemClock>
@@ -100,6 +127,8 @@ where
             clock: SystemClock,
             rng: StdRng::from_entropy(),
             stats: ConsumerStats::default(),
+            redrive_at: None,
+            prune_at: None,
         }
     }
 }
@@ -121,6 +150,8 @@ where
             clock,
             rng: self.rng,
             stats: self.stats,
+            redrive_at: self.redrive_at,
+            prune_at: self.prune_at,
         }
     }
 
@@ -147,6 +178,7 @@ where
         info!(consumer = %self.config.name, "consumer started");
         let mut fetch_attempt = 0u32;
         while !cancel.is_cancelled() {
+            self.housekeeping(&cancel).await?;
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = self.subscriber.fetch(self.config.batch_size, self.config.fetch_wait) => r,
@@ -183,6 +215,7 @@ where
     /// Fetch one batch (waiting at most `fetch_wait`) and process it.
     /// Returns how many deliveries were handled.
     pub async fn run_once(&mut self) -> Result<usize> {
+        let redriven = self.drain_redrives(&CancellationToken::new()).await?;
         let batch = self
             .subscriber
             .fetch(self.config.batch_size, self.config.fetch_wait)
@@ -192,29 +225,93 @@ where
         for d in batch {
             self.handle_delivery(d, &never).await?;
         }
-        Ok(n)
+        Ok(n + redriven)
     }
 
-    async fn handle_delivery(
-        &mut self,
-        delivery: Delivery<S::Token>,
-        cancel: &CancellationToken,
-    ) -> Result<()> {
-        let Delivery { message, token, .. } = delivery;
-        let settled = match message {
-            Ok(msg) => {
-                let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
-                match self.process(&msg, cancel).instrument(span).await? {
-                    Some(s) => s,
-                    // cancelled while waiting out a transient failure: leave it unacked
-                    None => return Ok(()),
+    /// Redrives and inbox pruning, each when due. Store trouble is logged
+    /// and retried at the next interval; it never stops consuming.
+    async fn housekeeping(&mut self, cancel: &CancellationToken) -> Result<()> {
+        let now = self.clock.now();
+        if self.redrive_at.is_none_or(|t| now >= t) {
+            self.redrive_at = Some(now + chrono_duration(self.config.redrive_interval));
+            match self.drain_redrives(cancel).await {
+                Ok(_) => {}
+                Err(e) if e.retryable() => {
+                    warn!(consumer = %self.config.name, error = %e, "cannot read the redrive queue; retrying later")
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if self.prune_at.is_none_or(|t| now >= t) {
+            self.prune_at = Some(now + chrono_duration(self.config.prune_interval));
+            if let Err(e) = self.prune_inbox(now).await {
+                warn!(consumer = %self.config.name, error = %e, "inbox pruning failed; retrying at the next interval");
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete inbox rows older than the retention, in bounded batches (at
+    /// most ten per round, so consuming never waits long).
+    async fn prune_inbox(&mut self, now: DateTime<Utc>) -> Result<()> {
+        let Some(older_than) = now.checked_sub_signed(chrono_duration(self.config.inbox_retention))
+        else {
+            return Ok(());
+        };
+        let batch = self.config.prune_batch.max(1);
+        for _ in 0..10 {
+            let n = self
+                .inbox
+                .prune(&self.config.name, older_than, batch)
+                .await?;
+            self.stats.pruned += n;
+            metrics::counter!(m::CONSUMER_INBOX_PRUNED_TOTAL, "consumer" => self.config.name.clone())
+                .increment(n);
+            if (n as usize) < batch {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Process every message in this consumer's redrive queue (dead letters
+    /// an operator sent back) through the inbox and the handler, each
+    /// removed from the queue in the handler's transaction. Returns how many
+    /// were taken.
+    pub async fn drain_redrives(&mut self, cancel: &CancellationToken) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let batch = self
+                .inbox
+                .redrives(&self.config.name, self.config.batch_size.max(1))
+                .await?;
+            if batch.is_empty() {
+                return Ok(total);
+            }
+            for r in batch {
+                if cancel.is_cancelled() {
+                    return Ok(total);
+                }
+                info!(consumer = %self.config.name, message_id = %r.message.id, "processing redriven message");
+                let span = tracing::info_span!("redrive", message_id = %r.message.id, topic = %r.message.topic);
+                let settled = self
+                    .process(&r.message, Some(r.seq), cancel)
+                    .instrument(span)
+                    .await?;
+                match settled {
+                    None => return Ok(total),
+                    Some(s) => {
+                        total += 1;
+                        self.stats.redriven += 1;
+                        metrics::counter!(m::CONSUMER_REDRIVEN_TOTAL, "consumer" => self.config.name.clone()).increment(1);
+                        self.count(s);
+                    }
                 }
             }
-            Err(bad) => {
-                self.dead_letter_malformed(&bad, cancel).await?;
-                Settled::DeadLettered
-            }
-        };
+        }
+    }
+
+    fn count(&mut self, settled: Settled) {
         match settled {
             Settled::Processed => {
                 self.stats.processed += 1;
@@ -228,6 +325,29 @@ where
                 self.stats.dead_lettered += 1;
             }
         }
+    }
+
+    async fn handle_delivery(
+        &mut self,
+        delivery: Delivery<S::Token>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let Delivery { message, token, .. } = delivery;
+        let settled = match message {
+            Ok(msg) => {
+                let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
+                match self.process(&msg, None, cancel).instrument(span).await? {
+                    Some(s) => s,
+                    // cancelled while waiting out a transient failure: leave it unacked
+                    None => return Ok(()),
+                }
+            }
+            Err(bad) => {
+                self.dead_letter_malformed(&bad, cancel).await?;
+                Settled::DeadLettered
+            }
+        };
+        self.count(settled);
         if let Err(e) = self.subscriber.ack(token).await {
             // The effect is committed; the redelivery this causes is skipped by the inbox.
             warn!(consumer = %self.config.name, error = %e, "ack failed; the message will be redelivered and skipped as a duplicate");
@@ -235,16 +355,34 @@ where
         Ok(())
     }
 
-    /// Apply one message. `Ok(None)` = cancelled before it was settled.
+    /// Apply one message (`redrive`: its seq in the redrive queue).
+    /// `Ok(None)` = cancelled before it was settled.
     async fn process(
         &mut self,
         msg: &Message,
+        redrive: Option<i64>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Settled>> {
+        let settled = self.process_inner(msg, redrive, cancel).await?;
+        if let (Some(Settled::DeadLettered), Some(seq)) = (&settled, redrive) {
+            // dead again: the new dead letter (and its inbox row) are
+            // stored; take it off the queue. Should this fail, the next
+            // drain finds the inbox row and settles it as a duplicate.
+            self.inbox.drop_redrive(seq).await?;
+        }
+        Ok(settled)
+    }
+
+    async fn process_inner(
+        &mut self,
+        msg: &Message,
+        redrive: Option<i64>,
         cancel: &CancellationToken,
     ) -> Result<Option<Settled>> {
         let mut handler_attempt = 0u32;
         let mut store_attempt = 0u32;
         loop {
-            match self.try_once(msg).await {
+            match self.try_once(msg, redrive).await {
                 Ok(Ok(outcome)) => {
                     return Ok(Some(match outcome {
                         InboxOutcome::New => Settled::Processed,
@@ -328,8 +466,13 @@ where
     async fn try_once(
         &self,
         msg: &Message,
+        redrive: Option<i64>,
     ) -> Result<std::result::Result<InboxOutcome, HandlerError>> {
         let mut tx = self.inbox.begin().await?;
+        if let Some(seq) = redrive {
+            // off the queue iff the effect (or the duplicate) commits
+            self.inbox.finish_redrive(&mut tx, seq).await?;
+        }
         let outcome = self
             .inbox
             .record(&mut tx, &self.config.name, msg, self.clock.now())

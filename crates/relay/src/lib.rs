@@ -9,6 +9,9 @@
 //!   the consumer's own transaction together with the inbox row, and
 //!   acknowledges the transport only after commit: at-least-once delivery +
 //!   inbox = exactly-once effect.
+//! - [`reconcile::reconcile`] compares a producer's outbox history with a
+//!   consumer's inbox per time window (digests first, ids only where they
+//!   differ).
 //!
 //! ```
 //! use custody_relay::{RelayConfig, ConsumerConfig};
@@ -25,6 +28,7 @@
 
 mod consumer;
 pub mod metric_definitions;
+pub mod reconcile;
 mod relay;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};

@@ -21,3 +21,11 @@ pub const CONSUMER_DUPLICATES_TOTAL: &str = "custody_consumer_duplicates_suppres
 pub const CONSUMER_DEAD_LETTERED_TOTAL: &str = "custody_consumer_dead_lettered_total";
 /// Handler retries after a transient error (label: `consumer`).
 pub const CONSUMER_RETRIES_TOTAL: &str = "custody_consumer_retries_total";
+/// Redriven dead letters a consumer took from its redrive queue (label: `consumer`).
+pub const CONSUMER_REDRIVEN_TOTAL: &str = "custody_consumer_redriven_total";
+/// Inbox rows pruned after their retention (label: `consumer`).
+pub const CONSUMER_INBOX_PRUNED_TOTAL: &str = "custody_consumer_inbox_pruned_total";
+/// Gaps found by the last reconciliation (labels: `topic`, `consumer`, `kind` = missing | unexpected | dead_lettered).
+pub const RECONCILE_GAPS: &str = "custody_reconcile_gaps";
+/// Windows checked by the last reconciliation (labels: `topic`, `consumer`, `result` = matching | mismatching).
+pub const RECONCILE_WINDOWS: &str = "custody_reconcile_windows";

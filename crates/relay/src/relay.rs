@@ -326,7 +326,13 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 async move {
                     let mut out = BatchOutcome::default();
                     for rec in recs {
-                        match publisher.publish(&rec.message).await {
+                        let sent = if rec.republish > 0 {
+                            // repaired or redriven: a fresh transport dedupe id
+                            publisher.publish_again(&rec.message, rec.republish).await
+                        } else {
+                            publisher.publish(&rec.message).await
+                        };
+                        match sent {
                             Ok(ack) => out.acked.push((rec.position, ack)),
                             Err(e) => {
                                 out.failed.push((rec, e));
@@ -354,12 +360,14 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
     async fn settle(&mut self, outcome: BatchOutcome) -> Result<()> {
         let now = self.clock.now();
         if !outcome.acked.is_empty() {
-            let positions: Vec<i64> = outcome.acked.iter().map(|(p, _)| *p).collect();
-            let marked = self.store.mark_published(&self.id, &positions, now).await?;
-            if marked < positions.len() as u64 {
+            let marked = self
+                .store
+                .mark_published(&self.id, &outcome.acked, now)
+                .await?;
+            if marked < outcome.acked.len() as u64 {
                 // Lease lost while publishing (another relay took the partition):
                 // the new holder republishes; transport and inbox dedupe by id.
-                warn!(relay = %self.id, marked, published = positions.len(), "lease lost during batch; renewing");
+                warn!(relay = %self.id, marked, published = outcome.acked.len(), "lease lost during batch; renewing");
                 self.lease_renew_at = None;
             }
             self.stats.published += marked;

@@ -1,7 +1,7 @@
 //! The consumer's idempotent inbox.
 
 use chrono::{DateTime, Utc};
-use custody_core::{DeadLetter, InboxOutcome, InboxStore, Message, Result};
+use custody_core::{DeadLetter, InboxOutcome, InboxStore, Message, Redrive, Result};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 
 use crate::error::map_err;
@@ -122,4 +122,73 @@ impl InboxStore for SqliteInbox {
         }
         tx.commit().await.map_err(map_err(OP))
     }
+
+    async fn redrives(&self, consumer: &str, limit: usize) -> Result<Vec<Redrive>> {
+        const OP: &str = "read redrive queue";
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT seq, envelope FROM custody_redrive WHERE consumer = ?1 ORDER BY seq LIMIT ?2",
+        )
+        .bind(consumer)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err(OP))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, envelope) in rows {
+            match serde_json::from_str::<Message>(&envelope) {
+                Ok(message) => out.push(Redrive { seq, message }),
+                Err(e) => {
+                    // `dlq redrive` checked it; a hand-edited row is dropped, loudly.
+                    tracing::error!(seq, error = %e, "redrive row has an unreadable envelope; dropping it");
+                    self.drop_redrive(seq).await?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn finish_redrive(&self, tx: &mut Self::Tx, seq: i64) -> Result<()> {
+        sqlx::query("DELETE FROM custody_redrive WHERE seq = ?1")
+            .bind(seq)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err("finish redrive"))?;
+        Ok(())
+    }
+
+    async fn drop_redrive(&self, seq: i64) -> Result<()> {
+        sqlx::query("DELETE FROM custody_redrive WHERE seq = ?1")
+            .bind(seq)
+            .execute(&self.pool)
+            .await
+            .map_err(map_err("drop redrive"))?;
+        Ok(())
+    }
+
+    async fn prune(&self, consumer: &str, older_than: DateTime<Utc>, limit: usize) -> Result<u64> {
+        const OP: &str = "prune inbox";
+        if limit == 0 {
+            return Ok(0);
+        }
+        let done = sqlx::query(PRUNE_INBOX)
+            .bind(consumer)
+            .bind(to_ms(older_than))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(map_err(OP))?;
+        Ok(done.rows_affected())
+    }
 }
+
+/// Inbox retention ([`InboxStore::prune`]): the oldest rows of one consumer
+/// off the `custody_inbox_processed` index (migration 0003), at most `?3`
+/// per statement (one short write lock). Rows of messages that still have a
+/// dead letter stay, so a redelivery keeps being skipped until the dead
+/// letter is redriven or purged.
+const PRUNE_INBOX: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id IN ( \
+     SELECT i.message_id FROM custody_inbox AS i \
+     WHERE i.consumer = ?1 AND i.processed_at < ?2 \
+       AND NOT EXISTS (SELECT 1 FROM custody_dead_letter AS d \
+                       WHERE d.message_id = i.message_id AND d.origin = 'consumer:' || ?1) \
+     ORDER BY i.processed_at LIMIT ?3)";

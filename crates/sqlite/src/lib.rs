@@ -51,6 +51,7 @@
 
 mod admin;
 mod error;
+mod history;
 mod inbox;
 mod outbox;
 mod row;
@@ -63,6 +64,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 pub use admin::{checkpoint, dead_letters, set_checkpoint};
+pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::SqliteInbox;
 pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
 pub use subscriber::EmbeddedSubscriber;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, Result};
+use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -36,7 +36,7 @@ const INSERT_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 /// key has a parked message (`retry_at > now`) at the same or a lower
 /// position; other keys flow.
 const FETCH_BATCH: &str = "SELECT position, partition, attempts, id, kind, topic, msg_key, \
-     message_type, content_type, headers, payload, created_at \
+     message_type, content_type, headers, payload, created_at, republish \
      FROM custody_outbox AS o \
      WHERE o.status = 0 \
        AND o.partition IN (SELECT value FROM json_each(?1)) \
@@ -49,10 +49,14 @@ const FETCH_BATCH: &str = "SELECT position, partition, attempts, id, kind, topic
      LIMIT ?3";
 
 /// Fencing: only rows in partitions whose unexpired lease `relay` holds.
-const MARK_PUBLISHED: &str = "UPDATE custody_outbox SET status = 1, published_at = ?3 \
-     WHERE status = 0 \
-       AND position IN (SELECT value FROM json_each(?1)) \
-       AND partition IN (SELECT partition FROM custody_relay_lease \
+/// `?1` is a JSON array of `[position, publish_ref]` pairs (UPDATE … FROM,
+/// SQLite 3.33+).
+const MARK_PUBLISHED: &str = "UPDATE custody_outbox \
+     SET status = 1, published_at = ?3, publish_ref = a.ref \
+     FROM (SELECT json_extract(value, '$[0]') AS pos, json_extract(value, '$[1]') AS ref \
+           FROM json_each(?1)) AS a \
+     WHERE custody_outbox.position = a.pos AND custody_outbox.status = 0 \
+       AND custody_outbox.partition IN (SELECT partition FROM custody_relay_lease \
                          WHERE owner = ?2 AND expires_at > ?3)";
 
 const RECORD_FAILURE: &str = "UPDATE custody_outbox \
@@ -357,7 +361,14 @@ fn enqueue_error(e: sqlx::Error, chunk: &[Message]) -> Error {
     store_error("enqueue", e)
 }
 
-fn json_list<T: std::fmt::Display>(items: &[T]) -> String {
+fn republish_of(row: &sqlx::sqlite::SqliteRow) -> u32 {
+    row.try_get::<i64, _>("republish")
+        .ok()
+        .and_then(|r| u32::try_from(r).ok())
+        .unwrap_or(0)
+}
+
+pub(crate) fn json_list<T: std::fmt::Display>(items: &[T]) -> String {
     let mut s = String::with_capacity(items.len() * 6 + 2);
     s.push('[');
     for (i, x) in items.iter().enumerate() {
@@ -533,13 +544,14 @@ impl OutboxStore for SqliteOutbox {
             .await
             .map_err(map_err(OP))?;
         let mut batch = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let row = OutboxRow::decode(row).map_err(map_err(OP))?;
+        for raw in &rows {
+            let row = OutboxRow::decode(raw).map_err(map_err(OP))?;
             match row.message {
                 Ok(message) => batch.push(OutboxRecord {
                     position: row.position,
                     partition: row.partition,
                     attempts: row.attempts,
+                    republish: republish_of(&raw),
                     message,
                 }),
                 // A damaged row can never be published; keep it from
@@ -561,14 +573,18 @@ impl OutboxStore for SqliteOutbox {
     async fn mark_published(
         &self,
         relay: &str,
-        positions: &[i64],
+        acked: &[(i64, PublishAck)],
         now: DateTime<Utc>,
     ) -> Result<u64> {
-        if positions.is_empty() {
+        if acked.is_empty() {
             return Ok(0);
         }
+        let pairs: Vec<(i64, Option<String>)> =
+            acked.iter().map(|(p, a)| (*p, a.reference())).collect();
+        let pairs = serde_json::to_string(&pairs)
+            .map_err(|e| Error::store("sqlite", "mark published", false, e))?;
         let done = sqlx::query(MARK_PUBLISHED)
-            .bind(json_list(positions))
+            .bind(pairs)
             .bind(relay)
             .bind(to_ms(now))
             .execute(&self.pool)

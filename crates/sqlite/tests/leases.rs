@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use common::{db, msg};
-use custody_core::{partition_for, OutboxStore};
+use custody_core::{partition_for, OutboxStore, PublishAck};
 use custody_sqlite::SqliteOutbox;
 
 const TTL: Duration = Duration::from_secs(10);
@@ -84,20 +84,22 @@ async fn mark_published_is_fenced_by_the_lease() -> anyhow::Result<()> {
     let held = outbox.acquire_leases("a", TTL, t0).await?;
     assert!(held.contains(&p));
     assert_eq!(
-        outbox.mark_published("b", &[position], t0).await?,
+        outbox
+            .mark_published("b", &[(position, PublishAck::default())], t0)
+            .await?,
         0,
         "b holds no lease on partition {p}"
     );
     // a's lease expired: a is fenced off too.
     assert_eq!(
         outbox
-            .mark_published("a", &[position], t0 + secs(11))
+            .mark_published("a", &[(position, PublishAck::default())], t0 + secs(11))
             .await?,
         0
     );
     assert_eq!(
         outbox
-            .mark_published("a", &[position], t0 + secs(1))
+            .mark_published("a", &[(position, PublishAck::default())], t0 + secs(1))
             .await?,
         1
     );

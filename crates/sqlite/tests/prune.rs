@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::{all_partitions, db, msg};
-use custody_core::{partition_for, OutboxStore, Subscriber};
+use custody_core::{partition_for, OutboxStore, PublishAck, Subscriber};
 use custody_sqlite::{set_checkpoint, EmbeddedSubscriber, SqliteOutbox};
 use sqlx::SqlitePool;
 
@@ -32,7 +32,11 @@ async fn publish(
     outbox
         .acquire_leases("r", Duration::from_secs(600), Utc::now())
         .await?;
-    let n = outbox.mark_published("r", positions, at).await?;
+    let acked: Vec<(i64, PublishAck)> = positions
+        .iter()
+        .map(|p| (*p, PublishAck::default()))
+        .collect();
+    let n = outbox.mark_published("r", &acked, at).await?;
     assert_eq!(n as usize, positions.len(), "not all rows were marked");
     Ok(())
 }

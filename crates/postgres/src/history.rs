@@ -1,0 +1,413 @@
+//! Reading and repairing history: reconciliation (producer and consumer
+//! sides), message status, dead-letter operations, embedded-reader rewind.
+//! See docs/OPERATIONS.md.
+
+use chrono::{DateTime, Utc};
+use custody_core::{
+    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, Message, MessageStatus, ProcessedHistory,
+    ProducerSide, RedriveInfo, Result, SentHistory,
+};
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::db;
+use crate::{PgInbox, PgOutbox};
+
+// UUIDs compare bytewise: an id range is a range of the UNIQUE (id) index.
+const SENT_IDS: &str = "\
+SELECT id FROM custody_outbox
+WHERE id >= $1 AND id < $2 AND topic = $3 AND status <> 2
+ORDER BY id LIMIT $4";
+const SENT_DEAD: &str = "\
+SELECT id, COALESCE(last_error, '') FROM custody_outbox
+WHERE id >= $1 AND id < $2 AND topic = $3 AND status = 2 ORDER BY id";
+// Only published rows: a pending one is on its way already, a dead one is
+// accounted for (redrive it instead).
+const REPUBLISH: &str = "\
+UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL, last_error = NULL,
+    published_at = NULL, republish = republish + 1
+WHERE id = ANY($1) AND status = 1";
+
+impl SentHistory for PgOutbox {
+    async fn sent_ids(&self, topic: &str, range: IdRange, limit: usize) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(SENT_IDS)
+            .bind(range.from)
+            .bind(range.to)
+            .bind(topic)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("read outbox history"))
+    }
+
+    async fn sent_dead(&self, topic: &str, range: IdRange) -> Result<Vec<(Uuid, String)>> {
+        sqlx::query_as(SENT_DEAD)
+            .bind(range.from)
+            .bind(range.to)
+            .bind(topic)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("read dead outbox rows"))
+    }
+
+    async fn republish(&self, ids: &[Uuid]) -> Result<u64> {
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(db("republish outbox rows"))?;
+        let done = sqlx::query(REPUBLISH)
+            .bind(ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("republish outbox rows"))?;
+        // wake relays (NOTIFY is delivered at commit)
+        sqlx::query("SELECT pg_notify('custody_outbox', '')")
+            .execute(&mut *tx)
+            .await
+            .map_err(db("republish outbox rows"))?;
+        tx.commit().await.map_err(db("republish outbox rows"))?;
+        Ok(done.rows_affected())
+    }
+}
+
+const PROCESSED_IDS: &str = "\
+SELECT message_id FROM custody_inbox
+WHERE consumer = $1 AND message_id >= $2 AND message_id < $3 AND topic = $4
+ORDER BY message_id LIMIT $5";
+const PROCESSED_DEAD: &str = "\
+SELECT message_id, error FROM custody_dead_letter
+WHERE origin = 'consumer:' || $1 AND topic = $2 AND message_id >= $3 AND message_id < $4
+ORDER BY message_id";
+const REDRIVING: &str = "\
+SELECT message_id FROM custody_redrive
+WHERE consumer = $1 AND topic = $2 AND message_id >= $3 AND message_id < $4 ORDER BY message_id";
+
+impl ProcessedHistory for PgInbox {
+    async fn processed_ids(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+        limit: usize,
+    ) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(PROCESSED_IDS)
+            .bind(consumer)
+            .bind(range.from)
+            .bind(range.to)
+            .bind(topic)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("read inbox history"))
+    }
+
+    async fn processed_dead(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+    ) -> Result<Vec<(Uuid, String)>> {
+        sqlx::query_as(PROCESSED_DEAD)
+            .bind(consumer)
+            .bind(topic)
+            .bind(range.from)
+            .bind(range.to)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("read consumer dead letters"))
+    }
+
+    async fn redriving(&self, consumer: &str, topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
+        sqlx::query_scalar(REDRIVING)
+            .bind(consumer)
+            .bind(topic)
+            .bind(range.from)
+            .bind(range.to)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db("read redrive queue"))
+    }
+}
+
+fn status_name(s: i16) -> String {
+    match s {
+        0 => "pending",
+        1 => "published",
+        2 => "dead",
+        _ => "unknown",
+    }
+    .to_owned()
+}
+
+/// Everything this database's custody tables know about message `id`: its
+/// outbox row (producer), inbox rows (consumers), dead letters, redrives.
+pub async fn status(pool: &PgPool, id: Uuid) -> Result<MessageStatus> {
+    const OP: &str = "read message status";
+    let e = db(OP);
+    let mut st = MessageStatus::new(id);
+    let row = sqlx::query(
+        "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts,
+                retry_at, last_error, published_at, publish_ref, republish
+         FROM custody_outbox WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(db(OP))?;
+    let read = |r: &sqlx::postgres::PgRow| -> std::result::Result<ProducerSide, sqlx::Error> {
+        Ok(ProducerSide {
+            topic: r.try_get("topic")?,
+            message_type: r.try_get("message_type")?,
+            key: r.try_get("msg_key")?,
+            position: r.try_get("position")?,
+            created_at: r.try_get("created_at")?,
+            enqueued_at: r.try_get("enqueued_at")?,
+            status: status_name(r.try_get("status")?),
+            attempts: u32::try_from(r.try_get::<i32, _>("attempts")?).unwrap_or(0),
+            retry_at: r.try_get("retry_at")?,
+            last_error: r.try_get("last_error")?,
+            published_at: r.try_get("published_at")?,
+            publish_ref: r.try_get("publish_ref")?,
+            republished: u32::try_from(r.try_get::<i32, _>("republish")?).unwrap_or(0),
+        })
+    };
+    if let Some(r) = row {
+        st.producer = Some(read(&r).map_err(db(OP))?);
+    }
+    let dead = sqlx::query(
+        "SELECT origin, error, attempts, dead_at FROM custody_dead_letter WHERE message_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .map_err(db(OP))?;
+    for r in &dead {
+        st.dead.push(DeadLetterInfo {
+            origin: r.try_get("origin").map_err(db(OP))?,
+            error: r.try_get("error").map_err(db(OP))?,
+            attempts: u32::try_from(r.try_get::<i32, _>("attempts").map_err(db(OP))?).unwrap_or(0),
+            dead_at: r.try_get("dead_at").map_err(db(OP))?,
+        });
+    }
+    let inbox = sqlx::query(
+        "SELECT consumer, processed_at, duplicates FROM custody_inbox WHERE message_id = $1 ORDER BY consumer",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .map_err(db(OP))?;
+    for r in &inbox {
+        let consumer: String = r.try_get("consumer").map_err(db(OP))?;
+        let origin = format!("consumer:{consumer}");
+        st.consumers.push(ConsumerSide {
+            dead: st.dead.iter().any(|d| d.origin == origin),
+            consumer,
+            processed_at: r.try_get("processed_at").map_err(db(OP))?,
+            duplicates: u32::try_from(r.try_get::<i32, _>("duplicates").map_err(db(OP))?)
+                .unwrap_or(0),
+        });
+    }
+    let redrives = sqlx::query(
+        "SELECT consumer, redriven_at FROM custody_redrive WHERE message_id = $1 ORDER BY seq",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await
+    .map_err(e)?;
+    for r in &redrives {
+        st.redriving.push(RedriveInfo {
+            consumer: r.try_get("consumer").map_err(db(OP))?,
+            redriven_at: r.try_get("redriven_at").map_err(db(OP))?,
+        });
+    }
+    Ok(st)
+}
+
+/// Every dead letter with its sequence number (the handle of `redrive` and
+/// `purge`), oldest first.
+pub async fn dead_letter_rows(pool: &PgPool) -> Result<Vec<(i64, DeadLetter)>> {
+    const OP: &str = "list dead letters";
+    let rows = sqlx::query(
+        "SELECT seq, message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at
+         FROM custody_dead_letter ORDER BY seq",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(db(OP))?;
+    rows.iter()
+        .map(|r| {
+            let attempts: i32 = r.try_get(9)?;
+            Ok((
+                r.try_get(0)?,
+                DeadLetter {
+                    message_id: r.try_get(1)?,
+                    origin: r.try_get(2)?,
+                    topic: r.try_get(3)?,
+                    key: r.try_get(4)?,
+                    message_type: r.try_get(5)?,
+                    payload: r.try_get(6)?,
+                    envelope: r.try_get(7)?,
+                    error: r.try_get(8)?,
+                    attempts: u32::try_from(attempts).unwrap_or(0),
+                    dead_at: r.try_get(10)?,
+                },
+            ))
+        })
+        .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
+        .map_err(db(OP))
+}
+
+/// What [`redrive`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveOutcome {
+    /// Consumer dead letters queued for their consumer again.
+    pub to_consumer: u64,
+    /// Relay dead letters put back to pending in the outbox.
+    pub to_relay: u64,
+    /// Dead letters left in place, with the reason.
+    pub skipped: Vec<(i64, String)>,
+}
+
+/// Send dead letters `seqs` back, each in its own transaction:
+///
+/// - a consumer's (`consumer:<name>`): its stored envelope goes to
+///   `custody_redrive`, and the dead letter and the consumer's inbox row
+///   are deleted; the consumer engine processes it once through the inbox;
+/// - the relay's: the outbox row goes back to pending (attempts 0, marked as
+///   a republish) and the dead letter is deleted.
+///
+/// A dead letter without an envelope (a malformed message) or whose outbox
+/// row was pruned is skipped, with the reason.
+pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<RedriveOutcome> {
+    const OP: &str = "redrive dead letter";
+    let mut out = RedriveOutcome::default();
+    for &seq in seqs {
+        let mut tx = pool.begin().await.map_err(db(OP))?;
+        // FOR UPDATE: two operators redriving the same letter queue it once.
+        let row = sqlx::query(
+            "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = $1 FOR UPDATE",
+        )
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+        let Some(row) = row else {
+            out.skipped.push((
+                seq,
+                "no such dead letter (already redriven or purged)".into(),
+            ));
+            continue;
+        };
+        let id: Option<Uuid> = row.try_get("message_id").map_err(db(OP))?;
+        let origin: String = row.try_get("origin").map_err(db(OP))?;
+        let topic: String = row.try_get("topic").map_err(db(OP))?;
+        let envelope: Option<String> = row.try_get("envelope").map_err(db(OP))?;
+        if let Some(consumer) = origin.strip_prefix("consumer:") {
+            let (Some(id), Some(envelope)) = (id, envelope) else {
+                out.skipped.push((
+                    seq,
+                    "malformed message without a readable envelope: nothing to redrive; fix the producer and purge it".into(),
+                ));
+                continue;
+            };
+            if serde_json::from_str::<Message>(&envelope).is_err() {
+                out.skipped.push((
+                    seq,
+                    "stored envelope is not a readable message; purge it".into(),
+                ));
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO custody_redrive (consumer, message_id, topic, envelope, redriven_at)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, message_id) DO NOTHING",
+            )
+            .bind(consumer)
+            .bind(id)
+            .bind(&topic)
+            .bind(&envelope)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+            sqlx::query("DELETE FROM custody_inbox WHERE consumer = $1 AND message_id = $2")
+                .bind(consumer)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            out.to_consumer += 1;
+        } else {
+            let reset = sqlx::query(
+                "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL,
+                     last_error = NULL, republish = republish + 1
+                 WHERE id = $1 AND status = 2",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+            if reset.rows_affected() == 0 {
+                out.skipped.push((
+                    seq,
+                    "its outbox row is gone (pruned) or no longer dead; re-enqueue the message from the envelope `custody dlq show` prints".into(),
+                ));
+                continue;
+            }
+            sqlx::query("SELECT pg_notify('custody_outbox', '')")
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            out.to_relay += 1;
+        }
+        sqlx::query("DELETE FROM custody_dead_letter WHERE seq = $1")
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+    }
+    Ok(out)
+}
+
+/// Delete dead letters `seqs`. A consumer's inbox row stays, so a late
+/// redelivery of the message is still skipped. Returns how many were deleted.
+pub async fn purge(pool: &PgPool, seqs: &[i64]) -> Result<u64> {
+    let done = sqlx::query("DELETE FROM custody_dead_letter WHERE seq = ANY($1)")
+        .bind(seqs)
+        .execute(pool)
+        .await
+        .map_err(db("purge dead letters"))?;
+    Ok(done.rows_affected())
+}
+
+/// Repair for the embedded transport: move `subscription`'s checkpoint back
+/// to just before the earliest outbox row of `ids` in the readers'
+/// (txid, position) order, so the reader delivers them again (its
+/// consumer's inbox skips the ones it has). Never moves it forward. Returns
+/// the new checkpoint position, or `None` when nothing needed rewinding.
+/// Stop the consumer first: a running reader keeps its in-memory cursor and
+/// its next acknowledgement moves the checkpoint past the rewind again.
+pub async fn rewind_checkpoint(
+    pool: &PgPool,
+    subscription: &str,
+    ids: &[Uuid],
+) -> Result<Option<i64>> {
+    const OP: &str = "rewind checkpoint";
+    let done: Option<i64> = sqlx::query_scalar(
+        "WITH first AS (
+             SELECT txid, position FROM custody_outbox WHERE id = ANY($2)
+             ORDER BY txid, position LIMIT 1)
+         UPDATE custody_checkpoint c
+         SET txid = first.txid, position = first.position - 1, updated_at = now()
+         FROM first
+         WHERE c.subscription = $1 AND (c.txid, c.position) >= (first.txid, first.position)
+         RETURNING c.position",
+    )
+    .bind(subscription)
+    .bind(ids)
+    .fetch_optional(pool)
+    .await
+    .map_err(db(OP))?;
+    Ok(done)
+}

@@ -1,0 +1,233 @@
+//! Balancing controls: compare what a producer's outbox sent with what a
+//! consumer's inbox recorded, per time window, cheaply when they agree.
+//!
+//! Both sides are read in keyset pages of [`PAGE`] ids (ascending id, an
+//! index range on either side), so memory stays bounded whatever the
+//! volume and no statement runs long. Each page is folded into per-window
+//! [`IdDigest`]s; windows whose digests are equal are done. Only the
+//! windows that differ are read again, id by id, to name the missing and
+//! unexpected ids.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{DateTime, Utc};
+pub use custody_core::reconcile::*;
+use custody_core::{Error, Result};
+use tracing::warn;
+use uuid::Uuid;
+
+use crate::metric_definitions as m;
+
+/// Ids read per statement.
+pub const PAGE: usize = 10_000;
+
+/// Progress of a reconciliation, for a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// `sent`, `processed` (digests) or `detail` (mismatching windows).
+    pub phase: &'static str,
+    /// Ids read so far in this phase.
+    pub rows: u64,
+}
+
+async fn digest_side<F, Fut>(
+    range: IdRange,
+    window_ms: i64,
+    phase: &'static str,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    mut page: F,
+) -> Result<BTreeMap<i64, IdDigest>>
+where
+    F: FnMut(IdRange) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Uuid>>>,
+{
+    let mut out = BTreeMap::new();
+    let mut from = range.from;
+    let mut rows = 0u64;
+    loop {
+        let ids = page(IdRange { from, to: range.to }).await?;
+        digests_by_window(&ids, window_ms, &mut out);
+        rows += ids.len() as u64;
+        progress(Progress { phase, rows });
+        match ids.last() {
+            Some(last) if ids.len() == PAGE => from = id_after(last),
+            _ => return Ok(out),
+        }
+    }
+}
+
+async fn all_ids<F, Fut>(range: IdRange, mut page: F) -> Result<BTreeSet<Uuid>>
+where
+    F: FnMut(IdRange) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Uuid>>>,
+{
+    let mut out = BTreeSet::new();
+    let mut from = range.from;
+    loop {
+        let ids = page(IdRange { from, to: range.to }).await?;
+        let full = ids.len() == PAGE;
+        let last = ids.last().copied();
+        out.extend(ids);
+        match last {
+            Some(last) if full => from = id_after(&last),
+            _ => return Ok(out),
+        }
+    }
+}
+
+fn at_ms(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// Reconcile `query.topic` between a producer's history and consumer
+/// `query.consumer`'s inbox over `[query.from, query.to)`.
+///
+/// Sent = outbox rows of the topic in the range, every status but dead.
+/// Processed = the consumer's inbox rows of the topic in the range (applied
+/// or dead-lettered by it). Missing = sent, not processed, not in the
+/// consumer's redrive queue. Unexpected = processed, not in this producer's
+/// history (another producer, or pruned: keep the range within both
+/// retentions).
+pub async fn reconcile<S: SentHistory, P: ProcessedHistory>(
+    sent: &S,
+    processed: &P,
+    query: &ReconcileQuery,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+) -> Result<ReconcileReport> {
+    if query.to <= query.from {
+        return Err(Error::Config(format!(
+            "reconcile range is empty: from {} is not before to {}; give --from earlier than --to",
+            query.from, query.to
+        )));
+    }
+    let window_ms = i64::try_from(query.window.as_millis())
+        .unwrap_or(i64::MAX)
+        .max(1);
+    let range = IdRange::between(query.from, query.to);
+    let topic = query.topic.as_str();
+    let consumer = query.consumer.as_str();
+
+    let sent_d = digest_side(range, window_ms, "sent", progress, |r| {
+        sent.sent_ids(topic, r, PAGE)
+    })
+    .await?;
+    let proc_d = digest_side(range, window_ms, "processed", progress, |r| {
+        processed.processed_ids(consumer, topic, r, PAGE)
+    })
+    .await?;
+
+    let starts: BTreeSet<i64> = sent_d.keys().chain(proc_d.keys()).copied().collect();
+    let mut windows = Vec::with_capacity(starts.len());
+    let mut sent_not_processed = BTreeSet::new();
+    let mut unexpected = Vec::new();
+    let mut detail_rows = 0u64;
+    for start in starts {
+        let s = sent_d.get(&start).copied().unwrap_or_default();
+        let p = proc_d.get(&start).copied().unwrap_or_default();
+        let matching = s == p;
+        windows.push(WindowReport {
+            start: at_ms(start),
+            end: at_ms(start.saturating_add(window_ms)),
+            sent: s.count,
+            processed: p.count,
+            matching,
+        });
+        if matching {
+            continue;
+        }
+        let w = IdRange {
+            from: id_at(at_ms(start)).max(range.from),
+            to: id_at(at_ms(start.saturating_add(window_ms))).min(range.to),
+        };
+        let s_ids = all_ids(w, |r| sent.sent_ids(topic, r, PAGE)).await?;
+        let p_ids = all_ids(w, |r| processed.processed_ids(consumer, topic, r, PAGE)).await?;
+        detail_rows += (s_ids.len() + p_ids.len()) as u64;
+        progress(Progress {
+            phase: "detail",
+            rows: detail_rows,
+        });
+        sent_not_processed.extend(s_ids.difference(&p_ids).copied());
+        unexpected.extend(p_ids.difference(&s_ids).copied());
+    }
+
+    let redriving = processed.redriving(consumer, topic, range).await?;
+    let redriving_set: BTreeSet<Uuid> = redriving.iter().copied().collect();
+    let mut dead_lettered: Vec<DeadId> = sent
+        .sent_dead(topic, range)
+        .await?
+        .into_iter()
+        .map(|(id, error)| DeadId {
+            id,
+            side: "producer".into(),
+            error,
+        })
+        .collect();
+    dead_lettered.extend(
+        processed
+            .processed_dead(consumer, topic, range)
+            .await?
+            .into_iter()
+            .map(|(id, error)| DeadId {
+                id,
+                side: "consumer".into(),
+                error,
+            }),
+    );
+    dead_lettered.sort_by_key(|d| d.id);
+    let missing: Vec<Uuid> = sent_not_processed
+        .into_iter()
+        .filter(|id| !redriving_set.contains(id))
+        .collect();
+
+    let matching = windows.iter().filter(|w| w.matching).count() as u64;
+    Ok(ReconcileReport {
+        topic: query.topic.clone(),
+        consumer: query.consumer.clone(),
+        from: query.from,
+        to: query.to,
+        window_secs: query.window.as_secs(),
+        windows_checked: windows.len() as u64,
+        matching,
+        mismatching: windows.len() as u64 - matching,
+        sent: sent_d.values().map(|d| d.count).sum(),
+        processed: proc_d.values().map(|d| d.count).sum(),
+        missing,
+        unexpected,
+        dead_lettered,
+        redriving,
+        windows,
+    })
+}
+
+/// Export a report as gauges ([`m::RECONCILE_GAPS`], [`m::RECONCILE_WINDOWS`])
+/// and log one warning per missing or unexpected id.
+pub fn export_report(report: &ReconcileReport) {
+    let labels = |kind: &'static str| {
+        [
+            ("topic", report.topic.clone()),
+            ("consumer", report.consumer.clone()),
+            ("kind", kind.to_owned()),
+        ]
+    };
+    metrics::gauge!(m::RECONCILE_GAPS, &labels("missing")).set(report.missing.len() as f64);
+    metrics::gauge!(m::RECONCILE_GAPS, &labels("unexpected")).set(report.unexpected.len() as f64);
+    metrics::gauge!(m::RECONCILE_GAPS, &labels("dead_lettered"))
+        .set(report.dead_lettered.len() as f64);
+    let w = |result: &'static str| {
+        [
+            ("topic", report.topic.clone()),
+            ("consumer", report.consumer.clone()),
+            ("result", result.to_owned()),
+        ]
+    };
+    metrics::gauge!(m::RECONCILE_WINDOWS, &w("matching")).set(report.matching as f64);
+    metrics::gauge!(m::RECONCILE_WINDOWS, &w("mismatching")).set(report.mismatching as f64);
+    for id in &report.missing {
+        warn!(message_id = %id, topic = %report.topic, consumer = %report.consumer,
+            "reconcile: sent by the producer, never processed by the consumer");
+    }
+    for id in &report.unexpected {
+        warn!(message_id = %id, topic = %report.topic, consumer = %report.consumer,
+            "reconcile: processed by the consumer, not in the producer's history");
+    }
+}

@@ -1,0 +1,437 @@
+//! Reading and repairing history: reconciliation (producer and consumer
+//! sides), message status, dead-letter operations, embedded-reader rewind.
+//! See docs/OPERATIONS.md.
+
+use chrono::{DateTime, Utc};
+use custody_core::{
+    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, Message, MessageStatus, ProcessedHistory,
+    ProducerSide, RedriveInfo, Result, SentHistory,
+};
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+use crate::error::map_err;
+use crate::{to_ms, SqliteInbox, SqliteOutbox};
+
+fn text(id: &Uuid) -> String {
+    id.hyphenated().to_string()
+}
+
+fn ids_json(ids: &[Uuid]) -> String {
+    serde_json::to_string(&ids.iter().map(text).collect::<Vec<_>>()).unwrap_or_else(|_| "[]".into())
+}
+
+fn parse_ids(rows: Vec<String>) -> Vec<Uuid> {
+    rows.iter()
+        .filter_map(|s| Uuid::parse_str(s).ok())
+        .collect()
+}
+
+fn ms(t: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(t).unwrap_or_default()
+}
+
+// Ids are hyphenated lowercase text: their string order is their byte order,
+// so an id range is a range of the UNIQUE (id) index.
+const SENT_IDS: &str = "SELECT id FROM custody_outbox \
+     WHERE id >= ?1 AND id < ?2 AND topic = ?3 AND status <> 2 ORDER BY id LIMIT ?4";
+const SENT_DEAD: &str = "SELECT id, COALESCE(last_error, '') FROM custody_outbox \
+     WHERE id >= ?1 AND id < ?2 AND topic = ?3 AND status = 2 ORDER BY id";
+/// Only published rows: a pending one is on its way already, a dead one is
+/// accounted for (redrive it instead).
+const REPUBLISH: &str = "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL, \
+     last_error = NULL, published_at = NULL, republish = republish + 1 \
+     WHERE id IN (SELECT value FROM json_each(?1)) AND status = 1";
+
+impl SentHistory for SqliteOutbox {
+    async fn sent_ids(&self, topic: &str, range: IdRange, limit: usize) -> Result<Vec<Uuid>> {
+        let rows: Vec<String> = sqlx::query_scalar(SENT_IDS)
+            .bind(text(&range.from))
+            .bind(text(&range.to))
+            .bind(topic)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read outbox history"))?;
+        Ok(parse_ids(rows))
+    }
+
+    async fn sent_dead(&self, topic: &str, range: IdRange) -> Result<Vec<(Uuid, String)>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(SENT_DEAD)
+            .bind(text(&range.from))
+            .bind(text(&range.to))
+            .bind(topic)
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read dead outbox rows"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, e)| Uuid::parse_str(&id).ok().map(|id| (id, e)))
+            .collect())
+    }
+
+    async fn republish(&self, ids: &[Uuid]) -> Result<u64> {
+        let done = sqlx::query(REPUBLISH)
+            .bind(ids_json(ids))
+            .execute(self.pool())
+            .await
+            .map_err(map_err("republish outbox rows"))?;
+        self.notify();
+        Ok(done.rows_affected())
+    }
+}
+
+const PROCESSED_IDS: &str = "SELECT message_id FROM custody_inbox \
+     WHERE consumer = ?1 AND message_id >= ?2 AND message_id < ?3 AND topic = ?4 \
+     ORDER BY message_id LIMIT ?5";
+const PROCESSED_DEAD: &str = "SELECT message_id, error FROM custody_dead_letter \
+     WHERE origin = 'consumer:' || ?1 AND topic = ?2 AND message_id >= ?3 AND message_id < ?4 \
+     ORDER BY message_id";
+const REDRIVING: &str = "SELECT message_id FROM custody_redrive \
+     WHERE consumer = ?1 AND topic = ?2 AND message_id >= ?3 AND message_id < ?4 ORDER BY message_id";
+
+impl ProcessedHistory for SqliteInbox {
+    async fn processed_ids(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+        limit: usize,
+    ) -> Result<Vec<Uuid>> {
+        let rows: Vec<String> = sqlx::query_scalar(PROCESSED_IDS)
+            .bind(consumer)
+            .bind(text(&range.from))
+            .bind(text(&range.to))
+            .bind(topic)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read inbox history"))?;
+        Ok(parse_ids(rows))
+    }
+
+    async fn processed_dead(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+    ) -> Result<Vec<(Uuid, String)>> {
+        let rows: Vec<(String, String)> = sqlx::query_as(PROCESSED_DEAD)
+            .bind(consumer)
+            .bind(topic)
+            .bind(text(&range.from))
+            .bind(text(&range.to))
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read consumer dead letters"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, e)| Uuid::parse_str(&id).ok().map(|id| (id, e)))
+            .collect())
+    }
+
+    async fn redriving(&self, consumer: &str, topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
+        let rows: Vec<String> = sqlx::query_scalar(REDRIVING)
+            .bind(consumer)
+            .bind(topic)
+            .bind(text(&range.from))
+            .bind(text(&range.to))
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read redrive queue"))?;
+        Ok(parse_ids(rows))
+    }
+}
+
+/// Everything this database's custody tables know about message `id`: its
+/// outbox row (producer), inbox rows (consumers), dead letters, redrives.
+pub async fn status(pool: &SqlitePool, id: Uuid) -> Result<MessageStatus> {
+    const OP: &str = "read message status";
+    let key = text(&id);
+    let mut st = MessageStatus::new(id);
+    let row = sqlx::query(
+        "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts, \
+         retry_at, last_error, published_at, publish_ref, republish FROM custody_outbox WHERE id = ?1",
+    )
+    .bind(&key)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err(OP))?;
+    if let Some(r) = row {
+        let status: i64 = r.try_get("status").map_err(map_err(OP))?;
+        st.producer = Some(ProducerSide {
+            topic: r.try_get("topic").map_err(map_err(OP))?,
+            message_type: r.try_get("message_type").map_err(map_err(OP))?,
+            key: r.try_get("msg_key").map_err(map_err(OP))?,
+            position: r.try_get("position").map_err(map_err(OP))?,
+            created_at: ms(r.try_get("created_at").map_err(map_err(OP))?),
+            enqueued_at: ms(r.try_get("enqueued_at").map_err(map_err(OP))?),
+            status: status_name(status),
+            attempts: u32::try_from(r.try_get::<i64, _>("attempts").map_err(map_err(OP))?)
+                .unwrap_or(0),
+            retry_at: r
+                .try_get::<Option<i64>, _>("retry_at")
+                .map_err(map_err(OP))?
+                .map(ms),
+            last_error: r.try_get("last_error").map_err(map_err(OP))?,
+            published_at: r
+                .try_get::<Option<i64>, _>("published_at")
+                .map_err(map_err(OP))?
+                .map(ms),
+            publish_ref: r.try_get("publish_ref").map_err(map_err(OP))?,
+            republished: u32::try_from(r.try_get::<i64, _>("republish").map_err(map_err(OP))?)
+                .unwrap_or(0),
+        });
+    }
+    let dead = sqlx::query(
+        "SELECT origin, error, attempts, dead_at FROM custody_dead_letter WHERE message_id = ?1 ORDER BY seq",
+    )
+    .bind(&key)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err(OP))?;
+    for r in &dead {
+        st.dead.push(DeadLetterInfo {
+            origin: r.try_get("origin").map_err(map_err(OP))?,
+            error: r.try_get("error").map_err(map_err(OP))?,
+            attempts: u32::try_from(r.try_get::<i64, _>("attempts").map_err(map_err(OP))?)
+                .unwrap_or(0),
+            dead_at: ms(r.try_get("dead_at").map_err(map_err(OP))?),
+        });
+    }
+    let inbox = sqlx::query(
+        "SELECT consumer, processed_at, duplicates FROM custody_inbox WHERE message_id = ?1 ORDER BY consumer",
+    )
+    .bind(&key)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err(OP))?;
+    for r in &inbox {
+        let consumer: String = r.try_get("consumer").map_err(map_err(OP))?;
+        let origin = format!("consumer:{consumer}");
+        st.consumers.push(ConsumerSide {
+            dead: st.dead.iter().any(|d| d.origin == origin),
+            consumer,
+            processed_at: ms(r.try_get("processed_at").map_err(map_err(OP))?),
+            duplicates: u32::try_from(r.try_get::<i64, _>("duplicates").map_err(map_err(OP))?)
+                .unwrap_or(0),
+        });
+    }
+    let redrives = sqlx::query(
+        "SELECT consumer, redriven_at FROM custody_redrive WHERE message_id = ?1 ORDER BY seq",
+    )
+    .bind(&key)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err(OP))?;
+    for r in &redrives {
+        st.redriving.push(RedriveInfo {
+            consumer: r.try_get("consumer").map_err(map_err(OP))?,
+            redriven_at: ms(r.try_get("redriven_at").map_err(map_err(OP))?),
+        });
+    }
+    Ok(st)
+}
+
+fn status_name(s: i64) -> String {
+    match s {
+        0 => "pending",
+        1 => "published",
+        2 => "dead",
+        _ => "unknown",
+    }
+    .to_owned()
+}
+
+/// Every dead letter with its sequence number (the handle of `redrive` and
+/// `purge`), oldest first.
+pub async fn dead_letter_rows(pool: &SqlitePool) -> Result<Vec<(i64, DeadLetter)>> {
+    const OP: &str = "list dead letters";
+    let rows = sqlx::query(
+        "SELECT seq, message_id, origin, topic, msg_key, message_type, payload, envelope, error, \
+         attempts, dead_at FROM custody_dead_letter ORDER BY seq",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(map_err(OP))?;
+    rows.iter()
+        .map(|row| {
+            let message_id: Option<String> = row.try_get("message_id")?;
+            let attempts: i64 = row.try_get("attempts")?;
+            let dead_at: i64 = row.try_get("dead_at")?;
+            Ok((
+                row.try_get("seq")?,
+                DeadLetter {
+                    message_id: message_id.and_then(|s| Uuid::parse_str(&s).ok()),
+                    origin: row.try_get("origin")?,
+                    topic: row.try_get("topic")?,
+                    key: row.try_get("msg_key")?,
+                    message_type: row.try_get("message_type")?,
+                    payload: row.try_get("payload")?,
+                    envelope: row.try_get("envelope")?,
+                    error: row.try_get("error")?,
+                    attempts: u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
+                    dead_at: ms(dead_at),
+                },
+            ))
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()
+        .map_err(map_err(OP))
+}
+
+/// What [`redrive`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveOutcome {
+    /// Consumer dead letters queued for their consumer again.
+    pub to_consumer: u64,
+    /// Relay dead letters put back to pending in the outbox.
+    pub to_relay: u64,
+    /// Dead letters left in place, with the reason.
+    pub skipped: Vec<(i64, String)>,
+}
+
+/// Send dead letters `seqs` back, each in its own transaction:
+///
+/// - a consumer's (`consumer:<name>`): its stored envelope goes to
+///   `custody_redrive`, and the dead letter and the consumer's inbox row
+///   are deleted; the consumer engine processes it once through the inbox;
+/// - the relay's: the outbox row goes back to pending (attempts 0, marked as
+///   a republish) and the dead letter is deleted.
+///
+/// A dead letter without an envelope (a malformed message) or whose outbox
+/// row was pruned is skipped, with the reason.
+pub async fn redrive(
+    pool: &SqlitePool,
+    seqs: &[i64],
+    now: DateTime<Utc>,
+) -> Result<RedriveOutcome> {
+    const OP: &str = "redrive dead letter";
+    let mut out = RedriveOutcome::default();
+    for &seq in seqs {
+        let mut tx = pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        let row = sqlx::query(
+            "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = ?1",
+        )
+        .bind(seq)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err(OP))?;
+        let Some(row) = row else {
+            out.skipped.push((
+                seq,
+                "no such dead letter (already redriven or purged)".into(),
+            ));
+            continue;
+        };
+        let id: Option<String> = row.try_get("message_id").map_err(map_err(OP))?;
+        let origin: String = row.try_get("origin").map_err(map_err(OP))?;
+        let topic: String = row.try_get("topic").map_err(map_err(OP))?;
+        let envelope: Option<String> = row.try_get("envelope").map_err(map_err(OP))?;
+        if let Some(consumer) = origin.strip_prefix("consumer:") {
+            let (Some(id), Some(envelope)) = (id, envelope) else {
+                out.skipped.push((
+                    seq,
+                    "malformed message without a readable envelope: nothing to redrive; fix the producer and purge it".into(),
+                ));
+                continue;
+            };
+            if serde_json::from_str::<Message>(&envelope).is_err() {
+                out.skipped.push((
+                    seq,
+                    "stored envelope is not a readable message; purge it".into(),
+                ));
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO custody_redrive (consumer, message_id, topic, envelope, redriven_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (consumer, message_id) DO NOTHING",
+            )
+            .bind(consumer)
+            .bind(&id)
+            .bind(&topic)
+            .bind(&envelope)
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+            sqlx::query("DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2")
+                .bind(consumer)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+            out.to_consumer += 1;
+        } else {
+            let reset = sqlx::query(
+                "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL, \
+                 last_error = NULL, republish = republish + 1 WHERE id = ?1 AND status = 2",
+            )
+            .bind(id.as_deref())
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+            if reset.rows_affected() == 0 {
+                out.skipped.push((
+                    seq,
+                    "its outbox row is gone (pruned) or no longer dead; re-enqueue the message from the envelope `custody dlq show` prints".into(),
+                ));
+                continue;
+            }
+            out.to_relay += 1;
+        }
+        sqlx::query("DELETE FROM custody_dead_letter WHERE seq = ?1")
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        tx.commit().await.map_err(map_err(OP))?;
+    }
+    Ok(out)
+}
+
+/// Delete dead letters `seqs`. A consumer's inbox row stays, so a late
+/// redelivery of the message is still skipped. Returns how many were deleted.
+pub async fn purge(pool: &SqlitePool, seqs: &[i64]) -> Result<u64> {
+    let done = sqlx::query(
+        "DELETE FROM custody_dead_letter WHERE seq IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(crate::outbox::json_list(seqs))
+    .execute(pool)
+    .await
+    .map_err(map_err("purge dead letters"))?;
+    Ok(done.rows_affected())
+}
+
+/// Repair for the embedded transport: move `subscription`'s checkpoint back
+/// to just before the earliest outbox row of `ids`, so the reader delivers
+/// them again (its consumer's inbox skips the ones it has). Never moves the
+/// checkpoint forward. Returns the new checkpoint, or `None` when nothing
+/// needed rewinding. Stop the consumer first: a running reader keeps its
+/// in-memory cursor and its next acknowledgement moves the checkpoint past
+/// the rewind again.
+pub async fn rewind_checkpoint(
+    pool: &SqlitePool,
+    subscription: &str,
+    ids: &[Uuid],
+) -> Result<Option<i64>> {
+    const OP: &str = "rewind checkpoint";
+    let first: Option<i64> = sqlx::query_scalar(
+        "SELECT MIN(position) FROM custody_outbox WHERE id IN (SELECT value FROM json_each(?1))",
+    )
+    .bind(ids_json(ids))
+    .fetch_one(pool)
+    .await
+    .map_err(map_err(OP))?;
+    let Some(first) = first else { return Ok(None) };
+    let current = crate::checkpoint(pool, subscription).await?;
+    match current {
+        Some(c) if c >= first => {
+            crate::set_checkpoint(pool, subscription, first - 1).await?;
+            Ok(Some(first - 1))
+        }
+        _ => Ok(None),
+    }
+}

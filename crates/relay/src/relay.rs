@@ -260,14 +260,14 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         if self.prune_at.is_none_or(|t| now >= t) {
             self.prune(now).await?;
         }
-        if !self.breaker.allow(now) {
-            return Ok(0);
-        }
+        // Fetch before asking the breaker: a half-open breaker allows exactly
+        // one probe, and a probe spent on an empty batch (or a failed fetch)
+        // would get no verdict and leave the circuit half-open for good.
         let batch = self
             .store
             .fetch_batch(&self.partitions, self.config.batch_size, now)
             .await?;
-        if batch.is_empty() {
+        if batch.is_empty() || !self.breaker.allow(now) {
             return Ok(0);
         }
         self.stats.batches += 1;
@@ -359,6 +359,22 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
     /// Record the outcome of a batch in the store.
     async fn settle(&mut self, outcome: BatchOutcome) -> Result<()> {
         let now = self.clock.now();
+        // The breaker's verdict first, before any store write can fail and
+        // return early: a probe must always get one. The transport is down
+        // when nothing got through and something failed retryably; an ack,
+        // or only terminal (message-specific) errors, mean it answered.
+        let transport_up = !outcome.acked.is_empty();
+        let transport_down = !transport_up && outcome.failed.iter().any(|(_, e)| e.retryable());
+        if transport_down {
+            self.breaker.on_failure(now);
+            if matches!(self.breaker.state(), BreakerState::Open { .. }) {
+                metrics::gauge!(m::RELAY_BREAKER_OPEN).set(1.0);
+                warn!(relay = %self.id, "transport unavailable; circuit open, backlog kept in the outbox");
+            }
+        } else {
+            self.breaker.on_success();
+            metrics::gauge!(m::RELAY_BREAKER_OPEN).set(0.0);
+        }
         if !outcome.acked.is_empty() {
             let marked = self
                 .store
@@ -376,14 +392,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             metrics::counter!(m::RELAY_PUBLISHED_TOTAL, "relay" => self.id.clone())
                 .increment(marked);
             self.last_success = Some(now);
-            self.breaker.on_success();
         }
-        if outcome.failed.is_empty() {
-            metrics::gauge!(m::RELAY_BREAKER_OPEN).set(0.0);
-            return Ok(());
-        }
-        let transport_up = !outcome.acked.is_empty();
-        let mut transport_down = false;
         for (rec, err) in outcome.failed {
             self.stats.failures += 1;
             let retryable = err.retryable();
@@ -427,15 +436,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 // Nothing in the batch got through: the transport is down. The
                 // messages stay pending in order (no attempt counted against
                 // them); the circuit breaker stops us hammering it.
-                transport_down = true;
                 debug!(message_id = %rec.message.id, error = %err, "transport unavailable");
-            }
-        }
-        if transport_down {
-            self.breaker.on_failure(now);
-            if matches!(self.breaker.state(), BreakerState::Open { .. }) {
-                metrics::gauge!(m::RELAY_BREAKER_OPEN).set(1.0);
-                warn!(relay = %self.id, "transport unavailable; circuit open, backlog kept in the outbox");
             }
         }
         Ok(())

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+pub mod memory;
 mod nats_server;
 mod proxy;
 pub use nats_server::*;

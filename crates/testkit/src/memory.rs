@@ -1,0 +1,796 @@
+//! In-memory, deterministic implementations of custody's store and transport
+//! traits, with fault hooks, for model tests and simulations of the engines
+//! (`Relay::step`, `Consumer::run_once`) under a `ManualClock`.
+//!
+//! They follow the contracts of the real backends (the SQLite outbox, the
+//! NATS subscriber) rather than anything convenient: leases with a fair
+//! share and expiry, fenced marking, per-key parking, a visibility guard for
+//! uncommitted rows, publish deduplication by message id, redelivery of
+//! everything not acknowledged after a subscriber restart.
+//!
+//! Faults that stand for a crash make the operation *hang*: the test drops the
+//! engine's future, which is what `kill -9` does to a process at that point.
+//!
+//! ```
+//! use custody_testkit::memory::{MemoryBroker, MemoryInbox, MemoryOutbox};
+//! let outbox = MemoryOutbox::new(4);
+//! let broker = MemoryBroker::default();
+//! let inbox = MemoryInbox::default();
+//! let msg = custody_core::Message::builder("t", "k", "T").build()?;
+//! outbox.enqueue(msg);
+//! assert_eq!(outbox.pending(), 1);
+//! # drop((broker, inbox));
+//! # Ok::<(), custody_core::Error>(())
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use custody_core::{
+    partition_for, DeadLetter, Delivery, Error, InboxOutcome, InboxStore, Malformed, Message,
+    OutboxRecord, OutboxStore, PublishAck, Publisher, Result, Subscriber,
+};
+use uuid::Uuid;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn unavailable(what: &'static str, op: &'static str) -> Error {
+    Error::store(what, op, true, "simulated outage")
+}
+
+async fn hang() -> ! {
+    std::future::pending::<()>().await;
+    unreachable!("pending never resolves")
+}
+
+// ---------------------------------------------------------------- outbox
+
+/// Status of an outbox row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowStatus {
+    /// Inserted by a transaction that has not committed yet: invisible, but
+    /// holds its position.
+    Uncommitted,
+    /// Committed, not yet published.
+    Pending,
+    /// Published (marked after the transport's ack).
+    Published,
+    /// Dead-lettered by the relay.
+    Dead,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    record: OutboxRecord,
+    status: RowStatus,
+    retry_at: Option<DateTime<Utc>>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct OutboxState {
+    next_position: i64,
+    rows: BTreeMap<i64, Row>,
+    /// partition → (owner, expires_at)
+    leases: HashMap<u32, (String, DateTime<Utc>)>,
+    /// relay → last heartbeat
+    members: HashMap<String, DateTime<Utc>>,
+    down: bool,
+    /// (position, relay, reason)
+    dead: Vec<(i64, String)>,
+}
+
+/// An outbox in memory: [`OutboxStore`] for the relay, plus the producer's
+/// side (`enqueue`, `begin_enqueue`) and read access for assertions.
+#[derive(Debug, Clone)]
+pub struct MemoryOutbox {
+    partitions: u32,
+    state: Arc<Mutex<OutboxState>>,
+}
+
+/// A producer transaction that inserted one outbox row and has not
+/// committed: the row holds its position but no reader may see it or
+/// anything after it in its partition.
+#[derive(Debug)]
+pub struct UncommittedRow {
+    position: i64,
+}
+
+impl MemoryOutbox {
+    /// An empty outbox with `partitions` partitions.
+    pub fn new(partitions: u32) -> Self {
+        MemoryOutbox {
+            partitions: partitions.max(1),
+            state: Arc::default(),
+        }
+    }
+
+    /// Insert and commit `msg`; returns its position.
+    pub fn enqueue(&self, msg: Message) -> i64 {
+        let row = self.begin_enqueue(msg);
+        let position = row.position;
+        self.commit(row);
+        position
+    }
+
+    /// Insert `msg` in a transaction that commits later ([`MemoryOutbox::commit`])
+    /// or rolls back ([`MemoryOutbox::rollback`]).
+    pub fn begin_enqueue(&self, msg: Message) -> UncommittedRow {
+        let mut s = lock(&self.state);
+        s.next_position += 1;
+        let position = s.next_position;
+        let partition = partition_for(&msg.key, self.partitions);
+        s.rows.insert(
+            position,
+            Row {
+                record: OutboxRecord {
+                    position,
+                    partition,
+                    attempts: 0,
+                    republish: 0,
+                    message: msg,
+                },
+                status: RowStatus::Uncommitted,
+                retry_at: None,
+                error: None,
+            },
+        );
+        UncommittedRow { position }
+    }
+
+    /// Commit a row from [`MemoryOutbox::begin_enqueue`].
+    pub fn commit(&self, row: UncommittedRow) {
+        if let Some(r) = lock(&self.state).rows.get_mut(&row.position) {
+            r.status = RowStatus::Pending;
+        }
+    }
+
+    /// Roll back a row from [`MemoryOutbox::begin_enqueue`]: it never existed.
+    pub fn rollback(&self, row: UncommittedRow) {
+        lock(&self.state).rows.remove(&row.position);
+    }
+
+    /// Make every operation fail with a retryable error (database down).
+    pub fn set_down(&self, down: bool) {
+        lock(&self.state).down = down;
+    }
+
+    /// Committed rows not yet published or dead-lettered.
+    pub fn pending(&self) -> usize {
+        lock(&self.state)
+            .rows
+            .values()
+            .filter(|r| r.status == RowStatus::Pending)
+            .count()
+    }
+
+    /// Every committed message, in position (commit) order.
+    pub fn committed(&self) -> Vec<Message> {
+        lock(&self.state)
+            .rows
+            .values()
+            .filter(|r| r.status != RowStatus::Uncommitted)
+            .map(|r| r.record.message.clone())
+            .collect()
+    }
+
+    /// Status of the row holding message `id`.
+    pub fn status(&self, id: Uuid) -> Option<RowStatus> {
+        lock(&self.state)
+            .rows
+            .values()
+            .find(|r| r.record.message.id == id)
+            .map(|r| r.status)
+    }
+
+    /// Messages the relay dead-lettered, with the reason.
+    pub fn dead_letters(&self) -> Vec<(Uuid, String)> {
+        let s = lock(&self.state);
+        s.dead
+            .iter()
+            .filter_map(|(p, e)| s.rows.get(p).map(|r| (r.record.message.id, e.clone())))
+            .collect()
+    }
+
+    /// Current lease holders: partition → relay.
+    pub fn lease_owners(&self, now: DateTime<Utc>) -> BTreeMap<u32, String> {
+        lock(&self.state)
+            .leases
+            .iter()
+            .filter(|(_, (_, exp))| *exp > now)
+            .map(|(p, (o, _))| (*p, o.clone()))
+            .collect()
+    }
+}
+
+impl OutboxStore for MemoryOutbox {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    async fn acquire_leases(
+        &self,
+        relay: &str,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<u32>> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "acquire relay leases"));
+        }
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(10));
+        s.members.insert(relay.to_owned(), now);
+        s.members.retain(|_, hb| *hb >= now - ttl);
+        let live = u32::try_from(s.members.len().max(1)).unwrap_or(u32::MAX);
+        let share = self.partitions.div_ceil(live) as usize;
+        let mut held = Vec::new();
+        let mut free = Vec::new();
+        for p in 0..self.partitions {
+            match s.leases.get(&p) {
+                Some((o, _)) if o == relay => held.push(p),
+                Some((_, exp)) if *exp > now => {}
+                _ => free.push(p),
+            }
+        }
+        let release = if held.len() > share {
+            held.split_off(share)
+        } else {
+            Vec::new()
+        };
+        let want = share.saturating_sub(held.len());
+        held.extend(free.into_iter().take(want));
+        held.sort_unstable();
+        for p in release {
+            s.leases.remove(&p);
+        }
+        for p in &held {
+            s.leases.insert(*p, (relay.to_owned(), now + ttl));
+        }
+        Ok(held)
+    }
+
+    async fn release_leases(&self, relay: &str) -> Result<()> {
+        let mut s = lock(&self.state);
+        s.leases.retain(|_, (o, _)| o != relay);
+        s.members.remove(relay);
+        Ok(())
+    }
+
+    async fn fetch_batch(
+        &self,
+        partitions: &[u32],
+        limit: usize,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>> {
+        let s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "fetch outbox batch"));
+        }
+        let wanted: HashSet<u32> = partitions.iter().copied().collect();
+        // the visibility guard: nothing at or after an uncommitted row of the same partition
+        let mut blocked_partitions: HashSet<u32> = HashSet::new();
+        let mut parked_keys: HashSet<(u32, String)> = HashSet::new();
+        let mut out = Vec::new();
+        for row in s.rows.values() {
+            let p = row.record.partition;
+            if !wanted.contains(&p) || blocked_partitions.contains(&p) {
+                continue;
+            }
+            match row.status {
+                RowStatus::Uncommitted => {
+                    blocked_partitions.insert(p);
+                }
+                RowStatus::Pending => {
+                    let key = (p, row.record.message.key.clone());
+                    if row.retry_at.is_some_and(|t| t > now) {
+                        parked_keys.insert(key);
+                    } else if !parked_keys.contains(&key) && out.len() < limit {
+                        out.push(row.record.clone());
+                    }
+                }
+                RowStatus::Published | RowStatus::Dead => {}
+            }
+        }
+        Ok(out)
+    }
+
+    async fn mark_published(
+        &self,
+        relay: &str,
+        acked: &[(i64, PublishAck)],
+        now: DateTime<Utc>,
+    ) -> Result<u64> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "mark published"));
+        }
+        let owned: HashSet<u32> = s
+            .leases
+            .iter()
+            .filter(|(_, (o, exp))| o == relay && *exp > now)
+            .map(|(p, _)| *p)
+            .collect();
+        let mut n = 0;
+        for (pos, _) in acked {
+            if let Some(r) = s.rows.get_mut(pos) {
+                if r.status == RowStatus::Pending && owned.contains(&r.record.partition) {
+                    r.status = RowStatus::Published;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn record_failure(
+        &self,
+        position: i64,
+        error: &str,
+        retry_at: DateTime<Utc>,
+    ) -> Result<()> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "record publish failure"));
+        }
+        if let Some(r) = s.rows.get_mut(&position) {
+            if r.status == RowStatus::Pending {
+                r.record.attempts += 1;
+                r.retry_at = Some(retry_at);
+                r.error = Some(error.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(&self, position: i64, error: &str, _now: DateTime<Utc>) -> Result<()> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "dead-letter"));
+        }
+        let hit = match s.rows.get_mut(&position) {
+            Some(r) if r.status == RowStatus::Pending => {
+                r.status = RowStatus::Dead;
+                true
+            }
+            _ => false,
+        };
+        if hit {
+            s.dead.push((position, error.to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn wait_for_new(&self, timeout: Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+}
+
+// ---------------------------------------------------------------- broker
+
+#[derive(Debug, Clone)]
+enum Stored {
+    Message(Message),
+    Malformed(Malformed),
+}
+
+#[derive(Debug, Default)]
+struct BrokerState {
+    /// The stream, in broker order (sequence = index + 1).
+    log: Vec<Stored>,
+    /// Ids stored (deduplication window: forever).
+    ids: HashSet<Uuid>,
+    down: bool,
+    /// The next publish is stored but its ack is lost (the publisher sees an error).
+    lose_next_ack: bool,
+    /// Messages the broker refuses (retryable), as if too big for it today.
+    poison: HashSet<Uuid>,
+    /// Publishes left before the next one hangs (a relay crash mid-batch).
+    hang_after: Option<usize>,
+    /// The next ack never returns (a consumer crash after its commit).
+    hang_next_ack: bool,
+    /// consumer → acked sequences
+    acked: HashMap<String, HashSet<u64>>,
+}
+
+/// A JetStream-like broker in memory: [`Publisher`] (durable ack, dedupe by
+/// message id) and the source of [`MemorySubscriber`]s (durable consumers
+/// with an ack floor).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBroker {
+    state: Arc<Mutex<BrokerState>>,
+}
+
+impl MemoryBroker {
+    /// Refuse every publish and fetch with a retryable error.
+    pub fn set_down(&self, down: bool) {
+        lock(&self.state).down = down;
+    }
+
+    /// Store the next published message but fail its ack.
+    pub fn lose_next_ack(&self) {
+        lock(&self.state).lose_next_ack = true;
+    }
+
+    /// Refuse message `id` (retryable error) while others get through.
+    pub fn poison(&self, id: Uuid) {
+        lock(&self.state).poison.insert(id);
+    }
+
+    /// After `n` more successful publishes, the next publish never returns.
+    pub fn hang_after(&self, n: usize) {
+        lock(&self.state).hang_after = Some(n);
+    }
+
+    /// The next ack never returns: a consumer crash after its commit, before the ack.
+    pub fn hang_next_ack(&self) {
+        lock(&self.state).hang_next_ack = true;
+    }
+
+    /// Clear the hangs of [`MemoryBroker::hang_after`] and [`MemoryBroker::hang_next_ack`].
+    pub fn clear_hang(&self) {
+        let mut s = lock(&self.state);
+        s.hang_after = None;
+        s.hang_next_ack = false;
+    }
+
+    /// Store a copy of an already stored message under a new broker sequence,
+    /// bypassing deduplication (it is delivered twice). Returns whether there
+    /// was a message at `index`.
+    pub fn duplicate(&self, index: usize) -> bool {
+        let mut s = lock(&self.state);
+        let Some(m) = s.log.get(index).cloned() else {
+            return false;
+        };
+        s.log.push(m);
+        true
+    }
+
+    /// Store a message that cannot be decoded.
+    pub fn inject_malformed(&self, topic: &str, payload: &[u8], reason: &str) {
+        lock(&self.state).log.push(Stored::Malformed(Malformed {
+            id: None,
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            reason: reason.to_owned(),
+        }));
+    }
+
+    /// Messages stored, in broker order (malformed ones left out).
+    pub fn stored(&self) -> Vec<Message> {
+        lock(&self.state)
+            .log
+            .iter()
+            .filter_map(|s| match s {
+                Stored::Message(m) => Some(m.clone()),
+                Stored::Malformed(_) => None,
+            })
+            .collect()
+    }
+
+    /// Everything stored, messages and malformed ones.
+    pub fn len(&self) -> usize {
+        lock(&self.state).log.len()
+    }
+
+    /// Whether nothing was stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A subscriber for the durable consumer `name`: it starts at the ack
+    /// floor, so everything `name` has not acknowledged is delivered (again).
+    pub fn subscribe(&self, name: &str) -> MemorySubscriber {
+        MemorySubscriber {
+            broker: self.clone(),
+            name: name.to_owned(),
+            cursor: 0,
+        }
+    }
+
+    /// Sequences consumer `name` has not acknowledged yet.
+    pub fn unacked(&self, name: &str) -> usize {
+        let s = lock(&self.state);
+        let acked = s.acked.get(name).map(HashSet::len).unwrap_or(0);
+        s.log.len() - acked
+    }
+}
+
+impl Publisher for MemoryBroker {
+    async fn publish(&self, message: &Message) -> Result<PublishAck> {
+        let hang_now = {
+            let mut s = lock(&self.state);
+            if s.down {
+                return Err(Error::transport(
+                    "memory",
+                    "publish",
+                    true,
+                    "broker unavailable",
+                ));
+            }
+            if s.poison.contains(&message.id) {
+                return Err(Error::transport(
+                    "memory",
+                    "publish",
+                    true,
+                    "broker refused this message",
+                ));
+            }
+            match s.hang_after {
+                Some(0) => true,
+                Some(n) => {
+                    s.hang_after = Some(n - 1);
+                    false
+                }
+                None => false,
+            }
+        };
+        if hang_now {
+            hang().await;
+        }
+        // let other tasks run between publishes (interleavings under join!)
+        tokio::task::yield_now().await;
+        let mut s = lock(&self.state);
+        let duplicate = !s.ids.insert(message.id);
+        if !duplicate {
+            s.log.push(Stored::Message(message.clone()));
+        }
+        let seq = s.log.len() as u64;
+        if std::mem::take(&mut s.lose_next_ack) {
+            return Err(Error::transport(
+                "memory",
+                "publish",
+                true,
+                "ack lost (message stored)",
+            ));
+        }
+        Ok(PublishAck {
+            stream: Some("memory".into()),
+            sequence: Some(seq),
+            duplicate,
+        })
+    }
+}
+
+/// A durable pull consumer on a [`MemoryBroker`]. Dropping it and calling
+/// [`MemoryBroker::subscribe`] again is a consumer restart: every
+/// unacknowledged message comes again, in stream order.
+#[derive(Debug)]
+pub struct MemorySubscriber {
+    broker: MemoryBroker,
+    name: String,
+    /// Index in the log of the next delivery.
+    cursor: usize,
+}
+
+impl MemorySubscriber {
+    /// Deliver every unacknowledged message again, from the ack floor
+    /// (like an ack-wait expiry).
+    pub fn redeliver_unacked(&mut self) {
+        self.cursor = 0;
+    }
+}
+
+impl Subscriber for MemorySubscriber {
+    type Token = u64;
+
+    async fn fetch(&mut self, max: usize, _wait: Duration) -> Result<Vec<Delivery<u64>>> {
+        let s = lock(&self.broker.state);
+        if s.down {
+            return Err(Error::transport(
+                "memory",
+                "fetch",
+                true,
+                "broker unavailable",
+            ));
+        }
+        let acked = s.acked.get(&self.name);
+        if self.cursor >= s.log.len() {
+            // nothing new: what is still unacknowledged is delivered again
+            // (JetStream's ack-wait expiry; e.g. after a failed ack)
+            self.cursor = 0;
+        }
+        let mut out = Vec::new();
+        while self.cursor < s.log.len() && out.len() < max {
+            let seq = self.cursor as u64 + 1;
+            let stored = &s.log[self.cursor];
+            self.cursor += 1;
+            if acked.is_some_and(|a| a.contains(&seq)) {
+                continue;
+            }
+            out.push(Delivery {
+                message: match stored {
+                    Stored::Message(m) => Ok(m.clone()),
+                    Stored::Malformed(b) => Err(b.clone()),
+                },
+                delivery_count: 1,
+                token: seq,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn ack(&mut self, token: u64) -> Result<()> {
+        let hang_now = {
+            let mut s = lock(&self.broker.state);
+            if s.down {
+                return Err(Error::transport(
+                    "memory",
+                    "ack",
+                    true,
+                    "broker unavailable",
+                ));
+            }
+            std::mem::take(&mut s.hang_next_ack)
+        };
+        if hang_now {
+            hang().await;
+        }
+        let mut s = lock(&self.broker.state);
+        s.acked.entry(self.name.clone()).or_default().insert(token);
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- inbox
+
+/// One effect a handler applied, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Effect {
+    /// The message that caused it.
+    pub message_id: Uuid,
+    /// Its key.
+    pub key: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct InboxState {
+    /// (consumer, id) → duplicates seen
+    inbox: HashMap<(String, Uuid), u64>,
+    effects: Vec<Effect>,
+    dead: Vec<DeadLetter>,
+    down: bool,
+    hang_next_commit: bool,
+}
+
+/// A consumer's database in memory: the inbox, the effects a handler
+/// applies through [`MemoryTx`], and dead letters. A transaction is a
+/// buffer applied atomically at commit; dropping it is a rollback.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryInbox {
+    state: Arc<Mutex<InboxState>>,
+}
+
+/// A transaction on a [`MemoryInbox`].
+#[derive(Debug, Default)]
+pub struct MemoryTx {
+    inbox: Vec<(String, Uuid)>,
+    duplicates: Vec<(String, Uuid)>,
+    effects: Vec<Effect>,
+}
+
+impl MemoryTx {
+    /// Apply `msg`'s effect (visible after commit).
+    pub fn apply(&mut self, msg: &Message) {
+        self.effects.push(Effect {
+            message_id: msg.id,
+            key: msg.key.clone(),
+            payload: msg.payload.clone(),
+        });
+    }
+}
+
+impl MemoryInbox {
+    /// Fail every operation with a retryable error (database down).
+    pub fn set_down(&self, down: bool) {
+        lock(&self.state).down = down;
+    }
+
+    /// The next commit never returns: a crash between handler and commit.
+    pub fn hang_next_commit(&self) {
+        lock(&self.state).hang_next_commit = true;
+    }
+
+    /// Clear the hang of [`MemoryInbox::hang_next_commit`].
+    pub fn clear_hang(&self) {
+        lock(&self.state).hang_next_commit = false;
+    }
+
+    /// Committed effects, in commit order.
+    pub fn effects(&self) -> Vec<Effect> {
+        lock(&self.state).effects.clone()
+    }
+
+    /// Dead letters, in order.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        lock(&self.state).dead.clone()
+    }
+
+    /// Duplicates the inbox suppressed for `consumer`.
+    pub fn duplicates(&self, consumer: &str) -> u64 {
+        lock(&self.state)
+            .inbox
+            .iter()
+            .filter(|((c, _), _)| c == consumer)
+            .map(|(_, d)| *d)
+            .sum()
+    }
+
+    /// Whether `consumer` has an inbox row for `id`.
+    pub fn seen(&self, consumer: &str, id: Uuid) -> bool {
+        lock(&self.state)
+            .inbox
+            .contains_key(&(consumer.to_owned(), id))
+    }
+}
+
+impl InboxStore for MemoryInbox {
+    type Tx = MemoryTx;
+
+    async fn begin(&self) -> Result<MemoryTx> {
+        if lock(&self.state).down {
+            return Err(unavailable("memory", "begin"));
+        }
+        Ok(MemoryTx::default())
+    }
+
+    async fn record(
+        &self,
+        tx: &mut MemoryTx,
+        consumer: &str,
+        message: &Message,
+        _now: DateTime<Utc>,
+    ) -> Result<InboxOutcome> {
+        let s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "record in inbox"));
+        }
+        let k = (consumer.to_owned(), message.id);
+        if s.inbox.contains_key(&k) || tx.inbox.contains(&k) {
+            tx.duplicates.push(k);
+            Ok(InboxOutcome::Duplicate)
+        } else {
+            tx.inbox.push(k);
+            Ok(InboxOutcome::New)
+        }
+    }
+
+    async fn commit(&self, tx: MemoryTx) -> Result<()> {
+        let hang_now = {
+            let mut s = lock(&self.state);
+            if s.down {
+                return Err(unavailable("memory", "commit"));
+            }
+            std::mem::take(&mut s.hang_next_commit)
+        };
+        if hang_now {
+            hang().await;
+        }
+        let mut s = lock(&self.state);
+        for k in tx.inbox {
+            s.inbox.insert(k, 0);
+        }
+        for k in tx.duplicates {
+            *s.inbox.entry(k).or_insert(0) += 1;
+        }
+        s.effects.extend(tx.effects);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, consumer: &str, dead: &DeadLetter) -> Result<()> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "store dead letter"));
+        }
+        if let Some(id) = dead.message_id {
+            s.inbox.entry((consumer.to_owned(), id)).or_insert(0);
+        }
+        s.dead.push(dead.clone());
+        Ok(())
+    }
+}

@@ -108,12 +108,12 @@ impl IdRange {
 /// Implementations: `custody_sqlite::SqliteOutbox`, `custody_postgres::PgOutbox`.
 pub trait SentHistory: Send + Sync {
     /// Ids of `topic`'s outbox rows in `range` that were sent or are to be
-    /// sent (every status but dead), ascending, at most `limit`.
+    /// sent (every status but dead), in any order. The reconciliation
+    /// engine asks for slices small enough to keep this bounded.
     fn sent_ids(
         &self,
         topic: &str,
         range: IdRange,
-        limit: usize,
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
 
     /// Ids of `topic`'s dead outbox rows (status 2) in `range`, with their error.
@@ -133,13 +133,12 @@ pub trait SentHistory: Send + Sync {
 /// Implementations: `custody_sqlite::SqliteInbox`, `custody_postgres::PgInbox`.
 pub trait ProcessedHistory: Send + Sync {
     /// Ids `consumer` recorded for `topic` in `range` (processed or
-    /// dead-lettered), ascending, at most `limit`.
+    /// dead-lettered), in any order.
     fn processed_ids(
         &self,
         consumer: &str,
         topic: &str,
         range: IdRange,
-        limit: usize,
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
 
     /// Ids `consumer` dead-lettered for `topic` in `range`, with their error.

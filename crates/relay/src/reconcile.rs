@@ -1,9 +1,9 @@
 //! Balancing controls: compare what a producer's outbox sent with what a
 //! consumer's inbox recorded, per time window, cheaply when they agree.
 //!
-//! Both sides are read in keyset pages of [`PAGE`] ids (ascending id, an
-//! index range on either side), so memory stays bounded whatever the
-//! volume and no statement runs long. Each page is folded into per-window
+//! Both sides are read in slices of the id range (an index range on either
+//! side) sized to about [`SLICE_TARGET`] ids, so memory stays bounded
+//! whatever the volume and no statement runs long. Each page is folded into per-window
 //! [`IdDigest`]s; windows whose digests are equal are done. Only the
 //! windows that differ are read again, id by id, to name the missing and
 //! unexpected ids.
@@ -18,16 +18,64 @@ use uuid::Uuid;
 
 use crate::metric_definitions as m;
 
-/// Ids read per statement.
-pub const PAGE: usize = 10_000;
+/// Ids a slice aims at: slices of the id range (i.e. of time) are halved
+/// when they return more than twice this, doubled below half of it.
+pub const SLICE_TARGET: usize = 20_000;
+/// First slice length.
+const FIRST_SLICE_MS: i64 = 60_000;
 
 /// Progress of a reconciliation, for a progress bar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Progress {
     /// `sent`, `processed` (digests) or `detail` (mismatching windows).
     pub phase: &'static str,
     /// Ids read so far in this phase.
     pub rows: u64,
+    /// How far through the range this phase is, 0.0 to 1.0.
+    pub fraction: f64,
+}
+
+/// Read every id of `range` in time slices sized to about
+/// [`SLICE_TARGET`] ids each, handing each slice to `each`. Memory is
+/// bounded by the densest slice, and no statement sorts or runs long.
+async fn scan<F, Fut>(
+    range: IdRange,
+    phase: &'static str,
+    progress: &(dyn Fn(Progress) + Send + Sync),
+    mut fetch: F,
+    mut each: impl FnMut(Vec<Uuid>),
+) -> Result<()>
+where
+    F: FnMut(IdRange) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Uuid>>>,
+{
+    let start = id_millis(&range.from);
+    let end_id = range.to;
+    let span = (id_millis(&end_id) - start).max(1) as f64;
+    let mut lo = range.from;
+    let mut step = FIRST_SLICE_MS;
+    let mut rows = 0u64;
+    while lo < end_id {
+        let hi_ms = id_millis(&lo).saturating_add(step);
+        let hi = id_at(at_ms(hi_ms)).min(end_id);
+        let hi = if hi <= lo { end_id } else { hi };
+        let ids = fetch(IdRange { from: lo, to: hi }).await?;
+        let n = ids.len();
+        rows += n as u64;
+        each(ids);
+        progress(Progress {
+            phase,
+            rows,
+            fraction: ((id_millis(&hi) - start) as f64 / span).clamp(0.0, 1.0),
+        });
+        if n > SLICE_TARGET * 2 {
+            step = (step / 2).max(1);
+        } else if n < SLICE_TARGET / 2 {
+            step = step.saturating_mul(2);
+        }
+        lo = hi;
+    }
+    Ok(())
 }
 
 async fn digest_side<F, Fut>(
@@ -35,44 +83,28 @@ async fn digest_side<F, Fut>(
     window_ms: i64,
     phase: &'static str,
     progress: &(dyn Fn(Progress) + Send + Sync),
-    mut page: F,
+    fetch: F,
 ) -> Result<BTreeMap<i64, IdDigest>>
 where
     F: FnMut(IdRange) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<Uuid>>>,
 {
     let mut out = BTreeMap::new();
-    let mut from = range.from;
-    let mut rows = 0u64;
-    loop {
-        let ids = page(IdRange { from, to: range.to }).await?;
-        digests_by_window(&ids, window_ms, &mut out);
-        rows += ids.len() as u64;
-        progress(Progress { phase, rows });
-        match ids.last() {
-            Some(last) if ids.len() == PAGE => from = id_after(last),
-            _ => return Ok(out),
-        }
-    }
+    scan(range, phase, progress, fetch, |ids| {
+        digests_by_window(&ids, window_ms, &mut out)
+    })
+    .await?;
+    Ok(out)
 }
 
-async fn all_ids<F, Fut>(range: IdRange, mut page: F) -> Result<BTreeSet<Uuid>>
+async fn all_ids<F, Fut>(range: IdRange, fetch: F) -> Result<BTreeSet<Uuid>>
 where
     F: FnMut(IdRange) -> Fut,
     Fut: std::future::Future<Output = Result<Vec<Uuid>>>,
 {
     let mut out = BTreeSet::new();
-    let mut from = range.from;
-    loop {
-        let ids = page(IdRange { from, to: range.to }).await?;
-        let full = ids.len() == PAGE;
-        let last = ids.last().copied();
-        out.extend(ids);
-        match last {
-            Some(last) if full => from = id_after(&last),
-            _ => return Ok(out),
-        }
-    }
+    scan(range, "detail", &|_| {}, fetch, |ids| out.extend(ids)).await?;
+    Ok(out)
 }
 
 fn at_ms(ms: i64) -> DateTime<Utc> {
@@ -108,11 +140,11 @@ pub async fn reconcile<S: SentHistory, P: ProcessedHistory>(
     let consumer = query.consumer.as_str();
 
     let sent_d = digest_side(range, window_ms, "sent", progress, |r| {
-        sent.sent_ids(topic, r, PAGE)
+        sent.sent_ids(topic, r)
     })
     .await?;
     let proc_d = digest_side(range, window_ms, "processed", progress, |r| {
-        processed.processed_ids(consumer, topic, r, PAGE)
+        processed.processed_ids(consumer, topic, r)
     })
     .await?;
 
@@ -139,12 +171,13 @@ pub async fn reconcile<S: SentHistory, P: ProcessedHistory>(
             from: id_at(at_ms(start)).max(range.from),
             to: id_at(at_ms(start.saturating_add(window_ms))).min(range.to),
         };
-        let s_ids = all_ids(w, |r| sent.sent_ids(topic, r, PAGE)).await?;
-        let p_ids = all_ids(w, |r| processed.processed_ids(consumer, topic, r, PAGE)).await?;
+        let s_ids = all_ids(w, |r| sent.sent_ids(topic, r)).await?;
+        let p_ids = all_ids(w, |r| processed.processed_ids(consumer, topic, r)).await?;
         detail_rows += (s_ids.len() + p_ids.len()) as u64;
         progress(Progress {
             phase: "detail",
             rows: detail_rows,
+            fraction: 1.0,
         });
         sent_not_processed.extend(s_ids.difference(&p_ids).copied());
         unexpected.extend(p_ids.difference(&s_ids).copied());

@@ -1,9 +1,12 @@
-//! The `custody` command line: `demo`, `migrate`, `relay`, `dlq`.
+//! The `custody` command line: `demo`, `migrate`, `relay`, `dlq`, `reconcile`, `trace`.
 #![forbid(unsafe_code)]
 
 mod config;
 mod demo;
+mod dlq;
 mod ops;
+mod reconcile;
+mod trace;
 
 use std::path::PathBuf;
 
@@ -29,8 +32,12 @@ enum Command {
     Migrate(ops::MigrateArgs),
     /// Move committed outbox messages to NATS JetStream until stopped (SIGINT/SIGTERM).
     Relay(ops::RelayArgs),
-    /// Inspect dead letters.
-    Dlq(ops::DlqArgs),
+    /// Dead letters: list, show, redrive (back to the consumer or the relay), purge.
+    Dlq(dlq::DlqArgs),
+    /// Compare what a producer sent with what a consumer processed, per time window.
+    Reconcile(reconcile::ReconcileArgs),
+    /// One message's timeline across the databases given: enqueued, published, processed, dead.
+    Trace(trace::TraceArgs),
     /// Internal: a process of the demo (consumer or relay), started and killed by `custody demo`.
     #[command(hide = true)]
     DemoWorker(demo::WorkerArgs),
@@ -78,7 +85,15 @@ fn main() -> std::process::ExitCode {
             }
             Command::Dlq(args) => {
                 init_tracing("warn");
-                ops::dlq(args).await
+                dlq::run(args).await
+            }
+            Command::Reconcile(args) => {
+                init_tracing("warn");
+                reconcile::run(args).await
+            }
+            Command::Trace(args) => {
+                init_tracing("warn");
+                trace::run(args).await
             }
         }
     });

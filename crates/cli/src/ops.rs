@@ -1,9 +1,9 @@
-//! Operational commands: migrate, relay, dlq.
+//! Operational commands: migrate, relay (dead letters: `dlq.rs`).
 
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand};
-use custody::{CancellationToken, DeadLetter, Relay};
+use clap::Args;
+use custody::{CancellationToken, Relay};
 
 use crate::config::Config;
 
@@ -103,64 +103,6 @@ pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
         "relay stopped: published {}, dead-lettered {}, failed attempts {}",
         stats.published, stats.dead_lettered, stats.failures
     );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `custody dlq`.
-#[derive(Debug, Args)]
-pub struct DlqArgs {
-    #[command(subcommand)]
-    pub command: DlqCommand,
-}
-
-/// Dead-letter subcommands.
-#[derive(Debug, Subcommand)]
-pub enum DlqCommand {
-    /// List dead letters with their reasons.
-    List {
-        /// Database URL (`postgres://…` or a SQLite file).
-        #[arg(long, env = "CUSTODY_DB")]
-        db: String,
-        /// Print JSON lines instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-}
-
-pub async fn dlq(args: DlqArgs) -> anyhow::Result<ExitCode> {
-    let DlqCommand::List { db, json } = args.command;
-    let rows: Vec<DeadLetter> = match Db::parse(&db) {
-        Db::Sqlite(url) => {
-            custody::sqlite::dead_letters(&custody::sqlite::connect(&url).await?).await?
-        }
-        Db::Postgres(url) => {
-            custody::postgres::dead_letters(&custody::postgres::connect(&url).await?).await?
-        }
-    };
-    for d in &rows {
-        if json {
-            let v = serde_json::json!({
-                "message_id": d.message_id.map(|i| i.to_string()),
-                "origin": d.origin, "topic": d.topic, "key": d.key, "type": d.message_type,
-                "error": d.error, "attempts": d.attempts, "dead_at": d.dead_at.to_rfc3339(),
-            });
-            println!("{v}");
-        } else {
-            println!(
-                "{}  {:<18} {:<12} {:<16} {}",
-                d.message_id
-                    .map(|i| i.to_string())
-                    .unwrap_or_else(|| "(no id)".into()),
-                d.origin,
-                d.topic,
-                d.message_type.as_deref().unwrap_or("?"),
-                d.error
-            );
-        }
-    }
-    if !json {
-        println!("{} dead letter(s)", rows.len());
-    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,0 +1,366 @@
+//! `custody dlq list|show|redrive|purge`: dead letters of one database.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Subcommand};
+use custody::{DeadLetter, Message};
+use uuid::Uuid;
+
+use crate::ops::{redact, Db};
+use crate::reconcile::parse_time;
+
+/// `custody dlq`.
+#[derive(Debug, Args)]
+pub struct DlqArgs {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+/// Which dead letters a command applies to.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Filter {
+    /// Only this topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only dead letters of this consumer (`consumer:<name>`); `relay` for the relay's.
+    #[arg(long)]
+    pub consumer: Option<String>,
+    /// Only those whose error contains this text (case-insensitive).
+    #[arg(long)]
+    pub error: Option<String>,
+    /// Only those dead-lettered at or after this time (RFC 3339, or a duration ago: `2h`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only those dead-lettered before this time (same forms).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+/// Dead-letter subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters with their reasons.
+    List {
+        /// Database URL (`postgres://…` or a SQLite file).
+        #[arg(long, env = "CUSTODY_DB")]
+        db: String,
+        #[command(flatten)]
+        filter: Filter,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter in full: error, envelope, payload.
+    Show {
+        /// Message id, or `#<seq>` for one without an id.
+        id: String,
+        /// Database URL.
+        #[arg(long, env = "CUSTODY_DB")]
+        db: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back: a consumer's go back to that consumer (processed once through
+    /// its inbox), the relay's go back to pending in the outbox.
+    Redrive(BulkArgs),
+    /// Delete dead letters (a consumer's inbox row stays: a late redelivery is still skipped).
+    Purge(BulkArgs),
+}
+
+/// Selection for `redrive` and `purge`.
+#[derive(Debug, Args)]
+pub struct BulkArgs {
+    /// Message ids (or `#<seq>`); or use `--all` or filters.
+    pub ids: Vec<String>,
+    /// Database URL.
+    #[arg(long, env = "CUSTODY_DB")]
+    pub db: String,
+    /// Every dead letter that matches the filters (all of them without filters).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Show what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Do not ask for confirmation when more than one dead letter is selected.
+    #[arg(long)]
+    pub yes: bool,
+}
+
+struct Resolved {
+    from: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.topic.is_none()
+            && self.consumer.is_none()
+            && self.error.is_none()
+            && self.since.is_none()
+            && self.until.is_none()
+    }
+
+    fn resolve(&self) -> anyhow::Result<Resolved> {
+        let now = Utc::now();
+        Ok(Resolved {
+            from: self
+                .since
+                .as_deref()
+                .map(|s| parse_time(s, now))
+                .transpose()?,
+            until: self
+                .until
+                .as_deref()
+                .map(|s| parse_time(s, now))
+                .transpose()?,
+        })
+    }
+
+    fn matches(&self, r: &Resolved, d: &DeadLetter) -> bool {
+        let origin_ok = match self.consumer.as_deref() {
+            None => true,
+            Some("relay") => d.origin == "relay",
+            Some(c) => d.origin == format!("consumer:{c}"),
+        };
+        origin_ok
+            && self.topic.as_ref().is_none_or(|t| &d.topic == t)
+            && self
+                .error
+                .as_ref()
+                .is_none_or(|e| d.error.to_lowercase().contains(&e.to_lowercase()))
+            && r.from.is_none_or(|f| d.dead_at >= f)
+            && r.until.is_none_or(|u| d.dead_at < u)
+    }
+}
+
+async fn rows(db: &str) -> anyhow::Result<Vec<(i64, DeadLetter)>> {
+    Ok(match Db::parse(db) {
+        Db::Sqlite(u) => {
+            let pool = custody::sqlite::connect(&u).await?;
+            custody::sqlite::migrate(&pool).await?;
+            custody::sqlite::dead_letter_rows(&pool).await?
+        }
+        Db::Postgres(u) => {
+            let pool = custody::postgres::connect(&u).await?;
+            custody::postgres::migrate(&pool).await?;
+            custody::postgres::dead_letter_rows(&pool).await?
+        }
+    })
+}
+
+/// Select by ids (`uuid` or `#seq`), else by filters; `None` = selector error.
+fn select<'a>(
+    all: &'a [(i64, DeadLetter)],
+    ids: &[String],
+    filter: &Filter,
+) -> anyhow::Result<Vec<&'a (i64, DeadLetter)>> {
+    let r = filter.resolve()?;
+    if ids.is_empty() {
+        return Ok(all.iter().filter(|(_, d)| filter.matches(&r, d)).collect());
+    }
+    let mut out = Vec::new();
+    for want in ids {
+        let found: Vec<&(i64, DeadLetter)> = if let Some(seq) = want.strip_prefix('#') {
+            let seq: i64 = seq.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "{want:?}: after '#' comes a dead letter's sequence number, e.g. #12"
+                )
+            })?;
+            all.iter().filter(|(s, _)| *s == seq).collect()
+        } else {
+            let id = Uuid::parse_str(want).map_err(|e| {
+                anyhow::anyhow!("{want:?} is not a message id ({e}); give a UUID, or #<seq> as `custody dlq list` shows")
+            })?;
+            all.iter()
+                .filter(|(_, d)| d.message_id == Some(id))
+                .collect()
+        };
+        if found.is_empty() {
+            anyhow::bail!(
+                "no dead letter {want} in this database; `custody dlq list --db …` shows what is there"
+            );
+        }
+        out.extend(found.into_iter().filter(|(_, d)| filter.matches(&r, d)));
+    }
+    Ok(out)
+}
+
+fn line(seq: i64, d: &DeadLetter) -> String {
+    format!(
+        "#{seq:<5} {}  {:<18} {:<12} {:<16} {}",
+        d.message_id
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "(no id)".into()),
+        d.origin,
+        d.topic,
+        d.message_type.as_deref().unwrap_or("?"),
+        d.error
+    )
+}
+
+fn json(seq: i64, d: &DeadLetter) -> serde_json::Value {
+    serde_json::json!({
+        "seq": seq,
+        "message_id": d.message_id.map(|i| i.to_string()),
+        "origin": d.origin, "topic": d.topic, "key": d.key, "type": d.message_type,
+        "error": d.error, "attempts": d.attempts, "dead_at": d.dead_at.to_rfc3339(),
+    })
+}
+
+/// `custody dlq …`.
+pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        DlqCommand::List {
+            db,
+            filter,
+            json: as_json,
+        } => {
+            let all = rows(&db).await?;
+            let sel = select(&all, &[], &filter)?;
+            for (seq, d) in &sel {
+                if as_json {
+                    println!("{}", json(*seq, d));
+                } else {
+                    println!("{}", line(*seq, d));
+                }
+            }
+            if !as_json {
+                println!("{} dead letter(s)", sel.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show {
+            id,
+            db,
+            json: as_json,
+        } => {
+            let all = rows(&db).await?;
+            let sel = select(&all, std::slice::from_ref(&id), &Filter::default())?;
+            for (seq, d) in sel {
+                let envelope: Option<serde_json::Value> = d
+                    .envelope
+                    .as_deref()
+                    .and_then(|e| serde_json::from_str::<Message>(e).ok())
+                    .map(|m| {
+                        let mut v = serde_json::to_value(&m).unwrap_or_default();
+                        // payload readable when it is text
+                        if let Ok(text) = String::from_utf8(m.payload.clone()) {
+                            v["payload"] = serde_json::Value::String(text);
+                        }
+                        v
+                    });
+                if as_json {
+                    let mut v = json(*seq, d);
+                    v["envelope"] = envelope.unwrap_or(serde_json::Value::Null);
+                    v["payload"] =
+                        serde_json::Value::String(String::from_utf8_lossy(&d.payload).into_owned());
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    println!("{}", line(*seq, d));
+                    println!("  key:      {}", d.key.as_deref().unwrap_or("?"));
+                    println!("  attempts: {}", d.attempts);
+                    println!("  dead at:  {}", d.dead_at.to_rfc3339());
+                    println!("  error:    {}", d.error);
+                    match envelope {
+                        Some(e) => println!(
+                            "  envelope: {}",
+                            serde_json::to_string_pretty(&e)?.replace('\n', "\n  ")
+                        ),
+                        None => println!(
+                            "  envelope: (none: the message was malformed)\n  payload:  {}",
+                            String::from_utf8_lossy(&d.payload)
+                        ),
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Redrive(b) => bulk(b, true).await,
+        DlqCommand::Purge(b) => bulk(b, false).await,
+    }
+}
+
+async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
+    let verb = if redrive { "redrive" } else { "purge" };
+    if b.ids.is_empty() && !b.all && b.filter.is_empty() {
+        anyhow::bail!(
+            "say which dead letters to {verb}: message ids, filters (--topic, --consumer, --error, --since, --until), or --all"
+        );
+    }
+    let all = rows(&b.db).await?;
+    let sel = select(&all, &b.ids, &b.filter)?;
+    if sel.is_empty() {
+        println!("no dead letter matches; nothing to {verb}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (seq, d) in &sel {
+        println!("{}", line(*seq, d));
+    }
+    if b.dry_run {
+        println!(
+            "dry run: would {verb} {} dead letter(s) in {}",
+            sel.len(),
+            redact(&b.db)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if sel.len() > 1 && !b.yes {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            anyhow::bail!(
+                "refusing to {verb} {} dead letters without confirmation; pass --yes (or --dry-run to only list them)",
+                sel.len()
+            );
+        }
+        print!("{verb} these {} dead letters? [y/N] ", sel.len());
+        std::io::stdout().flush()?;
+        let mut answer = String::new();
+        stdin.lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing done");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let seqs: Vec<i64> = sel.iter().map(|(s, _)| *s).collect();
+    if !redrive {
+        let n = match Db::parse(&b.db) {
+            Db::Sqlite(u) => {
+                custody::sqlite::purge(&custody::sqlite::connect(&u).await?, &seqs).await?
+            }
+            Db::Postgres(u) => {
+                custody::postgres::purge(&custody::postgres::connect(&u).await?, &seqs).await?
+            }
+        };
+        println!("purged {n} dead letter(s)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = Utc::now();
+    let (to_consumer, to_relay, skipped) = match Db::parse(&b.db) {
+        Db::Sqlite(u) => {
+            let o =
+                custody::sqlite::redrive(&custody::sqlite::connect(&u).await?, &seqs, now).await?;
+            (o.to_consumer, o.to_relay, o.skipped)
+        }
+        Db::Postgres(u) => {
+            let o = custody::postgres::redrive(&custody::postgres::connect(&u).await?, &seqs, now)
+                .await?;
+            (o.to_consumer, o.to_relay, o.skipped)
+        }
+    };
+    println!(
+        "redriven: {to_consumer} back to their consumer (processed at its next redrive check, once), {to_relay} back to pending for the relay"
+    );
+    for (seq, why) in &skipped {
+        println!("skipped #{seq}: {why}");
+    }
+    Ok(if skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,485 @@
+//! `custody reconcile`: balancing controls between a producer's outbox and a
+//! consumer's inbox (docs/OPERATIONS.md).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::Args;
+use custody::reconcile::{export_report, reconcile, IdRange, Progress};
+use custody::{ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory};
+use indicatif::{ProgressBar, ProgressStyle};
+use uuid::Uuid;
+
+use crate::ops::{redact, shutdown_token, Db};
+
+/// `custody reconcile`.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The producer's database (its outbox history): `postgres://…` or a SQLite file.
+    #[arg(long)]
+    pub producer: String,
+    /// The consumer's database (its inbox): `postgres://…` or a SQLite file.
+    #[arg(long)]
+    pub consumer: String,
+    /// The consumer's name in its inbox (`ConsumerConfig::name`).
+    #[arg(long)]
+    pub consumer_name: String,
+    /// The topic to reconcile.
+    #[arg(long)]
+    pub topic: String,
+    /// Start of the range: RFC 3339 (`2026-11-21T10:00:00Z`) or a duration ago (`6h`).
+    /// Default `23h` (inside the default 24 h outbox retention).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End of the range, same forms. Default: now minus `--settle`.
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Without `--to`, messages younger than this are in flight and not checked.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
+    pub settle: Duration,
+    /// Window length: digests are compared per window, ids listed only for windows that differ.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    pub window: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Re-send the missing messages through the normal path, then check again: put their outbox
+    /// rows back to pending for the relay (a running relay republishes them), or with
+    /// `--embedded-subscription` rewind that reader's checkpoint.
+    #[arg(long)]
+    pub repair: bool,
+    /// The consumer reads the producer's outbox directly (embedded transport) under this
+    /// subscription name; `--repair` rewinds it (stop the consumer first, start it after).
+    #[arg(long)]
+    pub embedded_subscription: Option<String>,
+    /// How long `--repair` waits for the gap to close before the second report.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub repair_wait: Duration,
+    /// Reconcile every interval until stopped (SIGINT/SIGTERM); logs a warning per gap and exports
+    /// gap counts as gauges.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub watch: Option<Duration>,
+    /// With `--watch`: also write the gauges in Prometheus text format to this file after every
+    /// round (e.g. for node_exporter's textfile collector).
+    #[arg(long)]
+    pub metrics_file: Option<PathBuf>,
+}
+
+/// The producer's side, whichever backend.
+pub enum Producer {
+    /// SQLite outbox.
+    Sqlite(custody::sqlite::SqliteOutbox),
+    /// PostgreSQL outbox.
+    Postgres(custody::postgres::PgOutbox),
+}
+
+/// The consumer's side, whichever backend.
+pub enum ConsumerDb {
+    /// SQLite inbox.
+    Sqlite(custody::sqlite::SqliteInbox),
+    /// PostgreSQL inbox.
+    Postgres(custody::postgres::PgInbox),
+}
+
+impl SentHistory for Producer {
+    async fn sent_ids(&self, topic: &str, range: IdRange) -> custody::Result<Vec<Uuid>> {
+        match self {
+            Producer::Sqlite(o) => o.sent_ids(topic, range).await,
+            Producer::Postgres(o) => o.sent_ids(topic, range).await,
+        }
+    }
+    async fn sent_dead(&self, topic: &str, range: IdRange) -> custody::Result<Vec<(Uuid, String)>> {
+        match self {
+            Producer::Sqlite(o) => o.sent_dead(topic, range).await,
+            Producer::Postgres(o) => o.sent_dead(topic, range).await,
+        }
+    }
+    async fn republish(&self, ids: &[Uuid]) -> custody::Result<u64> {
+        match self {
+            Producer::Sqlite(o) => o.republish(ids).await,
+            Producer::Postgres(o) => o.republish(ids).await,
+        }
+    }
+}
+
+impl ProcessedHistory for ConsumerDb {
+    async fn processed_ids(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+    ) -> custody::Result<Vec<Uuid>> {
+        match self {
+            ConsumerDb::Sqlite(i) => i.processed_ids(consumer, topic, range).await,
+            ConsumerDb::Postgres(i) => i.processed_ids(consumer, topic, range).await,
+        }
+    }
+    async fn processed_dead(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+    ) -> custody::Result<Vec<(Uuid, String)>> {
+        match self {
+            ConsumerDb::Sqlite(i) => i.processed_dead(consumer, topic, range).await,
+            ConsumerDb::Postgres(i) => i.processed_dead(consumer, topic, range).await,
+        }
+    }
+    async fn redriving(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+    ) -> custody::Result<Vec<Uuid>> {
+        match self {
+            ConsumerDb::Sqlite(i) => i.redriving(consumer, topic, range).await,
+            ConsumerDb::Postgres(i) => i.redriving(consumer, topic, range).await,
+        }
+    }
+}
+
+async fn open_producer(url: &str) -> anyhow::Result<Producer> {
+    Ok(match Db::parse(url) {
+        Db::Sqlite(u) => {
+            let pool = custody::sqlite::connect(&u).await?;
+            custody::sqlite::migrate(&pool).await?;
+            Producer::Sqlite(custody::sqlite::SqliteOutbox::new(pool))
+        }
+        Db::Postgres(u) => {
+            let pool = custody::postgres::connect(&u).await?;
+            custody::postgres::migrate(&pool).await?;
+            Producer::Postgres(custody::postgres::PgOutbox::new(pool))
+        }
+    })
+}
+
+async fn open_consumer(url: &str) -> anyhow::Result<ConsumerDb> {
+    Ok(match Db::parse(url) {
+        Db::Sqlite(u) => {
+            let pool = custody::sqlite::connect(&u).await?;
+            custody::sqlite::migrate(&pool).await?;
+            ConsumerDb::Sqlite(custody::sqlite::SqliteInbox::new(pool))
+        }
+        Db::Postgres(u) => {
+            let pool = custody::postgres::connect(&u).await?;
+            custody::postgres::migrate(&pool).await?;
+            ConsumerDb::Postgres(custody::postgres::PgInbox::new(pool))
+        }
+    })
+}
+
+/// Parse `--from` / `--to`: RFC 3339, or a duration meaning "that long ago".
+pub fn parse_time(s: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(now - chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)),
+        Err(_) => anyhow::bail!(
+            "{s:?} is neither an RFC 3339 time (2026-11-21T10:00:00Z) nor a duration ago (6h, 30m)"
+        ),
+    }
+}
+
+fn range(args: &ReconcileArgs) -> anyhow::Result<(DateTime<Utc>, DateTime<Utc>)> {
+    let now = Utc::now();
+    let to = match &args.to {
+        Some(t) => parse_time(t, now).context("--to")?,
+        None => now - chrono::Duration::from_std(args.settle).unwrap_or_default(),
+    };
+    let from = parse_time(args.from.as_deref().unwrap_or("23h"), now).context("--from")?;
+    if from >= to {
+        anyhow::bail!("--from ({from}) must be before --to ({to})");
+    }
+    Ok((from, to))
+}
+
+fn progress_bar(json: bool) -> ProgressBar {
+    // hidden automatically when stderr is not a terminal
+    let bar = if json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(1000)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:<34} [{bar:30}] {elapsed_precise}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+async fn run_once(
+    producer: &Producer,
+    consumer: &ConsumerDb,
+    q: &ReconcileQuery,
+    json: bool,
+) -> anyhow::Result<ReconcileReport> {
+    let bar = progress_bar(json);
+    let b = bar.clone();
+    let progress = move |p: Progress| {
+        b.set_message(format!("{} ids read: {}", p.phase, p.rows));
+        b.set_position((p.fraction * 1000.0) as u64);
+    };
+    let r = reconcile(producer, consumer, q, &progress).await;
+    bar.finish_and_clear();
+    Ok(r?)
+}
+
+/// `custody reconcile`.
+pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
+    let producer = open_producer(&args.producer)
+        .await
+        .with_context(|| format!("producer database {}", redact(&args.producer)))?;
+    let consumer = open_consumer(&args.consumer)
+        .await
+        .with_context(|| format!("consumer database {}", redact(&args.consumer)))?;
+    if let Some(every) = args.watch {
+        return watch(&args, &producer, &consumer, every).await;
+    }
+    let (from, to) = range(&args)?;
+    let q = ReconcileQuery {
+        topic: args.topic.clone(),
+        consumer: args.consumer_name.clone(),
+        from,
+        to,
+        window: args.window,
+    };
+    let report = run_once(&producer, &consumer, &q, args.json).await?;
+    if !args.repair || report.missing.is_empty() {
+        print(&report, args.json);
+        return Ok(exit_code(&report));
+    }
+    if !args.json {
+        print(&report, false);
+    }
+    let what = match &args.embedded_subscription {
+        Some(sub) => {
+            let at = match &producer {
+                Producer::Sqlite(o) => {
+                    custody::sqlite::rewind_checkpoint(o.pool(), sub, &report.missing).await?
+                }
+                Producer::Postgres(o) => {
+                    custody::postgres::rewind_checkpoint(o.pool(), sub, &report.missing).await?
+                }
+            };
+            match at {
+                Some(p) => format!(
+                    "rewound subscription {sub:?} to position {p}; (re)start its consumer: it delivers the rest again and its inbox skips what it has"
+                ),
+                None => format!(
+                    "subscription {sub:?} is already before the missing messages (or has no checkpoint); its consumer has not read them yet"
+                ),
+            }
+        }
+        None => {
+            let n = producer.republish(&report.missing).await?;
+            format!(
+                "put {n} of {} missing messages back to pending; a running relay republishes them (others are still pending or were pruned)",
+                report.missing.len()
+            )
+        }
+    };
+    if !args.json {
+        println!("\nrepair: {what}");
+        println!(
+            "waiting up to {} for the gap to close…",
+            humantime::format_duration(args.repair_wait)
+        );
+    }
+    let deadline = tokio::time::Instant::now() + args.repair_wait;
+    let after = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = run_once(&producer, &consumer, &q, true).await?;
+        if r.missing.is_empty() || tokio::time::Instant::now() >= deadline {
+            break r;
+        }
+    };
+    if args.json {
+        let v = serde_json::json!({ "before": report, "repair": what, "after": after });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("\nafter repair:");
+        print(&after, false);
+        if !after.missing.is_empty() {
+            println!(
+                "still missing after {}: is a relay running on the producer's outbox (or, embedded, was the consumer restarted)? Run again with a longer --repair-wait, or check `custody trace ID`",
+                humantime::format_duration(args.repair_wait)
+            );
+        }
+    }
+    Ok(exit_code(&after))
+}
+
+/// 0 clean, 1 something missing, 2 nothing missing but unexpected ids.
+fn exit_code(r: &ReconcileReport) -> ExitCode {
+    if !r.missing.is_empty() {
+        ExitCode::from(1)
+    } else if !r.unexpected.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn watch(
+    args: &ReconcileArgs,
+    producer: &Producer,
+    consumer: &ConsumerDb,
+    every: Duration,
+) -> anyhow::Result<ExitCode> {
+    let cancel = shutdown_token();
+    let mut last = ExitCode::SUCCESS;
+    loop {
+        let (from, to) = range(args)?;
+        let q = ReconcileQuery {
+            topic: args.topic.clone(),
+            consumer: args.consumer_name.clone(),
+            from,
+            to,
+            window: args.window,
+        };
+        match run_once(producer, consumer, &q, true).await {
+            Ok(r) => {
+                export_report(&r);
+                if let Some(path) = &args.metrics_file {
+                    if let Err(e) = write_metrics(path, &r) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot write metrics file");
+                    }
+                }
+                if args.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{} {}..{}: windows {} (mismatching {}), sent {}, processed {}, missing {}, unexpected {}, dead-lettered {}",
+                        Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
+                        r.from.format("%H:%M:%S"),
+                        r.to.format("%H:%M:%S"),
+                        r.windows_checked,
+                        r.mismatching,
+                        r.sent,
+                        r.processed,
+                        r.missing.len(),
+                        r.unexpected.len(),
+                        r.dead_lettered.len()
+                    );
+                }
+                last = exit_code(&r);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reconcile round failed; retrying at the next interval")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(last),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Prometheus text exposition of a report's gauges, written atomically.
+fn write_metrics(path: &std::path::Path, r: &ReconcileReport) -> anyhow::Result<()> {
+    use custody::metric_definitions as m;
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let (t, c) = (esc(&r.topic), esc(&r.consumer));
+    let mut out = format!(
+        "# HELP {g} Gaps found by the last reconciliation.\n# TYPE {g} gauge\n",
+        g = m::RECONCILE_GAPS
+    );
+    for (kind, n) in [
+        ("missing", r.missing.len()),
+        ("unexpected", r.unexpected.len()),
+        ("dead_lettered", r.dead_lettered.len()),
+    ] {
+        out.push_str(&format!(
+            "{}{{topic=\"{t}\",consumer=\"{c}\",kind=\"{kind}\"}} {n}\n",
+            m::RECONCILE_GAPS
+        ));
+    }
+    out.push_str(&format!(
+        "# HELP {w} Windows checked by the last reconciliation.\n# TYPE {w} gauge\n",
+        w = m::RECONCILE_WINDOWS
+    ));
+    for (result, n) in [("matching", r.matching), ("mismatching", r.mismatching)] {
+        out.push_str(&format!(
+            "{}{{topic=\"{t}\",consumer=\"{c}\",result=\"{result}\"}} {n}\n",
+            m::RECONCILE_WINDOWS
+        ));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn print(r: &ReconcileReport, json: bool) {
+    if json {
+        match serde_json::to_string_pretty(r) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: report does not serialize: {e}"),
+        }
+        return;
+    }
+    let ts = |t: DateTime<Utc>| t.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    println!(
+        "reconcile topic {:?}, consumer {:?}: {} .. {}, windows of {}",
+        r.topic,
+        r.consumer,
+        ts(r.from),
+        ts(r.to),
+        humantime::format_duration(Duration::from_secs(r.window_secs))
+    );
+    let show_all = r.windows.len() <= 48;
+    println!("  {:<22} {:>10} {:>10}", "window", "sent", "processed");
+    for w in r.windows.iter().filter(|w| show_all || !w.matching) {
+        println!(
+            "  {:<22} {:>10} {:>10}  {}",
+            ts(w.start),
+            w.sent,
+            w.processed,
+            if w.matching { "ok" } else { "MISMATCH" }
+        );
+    }
+    println!(
+        "windows checked {}, matching {}, mismatching {}",
+        r.windows_checked, r.matching, r.mismatching
+    );
+    println!("sent {}, processed {}", r.sent, r.processed);
+    let list = |title: &str, ids: &[Uuid]| {
+        println!("{title}: {}", ids.len());
+        for id in ids.iter().take(50) {
+            println!("  {id}");
+        }
+        if ids.len() > 50 {
+            println!("  … {} more (--json lists all)", ids.len() - 50);
+        }
+    };
+    list("missing (sent, never processed)", &r.missing);
+    list(
+        "unexpected (processed, never sent by this producer)",
+        &r.unexpected,
+    );
+    println!("dead-lettered (accounted for): {}", r.dead_lettered.len());
+    for d in r.dead_lettered.iter().take(50) {
+        println!("  {}  {:<8}  {}", d.id, d.side, d.error);
+    }
+    if !r.redriving.is_empty() {
+        list("being redriven (accounted for)", &r.redriving);
+    }
+    if r.is_clean() {
+        println!("RESULT: OK — every message sent was processed or dead-lettered");
+    } else if !r.missing.is_empty() {
+        println!(
+            "RESULT: {} MISSING — `custody reconcile … --repair` re-sends them; `custody trace ID` shows where one stopped",
+            r.missing.len()
+        );
+    } else {
+        println!(
+            "RESULT: {} UNEXPECTED — processed but not in this producer's history (another producer on the topic, or its history was pruned: keep --from within the outbox retention)",
+            r.unexpected.len()
+        );
+    }
+}

@@ -30,7 +30,7 @@ impl Drop for Dir {
     }
 }
 
-fn fresh_db(dir: &Path, name: &str) -> anyhow::Result<String> {
+pub(crate) fn fresh_db(dir: &Path, name: &str) -> anyhow::Result<String> {
     for suffix in ["", "-wal", "-shm"] {
         let p = dir.join(format!("{name}{suffix}"));
         if p.exists() {
@@ -199,7 +199,7 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
 }
 
 /// Hold B's write lock for `d`: B is "down" for writers.
-async fn lock_database(path: String, d: Duration) -> anyhow::Result<()> {
+pub(crate) async fn lock_database(path: String, d: Duration) -> anyhow::Result<()> {
     let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{path}")).await?;
     sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await?;
     tokio::time::sleep(d).await;
@@ -297,7 +297,7 @@ fn uuid_of(s: &str) -> anyhow::Result<Uuid> {
     Uuid::parse_str(s).with_context(|| format!("bad uuid {s:?} in a demo table"))
 }
 
-async fn observe(a: &SqlitePool, b: &SqlitePool) -> anyhow::Result<Observed> {
+pub(crate) async fn observe(a: &SqlitePool, b: &SqlitePool) -> anyhow::Result<Observed> {
     let mut obs = Observed::default();
     for r in sqlx::query(
         "SELECT id, message_type FROM custody_outbox WHERE topic = 'orders' ORDER BY position",

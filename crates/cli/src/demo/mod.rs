@@ -2,10 +2,10 @@
 //! databases, real faults injected while messages flow, and a report computed
 //! by comparing A's and B's databases.
 
-mod billing;
-mod embedded;
-mod pg_nats;
-mod report;
+pub(crate) mod billing;
+pub(crate) mod embedded;
+pub(crate) mod pg_nats;
+pub(crate) mod report;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -50,6 +50,14 @@ pub enum Role {
     RelayPg,
     /// Billing consumer on NATS into B's PostgreSQL.
     ConsumePg,
+    /// `custody chaos`: the producer (service A) on SQLite, committing at `--rate`.
+    ProduceSqlite,
+    /// `custody chaos`: the producer on PostgreSQL.
+    ProducePg,
+    /// `custody chaos`: billing on the embedded transport, failing transiently (`--flaky`).
+    ChaosConsumeEmbedded,
+    /// `custody chaos`: billing on NATS into PostgreSQL, failing transiently (`--flaky`).
+    ChaosConsumePg,
 }
 
 /// `custody demo-worker` options (internal).
@@ -73,6 +81,24 @@ pub struct WorkerArgs {
     /// Subject prefix.
     #[arg(long, default_value = "")]
     pub prefix: String,
+    /// Relay id (its name in the lease table).
+    #[arg(long, default_value = "demo-relay")]
+    pub id: String,
+    /// Producer: seed of its workload.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Producer: transactions per second.
+    #[arg(long, default_value_t = 50)]
+    pub rate: u64,
+    /// Producer: customers (ordering keys).
+    #[arg(long, default_value_t = 20)]
+    pub customers: u64,
+    /// Producer: file the ids of rolled-back orders are appended to.
+    #[arg(long)]
+    pub rolled_back_log: Option<std::path::PathBuf>,
+    /// Consumer: probability that a handler attempt fails transiently.
+    #[arg(long, default_value_t = 0.0)]
+    pub flaky: f64,
 }
 
 /// Run the demo.
@@ -114,6 +140,10 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         Role::ConsumeEmbedded => embedded::consume(&args).await?,
         Role::RelayPg => pg_nats::relay(&args).await?,
         Role::ConsumePg => pg_nats::consume(&args).await?,
+        Role::ProduceSqlite | Role::ProducePg => crate::chaos::worker::produce(&args).await?,
+        Role::ChaosConsumeEmbedded | Role::ChaosConsumePg => {
+            crate::chaos::worker::consume(&args).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -122,20 +152,45 @@ pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
 pub struct Worker {
     child: tokio::process::Child,
     args: Vec<String>,
+    log: Option<std::path::PathBuf>,
 }
 
 impl Worker {
     /// Start `custody demo-worker <args>`.
     pub fn spawn(args: Vec<String>) -> anyhow::Result<Worker> {
+        Self::spawn_inner(args, None)
+    }
+
+    /// Start `custody demo-worker <args>` with its stderr appended to `log`.
+    pub fn spawn_logged(args: Vec<String>, log: std::path::PathBuf) -> anyhow::Result<Worker> {
+        Self::spawn_inner(args, Some(log))
+    }
+
+    fn spawn_inner(args: Vec<String>, log: Option<std::path::PathBuf>) -> anyhow::Result<Worker> {
         let exe = std::env::current_exe()?;
+        let stderr = match &log {
+            Some(p) => std::process::Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ),
+            None => std::process::Stdio::inherit(),
+        };
         let child = tokio::process::Command::new(exe)
             .arg("demo-worker")
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()?;
-        Ok(Worker { child, args })
+        Ok(Worker { child, args, log })
+    }
+
+    /// The exit status if the worker has exited (on its own or killed).
+    pub fn try_exit(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.child.try_wait()?)
     }
 
     /// SIGKILL: no cleanup, no graceful shutdown — a real crash.
@@ -146,7 +201,7 @@ impl Worker {
 
     /// Start the same worker again.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        *self = Worker::spawn(self.args.clone())?;
+        *self = Worker::spawn_inner(self.args.clone(), self.log.clone())?;
         Ok(())
     }
 

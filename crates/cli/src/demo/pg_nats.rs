@@ -18,7 +18,7 @@ use super::{DemoArgs, OrderPlaced, Step, Worker, WorkerArgs, Workload};
 const CONSUMER: &str = "billing";
 
 /// `postgres://u@h:p/db` → `postgres://u@h:p/<name>`.
-fn with_database(url: &str, name: &str) -> String {
+pub(crate) fn with_database(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
         None => (url, None),
@@ -35,13 +35,13 @@ fn with_database(url: &str, name: &str) -> String {
 }
 
 /// Fresh databases for A and B, dropped at the end.
-struct Databases {
+pub(crate) struct Databases {
     server: String,
     names: Vec<String>,
 }
 
 impl Databases {
-    async fn create(server: &str, names: &[String]) -> anyhow::Result<Databases> {
+    pub(crate) async fn create(server: &str, names: &[String]) -> anyhow::Result<Databases> {
         let mut c = sqlx::PgConnection::connect(server).await.with_context(|| {
             format!(
                 "cannot connect to PostgreSQL at {}",
@@ -59,7 +59,7 @@ impl Databases {
         })
     }
 
-    async fn drop_all(&self) {
+    pub(crate) async fn drop_all(&self) {
         if let Ok(mut c) = sqlx::PgConnection::connect(&self.server).await {
             for n in &self.names {
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
@@ -319,7 +319,7 @@ async fn produce(
     Ok(())
 }
 
-async fn observe(a: &PgPool, b: &PgPool) -> anyhow::Result<Observed> {
+pub(crate) async fn observe(a: &PgPool, b: &PgPool) -> anyhow::Result<Observed> {
     let mut obs = Observed::default();
     for r in sqlx::query(
         "SELECT id, message_type FROM custody_outbox WHERE topic = 'orders' ORDER BY position",
@@ -373,9 +373,9 @@ pub async fn relay(args: &WorkerArgs) -> anyhow::Result<()> {
         lease_ttl: Duration::from_secs(3),
         ..RelayConfig::default()
     };
-    // a fixed id: the restarted relay takes its own leases back at once
+    // a fixed id (`--id`, default demo-relay): the restarted relay takes its own leases back at once
     Relay::new(PgOutbox::new(a), publisher, cfg)
-        .with_id("demo-relay")
+        .with_id(args.id.clone())
         .run(crate::ops::shutdown_token())
         .await?;
     Ok(())

@@ -163,12 +163,19 @@ impl Report {
             self.duplicates_suppressed.to_string(),
         );
         row("dead-lettered", self.dead_lettered.len().to_string());
-        for d in &self.dead_lettered {
+        const SHOWN: usize = 20;
+        for d in self.dead_lettered.iter().take(SHOWN) {
             let id = d
                 .message_id
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| "(no id)".into());
             println!("      {id}  {}", d.reason);
+        }
+        if self.dead_lettered.len() > SHOWN {
+            println!(
+                "      … {} more (`--json` or `custody dlq list` shows all)",
+                self.dead_lettered.len() - SHOWN
+            );
         }
         row(
             "invoices derived by B (same tx as ledger)",

@@ -1,0 +1,862 @@
+//! `custody chaos`: the producer, the relay(s) and the consumer as separate
+//! processes of this binary under a steady load, with faults injected at
+//! random times from a printed seed: `kill -9` of any of them, a restart of
+//! the NATS server, network cuts between relay and broker and between
+//! consumer and database (a TCP fault proxy), a slow consumer, a consumer
+//! that fails transiently, and bad input (malformed, oversized, wrong content
+//! type, unknown type). At the end both databases are compared (the demo's
+//! report) and the run fails if anything was lost, applied twice, reordered,
+//! a bad input was not dead-lettered, a good one was, or a process panicked.
+
+pub mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use custody::nats::StreamSpec;
+use custody::postgres;
+use custody::sqlite;
+use custody_testkit::{FaultProxy, NatsServer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sqlx::{PgPool, Row, SqlitePool};
+use uuid::Uuid;
+
+use crate::demo::billing::{A_SCHEMA_PG, A_SCHEMA_SQLITE, B_SCHEMA_PG, B_SCHEMA_SQLITE};
+use crate::demo::pg_nats::{with_database, Databases};
+use crate::demo::report::{Observed, Report};
+use crate::demo::Worker;
+use worker::BAD_HEADER;
+
+/// `custody chaos` options.
+#[derive(Debug, Clone, Args)]
+pub struct ChaosArgs {
+    /// How long to inject faults under load (then the pipeline drains).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub duration: Duration,
+    /// Seed of the fault schedule and the workload (printed, so a run can be replayed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Producer transactions per second.
+    #[arg(long, default_value_t = 50)]
+    pub rate: u64,
+    /// Run on this PostgreSQL server (fresh databases for A and B) with a
+    /// private NATS JetStream server; default: embedded SQLite.
+    #[arg(long)]
+    pub postgres: Option<String>,
+    /// Relay processes (PostgreSQL mode; the embedded transport has no relay).
+    #[arg(long, default_value_t = 2)]
+    pub relays: usize,
+    /// Customers (ordering keys).
+    #[arg(long, default_value_t = 20)]
+    pub customers: u64,
+    /// Share of handler attempts that fail transiently.
+    #[arg(long, default_value_t = 0.3)]
+    pub flaky: f64,
+    /// Give up waiting for the pipeline to drain after this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "180s")]
+    pub drain_timeout: Duration,
+    /// Keep databases (SQLite) and process logs in this directory.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum FaultKind {
+    KillRelay,
+    KillConsumer,
+    KillProducer,
+    RestartNats,
+    CutRelayBroker,
+    CutConsumerDb,
+    SlowConsumer,
+    LockConsumerDb,
+}
+
+impl FaultKind {
+    fn label(self) -> &'static str {
+        match self {
+            FaultKind::KillRelay => "kill -9 relay",
+            FaultKind::KillConsumer => "kill -9 consumer",
+            FaultKind::KillProducer => "kill -9 producer",
+            FaultKind::RestartNats => "NATS server killed and restarted",
+            FaultKind::CutRelayBroker => "network cut relay ↔ broker",
+            FaultKind::CutConsumerDb => "network cut consumer ↔ database",
+            FaultKind::SlowConsumer => "slow consumer ↔ database link",
+            FaultKind::LockConsumerDb => "consumer database write-locked",
+        }
+    }
+}
+
+struct Fault {
+    at: f64,
+    kind: FaultKind,
+    detail: String,
+    /// Seconds from the end of the fault until B had settled everything A
+    /// had committed at that moment.
+    recovery: Option<f64>,
+}
+
+// one value per run: the size difference does not matter
+#[allow(clippy::large_enum_variant)]
+enum Env {
+    Sqlite {
+        a: SqlitePool,
+        b: SqlitePool,
+        b_path: String,
+    },
+    Pg {
+        a: PgPool,
+        b: PgPool,
+        nats: NatsServer,
+        relay_proxy: FaultProxy,
+        db_proxy: FaultProxy,
+        dbs: Databases,
+    },
+}
+
+impl Env {
+    async fn count(&self, sql_a: &str, sql_b: &str) -> anyhow::Result<(i64, i64)> {
+        Ok(match self {
+            Env::Sqlite { a, b, .. } => (
+                sqlx::query_scalar(sql_a).fetch_one(a).await?,
+                sqlx::query_scalar(sql_b).fetch_one(b).await?,
+            ),
+            Env::Pg { a, b, .. } => (
+                sqlx::query_scalar(sql_a).fetch_one(a).await?,
+                sqlx::query_scalar(sql_b).fetch_one(b).await?,
+            ),
+        })
+    }
+
+    /// (messages A committed, messages settled: processed or dead-lettered by B, or dead-lettered by A's relay).
+    async fn progress(&self) -> anyhow::Result<(i64, i64)> {
+        let (committed, inbox) = self
+            .count(
+                "SELECT COUNT(*) FROM custody_outbox WHERE topic = 'orders'",
+                "SELECT COUNT(*) FROM custody_inbox WHERE consumer = 'billing'",
+            )
+            .await?;
+        let (relay_dead, _) = self
+            .count(
+                "SELECT COUNT(*) FROM custody_dead_letter WHERE topic = 'orders'",
+                "SELECT CAST(0 AS BIGINT)",
+            )
+            .await?;
+        Ok((committed, inbox + relay_dead))
+    }
+
+    async fn observe(&self) -> anyhow::Result<Observed> {
+        let mut obs = match self {
+            Env::Sqlite { a, b, .. } => crate::demo::embedded::observe(a, b).await?,
+            Env::Pg { a, b, .. } => crate::demo::pg_nats::observe(a, b).await?,
+        };
+        // the relay dead-letters in A's database (e.g. a payload the broker refuses)
+        let relay_dead = match self {
+            Env::Sqlite { a, .. } => sqlite::dead_letters(a).await?,
+            Env::Pg { a, .. } => postgres::dead_letters(a).await?,
+        };
+        for d in relay_dead.into_iter().filter(|d| d.topic == "orders") {
+            obs.b_dead
+                .push((d.message_id, format!("(relay) {}", d.error)));
+        }
+        Ok(obs)
+    }
+
+    /// Ids of the producer's deliberately bad messages, with their kind.
+    async fn bad_inputs(&self) -> anyhow::Result<HashMap<Uuid, String>> {
+        let mut rows: Vec<(Uuid, String)> = Vec::new();
+        match self {
+            Env::Sqlite { a, .. } => {
+                for r in
+                    sqlx::query("SELECT id, headers FROM custody_outbox WHERE topic = 'orders'")
+                        .fetch_all(a)
+                        .await?
+                {
+                    let id: String = r.try_get(0)?;
+                    rows.push((Uuid::parse_str(&id)?, r.try_get(1)?));
+                }
+            }
+            Env::Pg { a, .. } => {
+                for r in
+                    sqlx::query("SELECT id, headers FROM custody_outbox WHERE topic = 'orders'")
+                        .fetch_all(a)
+                        .await?
+                {
+                    rows.push((r.try_get(0)?, r.try_get(1)?));
+                }
+            }
+        }
+        let mut bad = HashMap::new();
+        for (id, headers) in rows {
+            let h: BTreeMap<String, String> = serde_json::from_str(&headers)
+                .with_context(|| format!("headers of outbox message {id}"))?;
+            if let Some(kind) = h.get(BAD_HEADER) {
+                bad.insert(id, kind.clone());
+            }
+        }
+        Ok(bad)
+    }
+
+    async fn close(self) {
+        match self {
+            Env::Sqlite { a, b, .. } => {
+                a.close().await;
+                b.close().await;
+            }
+            Env::Pg {
+                a,
+                b,
+                dbs,
+                mut nats,
+                ..
+            } => {
+                a.close().await;
+                b.close().await;
+                nats.stop();
+                dbs.drop_all().await;
+            }
+        }
+    }
+}
+
+/// A worker process the harness watches: killed only by a fault, restarted
+/// when it exits on its own with an error (e.g. it could not connect during
+/// an outage), and a panic is a failure.
+struct Proc {
+    name: String,
+    worker: Worker,
+    down: bool,
+    log: PathBuf,
+}
+
+struct Harness {
+    env: Env,
+    producer: Proc,
+    consumer: Proc,
+    relays: Vec<Proc>,
+    started: Instant,
+    faults: Vec<Fault>,
+    /// (fault index, end of the fault, committed count at its end)
+    pending_recovery: Vec<(usize, Instant, i64)>,
+    notes: Vec<String>,
+    panics: Vec<String>,
+    last_progress: (i64, i64),
+}
+
+impl Harness {
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    fn procs_mut(&mut self) -> impl Iterator<Item = &mut Proc> {
+        std::iter::once(&mut self.producer)
+            .chain(std::iter::once(&mut self.consumer))
+            .chain(self.relays.iter_mut())
+    }
+
+    fn supervise(&mut self) -> anyhow::Result<()> {
+        let t = self.elapsed();
+        let mut notes = Vec::new();
+        let mut panics = Vec::new();
+        for p in self.procs_mut() {
+            if p.down {
+                continue;
+            }
+            if let Some(status) = p.worker.try_exit()? {
+                if status.code() == Some(101) {
+                    panics.push(format!(
+                        "{} panicked ({status}); log {}",
+                        p.name,
+                        p.log.display()
+                    ));
+                } else {
+                    notes.push(format!(
+                        "+{t:>6.1}s  {} exited on its own ({status}); restarted (see {})",
+                        p.name,
+                        p.log.display()
+                    ));
+                }
+                p.worker.restart()?;
+            }
+        }
+        self.notes.extend(notes);
+        self.panics.extend(panics);
+        Ok(())
+    }
+
+    async fn poll(&mut self) {
+        let Ok(progress) = self.env.progress().await else {
+            return;
+        };
+        self.last_progress = progress;
+        let now = Instant::now();
+        let settled = progress.1;
+        let faults = &mut self.faults;
+        self.pending_recovery.retain(|(i, end, target)| {
+            if settled >= *target {
+                faults[*i].recovery = Some(now.duration_since(*end).as_secs_f64());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    async fn tick(&mut self) -> anyhow::Result<()> {
+        self.supervise()?;
+        self.poll().await;
+        Ok(())
+    }
+
+    /// Wait `d`, watching processes and progress.
+    async fn wait(&mut self, d: Duration) -> anyhow::Result<()> {
+        let end = Instant::now() + d;
+        loop {
+            self.tick().await?;
+            let now = Instant::now();
+            if now >= end {
+                return Ok(());
+            }
+            tokio::time::sleep((end - now).min(Duration::from_millis(200))).await;
+        }
+    }
+
+    fn begin_fault(&mut self, kind: FaultKind, detail: String) -> usize {
+        let at = self.elapsed();
+        eprintln!("fault +{at:>6.1}s  {}: {detail}", kind.label());
+        self.faults.push(Fault {
+            at,
+            kind,
+            detail,
+            recovery: None,
+        });
+        self.faults.len() - 1
+    }
+
+    async fn end_fault(&mut self, i: usize) {
+        self.poll().await;
+        let committed = self.last_progress.0;
+        self.pending_recovery.push((i, Instant::now(), committed));
+    }
+
+    async fn inject(&mut self, kind: FaultKind, rng: &mut StdRng) -> anyhow::Result<()> {
+        let down = Duration::from_millis(rng.gen_range(300..3000));
+        match kind {
+            FaultKind::KillRelay | FaultKind::KillConsumer | FaultKind::KillProducer => {
+                let idx = match kind {
+                    FaultKind::KillRelay => Some(rng.gen_range(0..self.relays.len().max(1))),
+                    _ => None,
+                };
+                let name = match (kind, idx) {
+                    (FaultKind::KillRelay, Some(i)) => self.relays[i].name.clone(),
+                    (FaultKind::KillConsumer, _) => self.consumer.name.clone(),
+                    _ => self.producer.name.clone(),
+                };
+                let i = self.begin_fault(
+                    kind,
+                    format!("{name} SIGKILLed, restarted after {down:.1?}"),
+                );
+                {
+                    let p = match (kind, idx) {
+                        (FaultKind::KillRelay, Some(i)) => &mut self.relays[i],
+                        (FaultKind::KillConsumer, _) => &mut self.consumer,
+                        _ => &mut self.producer,
+                    };
+                    p.down = true;
+                    p.worker.kill9().await?;
+                }
+                self.wait(down).await?;
+                let p = match (kind, idx) {
+                    (FaultKind::KillRelay, Some(i)) => &mut self.relays[i],
+                    (FaultKind::KillConsumer, _) => &mut self.consumer,
+                    _ => &mut self.producer,
+                };
+                p.worker.restart()?;
+                p.down = false;
+                self.end_fault(i).await;
+            }
+            FaultKind::RestartNats => {
+                let i = self.begin_fault(
+                    kind,
+                    format!("SIGKILL, down for {down:.1?}, restarted on the same store"),
+                );
+                if let Env::Pg { nats, .. } = &mut self.env {
+                    nats.stop();
+                }
+                self.wait(down).await?;
+                if let Env::Pg { nats, .. } = &mut self.env {
+                    nats.restart().await?;
+                }
+                self.end_fault(i).await;
+            }
+            FaultKind::CutRelayBroker | FaultKind::CutConsumerDb => {
+                let i = self.begin_fault(kind, format!("cut for {down:.1?}, then restored"));
+                if let Env::Pg {
+                    relay_proxy,
+                    db_proxy,
+                    ..
+                } = &self.env
+                {
+                    if kind == FaultKind::CutRelayBroker {
+                        relay_proxy.cut()
+                    } else {
+                        db_proxy.cut()
+                    }
+                }
+                self.wait(down).await?;
+                if let Env::Pg {
+                    relay_proxy,
+                    db_proxy,
+                    ..
+                } = &self.env
+                {
+                    relay_proxy.restore();
+                    db_proxy.restore();
+                }
+                self.end_fault(i).await;
+            }
+            FaultKind::SlowConsumer => {
+                let delay = Duration::from_millis(rng.gen_range(5..40));
+                let long = down * 2;
+                let i = self.begin_fault(
+                    kind,
+                    format!("every packet delayed {delay:?} for {long:.1?} (back-pressure)"),
+                );
+                if let Env::Pg { db_proxy, .. } = &self.env {
+                    db_proxy.slow(delay);
+                }
+                self.wait(long).await?;
+                if let Env::Pg { db_proxy, .. } = &self.env {
+                    db_proxy.restore();
+                }
+                self.end_fault(i).await;
+            }
+            FaultKind::LockConsumerDb => {
+                let i = self.begin_fault(
+                    kind,
+                    format!("held for {down:.1?} (consumer retries with backoff)"),
+                );
+                if let Env::Sqlite { b_path, .. } = &self.env {
+                    let lock =
+                        tokio::spawn(crate::demo::embedded::lock_database(b_path.clone(), down));
+                    self.wait(down).await?;
+                    lock.await??;
+                }
+                self.end_fault(i).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn scan_panics(logs: &[PathBuf]) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in logs {
+        if let Ok(text) = std::fs::read_to_string(l) {
+            for line in text.lines().filter(|x| x.contains("panicked at")) {
+                out.push(format!("{}: {line}", l.display()));
+            }
+        }
+    }
+    out
+}
+
+/// Run `custody chaos`.
+pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7)
+    });
+    if args.rate == 0 {
+        anyhow::bail!("--rate must be at least 1 transaction per second");
+    }
+    let tag = Uuid::now_v7().simple().to_string()[16..].to_owned();
+    let (dir, remove_dir) = match &args.dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("custody-chaos-{tag}")),
+            true,
+        ),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let result = run_in(&args, seed, &tag, &dir).await;
+    if remove_dir && matches!(result, Ok(ref c) if *c == ExitCode::SUCCESS) {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("process logs kept in {}", dir.display());
+    }
+    result
+}
+
+async fn run_in(
+    args: &ChaosArgs,
+    seed: u64,
+    tag: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    let rolled_back_log = dir.join("rolled_back.txt");
+    let _ = std::fs::remove_file(&rolled_back_log);
+    let common = |role: &str| {
+        vec![
+            "--role".to_owned(),
+            role.to_owned(),
+            "--rate".to_owned(),
+            args.rate.to_string(),
+            "--customers".to_owned(),
+            args.customers.to_string(),
+            "--flaky".to_owned(),
+            args.flaky.to_string(),
+            "--rolled-back-log".to_owned(),
+            rolled_back_log.to_string_lossy().into_owned(),
+        ]
+    };
+    let (env, mode, producer_args, consumer_args, relay_args) = match &args.postgres {
+        None => {
+            let a_path = crate::demo::embedded::fresh_db(dir, "orders.db")?;
+            let b_path = crate::demo::embedded::fresh_db(dir, "billing.db")?;
+            let a = sqlite::connect(&a_path).await?;
+            let b = sqlite::connect(&b_path).await?;
+            sqlite::migrate(&a).await?;
+            sqlite::migrate(&b).await?;
+            sqlx::query(A_SCHEMA_SQLITE).execute(&a).await?;
+            sqlx::query(B_SCHEMA_SQLITE).execute(&b).await?;
+            let ab = |mut v: Vec<String>| {
+                v.extend(["--a".into(), a_path.clone(), "--b".into(), b_path.clone()]);
+                v
+            };
+            let p = ab(common("produce-sqlite"));
+            let c = ab(common("chaos-consume-embedded"));
+            (
+                Env::Sqlite {
+                    a,
+                    b,
+                    b_path: b_path.clone(),
+                },
+                "embedded SQLite (consumer reads A's outbox as the log); producer and consumer as processes".to_owned(),
+                p,
+                c,
+                Vec::new(),
+            )
+        }
+        Some(pg) => {
+            let a_name = format!("custody_chaos_a_{tag}");
+            let b_name = format!("custody_chaos_b_{tag}");
+            let dbs = Databases::create(pg, &[a_name.clone(), b_name.clone()]).await?;
+            let a_url = with_database(pg, &a_name);
+            let b_url = with_database(pg, &b_name);
+            let a = postgres::connect(&a_url).await?;
+            let b = postgres::connect(&b_url).await?;
+            postgres::migrate(&a).await?;
+            postgres::migrate(&b).await?;
+            sqlx::query(A_SCHEMA_PG).execute(&a).await?;
+            sqlx::query(B_SCHEMA_PG).execute(&b).await?;
+            let Some(nats) = NatsServer::start().await? else {
+                dbs.drop_all().await;
+                anyhow::bail!("custody chaos --postgres needs a nats-server binary (it starts its own JetStream server)");
+            };
+            let stream = format!("CUSTODY_CHAOS_{tag}");
+            let prefix = format!("custody_chaos_{tag}");
+            let client = custody::nats::connect(&nats.url).await?;
+            custody::nats::ensure_stream(&client, &StreamSpec::new(&stream, &prefix)).await?;
+            drop(client);
+            let (relay_proxy, relay_nats) = FaultProxy::for_url(&nats.url).await?;
+            let (db_proxy, consumer_b) = FaultProxy::for_url(&b_url).await?;
+            let with = |mut v: Vec<String>, b: &str, n: &str| {
+                v.extend([
+                    "--a".into(),
+                    a_url.clone(),
+                    "--b".into(),
+                    b.to_owned(),
+                    "--nats".into(),
+                    n.to_owned(),
+                    "--stream".into(),
+                    stream.clone(),
+                    "--prefix".into(),
+                    prefix.clone(),
+                ]);
+                v
+            };
+            let p = with(common("produce-pg"), &b_url, &nats.url);
+            let c = with(common("chaos-consume-pg"), &consumer_b, &nats.url);
+            let relays = (0..args.relays.max(1))
+                .map(|i| {
+                    let mut v = with(common("relay-pg"), &b_url, &relay_nats);
+                    v.extend(["--id".into(), format!("chaos-relay-{i}")]);
+                    v
+                })
+                .collect();
+            (
+                Env::Pg {
+                    a,
+                    b,
+                    nats,
+                    relay_proxy,
+                    db_proxy,
+                    dbs,
+                },
+                format!(
+                    "PostgreSQL + NATS JetStream (private server), {} relay process(es), relay↔broker and consumer↔database through fault proxies",
+                    args.relays.max(1)
+                ),
+                p,
+                c,
+                relays,
+            )
+        }
+    };
+    eprintln!(
+        "custody chaos — {mode}; {:?} of faults at {} tx/s over {} customers, flaky {:.0}%, seed {seed} (replay with --seed {seed})",
+        args.duration,
+        args.rate,
+        args.customers,
+        args.flaky * 100.0
+    );
+    let spawn = |name: &str, mut a: Vec<String>, seed: u64| -> anyhow::Result<Proc> {
+        a.extend(["--seed".into(), seed.to_string()]);
+        let log = dir.join(format!("{name}.log"));
+        Ok(Proc {
+            name: name.to_owned(),
+            worker: Worker::spawn_logged(a, log.clone())?,
+            down: false,
+            log,
+        })
+    };
+    let consumer = spawn("consumer", consumer_args, seed)?;
+    let relays = relay_args
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| spawn(&format!("relay-{i}"), a, seed))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let producer = spawn("producer", producer_args, seed)?;
+    let mut logs: Vec<PathBuf> = vec![producer.log.clone(), consumer.log.clone()];
+    logs.extend(relays.iter().map(|r| r.log.clone()));
+    let mut h = Harness {
+        env,
+        producer,
+        consumer,
+        relays,
+        started: Instant::now(),
+        faults: Vec::new(),
+        pending_recovery: Vec::new(),
+        notes: Vec::new(),
+        panics: Vec::new(),
+        last_progress: (0, 0),
+    };
+    let result = drive(args, seed, &mut h, &mode, &rolled_back_log, &logs).await;
+    for p in h.procs_mut() {
+        let _ = p.worker.kill9().await;
+    }
+    h.env.close().await;
+    result
+}
+
+async fn drive(
+    args: &ChaosArgs,
+    seed: u64,
+    h: &mut Harness,
+    mode: &str,
+    rolled_back_log: &std::path::Path,
+    logs: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    let kinds: Vec<FaultKind> = match h.env {
+        Env::Sqlite { .. } => vec![
+            FaultKind::KillConsumer,
+            FaultKind::KillProducer,
+            FaultKind::LockConsumerDb,
+        ],
+        Env::Pg { .. } => vec![
+            FaultKind::KillRelay,
+            FaultKind::KillConsumer,
+            FaultKind::KillProducer,
+            FaultKind::RestartNats,
+            FaultKind::CutRelayBroker,
+            FaultKind::CutConsumerDb,
+            FaultKind::SlowConsumer,
+        ],
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    // the first faults come quickly, so even a short run sees every kind
+    let mut order: Vec<FaultKind> = kinds.clone();
+    order.reverse();
+    let deadline = h.started + args.duration;
+    h.wait(Duration::from_secs(2)).await?;
+    while Instant::now() < deadline {
+        let kind = order
+            .pop()
+            .unwrap_or_else(|| kinds[rng.gen_range(0..kinds.len())]);
+        h.inject(kind, &mut rng).await?;
+        let gap = Duration::from_millis(rng.gen_range(500..2500));
+        let left = deadline.saturating_duration_since(Instant::now());
+        h.wait(gap.min(left)).await?;
+    }
+    // stop producing (a last crash), then let everything drain
+    h.producer.down = true;
+    h.producer.worker.kill9().await?;
+    let load_secs = h.started.elapsed().as_secs_f64();
+    eprintln!(
+        "load stopped after {load_secs:.1}s; waiting for the backlog to drain ({} committed, {} settled)",
+        h.last_progress.0, h.last_progress.1
+    );
+    let drain_started = Instant::now();
+    let drain_deadline = drain_started + args.drain_timeout;
+    let drained = loop {
+        h.tick().await?;
+        let (committed, settled) = h.last_progress;
+        if committed > 0 && settled >= committed {
+            break true;
+        }
+        if Instant::now() > drain_deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let drain_secs = drain_started.elapsed().as_secs_f64();
+    let elapsed = h.started.elapsed();
+    for p in h.procs_mut() {
+        p.down = true;
+        p.worker.kill9().await?;
+    }
+
+    let obs = h.env.observe().await?;
+    let rolled_back: Vec<Uuid> = std::fs::read_to_string(rolled_back_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| Uuid::parse_str(l.trim()).ok())
+        .collect();
+    let bad = h.env.bad_inputs().await?;
+    let fault_lines: Vec<String> = h
+        .faults
+        .iter()
+        .map(|f| {
+            let rec = match f.recovery {
+                Some(r) => format!("backlog drained {r:.1}s after"),
+                None => "backlog not drained".to_owned(),
+            };
+            format!("+{:>6.1}s  {}: {} — {rec}", f.at, f.kind.label(), f.detail)
+        })
+        .collect();
+    let report = Report::compute(
+        mode.to_owned(),
+        seed,
+        fault_lines,
+        &rolled_back,
+        &obs,
+        elapsed,
+    );
+
+    // bad input: each one dead-lettered with a reason; no good message dead-lettered
+    let dead: HashMap<Uuid, &str> = obs
+        .b_dead
+        .iter()
+        .filter_map(|(id, r)| id.map(|id| (id, r.as_str())))
+        .collect();
+    let bad_not_dead: Vec<(Uuid, &str)> = bad
+        .iter()
+        .filter(|(id, _)| dead.get(id).is_none_or(|r| r.trim().is_empty()))
+        .map(|(id, k)| (*id, k.as_str()))
+        .collect();
+    let good_dead: Vec<(Uuid, &str)> = dead
+        .iter()
+        .filter(|(id, _)| !bad.contains_key(id))
+        .map(|(id, r)| (*id, *r))
+        .collect();
+    let mut bad_kinds: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in bad.values() {
+        *bad_kinds.entry(k.as_str()).or_insert(0) += 1;
+    }
+    let mut panics = h.panics.clone();
+    panics.extend(scan_panics(logs));
+    let ok = report.ok()
+        && drained
+        && bad_not_dead.is_empty()
+        && good_dead.is_empty()
+        && panics.is_empty();
+
+    report.print();
+    println!("chaos:");
+    let mut by_kind: BTreeMap<FaultKind, usize> = BTreeMap::new();
+    for f in &h.faults {
+        *by_kind.entry(f.kind).or_insert(0) += 1;
+    }
+    println!(
+        "  faults injected                              {:>10}",
+        h.faults.len()
+    );
+    for (k, n) in &by_kind {
+        println!("      {:<40} {n:>6}", k.label());
+    }
+    let mut rec: Vec<f64> = h.faults.iter().filter_map(|f| f.recovery).collect();
+    rec.sort_by(f64::total_cmp);
+    if !rec.is_empty() {
+        println!(
+            "  recovery after a fault (backlog drained)     median {:.1}s, p90 {:.1}s, max {:.1}s",
+            rec[rec.len() / 2],
+            rec[(rec.len() * 9 / 10).min(rec.len() - 1)],
+            rec[rec.len() - 1]
+        );
+    }
+    println!(
+        "  final drain after the load stopped          {drain_secs:>9.1}s{}",
+        if drained { "" } else { "  (NOT drained)" }
+    );
+    println!(
+        "  bad inputs committed by A                   {:>10}",
+        bad.len()
+    );
+    for (k, n) in &bad_kinds {
+        println!("      {k:<40} {n:>6}");
+    }
+    println!(
+        "  bad inputs not dead-lettered                {:>10}",
+        bad_not_dead.len()
+    );
+    for (id, k) in bad_not_dead.iter().take(10) {
+        println!("      {id}  {k}");
+    }
+    println!(
+        "  good messages dead-lettered                 {:>10}",
+        good_dead.len()
+    );
+    for (id, r) in good_dead.iter().take(10) {
+        println!("      {id}  {r}");
+    }
+    println!(
+        "  processes that panicked                     {:>10}",
+        panics.len()
+    );
+    for p in &panics {
+        println!("      {p}");
+    }
+    for n in &h.notes {
+        println!("  note {n}");
+    }
+    if ok {
+        println!("CHAOS RESULT: OK — seed {seed}: nothing lost, nothing applied twice, order kept, bad input contained, no panic");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("CHAOS RESULT: FAILED — seed {seed}; replay with `custody chaos --seed {seed}` (same options)");
+        Ok(ExitCode::from(2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_are_found_in_logs() {
+        let dir = std::env::temp_dir().join(format!("custody-chaos-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let log = dir.join("w.log");
+        std::fs::write(&log, "ok\nthread 'main' panicked at src/x.rs:1:1:\nboom\n").expect("write");
+        assert_eq!(scan_panics(&[log]).len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,344 @@
+//! The processes `custody chaos` starts and kills: the producer (service A)
+//! and the flaky billing consumer (service B).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Context;
+use custody::nats::{NatsSubscriber, StreamSpec};
+use custody::postgres::{self, PgInbox, PgOutbox};
+use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
+use custody::{Consumer, ConsumerConfig, Handler, HandlerError, Message, CONTENT_TYPE_JSON};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::demo::billing::{PgBilling, SqliteBilling};
+use crate::demo::{OrderPlaced, Role, WorkerArgs};
+
+/// Header that marks the producer's deliberately bad messages, with the kind
+/// of badness: the harness checks that each of them is dead-lettered.
+pub const BAD_HEADER: &str = "chaosbad";
+/// The consumer's name (inbox, dead letters, durable).
+pub const CONSUMER: &str = "billing";
+/// Payload size of the oversized messages: above NATS' default max_payload (1 MiB).
+pub const OVERSIZED: usize = 1536 * 1024;
+
+/// What the producer commits next.
+enum Next {
+    Order { customer: String, roll_back: bool },
+    Bad(Bad),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Bad {
+    Malformed,
+    Oversized,
+    WrongContentType,
+    UnknownType,
+}
+
+impl Bad {
+    fn name(self) -> &'static str {
+        match self {
+            Bad::Malformed => "malformed",
+            Bad::Oversized => "oversized",
+            Bad::WrongContentType => "wrongcontenttype",
+            Bad::UnknownType => "unknowntype",
+        }
+    }
+
+    fn message(self) -> anyhow::Result<Message> {
+        let b = match self {
+            Bad::Malformed => Message::builder("orders", "bad-malformed", "OrderPlaced")
+                .payload(CONTENT_TYPE_JSON, b"{\"order_id\": oops".to_vec()),
+            Bad::Oversized => {
+                let mut p = b"{\"pad\":\"".to_vec();
+                p.resize(OVERSIZED, b'x');
+                p.extend_from_slice(b"\"}");
+                Message::builder("orders", "bad-oversized", "OrderPlaced")
+                    .payload(CONTENT_TYPE_JSON, p)
+            }
+            Bad::WrongContentType => Message::builder("orders", "bad-contenttype", "OrderPlaced")
+                .payload(
+                    "application/xml",
+                    b"<order><customer>x</customer></order>".to_vec(),
+                ),
+            Bad::UnknownType => Message::builder("orders", "bad-unknowntype", "OrderGiftWrapped")
+                .json(&serde_json::json!({ "ribbon": "red" }))?,
+        };
+        Ok(b.header(BAD_HEADER, self.name())?.build()?)
+    }
+}
+
+fn next(rng: &mut StdRng, customers: u64) -> Next {
+    let customer = format!("customer-{:03}", rng.gen_range(0..customers.max(1)));
+    match rng.gen_range(0..1000) {
+        0..=4 => Next::Bad(Bad::Malformed),
+        5..=7 => Next::Bad(Bad::Oversized),
+        8..=12 => Next::Bad(Bad::WrongContentType),
+        13..=15 => Next::Bad(Bad::UnknownType),
+        16..=40 => Next::Order {
+            customer,
+            roll_back: true,
+        },
+        _ => Next::Order {
+            customer,
+            roll_back: false,
+        },
+    }
+}
+
+fn log_rolled_back(args: &WorkerArgs, id: Uuid) -> anyhow::Result<()> {
+    if let Some(p) = &args.rolled_back_log {
+        // written before the rollback: if we are killed in between, the
+        // transaction never commits either way
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)?;
+        writeln!(f, "{id}")?;
+    }
+    Ok(())
+}
+
+/// The producer: one transaction per tick at `--rate`, each an order row and
+/// its OrderPlaced event (some rolled back), now and then a bad message.
+pub async fn produce(args: &WorkerArgs) -> anyhow::Result<()> {
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / args.rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cancel = crate::ops::shutdown_token();
+    match args.role {
+        Role::ProducePg => {
+            let a = postgres::connect(&args.a).await?;
+            let outbox = PgOutbox::new(a.clone());
+            while !cancel.is_cancelled() {
+                tick.tick().await;
+                let step = next(&mut rng, args.customers);
+                if let Err(e) = produce_pg(args, &a, &outbox, step).await {
+                    tracing::warn!(error = %e, "producer transaction failed");
+                }
+            }
+        }
+        _ => {
+            let a = sqlite::connect(&args.a).await?;
+            let outbox = SqliteOutbox::new(a.clone());
+            while !cancel.is_cancelled() {
+                tick.tick().await;
+                let step = next(&mut rng, args.customers);
+                if let Err(e) = produce_sqlite(args, &a, &outbox, step).await {
+                    tracing::warn!(error = %e, "producer transaction failed");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn produce_pg(
+    args: &WorkerArgs,
+    a: &sqlx::PgPool,
+    outbox: &PgOutbox,
+    step: Next,
+) -> anyhow::Result<()> {
+    let mut tx = a.begin().await?;
+    match step {
+        Next::Order {
+            customer,
+            roll_back,
+        } => {
+            let order_id = Uuid::now_v7();
+            let amount_cents = 100 + (order_id.as_u128() % 9_900) as i64;
+            // one producer process at a time: seq per customer in commit order
+            let seq: i64 = sqlx::query(
+                "INSERT INTO orders (order_id, customer, amount_cents, seq)
+                 VALUES ($1, $2, $3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders WHERE customer = $2))
+                 RETURNING seq",
+            )
+            .bind(order_id)
+            .bind(&customer)
+            .bind(amount_cents)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            let msg = order_message(order_id, &customer, amount_cents, seq)?;
+            outbox.enqueue(&mut tx, &msg).await?;
+            if roll_back {
+                log_rolled_back(args, order_id)?;
+                tx.rollback().await?;
+                return Ok(());
+            }
+        }
+        Next::Bad(bad) => {
+            outbox.enqueue(&mut tx, &bad.message()?).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn produce_sqlite(
+    args: &WorkerArgs,
+    a: &sqlx::SqlitePool,
+    outbox: &SqliteOutbox,
+    step: Next,
+) -> anyhow::Result<()> {
+    let mut tx = a.begin().await?;
+    match step {
+        Next::Order {
+            customer,
+            roll_back,
+        } => {
+            let order_id = Uuid::now_v7();
+            let amount_cents = 100 + (order_id.as_u128() % 9_900) as i64;
+            // the first statement writes, so SQLite takes the write lock at once
+            let seq: i64 = sqlx::query(
+                "INSERT INTO orders (order_id, customer, amount_cents, seq)
+                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders WHERE customer = ?2))
+                 RETURNING seq",
+            )
+            .bind(order_id.to_string())
+            .bind(&customer)
+            .bind(amount_cents)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get(0)?;
+            let msg = order_message(order_id, &customer, amount_cents, seq)?;
+            outbox.enqueue(&mut tx, &msg).await?;
+            if roll_back {
+                log_rolled_back(args, order_id)?;
+                tx.rollback().await?;
+                return Ok(());
+            }
+        }
+        Next::Bad(bad) => {
+            outbox.enqueue(&mut tx, &bad.message()?).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+fn order_message(
+    order_id: Uuid,
+    customer: &str,
+    amount_cents: i64,
+    seq: i64,
+) -> anyhow::Result<Message> {
+    let event = OrderPlaced {
+        order_id,
+        customer: customer.to_owned(),
+        amount_cents,
+        seq,
+    };
+    Ok(Message::builder("orders", customer, "OrderPlaced")
+        .json(&event)?
+        .build()?)
+}
+
+/// Billing as the chaos run wants it: JSON only (another content type is a
+/// permanent error), and a transient failure on a `flaky` share of attempts
+/// — at most three per message, below the consumer's five attempts, so an
+/// injected flake never turns into a dead letter on its own.
+pub struct ChaosBilling<H> {
+    inner: H,
+    flaky: f64,
+    state: Mutex<(StdRng, HashMap<Uuid, u32>)>,
+}
+
+impl<H> ChaosBilling<H> {
+    fn new(inner: H, flaky: f64, seed: u64) -> Self {
+        ChaosBilling {
+            inner,
+            flaky: flaky.clamp(0.0, 1.0),
+            state: Mutex::new((StdRng::seed_from_u64(seed), HashMap::new())),
+        }
+    }
+
+    fn flake(&self, id: Uuid) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (rng, counts) = &mut *s;
+        if !rng.gen_bool(self.flaky) {
+            return false;
+        }
+        let n = counts.entry(id).or_insert(0);
+        *n += 1;
+        *n <= 3
+    }
+}
+
+impl<Tx: Send + 'static, H: Handler<Tx>> Handler<Tx> for ChaosBilling<H> {
+    async fn handle(&self, tx: &mut Tx, msg: &Message) -> Result<(), HandlerError> {
+        if msg.content_type != CONTENT_TYPE_JSON {
+            return Err(HandlerError::permanent(format!(
+                "content type {:?} is not supported; billing reads {CONTENT_TYPE_JSON}",
+                msg.content_type
+            )));
+        }
+        if self.flake(msg.id) {
+            return Err(HandlerError::transient(
+                "injected transient failure (chaos --flaky)",
+            ));
+        }
+        self.inner.handle(tx, msg).await
+    }
+}
+
+/// The flaky billing consumer (embedded SQLite or NATS → PostgreSQL).
+pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
+    let seed = std::process::id() as u64;
+    let mut cfg = ConsumerConfig::new(CONSUMER);
+    cfg.fetch_wait = Duration::from_millis(200);
+    cfg.batch_size = 50;
+    cfg.backoff.max = Duration::from_secs(1);
+    let cancel = crate::ops::shutdown_token();
+    match args.role {
+        Role::ChaosConsumePg => {
+            let b = postgres::connect(&args.b)
+                .await
+                .context("connecting to service B's database")?;
+            let client = custody::nats::connect(&args.nats).await?;
+            let spec = StreamSpec::new(&args.stream, &args.prefix);
+            let sub = NatsSubscriber::new(client, &spec, CONSUMER, &["orders".to_owned()]).await?;
+            let handler = ChaosBilling::new(
+                PgBilling {
+                    outbox: PgOutbox::new(b.clone()),
+                },
+                args.flaky,
+                seed,
+            );
+            Consumer::new(PgInbox::new(b), sub, handler, cfg)
+                .run(cancel)
+                .await?;
+        }
+        _ => {
+            let a = sqlite::connect(&args.a).await?;
+            let b = sqlite::connect_with(
+                &args.b,
+                SqliteSettings {
+                    busy_timeout: Duration::from_millis(200),
+                    ..SqliteSettings::default()
+                },
+            )
+            .await?;
+            let sub = EmbeddedSubscriber::new(a.clone(), CONSUMER, &["orders".to_owned()])
+                .await?
+                .with_poll_interval(Duration::from_millis(20));
+            let handler = ChaosBilling::new(
+                SqliteBilling {
+                    outbox: SqliteOutbox::new(b.clone()),
+                },
+                args.flaky,
+                seed,
+            );
+            Consumer::new(SqliteInbox::new(b), sub, handler, cfg)
+                .run(cancel)
+                .await?;
+        }
+    }
+    Ok(())
+}

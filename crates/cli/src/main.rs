@@ -1,6 +1,7 @@
 //! The `custody` command line: `demo`, `migrate`, `relay`, `dlq`, `reconcile`, `trace`.
 #![forbid(unsafe_code)]
 
+mod chaos;
 mod config;
 mod demo;
 mod dlq;
@@ -38,6 +39,8 @@ enum Command {
     Reconcile(reconcile::ReconcileArgs),
     /// One message's timeline across the databases given: enqueued, published, processed, dead.
     Trace(trace::TraceArgs),
+    /// Run producer, relays and consumer as processes under load, inject faults from a seed, and check nothing broke.
+    Chaos(chaos::ChaosArgs),
     /// Internal: a process of the demo (consumer or relay), started and killed by `custody demo`.
     #[command(hide = true)]
     DemoWorker(demo::WorkerArgs),
@@ -69,6 +72,10 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => {
                 init_tracing("error");
                 demo::run(args).await
+            }
+            Command::Chaos(args) => {
+                init_tracing("error");
+                chaos::run(args).await
             }
             Command::DemoWorker(args) => {
                 init_tracing("error");

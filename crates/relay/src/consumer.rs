@@ -178,7 +178,7 @@ where
         info!(consumer = %self.config.name, "consumer started");
         let mut fetch_attempt = 0u32;
         while !cancel.is_cancelled() {
-            self.housekeeping(&cancel).await?;
+            let _ = self.housekeeping(&cancel).await?;
             let fetched = tokio::select! {
                 _ = cancel.cancelled() => break,
                 r = self.subscriber.fetch(self.config.batch_size, self.config.fetch_wait) => r,
@@ -212,10 +212,11 @@ where
         Ok(self.stats)
     }
 
-    /// Fetch one batch (waiting at most `fetch_wait`) and process it.
-    /// Returns how many deliveries were handled.
+    /// Take redrives and prune the inbox when due, then fetch one batch
+    /// (waiting at most `fetch_wait`) and process it. Returns how many
+    /// deliveries and redrives were handled.
     pub async fn run_once(&mut self) -> Result<usize> {
-        let redriven = self.drain_redrives(&CancellationToken::new()).await?;
+        let redriven = self.housekeeping(&CancellationToken::new()).await?;
         let batch = self
             .subscriber
             .fetch(self.config.batch_size, self.config.fetch_wait)
@@ -230,12 +231,14 @@ where
 
     /// Redrives and inbox pruning, each when due. Store trouble is logged
     /// and retried at the next interval; it never stops consuming.
-    async fn housekeeping(&mut self, cancel: &CancellationToken) -> Result<()> {
+    /// Returns how many redrives were taken.
+    async fn housekeeping(&mut self, cancel: &CancellationToken) -> Result<usize> {
         let now = self.clock.now();
+        let mut redriven = 0;
         if self.redrive_at.is_none_or(|t| now >= t) {
             self.redrive_at = Some(now + chrono_duration(self.config.redrive_interval));
             match self.drain_redrives(cancel).await {
-                Ok(_) => {}
+                Ok(n) => redriven = n,
                 Err(e) if e.retryable() => {
                     warn!(consumer = %self.config.name, error = %e, "cannot read the redrive queue; retrying later")
                 }
@@ -248,7 +251,7 @@ where
                 warn!(consumer = %self.config.name, error = %e, "inbox pruning failed; retrying at the next interval");
             }
         }
-        Ok(())
+        Ok(redriven)
     }
 
     /// Delete inbox rows older than the retention, in bounded batches (at

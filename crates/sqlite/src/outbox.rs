@@ -551,7 +551,7 @@ impl OutboxStore for SqliteOutbox {
                     position: row.position,
                     partition: row.partition,
                     attempts: row.attempts,
-                    republish: republish_of(&raw),
+                    republish: republish_of(raw),
                     message,
                 }),
                 // A damaged row can never be published; keep it from

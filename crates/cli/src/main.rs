@@ -1,6 +1,7 @@
 //! The `custody` command line: `demo`, `migrate`, `relay`, `dlq`, `reconcile`, `trace`.
 #![forbid(unsafe_code)]
 
+mod bench;
 mod chaos;
 mod config;
 mod demo;
@@ -39,6 +40,8 @@ enum Command {
     Reconcile(reconcile::ReconcileArgs),
     /// One message's timeline across the databases given: enqueued, published, processed, dead.
     Trace(trace::TraceArgs),
+    /// Measure a pipeline against its ceilings on this machine (docs/BENCHMARKS.md).
+    Bench(bench::BenchArgs),
     /// Run producer, relays and consumer as processes under load, inject faults from a seed, and check nothing broke.
     Chaos(chaos::ChaosArgs),
     /// Internal: a process of the demo (consumer or relay), started and killed by `custody demo`.
@@ -101,6 +104,10 @@ fn main() -> std::process::ExitCode {
             Command::Trace(args) => {
                 init_tracing("warn");
                 trace::run(args).await
+            }
+            Command::Bench(args) => {
+                init_tracing("error");
+                bench::run(args).await
             }
         }
     });

@@ -23,6 +23,8 @@ use crate::metric_definitions as m;
 pub const SLICE_TARGET: usize = 20_000;
 /// First slice length.
 const FIRST_SLICE_MS: i64 = 60_000;
+/// Longest slice (sparse ranges grow to this).
+const MAX_SLICE_MS: i64 = 30 * 24 * 3_600_000;
 
 /// Progress of a reconciliation, for a progress bar.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,7 +73,7 @@ where
         if n > SLICE_TARGET * 2 {
             step = (step / 2).max(1);
         } else if n < SLICE_TARGET / 2 {
-            step = step.saturating_mul(2);
+            step = step.saturating_mul(2).min(MAX_SLICE_MS);
         }
         lo = hi;
     }
@@ -262,5 +264,95 @@ pub fn export_report(report: &ReconcileReport) {
     for id in &report.unexpected {
         warn!(message_id = %id, topic = %report.topic, consumer = %report.consumer,
             "reconcile: processed by the consumer, not in the producer's history");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use custody_core::{ProcessedHistory, ReconcileQuery, SentHistory};
+    use proptest::prelude::*;
+
+    struct Sent(BTreeSet<Uuid>);
+    struct Processed(BTreeSet<Uuid>);
+
+    fn in_range(set: &BTreeSet<Uuid>, r: IdRange) -> Vec<Uuid> {
+        set.range(r.from..r.to).copied().collect()
+    }
+
+    impl SentHistory for Sent {
+        async fn sent_ids(&self, _topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
+            Ok(in_range(&self.0, range))
+        }
+        async fn sent_dead(&self, _topic: &str, _range: IdRange) -> Result<Vec<(Uuid, String)>> {
+            Ok(Vec::new())
+        }
+        async fn republish(&self, _ids: &[Uuid]) -> Result<u64> {
+            Ok(0)
+        }
+    }
+
+    impl ProcessedHistory for Processed {
+        async fn processed_ids(&self, _c: &str, _t: &str, range: IdRange) -> Result<Vec<Uuid>> {
+            Ok(in_range(&self.0, range))
+        }
+        async fn processed_dead(
+            &self,
+            _c: &str,
+            _t: &str,
+            _range: IdRange,
+        ) -> Result<Vec<(Uuid, String)>> {
+            Ok(Vec::new())
+        }
+        async fn redriving(&self, _c: &str, _t: &str, _range: IdRange) -> Result<Vec<Uuid>> {
+            Ok(Vec::new())
+        }
+    }
+
+    const BASE_MS: u128 = 1_700_000_000_000;
+
+    fn id(ms_offset: u32, tail: u64) -> Uuid {
+        Uuid::from_u128(((BASE_MS + u128::from(ms_offset)) << 80) | u128::from(tail))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// Whatever the density (bursts in one millisecond, days apart), the
+        /// report names exactly the ids removed from and added to the consumer side.
+        #[test]
+        fn names_exactly_the_difference(
+            sent in proptest::collection::btree_set((0u32..400_000_000, any::<u64>()), 0..3000),
+            burst in 0usize..50_000,
+            drop_every in 2usize..500,
+            extra in proptest::collection::btree_set((0u32..400_000_000, any::<u64>()), 0..5),
+        ) {
+            let mut s: BTreeSet<Uuid> = sent.iter().map(|(m, t)| id(*m, *t)).collect();
+            // a burst in one millisecond: slices cannot shrink below 1 ms
+            s.extend((0..burst as u64).map(|t| id(123_456, t)));
+            let mut p = s.clone();
+            let dropped: BTreeSet<Uuid> = s.iter().step_by(drop_every).copied().collect();
+            for d in &dropped {
+                p.remove(d);
+            }
+            let added: BTreeSet<Uuid> = extra.iter().map(|(m, t)| id(*m, t | 1 << 63)).filter(|u| !s.contains(u)).collect();
+            p.extend(added.iter().copied());
+            let from = chrono::DateTime::from_timestamp_millis(BASE_MS as i64).unwrap_or_default();
+            let q = ReconcileQuery {
+                topic: "t".into(),
+                consumer: "c".into(),
+                from,
+                to: from + chrono::Duration::days(5),
+                window: std::time::Duration::from_secs(3600),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().build().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let r = rt.block_on(reconcile(&Sent(s.clone()), &Processed(p.clone()), &q, &|_| {})).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(r.missing.iter().copied().collect::<BTreeSet<_>>(), dropped);
+            prop_assert_eq!(r.unexpected.iter().copied().collect::<BTreeSet<_>>(), added);
+            prop_assert_eq!(r.sent, s.len() as u64);
+            prop_assert_eq!(r.processed, p.len() as u64);
+            prop_assert_eq!(r.windows.iter().map(|w| w.sent).sum::<u64>(), s.len() as u64);
+        }
     }
 }

@@ -167,6 +167,17 @@ impl Message {
         for name in self.headers.keys() {
             validate_header_name(name)?;
         }
+        // Transports carry the time as RFC 3339 (CloudEvents `time`), which
+        // has four-digit years: a time outside 0000..=9999 would be published
+        // and then dead-lettered by every consumer as malformed (found by the
+        // envelope_json fuzz target).
+        let year = chrono::Datelike::year(&self.created_at);
+        if !(0..=9999).contains(&year) {
+            return Err(Error::InvalidMessage(format!(
+                "created_at {} is outside the years 0000 to 9999 that RFC 3339 (CloudEvents `time`) can carry; use the real creation time",
+                self.created_at
+            )));
+        }
         Ok(())
     }
 }

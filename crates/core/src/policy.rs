@@ -167,8 +167,11 @@ pub mod duration_serde {
         match unit {
             "ms" => Ok(Duration::from_millis(n)),
             "s" => Ok(Duration::from_secs(n)),
-            "m" => Ok(Duration::from_secs(n * 60)),
-            "h" => Ok(Duration::from_secs(n * 3600)),
+            // checked: "307445734561825861m" must be an error, not an overflow
+            "m" | "h" => n
+                .checked_mul(if unit == "m" { 60 } else { 3600 })
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("duration {s:?} is too long")),
             _ => Err(format!(
                 "duration {s:?} has unknown unit {unit:?}; use ms, s, m or h"
             )),
@@ -235,5 +238,11 @@ mod tests {
             Ok(Duration::from_millis(250))
         );
         assert!(duration_serde::parse("5").unwrap_err().contains("no unit"));
+        assert!(duration_serde::parse("307445734561825861m")
+            .unwrap_err()
+            .contains("too long"));
+        assert!(duration_serde::parse("5124095576030432h")
+            .unwrap_err()
+            .contains("too long"));
     }
 }

@@ -1,0 +1,24 @@
+//! Inputs the fuzz targets (fuzz/, see README "Testing") found bugs with,
+//! kept as regression tests.
+
+use custody_core::Message;
+
+/// envelope_json: a message whose created_at has a negative year validated,
+/// but RFC 3339 (CloudEvents `time`) cannot carry it, so every consumer
+/// would have dead-lettered it as malformed. Now it is refused up front.
+#[test]
+fn envelope_with_a_year_rfc3339_cannot_carry_is_invalid() {
+    let data = include_bytes!("fuzz_regressions/envelope_json-negative-year.json");
+    let msg: Message = serde_json::from_slice(data).expect("the input parses as an envelope");
+    let err = msg.validate().expect_err("must not validate");
+    assert!(err.to_string().contains("RFC 3339"), "{err}");
+
+    let far = chrono::DateTime::parse_from_rfc3339("9999-12-31T23:59:59Z")
+        .expect("time")
+        .to_utc()
+        + chrono::Duration::days(2);
+    assert!(Message::builder("t", "k", "T")
+        .created_at(far)
+        .build()
+        .is_err());
+}

@@ -356,8 +356,8 @@ async fn watch(
                     println!(
                         "{} {}..{}: windows {} (mismatching {}), sent {}, processed {}, missing {}, unexpected {}, dead-lettered {}",
                         Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
-                        r.from.format("%H:%M:%S"),
-                        r.to.format("%H:%M:%S"),
+                        r.from.format("%Y-%m-%dT%H:%M:%SZ"),
+                        r.to.format("%Y-%m-%dT%H:%M:%SZ"),
                         r.windows_checked,
                         r.mismatching,
                         r.sent,

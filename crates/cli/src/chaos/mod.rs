@@ -692,7 +692,12 @@ async fn drive(
             .pop()
             .unwrap_or_else(|| kinds[rng.gen_range(0..kinds.len())]);
         h.inject(kind, &mut rng).await?;
-        let gap = Duration::from_millis(rng.gen_range(500..2500));
+        // short gaps until every kind has had its turn
+        let gap = if order.is_empty() {
+            Duration::from_millis(rng.gen_range(500..2500))
+        } else {
+            Duration::from_millis(rng.gen_range(200..800))
+        };
         let left = deadline.saturating_duration_since(Instant::now());
         h.wait(gap.min(left)).await?;
     }

@@ -99,4 +99,16 @@ pub trait Subscriber: Send + 'static {
     /// Acknowledge a delivery: the transport will not deliver it again.
     /// The consumer calls this only after its own transaction committed.
     fn ack(&mut self, token: Self::Token) -> impl Future<Output = Result<()>> + Send;
+
+    /// Acknowledge several deliveries, given in delivery order, after one
+    /// commit. The default acks each; a log-based transport acks only the
+    /// last (its position covers the ones before).
+    fn ack_all(&mut self, tokens: Vec<Self::Token>) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for t in tokens {
+                self.ack(t).await?;
+            }
+            Ok(())
+        }
+    }
 }

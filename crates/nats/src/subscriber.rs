@@ -306,26 +306,44 @@ impl Subscriber for NatsSubscriber {
 
     #[tracing::instrument(skip_all, fields(durable = %self.durable, stream_sequence = token.stream_sequence))]
     async fn ack(&mut self, token: NatsAckToken) -> Result<()> {
-        // A request (not a plain publish) makes the server confirm the ack.
-        let request = self
-            .client
-            .request(token.reply.clone(), Bytes::from_static(b"+ACK"));
-        match tokio::time::timeout(self.ack_timeout, request).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(source)) => Err(NatsError::Ack {
-                stream_sequence: token.stream_sequence,
-                source,
-            }
-            .into_core("ack")),
-            Err(_) => Err(NatsError::Timeout {
-                what: format!(
-                    "confirmation of ack for stream sequence {}",
-                    token.stream_sequence
-                ),
-                after: self.ack_timeout,
-            }
-            .into_core("ack")),
+        ack_one(&self.client, self.ack_timeout, token).await
+    }
+
+    /// Acks of a batch sent concurrently; each is still confirmed by the server.
+    async fn ack_all(&mut self, tokens: Vec<NatsAckToken>) -> Result<()> {
+        let acks = tokens
+            .into_iter()
+            .map(|t| ack_one(&self.client, self.ack_timeout, t));
+        for r in futures::future::join_all(acks).await {
+            r?;
         }
+        Ok(())
+    }
+}
+
+/// Ack one delivery and wait for the server's confirmation.
+async fn ack_one(
+    client: &async_nats::Client,
+    ack_timeout: std::time::Duration,
+    token: NatsAckToken,
+) -> Result<()> {
+    // A request (not a plain publish) makes the server confirm the ack.
+    let request = client.request(token.reply.clone(), Bytes::from_static(b"+ACK"));
+    match tokio::time::timeout(ack_timeout, request).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(source)) => Err(NatsError::Ack {
+            stream_sequence: token.stream_sequence,
+            source,
+        }
+        .into_core("ack")),
+        Err(_) => Err(NatsError::Timeout {
+            what: format!(
+                "confirmation of ack for stream sequence {}",
+                token.stream_sequence
+            ),
+            after: ack_timeout,
+        }
+        .into_core("ack")),
     }
 }
 

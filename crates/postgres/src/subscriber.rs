@@ -160,6 +160,18 @@ impl Subscriber for PgEmbeddedSubscriber {
             None => set_checkpoint(&self.pool, &self.subscription, token).await,
         }
     }
+
+    /// One checkpoint write for a batch: the last token in delivery
+    /// (`(txid, position)`) order covers the ones before it.
+    async fn ack_all(&mut self, tokens: Vec<i64>) -> Result<()> {
+        let Some(last) = tokens.last().copied() else {
+            return Ok(());
+        };
+        for t in &tokens[..tokens.len() - 1] {
+            self.pending.remove(t);
+        }
+        self.ack(last).await
+    }
 }
 
 // The checkpoint only moves forward in the readers' (txid, position) order.

@@ -1,3 +1,4 @@
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -45,6 +46,11 @@ pub struct ConsumerConfig {
     /// How often the consumer looks for dead letters an operator redrove.
     #[serde(with = "custody_core::duration_serde")]
     pub redrive_interval: Duration,
+    /// Apply the well-formed deliveries of a fetched batch in one
+    /// transaction (one commit, one fsync) instead of one each. A failing
+    /// message falls back to the one-at-a-time path, after the messages
+    /// before it are committed, so retries and dead letters behave the same.
+    pub group_commit: bool,
 }
 
 impl Default for ConsumerConfig {
@@ -69,6 +75,7 @@ impl ConsumerConfig {
             prune_interval: Duration::from_secs(60),
             prune_batch: 1000,
             redrive_interval: Duration::from_secs(1),
+            group_commit: true,
         }
     }
 }
@@ -199,14 +206,7 @@ where
                 }
                 Err(e) => return Err(e),
             };
-            for delivery in batch {
-                // Finish the delivery in hand even when cancelled meanwhile,
-                // but do not start the next one.
-                if cancel.is_cancelled() {
-                    break;
-                }
-                self.handle_delivery(delivery, &cancel).await?;
-            }
+            self.handle_batch(batch, &cancel).await?;
         }
         info!(consumer = %self.config.name, processed = self.stats.processed, "consumer stopped");
         Ok(self.stats)
@@ -222,10 +222,7 @@ where
             .fetch(self.config.batch_size, self.config.fetch_wait)
             .await?;
         let n = batch.len();
-        let never = CancellationToken::new();
-        for d in batch {
-            self.handle_delivery(d, &never).await?;
-        }
+        self.handle_batch(batch, &CancellationToken::new()).await?;
         Ok(n + redriven)
     }
 
@@ -328,6 +325,93 @@ where
                 self.stats.dead_lettered += 1;
             }
         }
+    }
+
+    /// Process a fetched batch in order. Runs of well-formed messages are
+    /// applied in one transaction (see [`ConsumerConfig::group_commit`]);
+    /// malformed ones and failures take the one-at-a-time path. Finishes
+    /// the work in hand when cancelled, but starts nothing new.
+    async fn handle_batch(
+        &mut self,
+        batch: Vec<Delivery<S::Token>>,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let mut queue: VecDeque<Delivery<S::Token>> = batch.into();
+        while !queue.is_empty() && !cancel.is_cancelled() {
+            let run = queue.iter().take_while(|d| d.message.is_ok()).count();
+            if !self.config.group_commit || run < 2 {
+                if let Some(d) = queue.pop_front() {
+                    self.handle_delivery(d, cancel).await?;
+                }
+                continue;
+            }
+            let mut take = run;
+            loop {
+                let msgs: Vec<&Message> = queue
+                    .iter()
+                    .take(take)
+                    .filter_map(|d| d.message.as_ref().ok())
+                    .collect();
+                match self.apply_group(&msgs).await {
+                    Ok(Ok(outcomes)) => {
+                        let mut tokens = Vec::with_capacity(outcomes.len());
+                        for outcome in outcomes {
+                            let Some(d) = queue.pop_front() else { break };
+                            self.count(match outcome {
+                                InboxOutcome::New => Settled::Processed,
+                                InboxOutcome::Duplicate => Settled::Duplicate,
+                            });
+                            tokens.push(d.token);
+                        }
+                        if let Err(e) = self.subscriber.ack_all(tokens).await {
+                            warn!(consumer = %self.config.name, error = %e, "ack failed; the messages will be redelivered and skipped as duplicates");
+                        }
+                        break;
+                    }
+                    // the messages before the failing one still go in one transaction
+                    Ok(Err(failed_at)) if failed_at > 0 => take = failed_at,
+                    // the first one fails (handler or store): the single path
+                    // retries, waits out the store or dead-letters it
+                    Ok(Err(_)) | Err(_) => {
+                        if let Some(d) = queue.pop_front() {
+                            self.handle_delivery(d, cancel).await?;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Apply `msgs` in one transaction: inbox rows and effects commit
+    /// together. `Ok(Err(i))`: message `i`'s handler failed and nothing was
+    /// committed. Store errors are the outer `Err`.
+    async fn apply_group(
+        &self,
+        msgs: &[&Message],
+    ) -> Result<std::result::Result<Vec<InboxOutcome>, usize>> {
+        let mut tx = self.inbox.begin().await?;
+        let now = self.clock.now();
+        let mut outcomes = Vec::with_capacity(msgs.len());
+        for (i, msg) in msgs.iter().enumerate() {
+            let outcome = self
+                .inbox
+                .record(&mut tx, &self.config.name, msg, now)
+                .await?;
+            if outcome == InboxOutcome::New {
+                let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
+                if let Err(e) = self.handler.handle(&mut tx, msg).instrument(span).await {
+                    debug!(message_id = %msg.id, error = %e, "handler failed in a group; retrying the messages around it apart");
+                    return Ok(Err(i));
+                }
+            } else {
+                debug!(message_id = %msg.id, "duplicate skipped");
+            }
+            outcomes.push(outcome);
+        }
+        self.inbox.commit(tx).await?;
+        Ok(Ok(outcomes))
     }
 
     async fn handle_delivery(

@@ -149,3 +149,40 @@ async fn consumer_killed_between_handler_and_commit_applies_effect_once() -> any
     assert_eq!(c.stats().duplicates, 5);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failing_handler_inside_a_group_commit_leaves_the_others_applied_once(
+) -> anyhow::Result<()> {
+    let p = pair().await?;
+    let poison = Message::builder("steps", "k", "NotAStep")
+        .json(&serde_json::json!({"x": 1}))?
+        .build()?;
+    let msgs = vec![
+        step_message("steps", "k", 1),
+        step_message("steps", "k", 2),
+        poison.clone(),
+        step_message("steps", "k", 3),
+        step_message("steps", "k", 4),
+    ];
+    let mut tx = p.a.begin().await?;
+    p.outbox.enqueue_batch(&mut tx, &msgs).await?;
+    tx.commit().await?;
+    let mut c = consumer(&p, Recorder::default()).await?;
+    while c.run_once().await? > 0 {}
+    let eff = effects(&p.b).await?;
+    let v = verdict(&eff);
+    assert_eq!((v.applied, v.distinct, v.order_violations), (4, 4, 0));
+    let dead = custody_sqlite::dead_letters(&p.b).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id, Some(poison.id));
+    assert_eq!((c.stats().processed, c.stats().dead_lettered), (4, 1));
+    // everything acked: the checkpoint is at the last message
+    let cp = custody_sqlite::checkpoint(&p.a, "billing")
+        .await?
+        .unwrap_or(0);
+    let last: i64 = sqlx::query_scalar("SELECT MAX(position) FROM custody_outbox")
+        .fetch_one(&p.a)
+        .await?;
+    assert_eq!(cp, last);
+    Ok(())
+}

@@ -157,4 +157,12 @@ impl Subscriber for EmbeddedSubscriber {
     async fn ack(&mut self, position: i64) -> Result<()> {
         advance_checkpoint(&self.pool, &self.subscription, position, Utc::now()).await
     }
+
+    /// One checkpoint write for a batch: the last position covers the rest.
+    async fn ack_all(&mut self, positions: Vec<i64>) -> Result<()> {
+        match positions.into_iter().max() {
+            Some(p) => self.ack(p).await,
+            None => Ok(()),
+        }
+    }
 }

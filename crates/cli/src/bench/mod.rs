@@ -559,11 +559,11 @@ pub struct TimedInbox<I> {
     pub stamps: Arc<Stamps>,
 }
 
-/// The transaction of a [`TimedInbox`]: the backend's, plus the id of the
-/// new message it applies.
+/// The transaction of a [`TimedInbox`]: the backend's, plus the ids of the
+/// new messages it applies (several with the consumer's group commit).
 pub struct TimedTx<T> {
     pub tx: T,
-    id: Option<Uuid>,
+    ids: Vec<Uuid>,
 }
 
 impl<I: InboxStore> InboxStore for TimedInbox<I> {
@@ -572,7 +572,7 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
     async fn begin(&self) -> custody::Result<Self::Tx> {
         Ok(TimedTx {
             tx: self.inner.begin().await?,
-            id: None,
+            ids: Vec::new(),
         })
     }
 
@@ -588,14 +588,14 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
             .record(&mut tx.tx, consumer, message, now)
             .await?;
         if outcome == InboxOutcome::New {
-            tx.id = Some(message.id);
+            tx.ids.push(message.id);
         }
         Ok(outcome)
     }
 
     async fn commit(&self, tx: Self::Tx) -> custody::Result<()> {
         self.inner.commit(tx.tx).await?;
-        if let Some(id) = tx.id {
+        for id in tx.ids {
             self.stamps.processed(id);
         }
         Ok(())

@@ -51,6 +51,12 @@ pub struct ConsumerConfig {
     /// message falls back to the one-at-a-time path, after the messages
     /// before it are committed, so retries and dead letters behave the same.
     pub group_commit: bool,
+    /// Longest a group transaction keeps taking messages before it commits
+    /// what it has: acks wait for the commit, and a group held open longer
+    /// than the transport's ack wait (slow database link) would be
+    /// redelivered while still being applied.
+    #[serde(with = "custody_core::duration_serde")]
+    pub group_max_time: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -76,6 +82,7 @@ impl ConsumerConfig {
             prune_batch: 1000,
             redrive_interval: Duration::from_secs(1),
             group_commit: true,
+            group_max_time: Duration::from_millis(250),
         }
     }
 }
@@ -384,17 +391,22 @@ where
         Ok(())
     }
 
-    /// Apply `msgs` in one transaction: inbox rows and effects commit
-    /// together. `Ok(Err(i))`: message `i`'s handler failed and nothing was
-    /// committed. Store errors are the outer `Err`.
+    /// Apply `msgs` (or, past `group_max_time`, a prefix of them) in one
+    /// transaction: inbox rows and effects commit together; returns the
+    /// outcomes of the applied prefix. `Ok(Err(i))`: message `i`'s handler
+    /// failed and nothing was committed. Store errors are the outer `Err`.
     async fn apply_group(
         &self,
         msgs: &[&Message],
     ) -> Result<std::result::Result<Vec<InboxOutcome>, usize>> {
         let mut tx = self.inbox.begin().await?;
         let now = self.clock.now();
+        let started = std::time::Instant::now();
         let mut outcomes = Vec::with_capacity(msgs.len());
         for (i, msg) in msgs.iter().enumerate() {
+            if i > 0 && started.elapsed() >= self.config.group_max_time {
+                break; // commit what we have; the rest goes in the next group
+            }
             let outcome = self
                 .inbox
                 .record(&mut tx, &self.config.name, msg, now)

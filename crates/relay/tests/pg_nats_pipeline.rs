@@ -17,6 +17,7 @@ use custody_testkit::{postgres_db, unique_name, NatsServer, PgTestDb};
 use sqlx::{PgPool, Row};
 
 struct Env {
+    nats_url: String,
     _a_db: PgTestDb,
     _b_db: PgTestDb,
     a: PgPool,
@@ -50,6 +51,7 @@ async fn env(nats_url: Option<&str>) -> anyhow::Result<Option<Env>> {
     let spec = StreamSpec::new(&name.to_uppercase(), &name);
     custody_nats::ensure_stream(&client, &spec).await?;
     Ok(Some(Env {
+        nats_url,
         outbox: PgOutbox::new(a.clone()),
         _a_db: a_db,
         _b_db: b_db,
@@ -58,6 +60,30 @@ async fn env(nats_url: Option<&str>) -> anyhow::Result<Option<Env>> {
         client,
         spec,
     }))
+}
+
+/// Delete the test's stream even when an assertion failed before
+/// `cleanup` (Drop runs outside the test's runtime: use a thread of its own).
+impl Drop for Env {
+    fn drop(&mut self) {
+        let (url, name) = (self.nats_url.clone(), self.spec.name.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(client) = custody_nats::connect(&url).await {
+                    let _ = async_nats::jetstream::new(client)
+                        .delete_stream(&name)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
 }
 
 impl Env {

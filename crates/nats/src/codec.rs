@@ -69,9 +69,19 @@ const RESERVED: &[&str] = &[
 /// CloudEvents attribute (`id`, `type`, `time`, ...), which become
 /// `custody-ext-<name>`. [`decode`] reverses this exactly.
 pub fn encode_headers(msg: &Message) -> HeaderMap {
+    encode_headers_with_msg_id(msg, None)
+}
+
+/// [`encode_headers`], with `Nats-Msg-Id` set to `nats_msg_id` instead of
+/// the message id when given (a republish), so the id is not formatted and
+/// inserted twice.
+pub(crate) fn encode_headers_with_msg_id(msg: &Message, nats_msg_id: Option<String>) -> HeaderMap {
     let mut h = HeaderMap::new();
     let id = msg.id.to_string();
-    h.insert(NATS_MESSAGE_ID, id.as_str());
+    match nats_msg_id {
+        Some(nats_msg_id) => h.insert(NATS_MESSAGE_ID, nats_msg_id),
+        None => h.insert(NATS_MESSAGE_ID, id.as_str()),
+    }
     h.insert(CE_SPECVERSION, SPECVERSION);
     h.insert(CE_ID, id);
     h.insert(CE_TYPE, encode_value(&msg.message_type));
@@ -139,7 +149,8 @@ pub fn decode(
     // Header names are case-insensitive in CloudEvents bindings; keep the first value.
     let mut map: BTreeMap<String, String> = BTreeMap::new();
     for (name, values) in headers.iter() {
-        let name = name.to_string().to_ascii_lowercase();
+        let mut name = name.to_string();
+        name.make_ascii_lowercase();
         let Some(value) = values.first() else {
             continue;
         };
@@ -248,10 +259,13 @@ fn encode_content_type(v: &str) -> String {
 }
 
 fn percent_encode(v: &str, escape: impl Fn(u8) -> bool) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(v.len());
     for &b in v.as_bytes() {
         if escape(b) {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 0xf)] as char);
         } else {
             out.push(b as char);
         }
@@ -296,10 +310,31 @@ fn hex(b: u8) -> Option<u8> {
 pub(crate) fn headers_wire_len(h: &HeaderMap) -> usize {
     let mut n = "NATS/1.0\r\n".len() + 2;
     for (name, values) in h.iter() {
-        let name_len = name.to_string().len();
+        let name_len = AsRef::<[u8]>::as_ref(name).len();
         for v in values {
             n += name_len + 2 + v.as_str().len() + 2;
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_encoding_is_uppercase_two_digit_hex() {
+        assert_eq!(
+            encode_value(" a\"%\r\n\u{7f}é"),
+            "%20a%22%25%0D%0A%7F%C3%A9"
+        );
+        assert_eq!(
+            encode_content_type("  text/plain; a=\"b c\"\t% "),
+            "%20%20text/plain; a=\"b c\"%09%25%20"
+        );
+        for b in 0u8..0x80 {
+            let s = char::from(b).to_string();
+            assert_eq!(decode_value(&encode_value(&s)), Ok(s));
+        }
+    }
 }

@@ -4,7 +4,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use custody_core::{Message, PublishAck, Publisher, Result};
 
-use crate::codec::{encode_headers, headers_wire_len};
+use crate::codec::{encode_headers_with_msg_id, headers_wire_len};
 use crate::stream::check_subject;
 use crate::{NatsError, StreamSpec};
 
@@ -59,16 +59,11 @@ impl NatsPublisher {
             });
         }
         let subject = format!("{}.{}", self.subject_prefix, message.topic);
-        let mut headers = encode_headers(message);
-        if generation > 0 {
-            // A republish (repair / redrive) within the stream's duplicate
-            // window must not be dropped as a duplicate of the original;
-            // consumers still deduplicate by ce-id in their inbox.
-            headers.insert(
-                async_nats::header::NATS_MESSAGE_ID,
-                republish_id(message, generation).as_str(),
-            );
-        }
+        // A republish (repair / redrive) within the stream's duplicate
+        // window must not be dropped as a duplicate of the original;
+        // consumers still deduplicate by ce-id in their inbox.
+        let nats_msg_id = (generation > 0).then(|| republish_id(message, generation));
+        let headers = encode_headers_with_msg_id(message, nats_msg_id);
 
         // The server closes the whole connection on a message above
         // max_payload, and JetStream publishes skip the client's own check:

@@ -5,16 +5,15 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{rich_message, TestStream};
-use custody_core::{Message, Publisher, Subscriber};
-use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
+use custody_core::{Delivery, Message, Publisher, Subscriber};
+use custody_nats::SubscriberOptions;
 
 #[tokio::test]
 async fn published_message_arrives_unchanged_and_ack_stops_redelivery() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
-    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let publisher = ts.publisher();
 
     let sent = vec![
         rich_message("orders", "order-1"),
@@ -29,7 +28,7 @@ async fn published_message_arrives_unchanged_and_ack_stops_redelivery() -> anyho
         assert!(!ack.duplicate);
     }
 
-    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "billing", &[]).await?;
+    let mut sub = ts.subscriber("billing", &[]).await?;
     let got = sub.fetch(10, Duration::from_secs(2)).await?;
     assert_eq!(got.len(), sent.len());
     for (d, m) in got.into_iter().zip(&sent) {
@@ -39,7 +38,7 @@ async fn published_message_arrives_unchanged_and_ack_stops_redelivery() -> anyho
     }
     drop(sub);
 
-    let mut again = NatsSubscriber::new(ts.client.clone(), &ts.spec, "billing", &[]).await?;
+    let mut again = ts.subscriber("billing", &[]).await?;
     let got = again.fetch(10, Duration::from_millis(500)).await?;
     assert!(got.is_empty(), "acked messages came back: {got:?}");
     Ok(())
@@ -47,11 +46,10 @@ async fn published_message_arrives_unchanged_and_ack_stops_redelivery() -> anyho
 
 #[tokio::test]
 async fn unacked_message_is_redelivered_with_delivery_count_2() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
-    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let publisher = ts.publisher();
     let m = rich_message("orders", "order-1");
     publisher.publish(&m).await?;
 
@@ -60,9 +58,7 @@ async fn unacked_message_is_redelivered_with_delivery_count_2() -> anyhow::Resul
         ..Default::default()
     };
     let topics = ["orders".to_owned()];
-    let mut sub =
-        NatsSubscriber::with_options(ts.client.clone(), &ts.spec, "c1", &topics, options.clone())
-            .await?;
+    let mut sub = ts.subscriber_with("c1", &topics, options.clone()).await?;
     let first = sub.fetch(10, Duration::from_secs(2)).await?;
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].delivery_count, 1);
@@ -70,8 +66,7 @@ async fn unacked_message_is_redelivered_with_delivery_count_2() -> anyhow::Resul
     drop(sub);
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut sub =
-        NatsSubscriber::with_options(ts.client.clone(), &ts.spec, "c1", &topics, options).await?;
+    let mut sub = ts.subscriber_with("c1", &topics, options).await?;
     // a restarted subscriber resumes after the ack floor: the unacked
     // message comes again (as a fresh delivery of the recreated durable)
     let second = sub.fetch(10, Duration::from_secs(3)).await?;
@@ -88,25 +83,19 @@ async fn unacked_message_is_redelivered_with_delivery_count_2() -> anyhow::Resul
     }
     // acked: a restarted subscriber gets nothing
     drop(sub);
-    let mut sub = NatsSubscriber::with_options(
-        ts.client.clone(),
-        &ts.spec,
-        "c1",
-        &topics,
-        SubscriberOptions::default(),
-    )
-    .await?;
+    let mut sub = ts
+        .subscriber_with("c1", &topics, SubscriberOptions::default())
+        .await?;
     assert!(sub.fetch(10, Duration::from_millis(500)).await?.is_empty());
     Ok(())
 }
 
 #[tokio::test]
 async fn same_id_twice_is_stored_once() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
-    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let publisher = ts.publisher();
     let m = rich_message("orders", "order-1");
 
     let first = publisher.publish(&m).await?;
@@ -119,12 +108,36 @@ async fn same_id_twice_is_stored_once() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -> anyhow::Result<()>
-{
-    let Some(url) = custody_testkit::nats().await? else {
+async fn republish_is_stored_again_once_per_generation() -> anyhow::Result<()> {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
+    let publisher = ts.publisher();
+    let m = rich_message("orders", "order-1");
+
+    assert!(!publisher.publish(&m).await?.duplicate);
+    let again = publisher.publish_again(&m, 1).await?;
+    assert!(!again.duplicate, "{again:?}");
+    let twice = publisher.publish_again(&m, 1).await?;
+    assert!(twice.duplicate, "{twice:?}");
+    assert_eq!(ts.message_count().await?, 2);
+
+    let mut sub = ts.subscriber("c", &[]).await?;
+    let got = sub.fetch(10, Duration::from_secs(2)).await?;
+    assert_eq!(got.len(), 2);
+    for d in got {
+        assert_eq!(d.message.as_ref().ok(), Some(&m));
+        sub.ack(d.token).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -> anyhow::Result<()>
+{
+    let Some(ts) = TestStream::on_shared_server().await? else {
+        return Ok(());
+    };
     let js = async_nats::jetstream::new(ts.client.clone());
     let subject = ts.spec.subject("orders");
 
@@ -145,11 +158,9 @@ async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -
         .await?
         .await?;
     let good = rich_message("orders", "order-1");
-    NatsPublisher::new(ts.client.clone(), &ts.spec)
-        .publish(&good)
-        .await?;
+    ts.publisher().publish(&good).await?;
 
-    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "c", &[]).await?;
+    let mut sub = ts.subscriber("c", &[]).await?;
     let got = sub.fetch(10, Duration::from_secs(2)).await?;
     assert_eq!(got.len(), 4);
     let reasons: Vec<String> = got[..3]
@@ -176,11 +187,10 @@ async fn message_without_cloudevents_headers_is_malformed_and_does_not_block() -
 #[tokio::test]
 async fn payload_above_max_payload_is_not_retryable_and_connection_survives() -> anyhow::Result<()>
 {
-    let Some(url) = custody_testkit::nats().await? else {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
-    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let publisher = ts.publisher();
     let limit = ts.client.server_info().max_payload;
     let big = Message::builder("orders", "k", "Big")
         .payload("application/octet-stream", vec![7u8; limit + 1])
@@ -210,11 +220,10 @@ async fn payload_above_max_payload_is_not_retryable_and_connection_survives() ->
 
 #[tokio::test]
 async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
-    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "c", &[]).await?;
+    let mut sub = ts.subscriber("c", &[]).await?;
 
     let start = Instant::now();
     let got = sub.fetch(10, Duration::from_millis(400)).await?;
@@ -226,7 +235,7 @@ async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyh
     );
     assert!(waited < Duration::from_secs(3), "returned after {waited:?}");
 
-    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let publisher = ts.publisher();
     publisher.publish(&rich_message("orders", "a")).await?;
     publisher.publish(&rich_message("orders", "b")).await?;
     let start = Instant::now();
@@ -263,48 +272,22 @@ async fn fetch_returns_ready_messages_without_waiting_for_a_full_batch() -> anyh
 
 #[tokio::test]
 async fn topic_filters_select_subjects() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
-    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let publisher = ts.publisher();
     for topic in ["a", "b", "c"] {
         publisher.publish(&rich_message(topic, "k")).await?;
     }
 
-    let mut one = NatsSubscriber::new(ts.client.clone(), &ts.spec, "only_b", &["b".into()]).await?;
+    let mut one = ts.subscriber("only_b", &["b".into()]).await?;
     let got = one.fetch(10, Duration::from_secs(1)).await?;
-    let topics: Vec<String> = got
-        .iter()
-        .map(|d| {
-            d.message
-                .as_ref()
-                .map(|m| m.topic.clone())
-                .unwrap_or_default()
-        })
-        .collect();
-    assert_eq!(topics, ["b"]);
+    assert_eq!(topics_of(&got), ["b"]);
 
-    match NatsSubscriber::new(
-        ts.client.clone(),
-        &ts.spec,
-        "a_and_c",
-        &["a".into(), "c".into()],
-    )
-    .await
-    {
+    match ts.subscriber("a_and_c", &["a".into(), "c".into()]).await {
         Ok(mut two) => {
             let got = two.fetch(10, Duration::from_secs(1)).await?;
-            let topics: Vec<String> = got
-                .iter()
-                .map(|d| {
-                    d.message
-                        .as_ref()
-                        .map(|m| m.topic.clone())
-                        .unwrap_or_default()
-                })
-                .collect();
-            assert_eq!(topics, ["a", "c"]);
+            assert_eq!(topics_of(&got), ["a", "c"]);
         }
         // nats-server < 2.10 cannot filter on several subjects: refused, not ignored.
         Err(e) => {
@@ -314,6 +297,18 @@ async fn topic_filters_select_subjects() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The topic of each delivery, `""` for a malformed one.
+fn topics_of<T>(got: &[Delivery<T>]) -> Vec<String> {
+    got.iter()
+        .map(|d| {
+            d.message
+                .as_ref()
+                .map(|m| m.topic.clone())
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -330,17 +325,16 @@ async fn connect_to_a_dead_port_names_the_url() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn restarted_subscriber_resumes_in_stream_order_after_a_crash() -> anyhow::Result<()> {
-    let Some(url) = custody_testkit::nats().await? else {
+    let Some(ts) = TestStream::on_shared_server().await? else {
         return Ok(());
     };
-    let ts = TestStream::create(&url).await?;
-    let publisher = NatsPublisher::new(ts.client.clone(), &ts.spec);
+    let publisher = ts.publisher();
     let first: Vec<Message> = (0..5).map(|_| rich_message("orders", "order-1")).collect();
     for m in &first {
         publisher.publish(m).await?;
     }
     let topics = ["orders".to_owned()];
-    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "c-order", &topics).await?;
+    let mut sub = ts.subscriber("c-order", &topics).await?;
     let got = sub.fetch(10, Duration::from_secs(2)).await?;
     assert_eq!(got.len(), 5);
     // the consumer processed and acked the first one, then crashed
@@ -356,7 +350,7 @@ async fn restarted_subscriber_resumes_in_stream_order_after_a_crash() -> anyhow:
 
     // default ack_wait is 30 s: without resuming at the ack floor the later
     // message would come first and the unacked ones only after 30 s
-    let mut sub = NatsSubscriber::new(ts.client.clone(), &ts.spec, "c-order", &topics).await?;
+    let mut sub = ts.subscriber("c-order", &topics).await?;
     let got = sub.fetch(10, Duration::from_secs(2)).await?;
     let ids: Vec<_> = got
         .iter()

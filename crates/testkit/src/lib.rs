@@ -102,24 +102,33 @@ impl Drop for PgTestDb {
     fn drop(&mut self) {
         let server = self.server.clone();
         let name = self.name.clone();
-        // Drop runs outside any runtime guarantee; use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(mut c) = sqlx::PgConnection::connect(&server).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut c)
-                        .await;
-                }
-            });
-        })
-        .join();
+        block_on_own_runtime(async move {
+            if let Ok(mut c) = sqlx::PgConnection::connect(&server).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut c)
+                    .await;
+            }
+        });
     }
+}
+
+/// Run `cleanup` to completion on a thread with a runtime of its own and
+/// wait for it. For `Drop` impls, which may run inside a runtime (where
+/// `block_on` would panic) or outside any. Failures are ignored: cleanup is
+/// best effort.
+pub fn block_on_own_runtime<F>(cleanup: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let _ = std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(cleanup);
+        }
+    })
+    .join();
 }
 
 /// Check that NATS answers at [`nats_url`]; skip / fail otherwise.

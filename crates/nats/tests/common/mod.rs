@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use custody_core::{Message, MessageKind};
-use custody_nats::StreamSpec;
+use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec, SubscriberOptions};
 
 /// A stream of this test's own on the server at `url`; deleted on drop, also
 /// when the test panics.
@@ -29,6 +29,40 @@ impl TestStream {
         })
     }
 
+    /// A stream of this test's own on the machine's NATS server, or `None`
+    /// when the test is to be skipped (see [`custody_testkit::nats`]).
+    pub async fn on_shared_server() -> anyhow::Result<Option<TestStream>> {
+        match custody_testkit::nats().await? {
+            Some(url) => Ok(Some(TestStream::create(&url).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A publisher to this stream.
+    pub fn publisher(&self) -> NatsPublisher {
+        NatsPublisher::new(self.client.clone(), &self.spec)
+    }
+
+    /// A durable subscriber `durable` on this stream with default options.
+    pub async fn subscriber(
+        &self,
+        durable: &str,
+        topics: &[String],
+    ) -> custody_core::Result<NatsSubscriber> {
+        NatsSubscriber::new(self.client.clone(), &self.spec, durable, topics).await
+    }
+
+    /// A durable subscriber `durable` on this stream with `options`.
+    pub async fn subscriber_with(
+        &self,
+        durable: &str,
+        topics: &[String],
+        options: SubscriberOptions,
+    ) -> custody_core::Result<NatsSubscriber> {
+        NatsSubscriber::with_options(self.client.clone(), &self.spec, durable, topics, options)
+            .await
+    }
+
     pub async fn message_count(&self) -> anyhow::Result<u64> {
         let js = async_nats::jetstream::new(self.client.clone());
         let mut stream = js.get_stream(&self.spec.name).await?;
@@ -40,22 +74,12 @@ impl Drop for TestStream {
     fn drop(&mut self) {
         let url = self.url.clone();
         let name = self.spec.name.clone();
-        // Drop may run inside a runtime; delete from a thread with its own.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let connect = async_nats::ConnectOptions::new().connect(url);
-                if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), connect).await {
-                    let _ = async_nats::jetstream::new(c).delete_stream(&name).await;
-                }
-            });
-        })
-        .join();
+        custody_testkit::block_on_own_runtime(async move {
+            let connect = async_nats::ConnectOptions::new().connect(url);
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), connect).await {
+                let _ = async_nats::jetstream::new(c).delete_stream(&name).await;
+            }
+        });
     }
 }
 

@@ -146,7 +146,6 @@ fn status_name(s: i16) -> String {
 /// outbox row (producer), inbox rows (consumers), dead letters, redrives.
 pub async fn status(pool: &PgPool, id: Uuid) -> Result<MessageStatus> {
     const OP: &str = "read message status";
-    let e = db(OP);
     let mut st = MessageStatus::new(id);
     let row = sqlx::query(
         "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts,
@@ -216,7 +215,7 @@ pub async fn status(pool: &PgPool, id: Uuid) -> Result<MessageStatus> {
     .bind(id)
     .fetch_all(pool)
     .await
-    .map_err(e)?;
+    .map_err(db(OP))?;
     for r in &redrives {
         st.redriving.push(RedriveInfo {
             consumer: r.try_get("consumer").map_err(db(OP))?,

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use custody_core::{DeadLetter, InboxOutcome, InboxStore, Message, Redrive, Result};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::error::db;
 use crate::outbox::INSERT_DEAD_LETTER;
@@ -183,31 +183,8 @@ WHERE consumer = $1 AND message_id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED))";
 
 /// Every dead letter in this database (relay's and consumers'), oldest first.
+/// [`crate::dead_letter_rows`] without the sequence numbers.
 pub async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>> {
-    const OP: &str = "list dead letters";
-    let rows = sqlx::query(
-        "SELECT message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at
-         FROM custody_dead_letter ORDER BY seq",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(db(OP))?;
-    rows.iter()
-        .map(|r| {
-            let attempts: i32 = r.try_get(8)?;
-            Ok(DeadLetter {
-                message_id: r.try_get(0)?,
-                origin: r.try_get(1)?,
-                topic: r.try_get(2)?,
-                key: r.try_get(3)?,
-                message_type: r.try_get(4)?,
-                payload: r.try_get(5)?,
-                envelope: r.try_get(6)?,
-                error: r.try_get(7)?,
-                attempts: u32::try_from(attempts).unwrap_or(0),
-                dead_at: r.try_get(9)?,
-            })
-        })
-        .collect::<std::result::Result<Vec<_>, sqlx::Error>>()
-        .map_err(db(OP))
+    let rows = crate::dead_letter_rows(pool).await?;
+    Ok(rows.into_iter().map(|(_, dead)| dead).collect())
 }

@@ -2,7 +2,6 @@
 //! relay's side (leases, batches, outcomes).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,7 +10,7 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::db;
-use crate::row::{OutboxRow, COLUMNS};
+use crate::row::{outbox_columns, OutboxRow};
 use crate::wake::{Waiter, Wake};
 
 /// Partitions keys are hashed into unless [`PgOutbox::with_partitions`] says otherwise.
@@ -19,22 +18,12 @@ pub const DEFAULT_PARTITIONS: u32 = 16;
 
 /// The PostgreSQL outbox. Cheap to clone; clones share the pool and the
 /// LISTEN connection used by [`OutboxStore::wait_for_new`].
+#[derive(Clone)]
 pub struct PgOutbox {
     pool: PgPool,
     partitions: u32,
     notify: bool,
     waiter: Waiter,
-}
-
-impl Clone for PgOutbox {
-    fn clone(&self) -> Self {
-        PgOutbox {
-            pool: self.pool.clone(),
-            partitions: self.partitions,
-            notify: self.notify,
-            waiter: self.waiter.clone(),
-        }
-    }
 }
 
 impl std::fmt::Debug for PgOutbox {
@@ -46,18 +35,24 @@ impl std::fmt::Debug for PgOutbox {
     }
 }
 
-const INSERT_ONE: &str = "\
-INSERT INTO custody_outbox
+// The insert statements are macros so that `notifying!` can wrap them at
+// compile time.
+macro_rules! insert_one {
+    () => {
+        "INSERT INTO custody_outbox
     (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-RETURNING position";
+RETURNING position"
+    };
+}
 
 // One statement for the whole batch. WITH ORDINALITY + ORDER BY keeps the
 // identity values in input order (a subquery with ORDER BY is not pulled up,
 // so the rows reach the insert sorted), which keeps a batch's messages of one
 // key in order.
-const INSERT_BATCH: &str = "\
-INSERT INTO custody_outbox
+macro_rules! insert_batch {
+    () => {
+        "INSERT INTO custody_outbox
     (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at)
 SELECT id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at
 FROM (
@@ -67,13 +62,33 @@ FROM (
                              headers, payload, created_at, ord)
     ORDER BY ord
 ) AS s
-RETURNING id, position";
+RETURNING id, position"
+    };
+}
 
-// NOTIFY is transactional: delivered at commit, never for a rollback. Note
+// `$insert` and, in the same statement (one round trip), NOTIFY. NOTIFY is
+// transactional: delivered at commit, never for a rollback. The data-modifying
+// CTE always runs to completion; the volatile CTE `n` is never inlined, so
+// pg_notify runs once per statement however many rows the batch has. Note
 // that a transaction that has issued NOTIFY takes a global lock at commit
 // (serializing committing notifiers); `with_notify(false)` avoids it for
 // producers with very high commit rates, at the cost of poll latency.
-const NOTIFY: &str = "SELECT pg_notify('custody_outbox', '')";
+macro_rules! notifying {
+    ($insert:expr, $returning:literal) => {
+        concat!(
+            "WITH ins AS (\n",
+            $insert,
+            "\n), n AS (SELECT pg_notify('custody_outbox', ''))\nSELECT ",
+            $returning,
+            " FROM ins CROSS JOIN n"
+        )
+    };
+}
+
+const INSERT_ONE: &str = insert_one!();
+const INSERT_ONE_NOTIFY: &str = notifying!(insert_one!(), "ins.position");
+const INSERT_BATCH: &str = insert_batch!();
+const INSERT_BATCH_NOTIFY: &str = notifying!(insert_batch!(), "ins.id, ins.position");
 
 // Invariant 5 (no skipped commits). `position` is assigned at insert, not at
 // commit, so a transaction that began earlier can commit a lower position
@@ -86,8 +101,10 @@ const NOTIFY: &str = "SELECT pg_notify('custody_outbox', '')";
 // A failing message holds back only its own key: the NOT EXISTS (served by
 // the partial index custody_outbox_parked) leaves out a row when a pending row
 // of the same key at the same or a lower position is parked until after $3.
-const FETCH_BATCH: &str = "\
-SELECT {COLUMNS}, o.republish
+const FETCH_BATCH: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    ", o.republish
 FROM custody_outbox o
 WHERE o.status = 0
   AND o.partition = ANY($1)
@@ -98,7 +115,8 @@ WHERE o.status = 0
         AND p.partition = o.partition AND p.msg_key = o.msg_key
         AND p.position <= o.position AND p.retry_at > $3)
 ORDER BY o.position
-LIMIT $2";
+LIMIT $2"
+);
 
 // Fencing: only rows of partitions `relay` still holds an unexpired lease on.
 // $2/$4: positions and their acks' references, zipped by UNNEST.
@@ -112,10 +130,12 @@ const RECORD_FAILURE: &str = "\
 UPDATE custody_outbox SET attempts = attempts + 1, last_error = $2, retry_at = $3
 WHERE position = $1 AND status = 0";
 
-const MARK_DEAD: &str = "\
-UPDATE custody_outbox o SET status = 2, last_error = $2
+const MARK_DEAD: &str = concat!(
+    "UPDATE custody_outbox o SET status = 2, last_error = $2
 WHERE o.position = $1 AND o.status = 0
-RETURNING {COLUMNS}";
+RETURNING ",
+    outbox_columns!()
+);
 
 // Retention (OutboxStore::prune). Safe to run next to producers, relays and
 // readers because:
@@ -201,7 +221,12 @@ impl PgOutbox {
         msg.validate()?;
         let headers = headers_json(msg)?;
         let partition = self.partition_of(msg)?;
-        let position: i64 = sqlx::query_scalar(INSERT_ONE)
+        let sql = if self.notify {
+            INSERT_ONE_NOTIFY
+        } else {
+            INSERT_ONE
+        };
+        let position: i64 = sqlx::query_scalar(sql)
             .bind(msg.id)
             .bind(msg.kind.as_str())
             .bind(&msg.topic)
@@ -212,15 +237,9 @@ impl PgOutbox {
             .bind(headers)
             .bind(&msg.payload)
             .bind(msg.created_at)
-            .fetch_one(&mut *conn)
+            .fetch_one(conn)
             .await
             .map_err(db("enqueue"))?;
-        if self.notify {
-            sqlx::query(NOTIFY)
-                .execute(&mut *conn)
-                .await
-                .map_err(db("enqueue (notify)"))?;
-        }
         Ok(position)
     }
 
@@ -259,7 +278,12 @@ impl PgOutbox {
             payloads.push(msg.payload.as_slice());
             created.push(msg.created_at);
         }
-        let rows = sqlx::query(INSERT_BATCH)
+        let sql = if self.notify {
+            INSERT_BATCH_NOTIFY
+        } else {
+            INSERT_BATCH
+        };
+        let rows = sqlx::query(sql)
             .bind(&ids)
             .bind(&kinds)
             .bind(&topics)
@@ -270,7 +294,7 @@ impl PgOutbox {
             .bind(&headers)
             .bind(&payloads)
             .bind(&created)
-            .fetch_all(&mut *conn)
+            .fetch_all(conn)
             .await
             .map_err(db("enqueue batch"))?;
         let mut by_id = HashMap::with_capacity(rows.len());
@@ -292,12 +316,6 @@ impl PgOutbox {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        if self.notify {
-            sqlx::query(NOTIFY)
-                .execute(&mut *conn)
-                .await
-                .map_err(db("enqueue batch (notify)"))?;
-        }
         Ok(positions)
     }
 
@@ -323,7 +341,7 @@ impl PgOutbox {
 
     async fn dead_letter_row(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
         let mut tx = self.pool.begin().await.map_err(db("dead letter"))?;
-        let row = sqlx::query(&MARK_DEAD.replace("{COLUMNS}", COLUMNS))
+        let row = sqlx::query(MARK_DEAD)
             .bind(position)
             .bind(error)
             .fetch_optional(&mut *tx)
@@ -557,7 +575,7 @@ impl OutboxStore for PgOutbox {
             return Ok(Vec::new());
         }
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(&FETCH_BATCH.replace("{COLUMNS}", COLUMNS))
+        let rows = sqlx::query(FETCH_BATCH)
             .bind(&parts)
             .bind(limit)
             .bind(now)
@@ -657,13 +675,6 @@ impl OutboxStore for PgOutbox {
     async fn wait_for_new(&self, timeout: Duration) {
         self.waiter.wait(timeout).await;
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync + 'static>() {}
-    is::<PgOutbox>();
-    is::<Arc<Wake>>();
 }
 
 #[cfg(test)]

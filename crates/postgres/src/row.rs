@@ -8,9 +8,15 @@ use sqlx::postgres::PgRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-/// Columns every outbox reader selects, in [`OutboxRow`] order.
-pub(crate) const COLUMNS: &str = "o.position, o.partition, o.attempts, o.id, o.kind, o.topic, \
-     o.msg_key, o.message_type, o.content_type, o.headers, o.payload, o.created_at";
+/// Columns every outbox reader selects, in [`OutboxRow`] order. A macro so
+/// that queries are assembled with `concat!` at compile time.
+macro_rules! outbox_columns {
+    () => {
+        "o.position, o.partition, o.attempts, o.id, o.kind, o.topic, o.msg_key, \
+         o.message_type, o.content_type, o.headers, o.payload, o.created_at"
+    };
+}
+pub(crate) use outbox_columns;
 
 /// One outbox row as stored, before it is checked to be a valid message.
 pub(crate) struct OutboxRow {

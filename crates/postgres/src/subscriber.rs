@@ -9,7 +9,7 @@ use sqlx::{PgPool, Row};
 use tokio::time::Instant;
 
 use crate::error::db;
-use crate::row::{OutboxRow, COLUMNS};
+use crate::row::{outbox_columns, OutboxRow};
 use crate::wake::{Waiter, Wake};
 
 /// How often [`PgEmbeddedSubscriber::fetch`] looks again when no NOTIFY came.
@@ -59,23 +59,29 @@ impl std::fmt::Debug for PgEmbeddedSubscriber {
 // nothing can later appear behind the cursor. Rows of one transaction keep
 // their position order. (The relay's fetch_batch has no cursor, it takes
 // status = 0 rows, so the plain guard suffices there.)
-const FETCH_TOPICS: &str = "\
-SELECT {COLUMNS}, o.txid::text::bigint
+const FETCH_TOPICS: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    ", o.txid::text::bigint
 FROM custody_outbox o
 WHERE o.topic = ANY($3)
   AND (o.txid, o.position) > ($1::bigint::text::xid8, $2)
   AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY o.txid, o.position
-LIMIT $4";
+LIMIT $4"
+);
 
 /// Same, every topic (the subscriber was given none).
-const FETCH_ALL: &str = "\
-SELECT {COLUMNS}, o.txid::text::bigint
+const FETCH_ALL: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    ", o.txid::text::bigint
 FROM custody_outbox o
 WHERE (o.txid, o.position) > ($1::bigint::text::xid8, $2)
   AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY o.txid, o.position
-LIMIT $4";
+LIMIT $4"
+);
 
 impl PgEmbeddedSubscriber {
     /// A subscriber named `subscription` reading `topics` (all topics when
@@ -109,7 +115,7 @@ impl PgEmbeddedSubscriber {
         } else {
             FETCH_TOPICS
         };
-        let rows = sqlx::query(&sql.replace("{COLUMNS}", COLUMNS))
+        let rows = sqlx::query(sql)
             .bind(self.cursor.0)
             .bind(self.cursor.1)
             .bind(&self.topics)

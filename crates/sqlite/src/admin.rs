@@ -2,8 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use custody_core::{DeadLetter, Result};
-use sqlx::{Row, SqliteExecutor, SqlitePool};
-use uuid::Uuid;
+use sqlx::{SqliteExecutor, SqlitePool};
 
 use crate::error::map_err;
 
@@ -60,33 +59,8 @@ pub async fn checkpoint(pool: &SqlitePool, subscription: &str) -> Result<Option<
 }
 
 /// Every dead letter in this database (relay's and consumers'), oldest first.
+/// [`crate::dead_letter_rows`] without the sequence numbers.
 pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>> {
-    const OP: &str = "list dead letters";
-    let rows = sqlx::query(
-        "SELECT message_id, origin, topic, msg_key, message_type, payload, envelope, error, \
-         attempts, dead_at FROM custody_dead_letter ORDER BY seq",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(map_err(OP))?;
-    rows.iter()
-        .map(|row| {
-            let message_id: Option<String> = row.try_get("message_id")?;
-            let attempts: i64 = row.try_get("attempts")?;
-            let dead_at: i64 = row.try_get("dead_at")?;
-            Ok(DeadLetter {
-                message_id: message_id.and_then(|s| Uuid::parse_str(&s).ok()),
-                origin: row.try_get("origin")?,
-                topic: row.try_get("topic")?,
-                key: row.try_get("msg_key")?,
-                message_type: row.try_get("message_type")?,
-                payload: row.try_get("payload")?,
-                envelope: row.try_get("envelope")?,
-                error: row.try_get("error")?,
-                attempts: u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
-                dead_at: DateTime::from_timestamp_millis(dead_at).unwrap_or_default(),
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()
-        .map_err(map_err(OP))
+    let rows = crate::dead_letter_rows(pool).await?;
+    Ok(rows.into_iter().map(|(_, dead)| dead).collect())
 }

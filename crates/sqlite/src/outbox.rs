@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::error::{map_err, store_error};
-use crate::row::{OutboxRow, OUTBOX_COLUMNS};
+use crate::row::{outbox_columns, OutboxRow};
 use crate::{duration_ms, to_ms};
 
 /// Partitions of a new [`SqliteOutbox`].
@@ -35,8 +35,10 @@ const INSERT_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 /// visible in commit order). The NOT EXISTS leaves out every message whose
 /// key has a parked message (`retry_at > now`) at the same or a lower
 /// position; other keys flow.
-const FETCH_BATCH: &str = "SELECT position, partition, attempts, id, kind, topic, msg_key, \
-     message_type, content_type, headers, payload, created_at, republish \
+const FETCH_BATCH: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    ", republish \
      FROM custody_outbox AS o \
      WHERE o.status = 0 \
        AND o.partition IN (SELECT value FROM json_each(?1)) \
@@ -46,7 +48,8 @@ const FETCH_BATCH: &str = "SELECT position, partition, attempts, id, kind, topic
              AND p.partition = o.partition AND p.msg_key = o.msg_key \
              AND p.position <= o.position AND p.retry_at > ?2) \
      ORDER BY o.position \
-     LIMIT ?3";
+     LIMIT ?3"
+);
 
 /// Fencing: only rows in partitions whose unexpired lease `relay` holds.
 /// `?1` is a JSON array of `[position, publish_ref]` pairs (UPDATE … FROM,
@@ -62,6 +65,12 @@ const MARK_PUBLISHED: &str = "UPDATE custody_outbox \
 const RECORD_FAILURE: &str = "UPDATE custody_outbox \
      SET attempts = attempts + 1, last_error = ?2, retry_at = ?3 \
      WHERE position = ?1 AND status = 0";
+
+const SELECT_ROW: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    " FROM custody_outbox WHERE position = ?1"
+);
 
 const DEAD_LETTER_COPY: &str = "INSERT INTO custody_dead_letter \
      (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
@@ -314,8 +323,7 @@ impl SqliteOutbox {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err(OP))?;
-        let select = format!("SELECT {OUTBOX_COLUMNS} FROM custody_outbox WHERE position = ?1");
-        let row = sqlx::query(&select)
+        let row = sqlx::query(SELECT_ROW)
             .bind(position)
             .fetch_optional(&mut *tx)
             .await

@@ -10,9 +10,15 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 use uuid::Uuid;
 
-/// Columns every outbox read selects, in the order [`OutboxRow::decode`] expects by name.
-pub(crate) const OUTBOX_COLUMNS: &str = "position, partition, attempts, id, kind, topic, msg_key, \
-     message_type, content_type, headers, payload, created_at";
+/// Columns every outbox read selects, by the names [`OutboxRow::decode`]
+/// reads. A macro so that queries are assembled with `concat!` at compile time.
+macro_rules! outbox_columns {
+    () => {
+        "position, partition, attempts, id, kind, topic, msg_key, \
+         message_type, content_type, headers, payload, created_at"
+    };
+}
+pub(crate) use outbox_columns;
 
 /// One outbox row: the relay's bookkeeping plus the message or what is wrong with it.
 pub(crate) struct OutboxRow {
@@ -23,7 +29,7 @@ pub(crate) struct OutboxRow {
 }
 
 impl OutboxRow {
-    /// Decode a row selected with [`OUTBOX_COLUMNS`]. Fails only when the
+    /// Decode a row selected with [`outbox_columns!`]. Fails only when the
     /// position itself is unreadable, which SQLite's `INTEGER PRIMARY KEY` rules out.
     pub(crate) fn decode(row: &SqliteRow) -> Result<Self, sqlx::Error> {
         let position: i64 = row.try_get("position")?;

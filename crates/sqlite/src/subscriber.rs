@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::admin::advance_checkpoint;
 use crate::error::map_err;
 use crate::outbox::Signal;
-use crate::row::{OutboxRow, OUTBOX_COLUMNS};
+use crate::row::{outbox_columns, OutboxRow};
 use crate::SqliteOutbox;
 
 const DEFAULT_POLL: Duration = Duration::from_millis(50);
@@ -32,9 +32,21 @@ pub struct EmbeddedSubscriber {
     cursor: i64,
     poll_interval: Duration,
     signal: Option<Arc<Signal>>,
-    query_all: String,
-    query_topics: String,
 }
+
+const READ_ALL: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    " FROM custody_outbox WHERE position > ?1 ORDER BY position LIMIT ?2"
+);
+
+const READ_TOPICS: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    " FROM custody_outbox \
+     WHERE position > ?1 AND topic IN (SELECT value FROM json_each(?3)) \
+     ORDER BY position LIMIT ?2"
+);
 
 impl EmbeddedSubscriber {
     /// A reader of `topics` (every topic if empty) in the outbox on `pool`
@@ -56,15 +68,6 @@ impl EmbeddedSubscriber {
             cursor,
             poll_interval: DEFAULT_POLL,
             signal: None,
-            query_all: format!(
-                "SELECT {OUTBOX_COLUMNS} FROM custody_outbox \
-                 WHERE position > ?1 ORDER BY position LIMIT ?2"
-            ),
-            query_topics: format!(
-                "SELECT {OUTBOX_COLUMNS} FROM custody_outbox \
-                 WHERE position > ?1 AND topic IN (SELECT value FROM json_each(?3)) \
-                 ORDER BY position LIMIT ?2"
-            ),
         })
     }
 
@@ -92,11 +95,11 @@ impl EmbeddedSubscriber {
         const OP: &str = "read outbox log";
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let query = match &self.topics {
-            Some(topics) => sqlx::query(&self.query_topics)
+            Some(topics) => sqlx::query(READ_TOPICS)
                 .bind(self.cursor)
                 .bind(limit)
                 .bind(topics.as_str()),
-            None => sqlx::query(&self.query_all).bind(self.cursor).bind(limit),
+            None => sqlx::query(READ_ALL).bind(self.cursor).bind(limit),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(map_err(OP))?;
         rows.iter()

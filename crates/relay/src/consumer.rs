@@ -13,10 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::metric_definitions as m;
-
-fn chrono_duration(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
-}
+use crate::{after, before, prune_in_batches};
 
 /// Consumer settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,7 +237,7 @@ where
         let now = self.clock.now();
         let mut redriven = 0;
         if self.redrive_at.is_none_or(|t| now >= t) {
-            self.redrive_at = Some(now + chrono_duration(self.config.redrive_interval));
+            self.redrive_at = Some(after(now, self.config.redrive_interval));
             match self.drain_redrives(cancel).await {
                 Ok(n) => redriven = n,
                 Err(e) if e.retryable() => {
@@ -250,7 +247,7 @@ where
             }
         }
         if self.prune_at.is_none_or(|t| now >= t) {
-            self.prune_at = Some(now + chrono_duration(self.config.prune_interval));
+            self.prune_at = Some(after(now, self.config.prune_interval));
             if let Err(e) = self.prune_inbox(now).await {
                 warn!(consumer = %self.config.name, error = %e, "inbox pruning failed; retrying at the next interval");
             }
@@ -261,23 +258,17 @@ where
     /// Delete inbox rows older than the retention, in bounded batches (at
     /// most ten per round, so consuming never waits long).
     async fn prune_inbox(&mut self, now: DateTime<Utc>) -> Result<()> {
-        let Some(older_than) = now.checked_sub_signed(chrono_duration(self.config.inbox_retention))
-        else {
+        let Some(older_than) = before(now, self.config.inbox_retention) else {
             return Ok(());
         };
-        let batch = self.config.prune_batch.max(1);
-        for _ in 0..10 {
-            let n = self
-                .inbox
-                .prune(&self.config.name, older_than, batch)
-                .await?;
-            self.stats.pruned += n;
-            metrics::counter!(m::CONSUMER_INBOX_PRUNED_TOTAL, "consumer" => self.config.name.clone())
-                .increment(n);
-            if (n as usize) < batch {
-                break;
-            }
-        }
+        let (inbox, name) = (&self.inbox, self.config.name.as_str());
+        let n = prune_in_batches(self.config.prune_batch, |limit| {
+            inbox.prune(name, older_than, limit)
+        })
+        .await?;
+        self.stats.pruned += n;
+        metrics::counter!(m::CONSUMER_INBOX_PRUNED_TOTAL, "consumer" => self.config.name.clone())
+            .increment(n);
         Ok(())
     }
 
@@ -359,7 +350,7 @@ where
                     .take(take)
                     .filter_map(|d| d.message.as_ref().ok())
                     .collect();
-                match self.apply_group(&msgs).await {
+                match self.apply_group(&msgs, None).await {
                     Ok(Ok(outcomes)) => {
                         let mut tokens = Vec::with_capacity(outcomes.len());
                         for outcome in outcomes {
@@ -376,7 +367,7 @@ where
                         break;
                     }
                     // the messages before the failing one still go in one transaction
-                    Ok(Err(failed_at)) if failed_at > 0 => take = failed_at,
+                    Ok(Err((failed_at, _))) if failed_at > 0 => take = failed_at,
                     // the first one fails (handler or store): the single path
                     // retries, waits out the store or dead-letters it
                     Ok(Err(_)) | Err(_) => {
@@ -393,13 +384,20 @@ where
 
     /// Apply `msgs` (or, past `group_max_time`, a prefix of them) in one
     /// transaction: inbox rows and effects commit together; returns the
-    /// outcomes of the applied prefix. `Ok(Err(i))`: message `i`'s handler
-    /// failed and nothing was committed. Store errors are the outer `Err`.
+    /// outcomes of the applied prefix. `Ok(Err((i, e)))`: message `i`'s
+    /// handler failed with `e` and nothing was committed. Store errors are
+    /// the outer `Err`. `redrive`: the redrive-queue entry the (single)
+    /// message comes from, taken off the queue in the same transaction.
     async fn apply_group(
         &self,
         msgs: &[&Message],
-    ) -> Result<std::result::Result<Vec<InboxOutcome>, usize>> {
+        redrive: Option<i64>,
+    ) -> Result<std::result::Result<Vec<InboxOutcome>, (usize, HandlerError)>> {
         let mut tx = self.inbox.begin().await?;
+        if let Some(seq) = redrive {
+            // off the queue iff the effect (or the duplicate) commits
+            self.inbox.finish_redrive(&mut tx, seq).await?;
+        }
         let now = self.clock.now();
         let started = std::time::Instant::now();
         let mut outcomes = Vec::with_capacity(msgs.len());
@@ -414,8 +412,8 @@ where
             if outcome == InboxOutcome::New {
                 let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
                 if let Err(e) = self.handler.handle(&mut tx, msg).instrument(span).await {
-                    debug!(message_id = %msg.id, error = %e, "handler failed in a group; retrying the messages around it apart");
-                    return Ok(Err(i));
+                    // dropping the transaction rolls back the inbox rows and the effects
+                    return Ok(Err((i, e)));
                 }
             } else {
                 debug!(message_id = %msg.id, "duplicate skipped");
@@ -560,31 +558,17 @@ where
         }
     }
 
-    /// One transaction: inbox row + handler + commit. The outer `Result` is
-    /// the store's, the inner the handler's.
+    /// One message in its own transaction. The outer `Result` is the
+    /// store's, the inner the handler's.
     async fn try_once(
         &self,
         msg: &Message,
         redrive: Option<i64>,
     ) -> Result<std::result::Result<InboxOutcome, HandlerError>> {
-        let mut tx = self.inbox.begin().await?;
-        if let Some(seq) = redrive {
-            // off the queue iff the effect (or the duplicate) commits
-            self.inbox.finish_redrive(&mut tx, seq).await?;
-        }
-        let outcome = self
-            .inbox
-            .record(&mut tx, &self.config.name, msg, self.clock.now())
-            .await?;
-        if outcome == InboxOutcome::New {
-            if let Err(e) = self.handler.handle(&mut tx, msg).await {
-                // dropping the transaction rolls back the inbox row and the effects
-                drop(tx);
-                return Ok(Err(e));
-            }
-        }
-        self.inbox.commit(tx).await?;
-        Ok(Ok(outcome))
+        Ok(match self.apply_group(&[msg], redrive).await? {
+            Ok(outcomes) => Ok(outcomes.first().copied().unwrap_or(InboxOutcome::New)),
+            Err((_, e)) => Err(e),
+        })
     }
 
     async fn sleep(&self, d: Duration, cancel: &CancellationToken) -> bool {
@@ -613,10 +597,9 @@ where
             envelope: serde_json::to_string(msg).ok(),
             error: reason.to_owned(),
             attempts,
-            dead_at: Utc::now(),
+            dead_at: self.clock.now(),
         };
-        metrics::counter!(m::CONSUMER_DEAD_LETTERED_TOTAL, "consumer" => self.config.name.clone(), "reason" => label).increment(1);
-        self.store_dead_letter(dead, cancel).await
+        self.store_dead_letter(dead, label, cancel).await
     }
 
     async fn dead_letter_malformed(
@@ -635,20 +618,20 @@ where
             envelope: None,
             error: format!("malformed message: {}", bad.reason),
             attempts: 1,
-            dead_at: Utc::now(),
+            dead_at: self.clock.now(),
         };
-        metrics::counter!(m::CONSUMER_DEAD_LETTERED_TOTAL, "consumer" => self.config.name.clone(), "reason" => "malformed").increment(1);
-        self.store_dead_letter(dead, cancel).await
+        self.store_dead_letter(dead, "malformed", cancel).await
     }
 
     /// Write a dead letter, waiting out an unavailable store: a dead letter
     /// is never dropped.
     async fn store_dead_letter(
         &mut self,
-        mut dead: DeadLetter,
+        dead: DeadLetter,
+        label: &'static str,
         cancel: &CancellationToken,
     ) -> Result<()> {
-        dead.dead_at = self.clock.now();
+        metrics::counter!(m::CONSUMER_DEAD_LETTERED_TOTAL, "consumer" => self.config.name.clone(), "reason" => label).increment(1);
         let mut attempt = 0u32;
         loop {
             match self.inbox.dead_letter(&self.config.name, &dead).await {

@@ -36,3 +36,44 @@ pub use relay::{Relay, RelayConfig, RelayStats};
 
 /// Cancellation handle used to stop engines gracefully.
 pub use tokio_util::sync::CancellationToken;
+
+use chrono::{DateTime, Utc};
+
+/// `now + d`, saturating at the end of time (a huge configured interval
+/// means "never" rather than an overflow panic).
+pub(crate) fn after(now: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// `now - d`, or `None` when that is before the start of time (nothing is
+/// that old, so there is nothing to prune).
+pub(crate) fn before(now: DateTime<Utc>, d: std::time::Duration) -> Option<DateTime<Utc>> {
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+}
+
+/// Call `prune(limit)` until it deletes less than a full batch, at most ten
+/// times (so the engine's real work never waits long); returns the total.
+pub(crate) async fn prune_in_batches<F, Fut>(
+    limit: usize,
+    mut prune: F,
+) -> custody_core::Result<u64>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = custody_core::Result<u64>>,
+{
+    let limit = limit.max(1);
+    let mut total = 0;
+    for _ in 0..10 {
+        let n = prune(limit).await?;
+        total += n;
+        if (n as usize) < limit {
+            break;
+        }
+    }
+    Ok(total)
+}

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::metric_definitions as m;
+use crate::{after, before, prune_in_batches};
 
 /// Relay settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,9 +248,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 .acquire_leases(&self.id, self.config.lease_ttl, now)
                 .await?;
             // renew at a third of the ttl so one slow round does not lose them
-            let renew = chrono::Duration::from_std(self.config.lease_ttl / 3)
-                .unwrap_or(chrono::Duration::seconds(1));
-            self.lease_renew_at = Some(now + renew);
+            self.lease_renew_at = Some(after(now, self.config.lease_ttl / 3));
             metrics::gauge!(m::RELAY_PARTITIONS_HELD, "relay" => self.id.clone())
                 .set(self.partitions.len() as f64);
             debug!(relay = %self.id, partitions = ?self.partitions, "leases renewed");
@@ -280,70 +279,60 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
     /// Delete history older than the retention from the leased partitions,
     /// in bounded batches (at most ten per round, so publishing never waits long).
     async fn prune(&mut self, now: DateTime<Utc>) -> Result<()> {
-        let interval = chrono::Duration::from_std(self.config.prune_interval)
-            .unwrap_or(chrono::Duration::seconds(60));
-        self.prune_at = Some(now + interval);
-        let retention =
-            chrono::Duration::from_std(self.config.retention).unwrap_or(chrono::Duration::MAX);
-        let Some(older_than) = now.checked_sub_signed(retention) else {
+        self.prune_at = Some(after(now, self.config.prune_interval));
+        let Some(older_than) = before(now, self.config.retention) else {
             return Ok(());
         };
-        let batch = self.config.prune_batch.max(1);
-        for _ in 0..10 {
-            let n = self
-                .store
-                .prune(&self.partitions, older_than, batch)
-                .await?;
-            self.stats.pruned += n;
-            metrics::counter!(m::RELAY_PRUNED_TOTAL).increment(n);
-            if (n as usize) < batch {
-                break;
-            }
-        }
+        let (store, partitions) = (&self.store, &self.partitions);
+        let n = prune_in_batches(self.config.prune_batch, |limit| {
+            store.prune(partitions, older_than, limit)
+        })
+        .await?;
+        self.stats.pruned += n;
+        metrics::counter!(m::RELAY_PRUNED_TOTAL).increment(n);
         Ok(())
     }
 
     /// Publish a batch: keys concurrently, each key's messages in order; a
     /// key stops at its first failure so nothing overtakes it.
     async fn publish_batch(&self, batch: Vec<OutboxRecord>) -> BatchOutcome {
-        let mut order: Vec<String> = Vec::new();
-        let mut by_key: HashMap<String, Vec<OutboxRecord>> = HashMap::new();
+        // group by key, keys in order of first appearance, each key's records in position order
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut groups: Vec<Vec<OutboxRecord>> = Vec::new();
         for rec in batch {
-            let k = rec.message.key.clone();
-            by_key
-                .entry(k.clone())
-                .or_insert_with(|| {
-                    order.push(k);
-                    Vec::new()
-                })
-                .push(rec);
+            let i = match index.get(&rec.message.key) {
+                Some(i) => *i,
+                None => {
+                    index.insert(rec.message.key.clone(), groups.len());
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                }
+            };
+            groups[i].push(rec);
         }
-        let chains = order
-            .into_iter()
-            .filter_map(|k| by_key.remove(&k))
-            .map(|recs| {
-                let publisher = Arc::clone(&self.publisher);
-                async move {
-                    let mut out = BatchOutcome::default();
-                    for rec in recs {
-                        let sent = if rec.republish > 0 {
-                            // repaired or redriven: a fresh transport dedupe id
-                            publisher.publish_again(&rec.message, rec.republish).await
-                        } else {
-                            publisher.publish(&rec.message).await
-                        };
-                        match sent {
-                            Ok(ack) => out.acked.push((rec.position, ack)),
-                            Err(e) => {
-                                out.failed.push((rec, e));
-                                // the rest of this key waits: order per key
-                                break;
-                            }
+        let chains = groups.into_iter().map(|recs| {
+            let publisher = Arc::clone(&self.publisher);
+            async move {
+                let mut out = BatchOutcome::default();
+                for rec in recs {
+                    let sent = if rec.republish > 0 {
+                        // repaired or redriven: a fresh transport dedupe id
+                        publisher.publish_again(&rec.message, rec.republish).await
+                    } else {
+                        publisher.publish(&rec.message).await
+                    };
+                    match sent {
+                        Ok(ack) => out.acked.push((rec.position, ack)),
+                        Err(e) => {
+                            out.failed.push((rec, e));
+                            // the rest of this key waits: order per key
+                            break;
                         }
                     }
-                    out
                 }
-            });
+                out
+            }
+        });
         let results: Vec<BatchOutcome> = futures::stream::iter(chains)
             .buffer_unordered(self.config.max_concurrent_keys.max(1))
             .collect()
@@ -401,33 +390,18 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             let attempts = rec.attempts.saturating_add(1);
             if !retryable {
                 warn!(message_id = %rec.message.id, error = %err, "terminal publish error; dead-lettering");
-                self.store
-                    .dead_letter(
-                        rec.position,
-                        &format!("publish failed permanently: {err}"),
-                        now,
-                    )
+                self.dead_letter(&rec, &format!("publish failed permanently: {err}"), now)
                     .await?;
-                self.stats.dead_lettered += 1;
-                metrics::counter!(m::RELAY_DEAD_LETTERED_TOTAL).increment(1);
             } else if transport_up {
                 // The transport accepts other messages, so this failure is the
                 // message's own: park its key with backoff, dead-letter at the limit.
                 if attempts >= self.config.max_attempts {
                     warn!(message_id = %rec.message.id, attempts, error = %err, "giving up; dead-lettering");
-                    self.store
-                        .dead_letter(
-                            rec.position,
-                            &format!("publish failed {attempts} times while the transport accepted other messages; last error: {err}"),
-                            now,
-                        )
-                        .await?;
-                    self.stats.dead_lettered += 1;
-                    metrics::counter!(m::RELAY_DEAD_LETTERED_TOTAL).increment(1);
+                    let reason = format!("publish failed {attempts} times while the transport accepted other messages; last error: {err}");
+                    self.dead_letter(&rec, &reason, now).await?;
                 } else {
                     let delay = self.config.backoff.delay(attempts, &mut self.rng);
-                    let retry_at = now
-                        + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(1));
+                    let retry_at = after(now, delay);
                     self.store
                         .record_failure(rec.position, &err.to_string(), retry_at)
                         .await?;
@@ -439,6 +413,18 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 debug!(message_id = %rec.message.id, error = %err, "transport unavailable");
             }
         }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &mut self,
+        rec: &OutboxRecord,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.store.dead_letter(rec.position, reason, now).await?;
+        self.stats.dead_lettered += 1;
+        metrics::counter!(m::RELAY_DEAD_LETTERED_TOTAL).increment(1);
         Ok(())
     }
 }

@@ -67,22 +67,13 @@ async fn env(nats_url: Option<&str>) -> anyhow::Result<Option<Env>> {
 impl Drop for Env {
     fn drop(&mut self) {
         let (url, name) = (self.nats_url.clone(), self.spec.name.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(client) = custody_nats::connect(&url).await {
-                    let _ = async_nats::jetstream::new(client)
-                        .delete_stream(&name)
-                        .await;
-                }
-            });
-        })
-        .join();
+        custody_testkit::block_on_own_runtime(async move {
+            if let Ok(client) = custody_nats::connect(&url).await {
+                let _ = async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await;
+            }
+        });
     }
 }
 

@@ -138,18 +138,10 @@ impl Filter {
     }
 }
 
-async fn rows(db: &str) -> anyhow::Result<Vec<(i64, DeadLetter)>> {
-    Ok(match Db::parse(db) {
-        Db::Sqlite(u) => {
-            let pool = custody::sqlite::connect(&u).await?;
-            custody::sqlite::migrate(&pool).await?;
-            custody::sqlite::dead_letter_rows(&pool).await?
-        }
-        Db::Postgres(u) => {
-            let pool = custody::postgres::connect(&u).await?;
-            custody::postgres::migrate(&pool).await?;
-            custody::postgres::dead_letter_rows(&pool).await?
-        }
+async fn rows(db: &Db) -> anyhow::Result<Vec<(i64, DeadLetter)>> {
+    Ok(match db {
+        Db::Sqlite(pool) => custody::sqlite::dead_letter_rows(pool).await?,
+        Db::Postgres(pool) => custody::postgres::dead_letter_rows(pool).await?,
     })
 }
 
@@ -220,7 +212,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
             filter,
             json: as_json,
         } => {
-            let all = rows(&db).await?;
+            let all = rows(&Db::open(&db).await?).await?;
             let sel = select(&all, &[], &filter)?;
             for (seq, d) in &sel {
                 if as_json {
@@ -239,7 +231,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
             db,
             json: as_json,
         } => {
-            let all = rows(&db).await?;
+            let all = rows(&Db::open(&db).await?).await?;
             let sel = select(&all, std::slice::from_ref(&id), &Filter::default())?;
             for (seq, d) in sel {
                 let envelope: Option<serde_json::Value> = d
@@ -292,7 +284,8 @@ async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
             "say which dead letters to {verb}: message ids, filters (--topic, --consumer, --error, --since, --until), or --all"
         );
     }
-    let all = rows(&b.db).await?;
+    let db = Db::open(&b.db).await?;
+    let all = rows(&db).await?;
     let sel = select(&all, &b.ids, &b.filter)?;
     if sel.is_empty() {
         println!("no dead letter matches; nothing to {verb}");
@@ -328,27 +321,21 @@ async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
     }
     let seqs: Vec<i64> = sel.iter().map(|(s, _)| *s).collect();
     if !redrive {
-        let n = match Db::parse(&b.db) {
-            Db::Sqlite(u) => {
-                custody::sqlite::purge(&custody::sqlite::connect(&u).await?, &seqs).await?
-            }
-            Db::Postgres(u) => {
-                custody::postgres::purge(&custody::postgres::connect(&u).await?, &seqs).await?
-            }
+        let n = match &db {
+            Db::Sqlite(pool) => custody::sqlite::purge(pool, &seqs).await?,
+            Db::Postgres(pool) => custody::postgres::purge(pool, &seqs).await?,
         };
         println!("purged {n} dead letter(s)");
         return Ok(ExitCode::SUCCESS);
     }
     let now = Utc::now();
-    let (to_consumer, to_relay, skipped) = match Db::parse(&b.db) {
-        Db::Sqlite(u) => {
-            let o =
-                custody::sqlite::redrive(&custody::sqlite::connect(&u).await?, &seqs, now).await?;
+    let (to_consumer, to_relay, skipped) = match &db {
+        Db::Sqlite(pool) => {
+            let o = custody::sqlite::redrive(pool, &seqs, now).await?;
             (o.to_consumer, o.to_relay, o.skipped)
         }
-        Db::Postgres(u) => {
-            let o = custody::postgres::redrive(&custody::postgres::connect(&u).await?, &seqs, now)
-                .await?;
+        Db::Postgres(pool) => {
+            let o = custody::postgres::redrive(pool, &seqs, now).await?;
             (o.to_consumer, o.to_relay, o.skipped)
         }
     };

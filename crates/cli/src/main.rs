@@ -8,6 +8,7 @@ mod demo;
 mod dlq;
 mod ops;
 mod reconcile;
+mod services;
 mod trace;
 
 use std::path::PathBuf;

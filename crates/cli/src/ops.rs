@@ -7,22 +7,28 @@ use custody::{CancellationToken, Relay};
 
 use crate::config::Config;
 
-/// Which backend a database URL names.
+/// A database given by URL, connected and with custody's tables migrated.
 pub enum Db {
     /// `sqlite://…` or a file path.
-    Sqlite(String),
+    Sqlite(sqlx::SqlitePool),
     /// `postgres://…` / `postgresql://…`.
-    Postgres(String),
+    Postgres(sqlx::PgPool),
 }
 
 impl Db {
-    /// Classify a URL; anything that is not a PostgreSQL URL is a SQLite path.
-    pub fn parse(url: &str) -> Db {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Db::Postgres(url.to_owned())
-        } else {
-            Db::Sqlite(url.to_owned())
-        }
+    /// Connect and migrate; anything that is not a PostgreSQL URL is a SQLite path.
+    pub async fn open(url: &str) -> anyhow::Result<Db> {
+        Ok(
+            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                let pool = custody::postgres::connect(url).await?;
+                custody::postgres::migrate(&pool).await?;
+                Db::Postgres(pool)
+            } else {
+                let pool = custody::sqlite::connect(url).await?;
+                custody::sqlite::migrate(&pool).await?;
+                Db::Sqlite(pool)
+            },
+        )
     }
 }
 
@@ -35,16 +41,7 @@ pub struct MigrateArgs {
 }
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    match Db::parse(&args.db) {
-        Db::Sqlite(url) => {
-            let pool = custody::sqlite::connect(&url).await?;
-            custody::sqlite::migrate(&pool).await?;
-        }
-        Db::Postgres(url) => {
-            let pool = custody::postgres::connect(&url).await?;
-            custody::postgres::migrate(&pool).await?;
-        }
-    }
+    Db::open(&args.db).await?;
     println!("custody tables are up to date in {}", redact(&args.db));
     Ok(ExitCode::SUCCESS)
 }
@@ -75,10 +72,8 @@ pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     custody::nats::ensure_stream(&client, &spec).await?;
     let publisher = custody::nats::NatsPublisher::new(client, &spec);
     let cancel = shutdown_token();
-    let stats = match Db::parse(&args.db) {
-        Db::Sqlite(url) => {
-            let pool = custody::sqlite::connect(&url).await?;
-            custody::sqlite::migrate(&pool).await?;
+    let stats = match Db::open(&args.db).await? {
+        Db::Sqlite(pool) => {
             let mut r = Relay::new(
                 custody::sqlite::SqliteOutbox::new(pool),
                 publisher,
@@ -89,9 +84,7 @@ pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
             }
             r.run(cancel).await?
         }
-        Db::Postgres(url) => {
-            let pool = custody::postgres::connect(&url).await?;
-            custody::postgres::migrate(&pool).await?;
+        Db::Postgres(pool) => {
             let mut r = Relay::new(custody::postgres::PgOutbox::new(pool), publisher, cfg.relay);
             if let Some(id) = args.id {
                 r = r.with_id(id);

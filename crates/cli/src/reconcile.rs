@@ -142,32 +142,16 @@ impl ProcessedHistory for ConsumerDb {
 }
 
 async fn open_producer(url: &str) -> anyhow::Result<Producer> {
-    Ok(match Db::parse(url) {
-        Db::Sqlite(u) => {
-            let pool = custody::sqlite::connect(&u).await?;
-            custody::sqlite::migrate(&pool).await?;
-            Producer::Sqlite(custody::sqlite::SqliteOutbox::new(pool))
-        }
-        Db::Postgres(u) => {
-            let pool = custody::postgres::connect(&u).await?;
-            custody::postgres::migrate(&pool).await?;
-            Producer::Postgres(custody::postgres::PgOutbox::new(pool))
-        }
+    Ok(match Db::open(url).await? {
+        Db::Sqlite(pool) => Producer::Sqlite(custody::sqlite::SqliteOutbox::new(pool)),
+        Db::Postgres(pool) => Producer::Postgres(custody::postgres::PgOutbox::new(pool)),
     })
 }
 
 async fn open_consumer(url: &str) -> anyhow::Result<ConsumerDb> {
-    Ok(match Db::parse(url) {
-        Db::Sqlite(u) => {
-            let pool = custody::sqlite::connect(&u).await?;
-            custody::sqlite::migrate(&pool).await?;
-            ConsumerDb::Sqlite(custody::sqlite::SqliteInbox::new(pool))
-        }
-        Db::Postgres(u) => {
-            let pool = custody::postgres::connect(&u).await?;
-            custody::postgres::migrate(&pool).await?;
-            ConsumerDb::Postgres(custody::postgres::PgInbox::new(pool))
-        }
+    Ok(match Db::open(url).await? {
+        Db::Sqlite(pool) => ConsumerDb::Sqlite(custody::sqlite::SqliteInbox::new(pool)),
+        Db::Postgres(pool) => ConsumerDb::Postgres(custody::postgres::PgInbox::new(pool)),
     })
 }
 

@@ -25,17 +25,9 @@ pub struct TraceArgs {
 
 /// The status of `id` in one database.
 pub async fn status_in(url: &str, id: Uuid) -> anyhow::Result<MessageStatus> {
-    Ok(match Db::parse(url) {
-        Db::Sqlite(u) => {
-            let pool = custody::sqlite::connect(&u).await?;
-            custody::sqlite::migrate(&pool).await?;
-            custody::sqlite::status(&pool, id).await?
-        }
-        Db::Postgres(u) => {
-            let pool = custody::postgres::connect(&u).await?;
-            custody::postgres::migrate(&pool).await?;
-            custody::postgres::status(&pool, id).await?
-        }
+    Ok(match Db::open(url).await? {
+        Db::Sqlite(pool) => custody::sqlite::status(&pool, id).await?,
+        Db::Postgres(pool) => custody::postgres::status(&pool, id).await?,
     })
 }
 

@@ -13,9 +13,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::outbox::{message, KEYS, RAW_WINDOWS};
+use crate::services::{delete_stream, run_tag, with_databases};
+
 use super::{
-    bar, delete_stream, key_of, pg_pool, phase_limit, raw_jetstream, run_tag, BenchArgs,
-    PgDatabases, Report, RssSampler, Target,
+    bar, key_of, pg_pool, phase_limit, raw_jetstream, BenchArgs, Report, RssSampler, Target,
 };
 
 /// Rows per pre-fill statement.
@@ -34,12 +35,14 @@ ORDER BY t.g";
 
 pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
     let tag = run_tag();
-    let (dbs, urls) = PgDatabases::create(&args.postgres, &tag, &["a"]).await?;
+    let names = [format!("custody_bench_{tag}_a")];
     let stream = format!("CUSTODY_BENCH_{tag}");
-    let result = measure(args, report, &urls[0], &stream, &tag).await;
-    delete_stream(&args.nats, &stream).await;
-    dbs.drop_all().await;
-    result
+    with_databases(&args.postgres, &names, |urls| async move {
+        let result = measure(args, report, &urls[0], &stream, &tag).await;
+        delete_stream(&args.nats, &stream).await;
+        result
+    })
+    .await
 }
 
 async fn fill(pool: &PgPool, n: u64, payload: &[u8]) -> anyhow::Result<()> {

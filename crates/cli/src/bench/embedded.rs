@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use super::outbox::{message, KEYS};
 use super::{
-    bar, drive, key_of, pipeline_phases, run_tag, BenchArgs, Report, Stamps, Target, TimedInbox,
-    TimedTx,
+    bar, drive, key_of, pipeline_phases, timed_rate, warm_up, BenchArgs, Report, Stamps, Target,
+    TimedInbox, TimedTx,
 };
 
 const ORDERS: &str = "CREATE TABLE IF NOT EXISTS {T} (
@@ -35,7 +35,8 @@ impl Drop for TempDir {
 }
 
 pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
-    let dir = TempDir(std::env::temp_dir().join(format!("custody-bench-{}", run_tag())));
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("custody-bench-{}", crate::services::run_tag())));
     std::fs::create_dir_all(&dir.0)?;
     let a_path = dir.0.join("a.db").to_string_lossy().into_owned();
     let b_path = dir.0.join("b.db").to_string_lossy().into_owned();
@@ -66,7 +67,7 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
             async move { commit_row(&a, "orders_ceiling", i, &data).await }
         }
     };
-    let warm = (n / 10).clamp(1, 1000);
+    let warm = warm_up(n);
     drive(
         producers,
         warm,
@@ -75,14 +76,15 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
         op.clone(),
     )
     .await?;
-    let b_ = bar(n, "ceiling: SQLite commits, business row only");
-    let took = drive(producers, n, None, &b_, op).await?;
-    b_.finish_and_clear();
-    let ceiling = report.rate(
-        &format!("ceiling: SQLite business-row commits, {producers} producers"),
+    let ceiling = timed_rate(
+        report,
+        producers,
         n,
-        took,
-    );
+        "ceiling: SQLite commits, business row only",
+        &format!("ceiling: SQLite business-row commits, {producers} producers"),
+        op,
+    )
+    .await?;
 
     // the pipeline
     let stamps = Stamps::new()?;

@@ -24,7 +24,6 @@ use custody::{DeadLetter, InboxOutcome, InboxStore, Message};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use sqlx::Connection;
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -649,6 +648,31 @@ where
     Ok(start.elapsed())
 }
 
+/// Messages of the warm-up before a measured phase (not reported).
+pub fn warm_up(n: u64) -> u64 {
+    (n / 10).clamp(1, 1000)
+}
+
+/// [`drive`] `op` for `n` messages as fast as `producers` producers go,
+/// with a progress bar saying `what`; reports and returns the rate as `name`.
+pub async fn timed_rate<F, Fut>(
+    report: &mut Report,
+    producers: usize,
+    n: u64,
+    what: &str,
+    name: &str,
+    op: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let b = bar(n, what);
+    let took = drive(producers, n, None, &b, op).await?;
+    b.finish_and_clear();
+    Ok(report.rate(name, n, took))
+}
+
 /// What [`pipeline_phases`] measured.
 pub struct Phases {
     /// End-to-end rate, saturated (msg/s).
@@ -687,7 +711,7 @@ where
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let limit = phase_limit(args);
-    let warm = (n / 10).clamp(1, 1000);
+    let warm = warm_up(n);
     let b = bar(warm, &format!("{label}: warm-up"));
     drive(args.producers, warm, None, &b, op.clone()).await?;
     wait_processed(stamps, warm, limit, &b).await?;
@@ -771,74 +795,6 @@ pub fn key_of(i: u64, keys: u64) -> String {
 // ---------------------------------------------------------------------------
 // Services
 
-/// `postgres://u@h:p/db?q` → `postgres://u@h:p/<name>?q`.
-pub fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
-
-/// Fresh PostgreSQL databases of one run, dropped by [`PgDatabases::drop_all`].
-pub struct PgDatabases {
-    server: String,
-    names: Vec<String>,
-}
-
-impl PgDatabases {
-    /// Create `custody_bench_<tag>_<suffix>` for each suffix; returns their URLs.
-    pub async fn create(
-        server: &str,
-        tag: &str,
-        suffixes: &[&str],
-    ) -> anyhow::Result<(PgDatabases, Vec<String>)> {
-        let mut c = sqlx::PgConnection::connect(server).await.with_context(|| {
-            format!(
-                "cannot connect to PostgreSQL at {}",
-                crate::ops::redact(server)
-            )
-        })?;
-        let mut dbs = PgDatabases {
-            server: server.to_owned(),
-            names: Vec::new(),
-        };
-        let mut urls = Vec::new();
-        for s in suffixes {
-            let name = format!("custody_bench_{tag}_{s}");
-            if let Err(e) = sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut c)
-                .await
-            {
-                dbs.drop_all().await;
-                return Err(e).context(format!("cannot create database {name}"));
-            }
-            dbs.names.push(name.clone());
-            urls.push(with_database(server, &name));
-        }
-        Ok((dbs, urls))
-    }
-
-    /// Drop every database of the run.
-    pub async fn drop_all(&self) {
-        if let Ok(mut c) = sqlx::PgConnection::connect(&self.server).await {
-            for n in &self.names {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
-                    .execute(&mut c)
-                    .await;
-            }
-        }
-    }
-}
-
 /// A pool of at most `max` connections to `url`.
 pub async fn pg_pool(url: &str, max: u32) -> anyhow::Result<sqlx::PgPool> {
     sqlx::postgres::PgPoolOptions::new()
@@ -847,19 +803,6 @@ pub async fn pg_pool(url: &str, max: u32) -> anyhow::Result<sqlx::PgPool> {
         .connect(url)
         .await
         .with_context(|| format!("cannot connect to {}", crate::ops::redact(url)))
-}
-
-/// A random tag for database, stream and subject names of one run.
-pub fn run_tag() -> String {
-    Uuid::now_v7().simple().to_string()[20..].to_owned()
-}
-
-/// Delete a JetStream stream (cleanup; errors ignored).
-pub async fn delete_stream(nats: &str, stream: &str) {
-    if let Ok(client) = custody::nats::connect(nats).await {
-        let js = async_nats::jetstream::new(client);
-        let _ = js.delete_stream(stream).await;
-    }
 }
 
 /// Raw async-nats JetStream publish-with-ack: `total` messages of the same
@@ -1029,15 +972,6 @@ mod tests {
         assert_eq!(s.histogram().len(), 2);
         assert_eq!(s.progress().0, 2);
         Ok(())
-    }
-
-    #[test]
-    fn database_url() {
-        assert_eq!(
-            with_database("postgres://p@127.0.0.1:5432/test?sslmode=disable", "x"),
-            "postgres://p@127.0.0.1:5432/x?sslmode=disable"
-        );
-        assert_eq!(with_database("postgres://p@h", "x"), "postgres://p@h/x");
     }
 
     #[test]

@@ -17,9 +17,11 @@ use custody::{
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::services::{delete_stream, run_tag, with_databases};
+
 use super::{
-    bar, delete_stream, drive, key_of, pg_pool, pipeline_phases, raw_jetstream, run_tag, BenchArgs,
-    PgDatabases, Report, Stamps, Target, TimedInbox, TimedTx,
+    bar, drive, key_of, pg_pool, pipeline_phases, raw_jetstream, timed_rate, warm_up, BenchArgs,
+    Report, Stamps, Target, TimedInbox, TimedTx,
 };
 
 /// Ordering keys the messages are spread over.
@@ -36,12 +38,17 @@ const LEDGER: &str = "CREATE TABLE IF NOT EXISTS ledger (
 
 pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
     let tag = run_tag();
-    let (dbs, urls) = PgDatabases::create(&args.postgres, &tag, &["a", "b"]).await?;
+    let names = [
+        format!("custody_bench_{tag}_a"),
+        format!("custody_bench_{tag}_b"),
+    ];
     let stream = format!("CUSTODY_BENCH_{tag}");
-    let result = measure(args, report, &urls[0], &urls[1], &stream, &tag).await;
-    delete_stream(&args.nats, &stream).await;
-    dbs.drop_all().await;
-    result
+    with_databases(&args.postgres, &names, |urls| async move {
+        let result = measure(args, report, &urls[0], &urls[1], &stream, &tag).await;
+        delete_stream(&args.nats, &stream).await;
+        result
+    })
+    .await
 }
 
 /// Commit one business row (no outbox): the ceiling (a) transaction.
@@ -102,7 +109,7 @@ async fn measure(
             async move { commit_row(&a, "orders_ceiling", i, &data).await }
         }
     };
-    let warm = (n / 10).clamp(1, 1000);
+    let warm = warm_up(n);
     drive(
         producers,
         warm,
@@ -111,14 +118,15 @@ async fn measure(
         op.clone(),
     )
     .await?;
-    let b_ = bar(n, "ceiling (a): PostgreSQL commits, business row only");
-    let took = drive(producers, n, None, &b_, op).await?;
-    b_.finish_and_clear();
-    let ceiling_a = report.rate(
-        &format!("ceiling (a): PostgreSQL business-row commits, {producers} producers"),
+    let ceiling_a = timed_rate(
+        report,
+        producers,
         n,
-        took,
-    );
+        "ceiling (a): PostgreSQL commits, business row only",
+        &format!("ceiling (a): PostgreSQL business-row commits, {producers} producers"),
+        op,
+    )
+    .await?;
 
     // What the outbox adds to a producer's commit, without relay or consumer
     // running: the outbox insert (five indexes), then NOTIFY (a commit of a
@@ -151,14 +159,15 @@ async fn measure(
         } else {
             "NOTIFY off"
         };
-        let b_ = bar(n, &format!("producer commits, row + outbox, {what}"));
-        let took = drive(producers, n, None, &b_, op).await?;
-        b_.finish_and_clear();
-        report.rate(
-            &format!("row + outbox commits alone, {what}, {producers} producers"),
+        timed_rate(
+            report,
+            producers,
             n,
-            took,
-        );
+            &format!("producer commits, row + outbox, {what}"),
+            &format!("row + outbox commits alone, {what}, {producers} producers"),
+            op,
+        )
+        .await?;
     }
     sqlx::query("DELETE FROM custody_outbox")
         .execute(&a)
@@ -172,14 +181,15 @@ async fn measure(
             async move { commit_row(&a, "orders_ceiling", i, &data).await }
         }
     };
-    let b_ = bar(one, "PostgreSQL commits, business row only, 1 producer");
-    let took = drive(1, one, None, &b_, op).await?;
-    b_.finish_and_clear();
-    let single = report.rate(
-        "PostgreSQL business-row commits, 1 producer (serial)",
+    let single = timed_rate(
+        report,
+        1,
         one,
-        took,
-    );
+        "PostgreSQL commits, business row only, 1 producer",
+        "PostgreSQL business-row commits, 1 producer (serial)",
+        op,
+    )
+    .await?;
 
     // (b) raw JetStream publish with acks, same headers and payload size
     let client = custody::nats::connect(&args.nats).await?;
@@ -307,7 +317,7 @@ async fn relay_lag(report: &mut Report, a: &PgPool, n: u64) -> anyhow::Result<()
     )
     .fetch_all(a)
     .await?;
-    let warm = usize::try_from((n / 10).clamp(1, 1000))?;
+    let warm = usize::try_from(super::warm_up(n))?;
     let n = usize::try_from(n)?;
     for (name, range) in [
         (

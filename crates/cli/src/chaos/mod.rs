@@ -27,9 +27,9 @@ use sqlx::{PgPool, Row, SqlitePool};
 use uuid::Uuid;
 
 use crate::demo::billing::{A_SCHEMA_PG, A_SCHEMA_SQLITE, B_SCHEMA_PG, B_SCHEMA_SQLITE};
-use crate::demo::pg_nats::{with_database, Databases};
 use crate::demo::report::{Observed, Report};
 use crate::demo::Worker;
+use crate::services::{run_tag, seed_or_now, Databases};
 use worker::BAD_HEADER;
 
 /// `custody chaos` options.
@@ -253,6 +253,15 @@ impl Harness {
         self.started.elapsed().as_secs_f64()
     }
 
+    /// The process a kill fault of `kind` hits (`relay`: which relay).
+    fn proc_mut(&mut self, kind: FaultKind, relay: usize) -> &mut Proc {
+        match kind {
+            FaultKind::KillRelay => &mut self.relays[relay],
+            FaultKind::KillConsumer => &mut self.consumer,
+            _ => &mut self.producer,
+        }
+    }
+
     fn procs_mut(&mut self) -> impl Iterator<Item = &mut Proc> {
         std::iter::once(&mut self.producer)
             .chain(std::iter::once(&mut self.consumer))
@@ -348,34 +357,21 @@ impl Harness {
         let down = Duration::from_millis(rng.gen_range(300..3000));
         match kind {
             FaultKind::KillRelay | FaultKind::KillConsumer | FaultKind::KillProducer => {
-                let idx = match kind {
-                    FaultKind::KillRelay => Some(rng.gen_range(0..self.relays.len().max(1))),
-                    _ => None,
+                let relay = if kind == FaultKind::KillRelay {
+                    rng.gen_range(0..self.relays.len().max(1))
+                } else {
+                    0
                 };
-                let name = match (kind, idx) {
-                    (FaultKind::KillRelay, Some(i)) => self.relays[i].name.clone(),
-                    (FaultKind::KillConsumer, _) => self.consumer.name.clone(),
-                    _ => self.producer.name.clone(),
-                };
+                let name = self.proc_mut(kind, relay).name.clone();
                 let i = self.begin_fault(
                     kind,
                     format!("{name} SIGKILLed, restarted after {down:.1?}"),
                 );
-                {
-                    let p = match (kind, idx) {
-                        (FaultKind::KillRelay, Some(i)) => &mut self.relays[i],
-                        (FaultKind::KillConsumer, _) => &mut self.consumer,
-                        _ => &mut self.producer,
-                    };
-                    p.down = true;
-                    p.worker.kill9().await?;
-                }
+                let p = self.proc_mut(kind, relay);
+                p.down = true;
+                p.worker.kill9().await?;
                 self.wait(down).await?;
-                let p = match (kind, idx) {
-                    (FaultKind::KillRelay, Some(i)) => &mut self.relays[i],
-                    (FaultKind::KillConsumer, _) => &mut self.consumer,
-                    _ => &mut self.producer,
-                };
+                let p = self.proc_mut(kind, relay);
                 p.worker.restart()?;
                 p.down = false;
                 self.end_fault(i).await;
@@ -468,16 +464,11 @@ fn scan_panics(logs: &[PathBuf]) -> Vec<String> {
 
 /// Run `custody chaos`.
 pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(7)
-    });
+    let seed = seed_or_now(args.seed);
     if args.rate == 0 {
         anyhow::bail!("--rate must be at least 1 transaction per second");
     }
-    let tag = Uuid::now_v7().simple().to_string()[16..].to_owned();
+    let tag = run_tag();
     let (dir, remove_dir) = match &args.dir {
         Some(d) => (d.clone(), false),
         None => (
@@ -546,28 +537,46 @@ async fn run_in(
             )
         }
         Some(pg) => {
-            let a_name = format!("custody_chaos_a_{tag}");
-            let b_name = format!("custody_chaos_b_{tag}");
-            let dbs = Databases::create(pg, &[a_name.clone(), b_name.clone()]).await?;
-            let a_url = with_database(pg, &a_name);
-            let b_url = with_database(pg, &b_name);
-            let a = postgres::connect(&a_url).await?;
-            let b = postgres::connect(&b_url).await?;
-            postgres::migrate(&a).await?;
-            postgres::migrate(&b).await?;
-            sqlx::query(A_SCHEMA_PG).execute(&a).await?;
-            sqlx::query(B_SCHEMA_PG).execute(&b).await?;
-            let Some(nats) = NatsServer::start().await? else {
-                dbs.drop_all().await;
-                anyhow::bail!("custody chaos --postgres needs a nats-server binary (it starts its own JetStream server)");
-            };
+            let dbs = Databases::create(
+                pg,
+                &[
+                    format!("custody_chaos_a_{tag}"),
+                    format!("custody_chaos_b_{tag}"),
+                ],
+            )
+            .await?;
+            let [a_url, b_url]: [String; 2] = dbs
+                .urls()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("two databases"))?;
             let stream = format!("CUSTODY_CHAOS_{tag}");
             let prefix = format!("custody_chaos_{tag}");
-            let client = custody::nats::connect(&nats.url).await?;
-            custody::nats::ensure_stream(&client, &StreamSpec::new(&stream, &prefix)).await?;
-            drop(client);
-            let (relay_proxy, relay_nats) = FaultProxy::for_url(&nats.url).await?;
-            let (db_proxy, consumer_b) = FaultProxy::for_url(&b_url).await?;
+            // drop the databases again if the rest of the setup fails
+            let setup = async {
+                let a = postgres::connect(&a_url).await?;
+                let b = postgres::connect(&b_url).await?;
+                postgres::migrate(&a).await?;
+                postgres::migrate(&b).await?;
+                sqlx::query(A_SCHEMA_PG).execute(&a).await?;
+                sqlx::query(B_SCHEMA_PG).execute(&b).await?;
+                let Some(nats) = NatsServer::start().await? else {
+                    anyhow::bail!("custody chaos --postgres needs a nats-server binary (it starts its own JetStream server)");
+                };
+                let client = custody::nats::connect(&nats.url).await?;
+                custody::nats::ensure_stream(&client, &StreamSpec::new(&stream, &prefix)).await?;
+                drop(client);
+                let relay_proxy = FaultProxy::for_url(&nats.url).await?;
+                let db_proxy = FaultProxy::for_url(&b_url).await?;
+                anyhow::Ok((a, b, nats, relay_proxy, db_proxy))
+            };
+            let (a, b, nats, (relay_proxy, relay_nats), (db_proxy, consumer_b)) = match setup.await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    dbs.drop_all().await;
+                    return Err(e);
+                }
+            };
             let with = |mut v: Vec<String>, b: &str, n: &str| {
                 v.extend([
                     "--a".into(),

@@ -13,11 +13,11 @@ use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox, Sqlit
 use custody::{Consumer, ConsumerConfig, Handler, HandlerError, Message, CONTENT_TYPE_JSON};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sqlx::Row;
 use uuid::Uuid;
 
 use crate::demo::billing::{PgBilling, SqliteBilling};
-use crate::demo::{OrderPlaced, Role, WorkerArgs};
+use crate::demo::producer::{produce_pg, produce_sqlite};
+use crate::demo::{Role, Step, WorkerArgs};
 
 /// Header that marks the producer's deliberately bad messages, with the kind
 /// of badness: the harness checks that each of them is dead-lettered.
@@ -26,12 +26,6 @@ pub const BAD_HEADER: &str = "chaosbad";
 pub const CONSUMER: &str = "billing";
 /// Payload size of the oversized messages: above NATS' default max_payload (1 MiB).
 pub const OVERSIZED: usize = 1536 * 1024;
-
-/// What the producer commits next.
-enum Next {
-    Order { customer: String, roll_back: bool },
-    Bad(Bad),
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Bad {
@@ -74,22 +68,22 @@ impl Bad {
     }
 }
 
-fn next(rng: &mut StdRng, customers: u64) -> Next {
+/// What the producer commits next.
+fn next(rng: &mut StdRng, customers: u64) -> anyhow::Result<Step> {
     let customer = format!("customer-{:03}", rng.gen_range(0..customers.max(1)));
-    match rng.gen_range(0..1000) {
-        0..=4 => Next::Bad(Bad::Malformed),
-        5..=7 => Next::Bad(Bad::Oversized),
-        8..=12 => Next::Bad(Bad::WrongContentType),
-        13..=15 => Next::Bad(Bad::UnknownType),
-        16..=40 => Next::Order {
-            customer,
-            roll_back: true,
-        },
-        _ => Next::Order {
-            customer,
-            roll_back: false,
-        },
-    }
+    let bad = match rng.gen_range(0..1000) {
+        0..=4 => Bad::Malformed,
+        5..=7 => Bad::Oversized,
+        8..=12 => Bad::WrongContentType,
+        13..=15 => Bad::UnknownType,
+        r => {
+            return Ok(Step::Order {
+                customer,
+                roll_back: r <= 40,
+            })
+        }
+    };
+    Ok(Step::Event(bad.message()?))
 }
 
 fn log_rolled_back(args: &WorkerArgs, id: Uuid) -> anyhow::Result<()> {
@@ -119,7 +113,9 @@ pub async fn produce(args: &WorkerArgs) -> anyhow::Result<()> {
             while !cancel.is_cancelled() {
                 tick.tick().await;
                 let step = next(&mut rng, args.customers);
-                if let Err(e) = produce_pg(args, &a, &outbox, step).await {
+                let result =
+                    async { produce_pg(&a, &outbox, &step?, |id| log_rolled_back(args, id)).await };
+                if let Err(e) = result.await {
                     tracing::warn!(error = %e, "producer transaction failed");
                 }
             }
@@ -130,114 +126,16 @@ pub async fn produce(args: &WorkerArgs) -> anyhow::Result<()> {
             while !cancel.is_cancelled() {
                 tick.tick().await;
                 let step = next(&mut rng, args.customers);
-                if let Err(e) = produce_sqlite(args, &a, &outbox, step).await {
+                let result = async {
+                    produce_sqlite(&a, &outbox, &step?, |id| log_rolled_back(args, id)).await
+                };
+                if let Err(e) = result.await {
                     tracing::warn!(error = %e, "producer transaction failed");
                 }
             }
         }
     }
     Ok(())
-}
-
-async fn produce_pg(
-    args: &WorkerArgs,
-    a: &sqlx::PgPool,
-    outbox: &PgOutbox,
-    step: Next,
-) -> anyhow::Result<()> {
-    let mut tx = a.begin().await?;
-    match step {
-        Next::Order {
-            customer,
-            roll_back,
-        } => {
-            let order_id = Uuid::now_v7();
-            let amount_cents = 100 + (order_id.as_u128() % 9_900) as i64;
-            // one producer process at a time: seq per customer in commit order
-            let seq: i64 = sqlx::query(
-                "INSERT INTO orders (order_id, customer, amount_cents, seq)
-                 VALUES ($1, $2, $3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders WHERE customer = $2))
-                 RETURNING seq",
-            )
-            .bind(order_id)
-            .bind(&customer)
-            .bind(amount_cents)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-            let msg = order_message(order_id, &customer, amount_cents, seq)?;
-            outbox.enqueue(&mut tx, &msg).await?;
-            if roll_back {
-                log_rolled_back(args, order_id)?;
-                tx.rollback().await?;
-                return Ok(());
-            }
-        }
-        Next::Bad(bad) => {
-            outbox.enqueue(&mut tx, &bad.message()?).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-async fn produce_sqlite(
-    args: &WorkerArgs,
-    a: &sqlx::SqlitePool,
-    outbox: &SqliteOutbox,
-    step: Next,
-) -> anyhow::Result<()> {
-    let mut tx = a.begin().await?;
-    match step {
-        Next::Order {
-            customer,
-            roll_back,
-        } => {
-            let order_id = Uuid::now_v7();
-            let amount_cents = 100 + (order_id.as_u128() % 9_900) as i64;
-            // the first statement writes, so SQLite takes the write lock at once
-            let seq: i64 = sqlx::query(
-                "INSERT INTO orders (order_id, customer, amount_cents, seq)
-                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders WHERE customer = ?2))
-                 RETURNING seq",
-            )
-            .bind(order_id.to_string())
-            .bind(&customer)
-            .bind(amount_cents)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-            let msg = order_message(order_id, &customer, amount_cents, seq)?;
-            outbox.enqueue(&mut tx, &msg).await?;
-            if roll_back {
-                log_rolled_back(args, order_id)?;
-                tx.rollback().await?;
-                return Ok(());
-            }
-        }
-        Next::Bad(bad) => {
-            outbox.enqueue(&mut tx, &bad.message()?).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-fn order_message(
-    order_id: Uuid,
-    customer: &str,
-    amount_cents: i64,
-    seq: i64,
-) -> anyhow::Result<Message> {
-    let event = OrderPlaced {
-        order_id,
-        customer: customer.to_owned(),
-        amount_cents,
-        seq,
-    };
-    Ok(Message::builder("orders", customer, "OrderPlaced")
-        .json(&event)?
-        .build()?)
 }
 
 /// Billing as the chaos run wants it: JSON only (another content type is a

@@ -1,18 +1,18 @@
 //! The demo on embedded SQLite: A's outbox is the log B reads (no broker).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
-use custody::{Consumer, ConsumerConfig, Message};
-use indicatif::{ProgressBar, ProgressStyle};
+use custody::{Consumer, ConsumerConfig};
 use sqlx::{Connection, Row, SqlitePool};
 use uuid::Uuid;
 
 use super::billing::{SqliteBilling, A_SCHEMA_SQLITE, B_SCHEMA_SQLITE};
+use super::producer::produce_sqlite;
 use super::report::{Observed, Report};
-use super::{DemoArgs, OrderPlaced, Role, Step, Worker, WorkerArgs, Workload};
+use super::{DemoArgs, Run, Step, Worker, WorkerArgs, Workload};
 
 const SUBSCRIPTION: &str = "billing";
 
@@ -39,43 +39,6 @@ pub(crate) fn fresh_db(dir: &Path, name: &str) -> anyhow::Result<String> {
         }
     }
     Ok(dir.join(name).to_string_lossy().into_owned())
-}
-
-/// Progress and fault log shared by the demo variants.
-pub struct Run {
-    pub started: Instant,
-    pub faults: Vec<String>,
-    pub bar: ProgressBar,
-}
-
-impl Run {
-    pub fn new(total: u64) -> Run {
-        let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-            ProgressBar::new(total)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} processed by B  {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        Run {
-            started: Instant::now(),
-            faults: Vec::new(),
-            bar,
-        }
-    }
-
-    pub fn fault(&mut self, what: String) {
-        let line = format!("+{:>5.1}s  {what}", self.started.elapsed().as_secs_f64());
-        self.bar.println(format!("fault {line}"));
-        if self.bar.is_hidden() {
-            eprintln!("fault {line}");
-        }
-        self.faults.push(line);
-    }
 }
 
 pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
@@ -119,7 +82,6 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
         "--b".to_owned(),
         b_path.clone(),
     ];
-    debug_assert!(matches!(Role::ConsumeEmbedded, Role::ConsumeEmbedded));
     let mut worker = Worker::spawn(worker_args)?;
     let mut run = Run::new(args.messages);
     let mut workload = Workload::new(seed, args.messages, args.customers);
@@ -155,7 +117,7 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
             tokio::time::sleep(Duration::from_secs(1)).await;
             worker.restart()?;
         }
-        produce(&a, &outbox, workload.step(i), &mut rolled_back).await?;
+        produce(&a, &outbox, &workload.step(i)?, &mut rolled_back).await?;
         if i % 50 == 0 {
             worker.check_alive()?;
             run.bar.set_position(processed(&b).await.unwrap_or(0));
@@ -164,27 +126,15 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
     if let Some(t) = lock_task {
         t.await??;
     }
-    run.bar.set_message("A finished; waiting for B to drain");
-
     let expected: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM custody_outbox WHERE topic = 'orders'")
             .fetch_one(&a)
             .await?;
-    run.bar.set_length(expected as u64);
-    let deadline = Instant::now() + args.timeout;
-    loop {
-        let done = processed(&b).await.unwrap_or(0);
-        run.bar.set_position(done);
-        if done >= expected as u64 || Instant::now() > deadline {
-            break;
-        }
-        worker.check_alive()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let elapsed = run.started.elapsed();
-    worker.kill9().await?;
-    run.bar.finish_and_clear();
-
+    let elapsed = run
+        .drain(&mut [&mut worker], expected as u64, args.timeout, || {
+            processed(&b)
+        })
+        .await?;
     let obs = observe(&a, &b).await?;
     a.close().await;
     b.close().await;
@@ -216,16 +166,23 @@ async fn processed(b: &SqlitePool) -> anyhow::Result<u64> {
     Ok(n as u64)
 }
 
+/// One producer transaction, retried up to five times (e.g. on a busy
+/// database).
 async fn produce(
     a: &SqlitePool,
     outbox: &SqliteOutbox,
-    step: Step,
+    step: &Step,
     rolled_back: &mut Vec<Uuid>,
 ) -> anyhow::Result<()> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match produce_once(a, outbox, &step, rolled_back).await {
+        let result = produce_sqlite(a, outbox, step, |id| {
+            rolled_back.push(id);
+            Ok(())
+        })
+        .await;
+        match result {
             Ok(()) => return Ok(()),
             Err(e) if tries < 5 => {
                 tracing::warn!(error = %e, "producer transaction failed; retrying");
@@ -234,63 +191,6 @@ async fn produce(
             Err(e) => return Err(e),
         }
     }
-}
-
-async fn produce_once(
-    a: &SqlitePool,
-    outbox: &SqliteOutbox,
-    step: &Step,
-    rolled_back: &mut Vec<Uuid>,
-) -> anyhow::Result<()> {
-    let mut tx = a.begin().await?;
-    match step {
-        Step::Order { customer } | Step::RolledBack { customer } => {
-            let order_id = Uuid::now_v7();
-            let amount_cents = 100 + (order_id.as_u128() % 9_900) as i64;
-            // the first statement writes, so SQLite takes the write lock at once
-            // (a read-then-write transaction could fail to upgrade)
-            let seq: i64 = sqlx::query(
-                "INSERT INTO orders (order_id, customer, amount_cents, seq)
-                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders WHERE customer = ?2))
-                 RETURNING seq",
-            )
-            .bind(order_id.to_string())
-            .bind(customer)
-            .bind(amount_cents)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-            let event = OrderPlaced {
-                order_id,
-                customer: customer.clone(),
-                amount_cents,
-                seq,
-            };
-            let msg = Message::builder("orders", customer.clone(), "OrderPlaced")
-                .json(&event)?
-                .build()?;
-            outbox.enqueue(&mut tx, &msg).await?;
-            if matches!(step, Step::RolledBack { .. }) {
-                tx.rollback().await?;
-                rolled_back.push(order_id);
-                return Ok(());
-            }
-        }
-        Step::Malformed => {
-            let msg = Message::builder("orders", "customer-bad", "OrderPlaced")
-                .payload(custody::CONTENT_TYPE_JSON, b"{\"order_id\": oops".to_vec())
-                .build()?;
-            outbox.enqueue(&mut tx, &msg).await?;
-        }
-        Step::UnknownType => {
-            let msg = Message::builder("orders", "customer-gift", "OrderGiftWrapped")
-                .json(&serde_json::json!({ "ribbon": "red" }))?
-                .build()?;
-            outbox.enqueue(&mut tx, &msg).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 fn uuid_of(s: &str) -> anyhow::Result<Uuid> {

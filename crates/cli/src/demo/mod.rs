@@ -5,12 +5,17 @@
 pub(crate) mod billing;
 pub(crate) mod embedded;
 pub(crate) mod pg_nats;
+pub(crate) mod producer;
 pub(crate) mod report;
 
+use std::future::Future;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
+use custody::Message;
+use indicatif::{ProgressBar, ProgressStyle};
+use uuid::Uuid;
 
 /// `custody demo` options.
 #[derive(Debug, Clone, Args)]
@@ -103,12 +108,7 @@ pub struct WorkerArgs {
 
 /// Run the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(7)
-    });
+    let seed = crate::services::seed_or_now(args.seed);
     if args.messages < 10 {
         anyhow::bail!(
             "--messages must be at least 10 (got {}) so every fault has messages to hit",
@@ -222,16 +222,13 @@ pub struct Workload {
     pub total: u64,
 }
 
-/// One step of the producer.
+/// One transaction of a producer (the demo's [`Workload`], chaos' producer).
 pub enum Step {
-    /// Commit an order and its OrderPlaced event.
-    Order { customer: String },
-    /// Insert an order + event, then roll back: must never be seen by B.
-    RolledBack { customer: String },
-    /// An OrderPlaced whose payload is not JSON.
-    Malformed,
-    /// A message type billing has no handler for.
-    UnknownType,
+    /// An order row and its OrderPlaced event, committed — or rolled back,
+    /// and then B must never see it.
+    Order { customer: String, roll_back: bool },
+    /// A message committed on its own (a bad one B has to dead-letter).
+    Event(Message),
 }
 
 impl Workload {
@@ -244,18 +241,30 @@ impl Workload {
         }
     }
 
-    pub fn step(&mut self, i: u64) -> Step {
+    pub fn step(&mut self, i: u64) -> anyhow::Result<Step> {
         use rand::Rng;
         let customer = format!("customer-{:03}", self.rng.gen_range(0..self.customers));
-        if i == self.total / 3 {
-            Step::Malformed
+        Ok(if i == self.total / 3 {
+            // an OrderPlaced whose payload is not JSON
+            Step::Event(
+                Message::builder("orders", "customer-bad", "OrderPlaced")
+                    .payload(custody::CONTENT_TYPE_JSON, b"{\"order_id\": oops".to_vec())
+                    .build()?,
+            )
         } else if i == self.total / 2 {
-            Step::UnknownType
-        } else if self.rng.gen_ratio(1, 40) {
-            Step::RolledBack { customer }
+            // a message type billing has no handler for
+            Step::Event(
+                Message::builder("orders", "customer-gift", "OrderGiftWrapped")
+                    .json(&serde_json::json!({ "ribbon": "red" }))?
+                    .build()?,
+            )
         } else {
-            Step::Order { customer }
-        }
+            let roll_back = self.rng.gen_ratio(1, 40);
+            Step::Order {
+                customer,
+                roll_back,
+            }
+        })
     }
 }
 
@@ -267,4 +276,94 @@ pub struct OrderPlaced {
     pub amount_cents: i64,
     /// 1, 2, 3, ... per customer, in A's commit order.
     pub seq: i64,
+}
+
+/// A new order's id and amount (derived from the id).
+pub fn new_order() -> (Uuid, i64) {
+    let order_id = Uuid::now_v7();
+    (order_id, 100 + (order_id.as_u128() % 9_900) as i64)
+}
+
+impl OrderPlaced {
+    /// The event message: topic `orders`, keyed by the customer.
+    pub fn message(&self) -> anyhow::Result<Message> {
+        Ok(
+            Message::builder("orders", self.customer.clone(), "OrderPlaced")
+                .json(self)?
+                .build()?,
+        )
+    }
+}
+
+/// Progress and fault log shared by the demo variants.
+pub struct Run {
+    pub started: Instant,
+    pub faults: Vec<String>,
+    pub bar: ProgressBar,
+}
+
+impl Run {
+    pub fn new(total: u64) -> Run {
+        let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} processed by B  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Run {
+            started: Instant::now(),
+            faults: Vec::new(),
+            bar,
+        }
+    }
+
+    pub fn fault(&mut self, what: String) {
+        let line = format!("+{:>5.1}s  {what}", self.started.elapsed().as_secs_f64());
+        self.bar.println(format!("fault {line}"));
+        if self.bar.is_hidden() {
+            eprintln!("fault {line}");
+        }
+        self.faults.push(line);
+    }
+
+    /// After A has finished: wait until B has settled the `expected`
+    /// messages A committed (or `timeout` passed), failing if a worker died
+    /// on its own; then kill the workers. Returns the run's elapsed time.
+    pub async fn drain<F, Fut>(
+        &self,
+        workers: &mut [&mut Worker],
+        expected: u64,
+        timeout: Duration,
+        processed: F,
+    ) -> anyhow::Result<Duration>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = anyhow::Result<u64>>,
+    {
+        self.bar.set_message("A finished; waiting for B to drain");
+        self.bar.set_length(expected);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done = processed().await.unwrap_or(0);
+            self.bar.set_position(done);
+            if done >= expected || Instant::now() > deadline {
+                break;
+            }
+            for w in workers.iter_mut() {
+                w.check_alive()?;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let elapsed = self.started.elapsed();
+        for w in workers.iter_mut() {
+            w.kill9().await?;
+        }
+        self.bar.finish_and_clear();
+        Ok(elapsed)
+    }
 }

@@ -1,107 +1,52 @@
 //! The demo on the real components: A and B on PostgreSQL (two databases),
 //! the relay publishing A's outbox to NATS JetStream, B consuming from it.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::Context;
 use custody::nats::{NatsPublisher, NatsSubscriber, StreamSpec};
 use custody::postgres::{self, PgInbox, PgOutbox};
 use custody::{Consumer, ConsumerConfig, Message, MessageKind, Relay, RelayConfig};
-use sqlx::{Connection, PgPool, Row};
+use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::billing::{PgBilling, A_SCHEMA_PG, B_SCHEMA_PG};
-use super::embedded::Run;
+use super::producer::produce_pg;
 use super::report::{Observed, Report};
-use super::{DemoArgs, OrderPlaced, Step, Worker, WorkerArgs, Workload};
+use super::{DemoArgs, Run, Worker, WorkerArgs, Workload};
+use crate::services::{delete_stream, run_tag, with_databases};
 
 const CONSUMER: &str = "billing";
 
-/// `postgres://u@h:p/db` → `postgres://u@h:p/<name>`.
-pub(crate) fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    match query {
-        Some(q) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
-}
-
-/// Fresh databases for A and B, dropped at the end.
-pub(crate) struct Databases {
-    server: String,
-    names: Vec<String>,
-}
-
-impl Databases {
-    pub(crate) async fn create(server: &str, names: &[String]) -> anyhow::Result<Databases> {
-        let mut c = sqlx::PgConnection::connect(server).await.with_context(|| {
-            format!(
-                "cannot connect to PostgreSQL at {}",
-                crate::ops::redact(server)
-            )
-        })?;
-        for n in names {
-            sqlx::query(&format!("CREATE DATABASE {n}"))
-                .execute(&mut c)
-                .await?;
-        }
-        Ok(Databases {
-            server: server.to_owned(),
-            names: names.to_vec(),
-        })
-    }
-
-    pub(crate) async fn drop_all(&self) {
-        if let Ok(mut c) = sqlx::PgConnection::connect(&self.server).await {
-            for n in &self.names {
-                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
-                    .execute(&mut c)
-                    .await;
-            }
-        }
-    }
-}
-
 pub async fn run(args: &DemoArgs, seed: u64, pg: &str, nats: &str) -> anyhow::Result<Report> {
-    let tag = &Uuid::now_v7().simple().to_string()[16..];
-    let a_name = format!("custody_demo_a_{tag}");
-    let b_name = format!("custody_demo_b_{tag}");
-    let dbs = Databases::create(pg, &[a_name.clone(), b_name.clone()]).await?;
+    let tag = run_tag();
+    let names = [
+        format!("custody_demo_a_{tag}"),
+        format!("custody_demo_b_{tag}"),
+    ];
     let stream = format!("CUSTODY_DEMO_{tag}");
     let prefix = format!("custody_demo_{tag}");
-    let result = run_inner(args, seed, pg, nats, &a_name, &b_name, &stream, &prefix).await;
-    // clean up whatever happened
-    if let Ok(client) = custody::nats::connect(nats).await {
-        let js = async_nats::jetstream::new(client);
-        let _ = js.delete_stream(&stream).await;
-    }
-    dbs.drop_all().await;
-    result
+    let names = &names;
+    with_databases(pg, names, |urls| async move {
+        let result = run_inner(args, seed, nats, names, &urls, &stream, &prefix).await;
+        delete_stream(nats, &stream).await;
+        result
+    })
+    .await
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_inner(
     args: &DemoArgs,
     seed: u64,
-    pg: &str,
     nats: &str,
-    a_name: &str,
-    b_name: &str,
+    names: &[String; 2],
+    urls: &[String],
     stream: &str,
     prefix: &str,
 ) -> anyhow::Result<Report> {
-    let a_url = with_database(pg, a_name);
-    let b_url = with_database(pg, b_name);
-    let a = postgres::connect(&a_url).await?;
-    let b = postgres::connect(&b_url).await?;
+    let [a_name, b_name] = names;
+    let (a_url, b_url) = (&urls[0], &urls[1]);
+    let a = postgres::connect(a_url).await?;
+    let b = postgres::connect(b_url).await?;
     postgres::migrate(&a).await?;
     postgres::migrate(&b).await?;
     sqlx::query(A_SCHEMA_PG).execute(&a).await?;
@@ -120,9 +65,9 @@ async fn run_inner(
             "--role".to_owned(),
             role.to_owned(),
             "--a".to_owned(),
-            a_url.clone(),
+            a_url.to_owned(),
             "--b".to_owned(),
-            b_url.clone(),
+            b_url.to_owned(),
             "--nats".to_owned(),
             nats.to_owned(),
             "--stream".to_owned(),
@@ -166,34 +111,29 @@ async fn run_inner(
             relay.restart()?;
             consumer.restart()?;
         }
-        produce(&a, &outbox, workload.step(i), &mut rolled_back).await?;
+        produce_pg(&a, &outbox, &workload.step(i)?, |id| {
+            rolled_back.push(id);
+            Ok(())
+        })
+        .await?;
         if i % 50 == 0 {
             relay.check_alive()?;
             consumer.check_alive()?;
             run.bar.set_position(processed(&b).await.unwrap_or(0));
         }
     }
-    run.bar.set_message("A finished; waiting for B to drain");
     let expected: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM custody_outbox WHERE topic = 'orders'")
             .fetch_one(&a)
             .await?;
-    run.bar.set_length(expected as u64);
-    let deadline = Instant::now() + args.timeout;
-    loop {
-        let done = processed(&b).await.unwrap_or(0);
-        run.bar.set_position(done);
-        if done >= expected as u64 || Instant::now() > deadline {
-            break;
-        }
-        relay.check_alive()?;
-        consumer.check_alive()?;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let elapsed = run.started.elapsed();
-    relay.kill9().await?;
-    consumer.kill9().await?;
-    run.bar.finish_and_clear();
+    let elapsed = run
+        .drain(
+            &mut [&mut relay, &mut consumer],
+            expected as u64,
+            args.timeout,
+            || processed(&b),
+        )
+        .await?;
     let obs = observe(&a, &b).await?;
     a.close().await;
     b.close().await;
@@ -261,62 +201,6 @@ async fn processed(b: &PgPool) -> anyhow::Result<u64> {
         .fetch_one(b)
         .await?;
     Ok(n as u64)
-}
-
-async fn produce(
-    a: &PgPool,
-    outbox: &PgOutbox,
-    step: Step,
-    rolled_back: &mut Vec<Uuid>,
-) -> anyhow::Result<()> {
-    let mut tx = a.begin().await?;
-    match &step {
-        Step::Order { customer } | Step::RolledBack { customer } => {
-            let order_id = Uuid::now_v7();
-            let amount_cents = 100 + (order_id.as_u128() % 9_900) as i64;
-            // one producer: seq per customer in commit order
-            let seq: i64 = sqlx::query(
-                "INSERT INTO orders (order_id, customer, amount_cents, seq)
-                 VALUES ($1, $2, $3, (SELECT COALESCE(MAX(seq), 0) + 1 FROM orders WHERE customer = $2))
-                 RETURNING seq",
-            )
-            .bind(order_id)
-            .bind(customer)
-            .bind(amount_cents)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get(0)?;
-            let event = OrderPlaced {
-                order_id,
-                customer: customer.clone(),
-                amount_cents,
-                seq,
-            };
-            let msg = Message::builder("orders", customer.clone(), "OrderPlaced")
-                .json(&event)?
-                .build()?;
-            outbox.enqueue(&mut tx, &msg).await?;
-            if matches!(step, Step::RolledBack { .. }) {
-                tx.rollback().await?;
-                rolled_back.push(order_id);
-                return Ok(());
-            }
-        }
-        Step::Malformed => {
-            let msg = Message::builder("orders", "customer-bad", "OrderPlaced")
-                .payload(custody::CONTENT_TYPE_JSON, b"{\"order_id\": oops".to_vec())
-                .build()?;
-            outbox.enqueue(&mut tx, &msg).await?;
-        }
-        Step::UnknownType => {
-            let msg = Message::builder("orders", "customer-gift", "OrderGiftWrapped")
-                .json(&serde_json::json!({ "ribbon": "red" }))?
-                .build()?;
-            outbox.enqueue(&mut tx, &msg).await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 pub(crate) async fn observe(a: &PgPool, b: &PgPool) -> anyhow::Result<Observed> {

@@ -30,6 +30,7 @@ mod message;
 mod partition;
 mod policy;
 pub mod reconcile;
+pub mod sequence;
 mod status;
 mod store;
 mod transport;
@@ -42,6 +43,7 @@ pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitB
 pub use reconcile::{
     IdDigest, IdRange, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
 };
+pub use sequence::{Compaction, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
     DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore, Redrive,

@@ -18,6 +18,9 @@ pub struct OutboxRecord {
     /// Times the row was put back to pending by a repair or a redrive
     /// (0: first publish); see [`crate::Publisher::publish_again`].
     pub republish: u32,
+    /// The record's number in its partition (see [`crate::sequence`]), once
+    /// [`OutboxStore::assign_sequences`] gave it one; kept across republishes.
+    pub sequence: Option<u64>,
     /// The message.
     pub message: Message,
 }
@@ -60,6 +63,30 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<OutboxRecord>>> + Send;
 
+    /// This outbox's producer id, the first part of every `(producer,
+    /// partition, sequence)` stamp (see [`crate::sequence`]). Stores that
+    /// return `None` (the default) publish unnumbered messages.
+    fn producer_id(&self) -> impl Future<Output = Result<Option<String>>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Number every record of `records` that has no sequence yet with the
+    /// next numbers of its partition, in position order, and store the
+    /// numbers (in the rows, so a republish keeps them, and as the
+    /// partition's next number, under `relay`'s lease). Records of
+    /// partitions `relay` no longer leases are removed from `records`: a
+    /// relay that lost a lease must not number (or publish) that
+    /// partition's new messages. The default numbers nothing.
+    fn assign_sequences(
+        &self,
+        relay: &str,
+        records: &mut Vec<OutboxRecord>,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (relay, records, now);
+        async { Ok(()) }
+    }
+
     /// Mark messages published after the transport's durable ack, keeping
     /// each ack's [`PublishAck::reference`] (stream and sequence) for
     /// tracing. Only rows in partitions `relay` still leases are marked (a
@@ -81,6 +108,9 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<()>> + Send;
 
     /// Move a message to the dead-letter table with `error`; its key flows on.
+    /// A numbered message leaves a skip marker ([`crate::sequence::SKIP_TYPE`])
+    /// with its number in its place, pending, so consumers account for the
+    /// number instead of seeing a gap.
     fn dead_letter(
         &self,
         position: i64,
@@ -161,7 +191,10 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
 
     /// Insert `(consumer, message.id)` into the inbox inside `tx`. A message
     /// seen before is [`InboxOutcome::Duplicate`] (and its duplicate count is
-    /// incremented in the same transaction).
+    /// incremented in the same transaction). A numbered message (see
+    /// [`crate::sequence`]) is recorded with its `(producer, partition,
+    /// sequence)`, and one at or below the consumer's floor for that
+    /// partition is a duplicate too (its row may have been compacted).
     fn record(
         &self,
         tx: &mut Self::Tx,
@@ -227,6 +260,35 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64>> + Send {
         let _ = (consumer, older_than, limit);
         async { Ok(0) }
+    }
+
+    /// `consumer`'s progress through every producer partition it has seen
+    /// numbered messages of (see [`crate::sequence`]): floor, highest
+    /// sequence, holes. The default knows no numbering.
+    fn progress(
+        &self,
+        consumer: &str,
+    ) -> impl Future<Output = Result<Vec<crate::PartitionProgress>>> + Send {
+        let _ = consumer;
+        async { Ok(Vec::new()) }
+    }
+
+    /// Fold `consumer`'s inbox rows into its per-partition floors: move each
+    /// floor up over the run of recorded sequences above it (reading at most
+    /// `limit` of them per partition) and delete the inbox rows at or below
+    /// the floor that were recorded before `keep_after` (rows inside a
+    /// reconciliation window stay for `custody reconcile`). Each partition
+    /// in one short transaction. Dedupe stays exact:
+    /// [`InboxStore::record`] reports a numbered message at or below the
+    /// floor as a duplicate. The default compacts nothing.
+    fn compact(
+        &self,
+        consumer: &str,
+        keep_after: DateTime<Utc>,
+        limit: usize,
+    ) -> impl Future<Output = Result<crate::Compaction>> + Send {
+        let _ = (consumer, keep_after, limit);
+        async { Ok(crate::Compaction::default()) }
     }
 }
 

@@ -560,6 +560,7 @@ impl OutboxStore for SqliteOutbox {
                     partition: row.partition,
                     attempts: row.attempts,
                     republish: republish_of(raw),
+                    sequence: None,
                     message,
                 }),
                 // A damaged row can never be published; keep it from

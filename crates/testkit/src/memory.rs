@@ -132,6 +132,7 @@ impl MemoryOutbox {
                     partition,
                     attempts: 0,
                     republish: 0,
+                    sequence: None,
                     message: msg,
                 },
                 status: RowStatus::Uncommitted,

@@ -78,7 +78,9 @@ impl SentHistory for PgOutbox {
 
 const PROCESSED_IDS: &str = "\
 SELECT COALESCE(array_agg(message_id), '{}') FROM custody_inbox
-WHERE consumer = $1 AND message_id >= $2 AND message_id < $3 AND topic = $4";
+WHERE consumer = $1 AND message_id >= $2 AND message_id < $3 AND topic = $4
+  AND duplicates >= 0";
+// (duplicates = -1: redriven, not processed again yet; listed by REDRIVING)
 const PROCESSED_DEAD: &str = "\
 SELECT message_id, error FROM custody_dead_letter
 WHERE origin = 'consumer:' || $1 AND topic = $2 AND message_id >= $3 AND message_id < $4
@@ -192,7 +194,8 @@ pub async fn status(pool: &PgPool, id: Uuid) -> Result<MessageStatus> {
         });
     }
     let inbox = sqlx::query(
-        "SELECT consumer, processed_at, duplicates FROM custody_inbox WHERE message_id = $1 ORDER BY consumer",
+        "SELECT consumer, processed_at, duplicates FROM custody_inbox
+         WHERE message_id = $1 AND duplicates >= 0 ORDER BY consumer",
     )
     .bind(id)
     .fetch_all(pool)
@@ -331,17 +334,24 @@ pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
-            sqlx::query("DELETE FROM custody_inbox WHERE consumer = $1 AND message_id = $2")
-                .bind(consumer)
-                .bind(id)
+            // Not deleted: marked (duplicates = -1) so the consumer's next
+            // record of the message counts as new once, while a numbered
+            // row keeps its number accounted for (no gap opens).
+            sqlx::query(
+                "UPDATE custody_inbox SET duplicates = -1 WHERE consumer = $1 AND message_id = $2",
+            )
+            .bind(consumer)
+            .bind(id)
                 .execute(&mut *tx)
                 .await
                 .map_err(db(OP))?;
             out.to_consumer += 1;
         } else {
+            // seq = NULL: the skip marker left in its place accounted for
+            // its old number; the relay gives it a new one
             let reset = sqlx::query(
                 "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL,
-                     last_error = NULL, republish = republish + 1
+                     last_error = NULL, republish = republish + 1, seq = NULL
                  WHERE id = $1 AND status = 2",
             )
             .bind(id)

@@ -1,7 +1,11 @@
 //! The consumer's idempotent inbox and the dead-letter table.
 
 use chrono::{DateTime, Utc};
-use custody_core::{DeadLetter, InboxOutcome, InboxStore, Message, Redrive, Result};
+use custody_core::sequence::advance_floor;
+use custody_core::{
+    Compaction, DeadLetter, InboxOutcome, InboxStore, Message, PartitionProgress, Redrive, Result,
+    Sequence,
+};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::error::db;
@@ -29,12 +33,74 @@ impl PgInbox {
 // The row lock taken by the insert (or by the conflicting update) serializes
 // two deliveries of one message to one consumer: the second waits for the
 // first transaction and then counts as a duplicate, or as new if the first
-// rolled back.
+// rolled back. A row `custody dlq redrive` marked (duplicates = -1) counts as
+// new once.
 const RECORD: &str = "\
-INSERT INTO custody_inbox (consumer, message_id, topic, processed_at)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (consumer, message_id) DO UPDATE SET duplicates = custody_inbox.duplicates + 1
+INSERT INTO custody_inbox (consumer, message_id, topic, processed_at, producer, producer_partition, seq)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (consumer, message_id) DO UPDATE
+    SET duplicates = CASE WHEN custody_inbox.duplicates < 0 THEN 0
+                          ELSE custody_inbox.duplicates + 1 END
 RETURNING duplicates";
+
+// Read after RECORD, as a statement of its own: a compaction that deleted
+// this message's row and raised the floor either committed before RECORD's
+// insert went ahead (then this statement, with a newer snapshot, sees the
+// floor) or had not yet read the row (then the row is the only record of the
+// number and the compaction cannot raise the floor past it). Reading the
+// floor first, or in the same statement, could see the floor from before a
+// compaction that RECORD then waited for, and take a compacted message as new.
+const FLOOR: &str = "\
+SELECT floor FROM custody_inbox_watermark
+WHERE consumer = $1 AND producer = $2 AND producer_partition = $3";
+
+// Every (producer, partition) the consumer has numbered rows or a floor for,
+// with the figures above its floor (count of DISTINCT numbers: a skip marker
+// and an original the broker stored after all can share one).
+const PROGRESS: &str = "\
+WITH parts AS (
+    SELECT producer, producer_partition FROM custody_inbox_watermark WHERE consumer = $1
+    UNION
+    SELECT DISTINCT producer, producer_partition FROM custody_inbox
+    WHERE consumer = $1 AND seq IS NOT NULL)
+SELECT p.producer, p.producer_partition, COALESCE(w.floor, 0), COALESCE(w.compacted, 0),
+       a.top, COALESCE(a.n, 0), a.earliest
+FROM parts p
+LEFT JOIN custody_inbox_watermark w
+  ON w.consumer = $1 AND w.producer = p.producer AND w.producer_partition = p.producer_partition
+LEFT JOIN LATERAL (
+    SELECT max(i.seq) AS top, count(DISTINCT i.seq) AS n, min(i.processed_at) AS earliest
+    FROM custody_inbox i
+    WHERE i.consumer = $1 AND i.producer = p.producer
+      AND i.producer_partition = p.producer_partition AND i.seq > COALESCE(w.floor, 0)) a ON true
+ORDER BY p.producer, p.producer_partition";
+
+const ENSURE_WATERMARK: &str = "\
+INSERT INTO custody_inbox_watermark (consumer, producer, producer_partition)
+VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
+const LOCK_WATERMARK: &str = "\
+SELECT floor FROM custody_inbox_watermark
+WHERE consumer = $1 AND producer = $2 AND producer_partition = $3 FOR UPDATE";
+
+const SEQS_ABOVE: &str = "\
+SELECT DISTINCT seq FROM custody_inbox
+WHERE consumer = $1 AND producer = $2 AND producer_partition = $3 AND seq > $4
+ORDER BY seq LIMIT $5";
+
+// Bounded: at most $6 rows per statement, off custody_inbox_seq.
+const DELETE_COMPACTED: &str = "\
+DELETE FROM custody_inbox
+WHERE consumer = $1 AND message_id = ANY(ARRAY(
+    SELECT message_id FROM custody_inbox
+    WHERE consumer = $1 AND producer = $2 AND producer_partition = $3
+      AND seq IS NOT NULL AND seq <= $4 AND processed_at < $5
+    LIMIT $6))";
+
+const RAISE_FLOOR: &str = "\
+UPDATE custody_inbox_watermark
+SET floor = $4, compacted = compacted + $5, updated_at = now()
+WHERE consumer = $1 AND producer = $2 AND producer_partition = $3";
 
 impl InboxStore for PgInbox {
     type Tx = Transaction<'static, Postgres>;
@@ -54,19 +120,36 @@ impl InboxStore for PgInbox {
         message: &Message,
         now: DateTime<Utc>,
     ) -> Result<InboxOutcome> {
+        let sequence = Sequence::of(message);
+        let (producer, partition, seq) = stamp_columns(sequence.as_ref());
         let duplicates: i32 = sqlx::query_scalar(RECORD)
             .bind(consumer)
             .bind(message.id)
             .bind(&message.topic)
             .bind(now)
+            .bind(producer)
+            .bind(partition)
+            .bind(seq)
             .fetch_one(&mut **tx)
             .await
             .map_err(db("record in inbox"))?;
-        Ok(if duplicates == 0 {
-            InboxOutcome::New
-        } else {
-            InboxOutcome::Duplicate
-        })
+        if duplicates != 0 {
+            return Ok(InboxOutcome::Duplicate);
+        }
+        if let (Some(producer), Some(partition), Some(seq)) = (producer, partition, seq) {
+            let floor: Option<i64> = sqlx::query_scalar(FLOOR)
+                .bind(consumer)
+                .bind(producer)
+                .bind(partition)
+                .fetch_optional(&mut **tx)
+                .await
+                .map_err(db("read inbox floor"))?;
+            if floor.is_some_and(|f| seq <= f) {
+                // processed before; its row was compacted into the floor
+                return Ok(InboxOutcome::Duplicate);
+            }
+        }
+        Ok(InboxOutcome::New)
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
@@ -92,15 +175,28 @@ impl InboxStore for PgInbox {
             .await
             .map_err(db(OP))?;
         if let Some(id) = dead.message_id {
-            // so a redelivery is recognised and skipped
+            // so a redelivery is recognised and skipped, and its number (if
+            // any) counts as accounted for, not as a gap
+            let sequence = dead
+                .envelope
+                .as_deref()
+                .and_then(|e| serde_json::from_str::<Message>(e).ok())
+                .and_then(|m| Sequence::of(&m));
+            let (producer, partition, seq) = stamp_columns(sequence.as_ref());
             sqlx::query(
-                "INSERT INTO custody_inbox (consumer, message_id, topic, processed_at)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT (consumer, message_id) DO NOTHING",
+                "INSERT INTO custody_inbox
+                     (consumer, message_id, topic, processed_at, producer, producer_partition, seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (consumer, message_id)
+                 DO UPDATE SET duplicates = GREATEST(custody_inbox.duplicates, 0)",
             )
             .bind(consumer)
             .bind(id)
             .bind(&dead.topic)
             .bind(dead.dead_at)
+            .bind(producer)
+            .bind(partition)
+            .bind(seq)
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
@@ -162,6 +258,110 @@ impl InboxStore for PgInbox {
             .await
             .map_err(db("prune inbox"))?;
         Ok(done.rows_affected())
+    }
+
+    async fn progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
+        type Row = (String, i32, i64, i64, Option<i64>, i64, Option<DateTime<Utc>>);
+        let rows: Vec<Row> = sqlx::query_as(PROGRESS)
+            .bind(consumer)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read inbox progress"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(producer, partition, floor, compacted, top, n, earliest)| {
+                PartitionProgress::from_parts(
+                    producer,
+                    u32::try_from(partition).unwrap_or(0),
+                    u64::try_from(floor).unwrap_or(0),
+                    top.and_then(|t| u64::try_from(t).ok()),
+                    u64::try_from(n).unwrap_or(0),
+                    earliest,
+                    u64::try_from(compacted).unwrap_or(0),
+                )
+            })
+            .collect())
+    }
+
+    async fn compact(
+        &self,
+        consumer: &str,
+        keep_after: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Compaction> {
+        const OP: &str = "compact inbox";
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        let mut out = Compaction::default();
+        for p in self.progress(consumer).await? {
+            let partition = i32::try_from(p.partition).unwrap_or(i32::MAX);
+            let mut tx = self.pool.begin().await.map_err(db(OP))?;
+            sqlx::query(ENSURE_WATERMARK)
+                .bind(consumer)
+                .bind(&p.producer)
+                .bind(partition)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            let floor: i64 = sqlx::query_scalar(LOCK_WATERMARK)
+                .bind(consumer)
+                .bind(&p.producer)
+                .bind(partition)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            let above: Vec<i64> = sqlx::query_scalar(SEQS_ABOVE)
+                .bind(consumer)
+                .bind(&p.producer)
+                .bind(partition)
+                .bind(floor)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db(OP))?;
+            let old = u64::try_from(floor).unwrap_or(0);
+            let new = advance_floor(old, above.iter().filter_map(|s| u64::try_from(*s).ok()));
+            let new_floor = i64::try_from(new).unwrap_or(floor);
+            let deleted = sqlx::query(DELETE_COMPACTED)
+                .bind(consumer)
+                .bind(&p.producer)
+                .bind(partition)
+                .bind(new_floor)
+                .bind(keep_after)
+                .bind(limit)
+                .execute(&mut *tx)
+                .await
+                .map_err(db(OP))?
+                .rows_affected();
+            if new > old || deleted > 0 {
+                sqlx::query(RAISE_FLOOR)
+                    .bind(consumer)
+                    .bind(&p.producer)
+                    .bind(partition)
+                    .bind(new_floor)
+                    .bind(i64::try_from(deleted).unwrap_or(i64::MAX))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(OP))?;
+            }
+            tx.commit().await.map_err(db(OP))?;
+            out.advanced += u64::from(new > old);
+            out.deleted += deleted;
+        }
+        Ok(out)
+    }
+}
+
+/// The inbox columns of a stamp: producer, partition, sequence.
+fn stamp_columns(s: Option<&Sequence>) -> (Option<&str>, Option<i32>, Option<i64>) {
+    match s.and_then(|s| {
+        Some((
+            s.producer.as_str(),
+            i32::try_from(s.partition).ok()?,
+            i64::try_from(s.seq).ok()?,
+        ))
+    }) {
+        Some((p, q, n)) => (Some(p), Some(q), Some(n)),
+        None => (None, None, None),
     }
 }
 

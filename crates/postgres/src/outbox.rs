@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
 use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -24,6 +25,7 @@ pub struct PgOutbox {
     partitions: u32,
     notify: bool,
     waiter: Waiter,
+    producer: std::sync::Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl std::fmt::Debug for PgOutbox {
@@ -104,7 +106,7 @@ const INSERT_BATCH_NOTIFY: &str = notifying!(insert_batch!(), "ins.id, ins.posit
 const FETCH_BATCH: &str = concat!(
     "SELECT ",
     outbox_columns!(),
-    ", o.republish
+    ", o.republish, o.seq
 FROM custody_outbox o
 WHERE o.status = 0
   AND o.partition = ANY($1)
@@ -134,8 +136,40 @@ const MARK_DEAD: &str = concat!(
     "UPDATE custody_outbox o SET status = 2, last_error = $2
 WHERE o.position = $1 AND o.status = 0
 RETURNING ",
-    outbox_columns!()
+    outbox_columns!(),
+    ", o.seq"
 );
+
+// Numbering (OutboxStore::assign_sequences), one statement: lock the lease
+// rows `relay` still holds unexpired ($1, $4), number the unnumbered pending
+// rows among positions $2 per partition in position order from the lease's
+// next_seq, and advance next_seq past them. Rows of partitions not leased
+// are left unnumbered (fencing). The data-modifying CTEs share one snapshot;
+// the FOR UPDATE on the lease rows serializes two numberings of a partition.
+const ASSIGN_SEQUENCES: &str = "WITH lease AS (
+    SELECT partition, next_seq FROM custody_relay_lease
+    WHERE owner = $1 AND expires_at > $4 AND partition = ANY($3)
+    FOR UPDATE),
+numbered AS (
+    SELECT o.position, o.partition,
+           l.next_seq + row_number() OVER (PARTITION BY o.partition ORDER BY o.position) - 1 AS seq
+    FROM custody_outbox o JOIN lease l ON l.partition = o.partition
+    WHERE o.position = ANY($2) AND o.seq IS NULL AND o.status = 0),
+upd AS (
+    UPDATE custody_outbox o SET seq = n.seq FROM numbered n
+    WHERE o.position = n.position
+    RETURNING o.position, o.seq),
+bump AS (
+    UPDATE custody_relay_lease l SET next_seq = m.top + 1
+    FROM (SELECT partition, max(seq) AS top FROM numbered GROUP BY partition) m
+    WHERE l.partition = m.partition)
+SELECT position, seq FROM upd";
+
+// A skip marker in place of a numbered message the relay dead-lettered
+// (see custody_core::sequence): pending, same partition and number.
+const INSERT_SKIP_MARKER: &str = "INSERT INTO custody_outbox
+    (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at, seq)
+VALUES ($1, 'event', $2, $3, $4, $5, 'application/json', $6, $7, $8, $9)";
 
 // Retention (OutboxStore::prune). Safe to run next to producers, relays and
 // readers because:
@@ -189,6 +223,7 @@ impl PgOutbox {
             partitions: DEFAULT_PARTITIONS,
             notify: true,
             waiter,
+            producer: Default::default(),
         }
     }
 
@@ -351,7 +386,26 @@ impl PgOutbox {
             // already published or dead: nothing to do
             return Ok(());
         };
+        let seq: Option<i64> = row.try_get(12).map_err(db("dead letter"))?;
         let row = OutboxRow::from_row(&row).map_err(db("dead letter"))?;
+        if let Some(seq) = seq.filter(|_| row.message_type != SKIP_TYPE) {
+            // keep the number accounted for: consumers see the marker, not a gap
+            let marker = serde_json::json!({ "skipped": row.id, "reason": error });
+            let headers = serde_json::json!({ SKIPPED_HEADER: row.id }).to_string();
+            sqlx::query(INSERT_SKIP_MARKER)
+                .bind(Uuid::now_v7())
+                .bind(&row.topic)
+                .bind(&row.key)
+                .bind(row.partition)
+                .bind(SKIP_TYPE)
+                .bind(headers)
+                .bind(marker.to_string().into_bytes())
+                .bind(now)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("dead letter"))?;
+        }
         let attempts = row.attempts;
         let (message_id, topic, key, message_type) = (
             row.id,
@@ -585,6 +639,7 @@ impl OutboxStore for PgOutbox {
         let mut out = Vec::with_capacity(rows.len());
         for raw in &rows {
             let republish: i32 = raw.try_get(12).map_err(db(OP))?;
+            let seq: Option<i64> = raw.try_get(13).map_err(db(OP))?;
             let row = OutboxRow::from_row(raw).map_err(db(OP))?;
             let (position, partition, attempts) = (row.position, row.partition, row.attempts);
             match (row.into_message(), u32::try_from(partition)) {
@@ -593,6 +648,7 @@ impl OutboxStore for PgOutbox {
                     partition,
                     attempts: u32::try_from(attempts).unwrap_or(0),
                     republish: u32::try_from(republish).unwrap_or(0),
+                    sequence: seq.and_then(|s| u64::try_from(s).ok()),
                     message,
                 }),
                 (Err(bad), _) => self.dead_letter_malformed(position, &bad.reason).await?,
@@ -603,6 +659,79 @@ impl OutboxStore for PgOutbox {
             }
         }
         Ok(out)
+    }
+
+    async fn producer_id(&self) -> Result<Option<String>> {
+        let id = self
+            .producer
+            .get_or_try_init(|| async {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT id FROM custody_producer ORDER BY created_at LIMIT 1",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db("read producer id (run `custody migrate`)"))
+            })
+            .await?;
+        Ok(Some(id.clone()))
+    }
+
+    #[tracing::instrument(skip_all, fields(relay, records = records.len()))]
+    async fn assign_sequences(
+        &self,
+        relay: &str,
+        records: &mut Vec<OutboxRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        const OP: &str = "number outbox rows";
+        let positions: Vec<i64> = records
+            .iter()
+            .filter(|r| r.sequence.is_none())
+            .map(|r| r.position)
+            .collect();
+        if positions.is_empty() {
+            return Ok(());
+        }
+        let mut parts: Vec<i32> = records
+            .iter()
+            .filter(|r| r.sequence.is_none())
+            .filter_map(|r| i32::try_from(r.partition).ok())
+            .collect();
+        parts.sort_unstable();
+        parts.dedup();
+        let numbers: HashMap<i64, i64> = sqlx::query_as::<_, (i64, i64)>(ASSIGN_SEQUENCES)
+            .bind(relay)
+            .bind(&positions)
+            .bind(&parts)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(OP))?
+            .into_iter()
+            .collect();
+        let before = records.len();
+        records.retain_mut(|r| {
+            if r.sequence.is_some() {
+                return true;
+            }
+            match numbers.get(&r.position) {
+                Some(seq) => {
+                    r.sequence = u64::try_from(*seq).ok();
+                    true
+                }
+                // the partition's lease is lost (fenced), or the row was
+                // numbered or published meanwhile: not ours to publish now
+                None => false,
+            }
+        });
+        if records.len() < before {
+            tracing::debug!(
+                relay,
+                dropped = before - records.len(),
+                "rows of partitions no longer leased are left to their new holder"
+            );
+        }
+        Ok(())
     }
 
     async fn mark_published(

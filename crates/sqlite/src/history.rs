@@ -323,9 +323,13 @@ pub struct RedriveOutcome {
 ///
 /// - a consumer's (`consumer:<name>`): its stored envelope goes to
 ///   `custody_redrive`, and the dead letter and the consumer's inbox row
-///   are deleted; the consumer engine processes it once through the inbox;
+///   are deleted (a numbered inbox row stays, keeping its number accounted
+///   for; [`InboxStore::record`](custody_core::InboxStore::record) lets the
+///   message through once while the redrive is queued); the consumer
+///   engine processes it once through the inbox;
 /// - the relay's: the outbox row goes back to pending (attempts 0, marked as
-///   a republish) and the dead letter is deleted.
+///   a republish, its sequence number cleared: the skip marker accounted for
+///   it) and the dead letter is deleted.
 ///
 /// A dead letter without an envelope (a malformed message) or whose outbox
 /// row was pruned is skipped, with the reason.
@@ -386,17 +390,36 @@ pub async fn redrive(
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;
-            sqlx::query("DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2")
-                .bind(consumer)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
+            // A numbered row stays, marked `duplicates = -1` (see the inbox's
+            // RECORD): the next record of the message is its first, while
+            // the row keeps the number accounted for. Deleting it would open
+            // a hole nothing fills: the redriven message is processed outside
+            // the numbering.
+            sqlx::query(
+                "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2 AND seq IS NULL",
+            )
+            .bind(consumer)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+            sqlx::query(
+                "UPDATE custody_inbox SET duplicates = -1 \
+                 WHERE consumer = ?1 AND message_id = ?2 AND seq IS NOT NULL",
+            )
+            .bind(consumer)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
             out.to_consumer += 1;
         } else {
+            // seq = NULL: the skip marker left in its place accounted for its
+            // old number; the relay gives it a new one.
             let reset = sqlx::query(
                 "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL, \
-                 last_error = NULL, republish = republish + 1 WHERE id = ?1 AND status = 2",
+                 last_error = NULL, republish = republish + 1, seq = NULL \
+                 WHERE id = ?1 AND status = 2",
             )
             .bind(id.as_deref())
             .execute(&mut *tx)

@@ -1,27 +1,135 @@
 //! The consumer's idempotent inbox.
 
 use chrono::{DateTime, Utc};
-use custody_core::{DeadLetter, InboxOutcome, InboxStore, Message, Redrive, Result};
-use sqlx::{Sqlite, SqlitePool, Transaction};
+use custody_core::sequence::advance_floor;
+use custody_core::{
+    Compaction, DeadLetter, InboxOutcome, InboxStore, Message, PartitionProgress, Redrive, Result,
+    Sequence,
+};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use crate::error::map_err;
 use crate::to_ms;
 
 /// First sight inserts with `duplicates = 0`; a redelivery bumps the counter
 /// in the consumer's transaction, so `RETURNING duplicates` tells the two
-/// apart in one statement.
-const RECORD: &str = "INSERT INTO custody_inbox (consumer, message_id, topic, processed_at) \
-     VALUES (?1, ?2, ?3, ?4) \
+/// apart in one statement. A numbered message is stored with its stamp
+/// (`?5`, `?6`, `?7`; NULL when unnumbered).
+///
+/// `duplicates = -1` marks a numbered row whose message an operator
+/// redrove ([`crate::redrive`] keeps the row so its number stays accounted
+/// for): the next record of the message comes back 0, its first sight.
+const RECORD: &str = "INSERT INTO custody_inbox \
+     (consumer, message_id, topic, processed_at, producer, producer_partition, seq) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
      ON CONFLICT (consumer, message_id) DO UPDATE SET duplicates = duplicates + 1 \
      RETURNING duplicates";
+
+/// The consumer's floor in one producer partition. Read after RECORD's
+/// insert, in the same transaction: on SQLite the transaction holds the
+/// write lock (`BEGIN IMMEDIATE`) so no compaction runs in between; the
+/// order is kept as on PostgreSQL, where the inserted row is what a
+/// concurrent compaction must see (or wait for) before it moves the floor.
+const FLOOR: &str = "SELECT floor FROM custody_inbox_watermark \
+     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3";
+
+/// A numbered message at or below the floor is a duplicate whose row was
+/// compacted (or a second id with an accounted-for number): the row just
+/// inserted for it goes again, the floor covers it.
+const UNRECORD: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2";
+
+const REDRIVE_QUEUED: &str =
+    "SELECT EXISTS (SELECT 1 FROM custody_redrive WHERE consumer = ?1 AND message_id = ?2)";
 
 const INSERT_DEAD_LETTER: &str = "INSERT INTO custody_dead_letter \
      (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-const INSERT_DEAD_INBOX: &str =
-    "INSERT INTO custody_inbox (consumer, message_id, topic, processed_at) \
-     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (consumer, message_id) DO NOTHING";
+/// The inbox row of a dead-lettered message, with its stamp when it was
+/// numbered: a dead-lettered number is accounted for, never a gap. A row a
+/// redrive marked (`duplicates = -1`) is settled again: the redriven message
+/// failed and is dead once more.
+const INSERT_DEAD_INBOX: &str = "INSERT INTO custody_inbox \
+     (consumer, message_id, topic, processed_at, producer, producer_partition, seq) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+     ON CONFLICT (consumer, message_id) DO UPDATE SET duplicates = MAX(duplicates, 0)";
+
+/// Every (producer, partition) `?1` has a floor for or numbered rows of.
+const PARTITIONS: &str = "SELECT producer, producer_partition FROM custody_inbox_watermark \
+     WHERE consumer = ?1 \
+     UNION \
+     SELECT DISTINCT producer, producer_partition FROM custody_inbox \
+     WHERE consumer = ?1 AND seq IS NOT NULL AND producer IS NOT NULL \
+       AND producer_partition IS NOT NULL";
+
+/// [`InboxStore::progress`]: per partition the stored floor and, over the
+/// rows above it, the highest number, how many distinct numbers (a skip
+/// marker and its original can share one) and the earliest record. The
+/// `i.seq > f.floor` join condition implies `seq IS NOT NULL`, so the
+/// partial index custody_inbox_seq serves it.
+const PROGRESS: &str = "WITH parts(producer, part) AS (SELECT producer, producer_partition FROM ( \
+         SELECT producer, producer_partition FROM custody_inbox_watermark WHERE consumer = ?1 \
+         UNION \
+         SELECT DISTINCT producer, producer_partition FROM custody_inbox \
+         WHERE consumer = ?1 AND seq IS NOT NULL AND producer IS NOT NULL \
+           AND producer_partition IS NOT NULL)), \
+     floors AS (SELECT p.producer, p.part, COALESCE(w.floor, 0) AS floor, \
+                       COALESCE(w.compacted, 0) AS compacted \
+                FROM parts AS p LEFT JOIN custody_inbox_watermark AS w \
+                  ON w.consumer = ?1 AND w.producer = p.producer AND w.producer_partition = p.part) \
+     SELECT f.producer, f.part, f.floor, f.compacted, MAX(i.seq) AS high, \
+            COUNT(DISTINCT i.seq) AS above, MIN(i.processed_at) AS earliest \
+     FROM floors AS f LEFT JOIN custody_inbox AS i \
+       ON i.consumer = ?1 AND i.producer = f.producer AND i.producer_partition = f.part \
+      AND i.seq > f.floor \
+     GROUP BY f.producer, f.part, f.floor, f.compacted \
+     ORDER BY f.producer, f.part";
+
+const ENSURE_WATERMARK: &str = "INSERT INTO custody_inbox_watermark \
+     (consumer, producer, producer_partition, floor, compacted, updated_at) \
+     VALUES (?1, ?2, ?3, 0, 0, ?4) \
+     ON CONFLICT (consumer, producer, producer_partition) DO NOTHING";
+
+const READ_WATERMARK: &str = "SELECT floor FROM custody_inbox_watermark \
+     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3";
+
+/// The lowest `?5` distinct numbers above the floor `?4`, in order.
+const SEQS_ABOVE: &str = "SELECT DISTINCT seq FROM custody_inbox \
+     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3 AND seq > ?4 \
+     ORDER BY seq LIMIT ?5";
+
+/// Rows at or below the (new) floor `?4` recorded before `?5`, at most `?6`:
+/// the floor answers for them now. Rows inside the keep window stay for
+/// reconciliation.
+const DELETE_COMPACTED: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id IN ( \
+     SELECT message_id FROM custody_inbox \
+     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3 \
+       AND seq <= ?4 AND processed_at < ?5 \
+     ORDER BY seq LIMIT ?6)";
+
+const UPDATE_WATERMARK: &str = "UPDATE custody_inbox_watermark \
+     SET floor = ?4, compacted = compacted + ?5, updated_at = ?6 \
+     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3";
+
+/// The stamp of `message` as inbox columns (all NULL when unnumbered).
+fn stamp_columns(stamp: Option<&Sequence>) -> (Option<&str>, Option<i64>, Option<i64>) {
+    match stamp.and_then(|s| Some((s, i64::try_from(s.seq).ok()?))) {
+        Some((s, seq)) => (
+            Some(s.producer.as_str()),
+            Some(i64::from(s.partition)),
+            Some(seq),
+        ),
+        None => (None, None, None),
+    }
+}
+
+fn limit_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn count_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
 
 /// A consumer's inbox in its own SQLite database.
 ///
@@ -65,19 +173,56 @@ impl InboxStore for SqliteInbox {
         message: &Message,
         now: DateTime<Utc>,
     ) -> Result<InboxOutcome> {
+        const OP: &str = "record in inbox";
+        let id = message.id.hyphenated().to_string();
+        let stamp = Sequence::of(message);
+        let (producer, partition, seq) = stamp_columns(stamp.as_ref());
         let duplicates: i64 = sqlx::query_scalar(RECORD)
             .bind(consumer)
-            .bind(message.id.hyphenated().to_string())
+            .bind(&id)
             .bind(message.topic.as_str())
             .bind(to_ms(now))
+            .bind(producer)
+            .bind(partition)
+            .bind(seq)
             .fetch_one(&mut **tx)
             .await
-            .map_err(map_err("record in inbox"))?;
-        Ok(if duplicates == 0 {
-            InboxOutcome::New
-        } else {
-            InboxOutcome::Duplicate
-        })
+            .map_err(map_err(OP))?;
+        if duplicates != 0 {
+            return Ok(InboxOutcome::Duplicate);
+        }
+        let (Some(producer), Some(partition), Some(seq)) = (producer, partition, seq) else {
+            return Ok(InboxOutcome::New);
+        };
+        // Second statement, after the insert (see FLOOR).
+        let floor: Option<i64> = sqlx::query_scalar(FLOOR)
+            .bind(consumer)
+            .bind(producer)
+            .bind(partition)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(map_err(OP))?;
+        if seq > floor.unwrap_or(0) {
+            return Ok(InboxOutcome::New);
+        }
+        // At or below the floor (rare): new only if an operator redrove it
+        // and it is not processed yet.
+        let redriving: bool = sqlx::query_scalar(REDRIVE_QUEUED)
+            .bind(consumer)
+            .bind(&id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(map_err(OP))?;
+        if redriving {
+            return Ok(InboxOutcome::New);
+        }
+        sqlx::query(UNRECORD)
+            .bind(consumer)
+            .bind(&id)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err(OP))?;
+        Ok(InboxOutcome::Duplicate)
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
@@ -111,11 +256,20 @@ impl InboxStore for SqliteInbox {
         // With the inbox row, a redelivery of this message is a duplicate
         // and is skipped instead of failing again.
         if let Some(id) = id {
+            let stamp = dead
+                .envelope
+                .as_deref()
+                .and_then(|e| serde_json::from_str::<Message>(e).ok())
+                .and_then(|m| Sequence::of(&m));
+            let (producer, partition, seq) = stamp_columns(stamp.as_ref());
             sqlx::query(INSERT_DEAD_INBOX)
                 .bind(consumer)
                 .bind(id)
                 .bind(dead.topic.as_str())
                 .bind(to_ms(dead.dead_at))
+                .bind(producer)
+                .bind(partition)
+                .bind(seq)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err(OP))?;
@@ -178,6 +332,122 @@ impl InboxStore for SqliteInbox {
             .await
             .map_err(map_err(OP))?;
         Ok(done.rows_affected())
+    }
+
+    async fn progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
+        const OP: &str = "read inbox progress";
+        let rows = sqlx::query(PROGRESS)
+            .bind(consumer)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(OP))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let producer: String = row.try_get("producer").map_err(map_err(OP))?;
+            let part: i64 = row.try_get("part").map_err(map_err(OP))?;
+            let Ok(partition) = u32::try_from(part) else {
+                continue; // not a partition custody wrote
+            };
+            let floor: i64 = row.try_get("floor").map_err(map_err(OP))?;
+            let compacted: i64 = row.try_get("compacted").map_err(map_err(OP))?;
+            let high: Option<i64> = row.try_get("high").map_err(map_err(OP))?;
+            let above: i64 = row.try_get("above").map_err(map_err(OP))?;
+            let earliest: Option<i64> = row.try_get("earliest").map_err(map_err(OP))?;
+            out.push(PartitionProgress::from_parts(
+                producer,
+                partition,
+                count_u64(floor),
+                high.map(count_u64),
+                count_u64(above),
+                earliest.and_then(DateTime::from_timestamp_millis),
+                count_u64(compacted),
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn compact(
+        &self,
+        consumer: &str,
+        keep_after: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Compaction> {
+        const OP: &str = "compact inbox";
+        let mut total = Compaction::default();
+        if limit == 0 {
+            return Ok(total);
+        }
+        let parts: Vec<(String, i64)> = sqlx::query_as(PARTITIONS)
+            .bind(consumer)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err(OP))?;
+        let now = to_ms(Utc::now());
+        for (producer, partition) in parts {
+            // One short write transaction per partition: the floor read,
+            // moved and the rows it covers deleted under one write lock, so
+            // a concurrent `record` sees either the old floor and the rows
+            // or the new floor.
+            let mut tx = self
+                .pool
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(map_err(OP))?;
+            sqlx::query(ENSURE_WATERMARK)
+                .bind(consumer)
+                .bind(&producer)
+                .bind(partition)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+            let floor: i64 = sqlx::query_scalar(READ_WATERMARK)
+                .bind(consumer)
+                .bind(&producer)
+                .bind(partition)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+            let above: Vec<i64> = sqlx::query_scalar(SEQS_ABOVE)
+                .bind(consumer)
+                .bind(&producer)
+                .bind(partition)
+                .bind(floor)
+                .bind(limit_i64(limit))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+            let old = count_u64(floor);
+            let new = advance_floor(old, above.into_iter().map(count_u64));
+            let new_i64 = i64::try_from(new).unwrap_or(i64::MAX);
+            let deleted = sqlx::query(DELETE_COMPACTED)
+                .bind(consumer)
+                .bind(&producer)
+                .bind(partition)
+                .bind(new_i64)
+                .bind(to_ms(keep_after))
+                .bind(limit_i64(limit))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(OP))?
+                .rows_affected();
+            if new > old || deleted > 0 {
+                sqlx::query(UPDATE_WATERMARK)
+                    .bind(consumer)
+                    .bind(&producer)
+                    .bind(partition)
+                    .bind(new_i64)
+                    .bind(i64::try_from(deleted).unwrap_or(i64::MAX))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err(OP))?;
+            }
+            tx.commit().await.map_err(map_err(OP))?;
+            total.advanced += u64::from(new > old);
+            total.deleted += deleted;
+        }
+        Ok(total)
     }
 }
 

@@ -1,14 +1,17 @@
 //! The transactional outbox and the relay's view of it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
 use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::error::{map_err, store_error};
 use crate::row::{outbox_columns, OutboxRow};
@@ -76,6 +79,48 @@ const DEAD_LETTER_COPY: &str = "INSERT INTO custody_dead_letter \
      (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
      SELECT id, 'relay', topic, msg_key, message_type, payload, ?2, ?3, attempts, ?4 \
      FROM custody_outbox WHERE position = ?1 AND status = 0";
+
+/// A skip marker in place of the numbered row at `?1` that is being
+/// dead-lettered (see `custody_core::sequence`): pending, same topic, key,
+/// partition and number, so consumers account for the number instead of
+/// seeing a gap. Topic, key and partition are copied by SQL, so a damaged
+/// row still leaves its marker. Nothing is inserted for an unnumbered row,
+/// for a row that is no longer pending, or for a marker itself (`?3`).
+const INSERT_SKIP_MARKER: &str = "INSERT INTO custody_outbox \
+     (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at, seq) \
+     SELECT ?2, 'event', topic, msg_key, partition, ?3, 'application/json', \
+            json_object(?6, CAST(id AS TEXT)), \
+            CAST(json_object('skipped', CAST(id AS TEXT), 'reason', ?4) AS BLOB), ?5, seq \
+     FROM custody_outbox \
+     WHERE position = ?1 AND status = 0 AND seq IS NOT NULL AND message_type IS NOT ?3";
+
+/// Numbering ([`OutboxStore::assign_sequences`]), step 1: the partitions
+/// among `?1` whose unexpired lease `?2` holds, with their next number.
+/// Runs in a `BEGIN IMMEDIATE` transaction: SQLite's single write lock is
+/// held from here to the commit, so no other relay can take the lease,
+/// number rows or move `next_seq` in between (the fence of MARK_PUBLISHED,
+/// with the same lease condition).
+const LEASED_NEXT_SEQ: &str = "SELECT partition, next_seq FROM custody_relay_lease \
+     WHERE owner = ?2 AND expires_at > ?3 AND partition IN (SELECT value FROM json_each(?1))";
+
+/// Step 2: the current state of the rows to number (another relay may have
+/// numbered, published or dead-lettered one since it was fetched).
+const NUMBERING_STATE: &str = "SELECT position, status, seq FROM custody_outbox \
+     WHERE position IN (SELECT value FROM json_each(?1))";
+
+/// Step 3: `?1` is a JSON array of `[position, seq]` pairs. The guard
+/// (`seq IS NULL AND status = 0`) never numbers a row twice.
+const SET_SEQ: &str = "UPDATE custody_outbox SET seq = a.seq \
+     FROM (SELECT json_extract(value, '$[0]') AS pos, json_extract(value, '$[1]') AS seq \
+           FROM json_each(?1)) AS a \
+     WHERE custody_outbox.position = a.pos AND custody_outbox.seq IS NULL \
+       AND custody_outbox.status = 0";
+
+/// Step 4: `?1` is a JSON array of `[partition, next_seq]` pairs.
+const SET_NEXT_SEQ: &str = "UPDATE custody_relay_lease SET next_seq = a.next \
+     FROM (SELECT json_extract(value, '$[0]') AS p, json_extract(value, '$[1]') AS next \
+           FROM json_each(?1)) AS a \
+     WHERE custody_relay_lease.partition = a.p AND custody_relay_lease.owner = ?2";
 
 const DEAD_LETTER_MARK: &str =
     "UPDATE custody_outbox SET status = 2, last_error = ?2, retry_at = NULL \
@@ -176,6 +221,8 @@ pub struct SqliteOutbox {
     pool: SqlitePool,
     partitions: u32,
     signal: Arc<Signal>,
+    /// The producer id, read once (it never changes).
+    producer: Arc<OnceCell<String>>,
 }
 
 impl SqliteOutbox {
@@ -186,6 +233,7 @@ impl SqliteOutbox {
             pool,
             partitions: DEFAULT_PARTITIONS,
             signal: Arc::new(Signal::default()),
+            producer: Arc::new(OnceCell::new()),
         }
     }
 
@@ -315,7 +363,8 @@ impl SqliteOutbox {
         Ok(())
     }
 
-    /// Move the pending row at `position` to the dead-letter table.
+    /// Move the pending row at `position` to the dead-letter table; a
+    /// numbered row leaves a pending skip marker with its number.
     async fn dead_letter_row(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
         const OP: &str = "dead-letter outbox message";
         let mut tx = self
@@ -332,6 +381,17 @@ impl SqliteOutbox {
             return Ok(());
         };
         let row = OutboxRow::decode(&row).map_err(map_err(OP))?;
+        // Before the row leaves status 0 (the statement's condition).
+        let marker = sqlx::query(INSERT_SKIP_MARKER)
+            .bind(position)
+            .bind(Uuid::now_v7().hyphenated().to_string())
+            .bind(SKIP_TYPE)
+            .bind(error)
+            .bind(to_ms(now))
+            .bind(SKIPPED_HEADER)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
         // The envelope lets an operator redrive the message as it was.
         let envelope = match &row.message {
             Ok(m) => serde_json::to_string(m).ok(),
@@ -351,7 +411,11 @@ impl SqliteOutbox {
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;
-        tx.commit().await.map_err(map_err(OP))
+        tx.commit().await.map_err(map_err(OP))?;
+        if marker.rows_affected() > 0 {
+            self.signal.wake();
+        }
+        Ok(())
     }
 }
 
@@ -560,7 +624,7 @@ impl OutboxStore for SqliteOutbox {
                     partition: row.partition,
                     attempts: row.attempts,
                     republish: republish_of(raw),
-                    sequence: None,
+                    sequence: row.seq,
                     message,
                 }),
                 // A damaged row can never be published; keep it from
@@ -577,6 +641,166 @@ impl OutboxStore for SqliteOutbox {
             }
         }
         Ok(batch)
+    }
+
+    async fn producer_id(&self) -> Result<Option<String>> {
+        let id = self
+            .producer
+            .get_or_try_init(|| async {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT id FROM custody_producer ORDER BY created_at, id LIMIT 1",
+                )
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err("read producer id"))?
+                .ok_or_else(|| {
+                    Error::store(
+                        "sqlite",
+                        "read producer id",
+                        false,
+                        "custody_producer is empty; run `custody migrate` on a fresh database or insert the id back",
+                    )
+                })
+            })
+            .await?;
+        Ok(Some(id.clone()))
+    }
+
+    async fn assign_sequences(
+        &self,
+        relay: &str,
+        records: &mut Vec<OutboxRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        const OP: &str = "number outbox rows";
+        let mut positions: Vec<i64> = Vec::new();
+        let mut parts: Vec<u32> = Vec::new();
+        for r in records.iter().filter(|r| r.sequence.is_none()) {
+            positions.push(r.position);
+            parts.push(r.partition);
+        }
+        if positions.is_empty() {
+            return Ok(());
+        }
+        positions.sort_unstable();
+        parts.sort_unstable();
+        parts.dedup();
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        let mut next: HashMap<u32, i64> = HashMap::new();
+        for row in sqlx::query(LEASED_NEXT_SEQ)
+            .bind(json_list(&parts))
+            .bind(relay)
+            .bind(to_ms(now))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err(OP))?
+        {
+            let p: i64 = row.try_get("partition").map_err(map_err(OP))?;
+            let n: i64 = row.try_get("next_seq").map_err(map_err(OP))?;
+            if let Ok(p) = u32::try_from(p) {
+                next.insert(p, n.max(1));
+            }
+        }
+        let mut state: HashMap<i64, (i64, Option<i64>)> = HashMap::new();
+        for row in sqlx::query(NUMBERING_STATE)
+            .bind(json_list(&positions))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err(OP))?
+        {
+            let pos: i64 = row.try_get("position").map_err(map_err(OP))?;
+            let status: i64 = row.try_get("status").map_err(map_err(OP))?;
+            let seq: Option<i64> = row.try_get("seq").map_err(map_err(OP))?;
+            state.insert(pos, (status, seq));
+        }
+        // Position order within each partition; a record's number is only
+        // taken when its row really gets it, so the numbering has no holes.
+        let mut given: HashMap<i64, u64> = HashMap::new();
+        let mut pairs: Vec<(i64, i64)> = Vec::new();
+        let first = next.clone();
+        let mut by_position: Vec<&OutboxRecord> =
+            records.iter().filter(|r| r.sequence.is_none()).collect();
+        by_position.sort_by_key(|r| r.position);
+        for r in by_position {
+            let Some(n) = next.get_mut(&r.partition) else {
+                continue; // not leased: fenced
+            };
+            match state.get(&r.position) {
+                Some((0, None)) => {
+                    pairs.push((r.position, *n));
+                    given.insert(r.position, u64::try_from(*n).unwrap_or(0));
+                    *n += 1;
+                }
+                // Numbered since it was fetched (by this relay, or by the
+                // partition's previous holder): keep that number.
+                Some((0, Some(seq))) => {
+                    given.insert(r.position, u64::try_from(*seq).unwrap_or(0));
+                }
+                // Published, dead-lettered or pruned meanwhile: nothing to do.
+                _ => {}
+            }
+        }
+        if !pairs.is_empty() {
+            let json =
+                serde_json::to_string(&pairs).map_err(|e| Error::store("sqlite", OP, false, e))?;
+            let done = sqlx::query(SET_SEQ)
+                .bind(json)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+            if done.rows_affected() != pairs.len() as u64 {
+                // Cannot happen under the write lock; never leave a hole.
+                return Err(Error::store(
+                    "sqlite",
+                    OP,
+                    true,
+                    format!(
+                        "numbered {} of {} rows; the outbox changed under the write lock",
+                        done.rows_affected(),
+                        pairs.len()
+                    ),
+                ));
+            }
+            let bumps: Vec<(u32, i64)> = next
+                .iter()
+                .filter(|(p, n)| first.get(p) != Some(n))
+                .map(|(p, n)| (*p, *n))
+                .collect();
+            let json =
+                serde_json::to_string(&bumps).map_err(|e| Error::store("sqlite", OP, false, e))?;
+            sqlx::query(SET_NEXT_SEQ)
+                .bind(json)
+                .bind(relay)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+        }
+        tx.commit().await.map_err(map_err(OP))?;
+        let before = records.len();
+        records.retain_mut(|r| {
+            if r.sequence.is_some() {
+                return true;
+            }
+            match given.get(&r.position) {
+                Some(&seq) if seq > 0 => {
+                    r.sequence = Some(seq);
+                    true
+                }
+                _ => false,
+            }
+        });
+        if records.len() < before {
+            tracing::debug!(
+                relay,
+                dropped = before - records.len(),
+                "unnumbered rows of partitions no longer leased (or no longer pending) left out"
+            );
+        }
+        Ok(())
     }
 
     async fn mark_published(

@@ -15,7 +15,7 @@ use uuid::Uuid;
 macro_rules! outbox_columns {
     () => {
         "position, partition, attempts, id, kind, topic, msg_key, \
-         message_type, content_type, headers, payload, created_at"
+         message_type, content_type, headers, payload, created_at, seq"
     };
 }
 pub(crate) use outbox_columns;
@@ -25,6 +25,10 @@ pub(crate) struct OutboxRow {
     pub position: i64,
     pub partition: u32,
     pub attempts: u32,
+    /// The row's number in its partition (`custody_core::sequence`), once
+    /// a relay gave it one. A value that is not a positive integer reads as
+    /// none.
+    pub seq: Option<u64>,
     pub message: Result<Message, Malformed>,
 }
 
@@ -43,10 +47,17 @@ impl OutboxRow {
             .ok()
             .and_then(|a| u32::try_from(a).ok())
             .unwrap_or(0);
+        let seq = row
+            .try_get::<Option<i64>, _>("seq")
+            .ok()
+            .flatten()
+            .and_then(|s| u64::try_from(s).ok())
+            .filter(|s| *s > 0);
         Ok(OutboxRow {
             position,
             partition,
             attempts,
+            seq,
             message: decode_message(row, position),
         })
     }

@@ -158,9 +158,7 @@ impl PartitionProgress {
     pub fn gap_older_than(&self, grace: std::time::Duration, now: DateTime<Utc>) -> bool {
         match (self.holes, self.gap_since) {
             (0, _) | (_, None) => false,
-            (_, Some(since)) => {
-                (now - since).to_std().unwrap_or_default() >= grace
-            }
+            (_, Some(since)) => (now - since).to_std().unwrap_or_default() >= grace,
         }
     }
 }
@@ -206,7 +204,12 @@ mod tests {
     #[test]
     fn unreadable_stamps_read_as_none() {
         let mut m = msg();
-        for (p, part, seq) in [("p", "x", "1"), ("p", "1", "0"), ("", "1", "1"), ("p", "1", "-3")] {
+        for (p, part, seq) in [
+            ("p", "x", "1"),
+            ("p", "1", "0"),
+            ("", "1", "1"),
+            ("p", "1", "-3"),
+        ] {
             m.headers.insert(PRODUCER_HEADER.into(), p.into());
             m.headers.insert(PARTITION_HEADER.into(), part.into());
             m.headers.insert(SEQUENCE_HEADER.into(), seq.into());

@@ -342,9 +342,9 @@ pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<
             )
             .bind(consumer)
             .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db(OP))?;
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
             out.to_consumer += 1;
         } else {
             // seq = NULL: the skip marker left in its place accounted for

@@ -54,15 +54,13 @@ const FLOOR: &str = "\
 SELECT floor FROM custody_inbox_watermark
 WHERE consumer = $1 AND producer = $2 AND producer_partition = $3";
 
-// Every (producer, partition) the consumer has numbered rows or a floor for,
+// Every (producer, partition) the consumer has a watermark row for (record
+// creates it with the first numbered message of the partition),
 // with the figures above its floor (count of DISTINCT numbers: a skip marker
 // and an original the broker stored after all can share one).
 const PROGRESS: &str = "\
 WITH parts AS (
-    SELECT producer, producer_partition FROM custody_inbox_watermark WHERE consumer = $1
-    UNION
-    SELECT DISTINCT producer, producer_partition FROM custody_inbox
-    WHERE consumer = $1 AND seq IS NOT NULL)
+    SELECT producer, producer_partition FROM custody_inbox_watermark WHERE consumer = $1)
 SELECT p.producer, p.producer_partition, COALESCE(w.floor, 0), COALESCE(w.compacted, 0),
        a.top, COALESCE(a.n, 0), a.earliest
 FROM parts p
@@ -144,9 +142,21 @@ impl InboxStore for PgInbox {
                 .fetch_optional(&mut **tx)
                 .await
                 .map_err(db("read inbox floor"))?;
-            if floor.is_some_and(|f| seq <= f) {
+            match floor {
                 // processed before; its row was compacted into the floor
-                return Ok(InboxOutcome::Duplicate);
+                Some(f) if seq <= f => return Ok(InboxOutcome::Duplicate),
+                Some(_) => {}
+                // the partition's first numbered message: give it a floor row
+                // (progress and compaction go by these rows)
+                None => {
+                    sqlx::query(ENSURE_WATERMARK)
+                        .bind(consumer)
+                        .bind(producer)
+                        .bind(partition)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(db("create inbox floor"))?;
+                }
             }
         }
         Ok(InboxOutcome::New)
@@ -200,6 +210,15 @@ impl InboxStore for PgInbox {
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
+            if let (Some(producer), Some(partition)) = (producer, partition) {
+                sqlx::query(ENSURE_WATERMARK)
+                    .bind(consumer)
+                    .bind(producer)
+                    .bind(partition)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db(OP))?;
+            }
         }
         tx.commit().await.map_err(db(OP))
     }
@@ -261,7 +280,15 @@ impl InboxStore for PgInbox {
     }
 
     async fn progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
-        type Row = (String, i32, i64, i64, Option<i64>, i64, Option<DateTime<Utc>>);
+        type Row = (
+            String,
+            i32,
+            i64,
+            i64,
+            Option<i64>,
+            i64,
+            Option<DateTime<Utc>>,
+        );
         let rows: Vec<Row> = sqlx::query_as(PROGRESS)
             .bind(consumer)
             .fetch_all(&self.pool)
@@ -269,17 +296,19 @@ impl InboxStore for PgInbox {
             .map_err(db("read inbox progress"))?;
         Ok(rows
             .into_iter()
-            .map(|(producer, partition, floor, compacted, top, n, earliest)| {
-                PartitionProgress::from_parts(
-                    producer,
-                    u32::try_from(partition).unwrap_or(0),
-                    u64::try_from(floor).unwrap_or(0),
-                    top.and_then(|t| u64::try_from(t).ok()),
-                    u64::try_from(n).unwrap_or(0),
-                    earliest,
-                    u64::try_from(compacted).unwrap_or(0),
-                )
-            })
+            .map(
+                |(producer, partition, floor, compacted, top, n, earliest)| {
+                    PartitionProgress::from_parts(
+                        producer,
+                        u32::try_from(partition).unwrap_or(0),
+                        u64::try_from(floor).unwrap_or(0),
+                        top.and_then(|t| u64::try_from(t).ok()),
+                        u64::try_from(n).unwrap_or(0),
+                        earliest,
+                        u64::try_from(compacted).unwrap_or(0),
+                    )
+                },
+            )
             .collect())
     }
 

@@ -2,9 +2,10 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use custody_core::sequence::is_skip_marker;
 use custody_core::{
     Backoff, Clock, DeadLetter, Delivery, Handler, HandlerError, InboxOutcome, InboxStore,
-    Malformed, Message, Result, Subscriber, SystemClock,
+    Malformed, Message, PartitionProgress, Result, Sequence, Subscriber, SystemClock,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -54,6 +55,22 @@ pub struct ConsumerConfig {
     /// redelivered while still being applied.
     #[serde(with = "custody_core::duration_serde")]
     pub group_max_time: Duration,
+    /// How often the consumer folds hole-free runs of numbered inbox rows
+    /// into its per-partition floors and checks for sequence gaps
+    /// (docs/SEQUENCES.md).
+    #[serde(with = "custody_core::duration_serde")]
+    pub watermark_interval: Duration,
+    /// Numbered inbox rows younger than this stay when they are folded into
+    /// a floor, for id-level reconciliation (`custody reconcile`); like
+    /// `inbox-retention`, it must cover the reconciliation windows.
+    /// Dedupe does not need them: the floor answers for them.
+    #[serde(with = "custody_core::duration_serde")]
+    pub compact_keep: Duration,
+    /// A sequence gap open longer than this is logged as a warning (shorter
+    /// gaps are messages still in flight: keys publish concurrently, and a
+    /// redelivery takes up to the transport's ack wait).
+    #[serde(with = "custody_core::duration_serde")]
+    pub gap_grace: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -80,6 +97,9 @@ impl ConsumerConfig {
             redrive_interval: Duration::from_secs(1),
             group_commit: true,
             group_max_time: Duration::from_millis(250),
+            watermark_interval: Duration::from_secs(5),
+            compact_keep: Duration::from_secs(24 * 3600),
+            gap_grace: Duration::from_secs(60),
         }
     }
 }
@@ -99,12 +119,28 @@ pub struct ConsumerStats {
     pub redriven: u64,
     /// Inbox rows pruned after their retention.
     pub pruned: u64,
+    /// Skip markers accounted for: numbers of messages the relay
+    /// dead-lettered (no handler runs).
+    pub skipped: u64,
+    /// Inbox rows folded into sequence floors.
+    pub compacted: u64,
 }
 
 enum Settled {
     Processed,
+    Skipped,
     Duplicate,
     DeadLettered,
+}
+
+impl Settled {
+    fn of(outcome: InboxOutcome, msg: &Message) -> Settled {
+        match outcome {
+            InboxOutcome::New if is_skip_marker(msg) => Settled::Skipped,
+            InboxOutcome::New => Settled::Processed,
+            InboxOutcome::Duplicate => Settled::Duplicate,
+        }
+    }
 }
 
 /// Runs a [`Handler`] for every delivery of a [`Subscriber`], each in one
@@ -120,6 +156,7 @@ pub struct Consumer<I, S, H, C = SystemClock> {
     stats: ConsumerStats,
     redrive_at: Option<DateTime<Utc>>,
     prune_at: Option<DateTime<Utc>>,
+    watermark_at: Option<DateTime<Utc>>,
 }
 
 impl<I, S, H> Consumer<I, S, H, SystemClock>
@@ -140,6 +177,7 @@ where
             stats: ConsumerStats::default(),
             redrive_at: None,
             prune_at: None,
+            watermark_at: None,
         }
     }
 }
@@ -163,6 +201,7 @@ where
             stats: self.stats,
             redrive_at: self.redrive_at,
             prune_at: self.prune_at,
+            watermark_at: self.watermark_at,
         }
     }
 
@@ -252,7 +291,57 @@ where
                 warn!(consumer = %self.config.name, error = %e, "inbox pruning failed; retrying at the next interval");
             }
         }
+        if self.watermark_at.is_none_or(|t| now >= t) {
+            self.watermark_at = Some(after(now, self.config.watermark_interval));
+            if let Err(e) = self.watermarks(now).await {
+                warn!(consumer = %self.config.name, error = %e, "sequence watermark check failed; retrying at the next interval");
+            }
+        }
         Ok(redriven)
+    }
+
+    /// Fold hole-free runs of numbered inbox rows into the floors, then
+    /// export the gaps left (metrics, and a warning per gap older than
+    /// `gap_grace`). Returns the progress per producer partition.
+    pub async fn watermarks(&mut self, now: DateTime<Utc>) -> Result<Vec<PartitionProgress>> {
+        let name = self.config.name.as_str();
+        let keep_after = before(now, self.config.compact_keep).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let compaction = self
+            .inbox
+            .compact(name, keep_after, self.config.prune_batch.max(1))
+            .await?;
+        self.stats.compacted += compaction.deleted;
+        metrics::counter!(m::CONSUMER_INBOX_COMPACTED_TOTAL, "consumer" => name.to_owned())
+            .increment(compaction.deleted);
+        let progress = self.inbox.progress(name).await?;
+        let mut by_producer: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
+        for p in &progress {
+            let e = by_producer.entry(p.producer.as_str()).or_default();
+            e.0 += p.holes;
+            if let Some(since) = p.gap_since.filter(|_| p.holes > 0) {
+                let age = (now - since).to_std().unwrap_or_default().as_secs_f64();
+                e.1 = e.1.max(age);
+            }
+            if p.gap_older_than(self.config.gap_grace, now) {
+                warn!(
+                    consumer = name,
+                    producer = %p.producer,
+                    partition = p.partition,
+                    first_missing = ?p.first_hole,
+                    missing = p.holes,
+                    highest_seen = p.high,
+                    since = ?p.gap_since,
+                    "sequence gap: messages numbered below ones already processed have not arrived; run `custody reconcile --live` to see them and `custody reconcile --repair` to republish"
+                );
+            }
+        }
+        for (producer, (holes, age)) in by_producer {
+            metrics::gauge!(m::CONSUMER_SEQUENCE_HOLES, "consumer" => name.to_owned(), "producer" => producer.to_owned())
+                .set(holes as f64);
+            metrics::gauge!(m::CONSUMER_SEQUENCE_GAP_AGE, "consumer" => name.to_owned(), "producer" => producer.to_owned())
+                .set(age);
+        }
+        Ok(progress)
     }
 
     /// Delete inbox rows older than the retention, in bounded batches (at
@@ -290,6 +379,11 @@ where
                 if cancel.is_cancelled() {
                     return Ok(total);
                 }
+                // Outside the numbering: its number is already accounted for
+                // (the inbox row `dlq redrive` marked), and the floor may be
+                // past it, which would read as a duplicate.
+                let mut r = r;
+                Sequence::unstamp(&mut r.message);
                 info!(consumer = %self.config.name, message_id = %r.message.id, "processing redriven message");
                 let span = tracing::info_span!("redrive", message_id = %r.message.id, topic = %r.message.topic);
                 let settled = self
@@ -314,6 +408,10 @@ where
             Settled::Processed => {
                 self.stats.processed += 1;
                 metrics::counter!(m::CONSUMER_PROCESSED_TOTAL, "consumer" => self.config.name.clone()).increment(1);
+            }
+            Settled::Skipped => {
+                self.stats.skipped += 1;
+                metrics::counter!(m::CONSUMER_SKIPPED_TOTAL, "consumer" => self.config.name.clone()).increment(1);
             }
             Settled::Duplicate => {
                 self.stats.duplicates += 1;
@@ -355,10 +453,9 @@ where
                         let mut tokens = Vec::with_capacity(outcomes.len());
                         for outcome in outcomes {
                             let Some(d) = queue.pop_front() else { break };
-                            self.count(match outcome {
-                                InboxOutcome::New => Settled::Processed,
-                                InboxOutcome::Duplicate => Settled::Duplicate,
-                            });
+                            if let Ok(msg) = &d.message {
+                                self.count(Settled::of(outcome, msg));
+                            }
                             tokens.push(d.token);
                         }
                         if let Err(e) = self.subscriber.ack_all(tokens).await {
@@ -409,7 +506,11 @@ where
                 .inbox
                 .record(&mut tx, &self.config.name, msg, now)
                 .await?;
-            if outcome == InboxOutcome::New {
+            if outcome == InboxOutcome::New && is_skip_marker(msg) {
+                // the relay dead-lettered this number's message: the inbox
+                // row accounts for the number; there is nothing to apply
+                debug!(message_id = %msg.id, "skip marker accounted for");
+            } else if outcome == InboxOutcome::New {
                 let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
                 if let Err(e) = self.handler.handle(&mut tx, msg).instrument(span).await {
                     // dropping the transaction rolls back the inbox rows and the effects
@@ -481,13 +582,10 @@ where
         loop {
             match self.try_once(msg, redrive).await {
                 Ok(Ok(outcome)) => {
-                    return Ok(Some(match outcome {
-                        InboxOutcome::New => Settled::Processed,
-                        InboxOutcome::Duplicate => {
-                            debug!(message_id = %msg.id, "duplicate skipped");
-                            Settled::Duplicate
-                        }
-                    }))
+                    if outcome == InboxOutcome::Duplicate {
+                        debug!(message_id = %msg.id, "duplicate skipped");
+                    }
+                    return Ok(Some(Settled::of(outcome, msg)));
                 }
                 // our own database failed: wait for it, never blame the message
                 Err(e) if e.retryable() => {

@@ -25,6 +25,15 @@ pub const CONSUMER_RETRIES_TOTAL: &str = "custody_consumer_retries_total";
 pub const CONSUMER_REDRIVEN_TOTAL: &str = "custody_consumer_redriven_total";
 /// Inbox rows pruned after their retention (label: `consumer`).
 pub const CONSUMER_INBOX_PRUNED_TOTAL: &str = "custody_consumer_inbox_pruned_total";
+/// Missing sequence numbers below the highest one a consumer has seen,
+/// summed over producer partitions (labels: `consumer`, `producer`).
+pub const CONSUMER_SEQUENCE_HOLES: &str = "custody_consumer_sequence_holes";
+/// Age in seconds of the oldest open sequence gap (labels: `consumer`, `producer`); 0 when none.
+pub const CONSUMER_SEQUENCE_GAP_AGE: &str = "custody_consumer_sequence_gap_age_seconds";
+/// Inbox rows folded into sequence floors (label: `consumer`).
+pub const CONSUMER_INBOX_COMPACTED_TOTAL: &str = "custody_consumer_inbox_compacted_total";
+/// Skip markers accounted for (the relay dead-lettered the message; label: `consumer`).
+pub const CONSUMER_SKIPPED_TOTAL: &str = "custody_consumer_skipped_total";
 /// Gaps found by the last reconciliation (labels: `topic`, `consumer`, `kind` = missing | unexpected | dead_lettered).
 pub const RECONCILE_GAPS: &str = "custody_reconcile_gaps";
 /// Windows checked by the last reconciliation (labels: `topic`, `consumer`, `result` = matching | mismatching).

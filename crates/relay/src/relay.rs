@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use custody_core::{
     Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig, Clock, Error, OutboxRecord,
-    OutboxStore, PublishAck, Publisher, Result, SystemClock,
+    OutboxStore, PublishAck, Publisher, Result, Sequence, SystemClock,
 };
 use futures::StreamExt;
 use rand::rngs::StdRng;
@@ -102,6 +102,8 @@ pub struct Relay<S, P, C = SystemClock> {
     lease_renew_at: Option<DateTime<Utc>>,
     prune_at: Option<DateTime<Utc>>,
     last_success: Option<DateTime<Utc>>,
+    /// The store's producer id once read (`Some(None)`: the store numbers nothing).
+    producer: Option<Option<String>>,
     stats: RelayStats,
 }
 
@@ -128,6 +130,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P, SystemClock> {
             lease_renew_at: None,
             prune_at: None,
             last_success: None,
+            producer: None,
             stats: RelayStats::default(),
         }
     }
@@ -148,6 +151,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             lease_renew_at: self.lease_renew_at,
             prune_at: self.prune_at,
             last_success: self.last_success,
+            producer: self.producer,
             stats: self.stats,
         }
     }
@@ -262,10 +266,13 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         // Fetch before asking the breaker: a half-open breaker allows exactly
         // one probe, and a probe spent on an empty batch (or a failed fetch)
         // would get no verdict and leave the circuit half-open for good.
-        let batch = self
+        let mut batch = self
             .store
             .fetch_batch(&self.partitions, self.config.batch_size, now)
             .await?;
+        // Numbering may drop records (a lost lease), so it too comes before
+        // the breaker: a probe must not be spent on a batch that empties.
+        self.number(&mut batch, now).await?;
         if batch.is_empty() || !self.breaker.allow(now) {
             return Ok(0);
         }
@@ -274,6 +281,38 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         let outcome = self.publish_batch(batch).await;
         self.settle(outcome).await?;
         Ok(n)
+    }
+
+    /// Give the batch's new records their partition's next sequence numbers
+    /// (stored before anything is published, so a republish keeps them) and
+    /// stamp every record with its `(producer, partition, sequence)`.
+    async fn number(&mut self, batch: &mut Vec<OutboxRecord>, now: DateTime<Utc>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.producer.is_none() {
+            self.producer = Some(self.store.producer_id().await?);
+        }
+        let Some(Some(producer)) = &self.producer else {
+            return Ok(());
+        };
+        let fetched = batch.len();
+        self.store.assign_sequences(&self.id, batch, now).await?;
+        if batch.len() < fetched {
+            // some partition's lease is gone: renew before the next batch
+            self.lease_renew_at = None;
+        }
+        for rec in batch.iter_mut() {
+            if let Some(seq) = rec.sequence {
+                Sequence {
+                    producer: producer.clone(),
+                    partition: rec.partition,
+                    seq,
+                }
+                .stamp(&mut rec.message);
+            }
+        }
+        Ok(())
     }
 
     /// Delete history older than the retention from the leased partitions,

@@ -316,6 +316,20 @@ async fn two_relays_share_one_outbox_10k_messages_100_keys_in_order() -> anyhow:
         10_000,
         "no duplicate publishing in the normal path"
     );
+    // two relays numbered the partitions they held: 1..n each, no repeats,
+    // and the consumer saw every number (no gap, highest = count)
+    let bad: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT partition FROM custody_outbox GROUP BY partition
+         HAVING COUNT(*) <> COUNT(DISTINCT seq) OR MIN(seq) <> 1 OR MAX(seq) <> COUNT(*)) x",
+    )
+    .fetch_one(&e.a)
+    .await?;
+    assert_eq!(bad, 0, "each partition numbered 1..n");
+    let progress =
+        custody_core::InboxStore::progress(&PgInbox::new(e.b.clone()), "billing").await?;
+    assert_eq!(progress.len(), 16, "{progress:?}");
+    assert!(progress.iter().all(|p| p.holes == 0), "{progress:?}");
+    assert_eq!(progress.iter().map(|p| p.high).sum::<u64>(), 10_000);
     e.cleanup().await;
     Ok(())
 }

@@ -1,11 +1,14 @@
 //! Live gap detection: the `(producer, partition, sequence)` stamp.
 //!
 //! The relay that holds a partition's lease is the single writer of that
-//! partition's sequence: it numbers messages 1, 2, 3, … in the order it takes
-//! them (stored in the outbox row before the first publish, so a republish
-//! keeps its number) and stamps each with [`Sequence`] headers. A consumer
-//! keeps, per `(producer, partition)`, a *floor* — every sequence up to it was
-//! processed or dead-lettered — and the inbox rows above it. Then:
+//! partition's numbering: it numbers the messages of each topic in the
+//! partition 1, 2, 3, … in the order it takes them (stored in the outbox row
+//! before the first publish, so a republish keeps its number) and stamps each
+//! with [`Sequence`] headers. Numbering is per topic so that a consumer of
+//! some of a producer's topics sees every number of what it subscribes to.
+//! A consumer keeps, per `(producer, topic, partition)`, a *floor* — every
+//! number up to it was processed or dead-lettered — and the inbox rows above
+//! it. Then:
 //!
 //! - a **gap** is a sequence above the floor and below the highest one seen
 //!   that has no inbox row ([`PartitionProgress::holes`]): visible as soon as
@@ -35,11 +38,14 @@ pub const SKIPPED_HEADER: &str = "custodyskipped";
 /// sequence number; consumers account for the number and run no handler.
 pub const SKIP_TYPE: &str = "custody.skipped";
 
-/// Where a message sits in its producer's per-partition numbering.
+/// Where a message sits in its producer's numbering of its topic and
+/// partition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Sequence {
     /// The producer's id (see [`PRODUCER_HEADER`]).
     pub producer: String,
+    /// The message's topic (not a header: the envelope has it).
+    pub topic: String,
     /// The producer's partition.
     pub partition: u32,
     /// The number, from 1.
@@ -47,7 +53,7 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    /// Write the stamp into `message`'s headers.
+    /// Write the stamp into `message`'s headers (the topic is the message's own).
     pub fn stamp(&self, message: &mut Message) {
         let h = &mut message.headers;
         h.insert(PRODUCER_HEADER.to_owned(), self.producer.clone());
@@ -67,6 +73,7 @@ impl Sequence {
         }
         Some(Sequence {
             producer: producer.clone(),
+            topic: message.topic.clone(),
             partition,
             seq,
         })
@@ -103,11 +110,14 @@ pub fn advance_floor(floor: u64, above: impl IntoIterator<Item = u64>) -> u64 {
     next
 }
 
-/// A consumer's progress through one producer partition.
+/// A consumer's progress through one producer's numbering of one topic and
+/// partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionProgress {
     /// The producer's id.
     pub producer: String,
+    /// The topic.
+    pub topic: String,
     /// The producer's partition.
     pub partition: u32,
     /// Every sequence up to here is processed or accounted for.
@@ -130,8 +140,10 @@ pub struct PartitionProgress {
 
 impl PartitionProgress {
     /// Progress from the stored floor and the sequences recorded above it.
+    #[allow(clippy::too_many_arguments)]
     pub fn from_parts(
         producer: String,
+        topic: String,
         partition: u32,
         floor: u64,
         max_above: Option<u64>,
@@ -143,6 +155,7 @@ impl PartitionProgress {
         let holes = (high - floor).saturating_sub(above_floor);
         PartitionProgress {
             producer,
+            topic,
             partition,
             floor,
             high,
@@ -191,6 +204,7 @@ mod tests {
         assert_eq!(Sequence::of(&m), None);
         let s = Sequence {
             producer: "p1".into(),
+            topic: "orders".into(),
             partition: 7,
             seq: 42,
         };

@@ -52,53 +52,50 @@ RETURNING duplicates";
 // compaction that RECORD then waited for, and take a compacted message as new.
 const FLOOR: &str = "\
 SELECT floor FROM custody_inbox_watermark
-WHERE consumer = $1 AND producer = $2 AND producer_partition = $3";
+WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4";
 
-// Every (producer, partition) the consumer has a watermark row for (record
-// creates it with the first numbered message of the partition),
-// with the figures above its floor (count of DISTINCT numbers: a skip marker
-// and an original the broker stored after all can share one).
+// Every (producer, topic, partition) the consumer has a watermark row for
+// (record creates it with the first numbered message of the partition), with
+// the figures above its floor (count of DISTINCT numbers: a skip marker and
+// an original the broker stored after all can share one).
 const PROGRESS: &str = "\
-WITH parts AS (
-    SELECT producer, producer_partition FROM custody_inbox_watermark WHERE consumer = $1)
-SELECT p.producer, p.producer_partition, COALESCE(w.floor, 0), COALESCE(w.compacted, 0),
+SELECT w.producer, w.topic, w.producer_partition, w.floor, w.compacted,
        a.top, COALESCE(a.n, 0), a.earliest
-FROM parts p
-LEFT JOIN custody_inbox_watermark w
-  ON w.consumer = $1 AND w.producer = p.producer AND w.producer_partition = p.producer_partition
+FROM custody_inbox_watermark w
 LEFT JOIN LATERAL (
     SELECT max(i.seq) AS top, count(DISTINCT i.seq) AS n, min(i.processed_at) AS earliest
     FROM custody_inbox i
-    WHERE i.consumer = $1 AND i.producer = p.producer
-      AND i.producer_partition = p.producer_partition AND i.seq > COALESCE(w.floor, 0)) a ON true
-ORDER BY p.producer, p.producer_partition";
+    WHERE i.consumer = w.consumer AND i.producer = w.producer AND i.topic = w.topic
+      AND i.producer_partition = w.producer_partition AND i.seq > w.floor) a ON true
+WHERE w.consumer = $1
+ORDER BY w.producer, w.topic, w.producer_partition";
 
 const ENSURE_WATERMARK: &str = "\
-INSERT INTO custody_inbox_watermark (consumer, producer, producer_partition)
-VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+INSERT INTO custody_inbox_watermark (consumer, producer, topic, producer_partition)
+VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
 
 const LOCK_WATERMARK: &str = "\
 SELECT floor FROM custody_inbox_watermark
-WHERE consumer = $1 AND producer = $2 AND producer_partition = $3 FOR UPDATE";
+WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4 FOR UPDATE";
 
 const SEQS_ABOVE: &str = "\
 SELECT DISTINCT seq FROM custody_inbox
-WHERE consumer = $1 AND producer = $2 AND producer_partition = $3 AND seq > $4
-ORDER BY seq LIMIT $5";
+WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4 AND seq > $5
+ORDER BY seq LIMIT $6";
 
-// Bounded: at most $6 rows per statement, off custody_inbox_seq.
+// Bounded: at most $7 rows per statement, off custody_inbox_seq.
 const DELETE_COMPACTED: &str = "\
 DELETE FROM custody_inbox
 WHERE consumer = $1 AND message_id = ANY(ARRAY(
     SELECT message_id FROM custody_inbox
-    WHERE consumer = $1 AND producer = $2 AND producer_partition = $3
-      AND seq IS NOT NULL AND seq <= $4 AND processed_at < $5
-    LIMIT $6))";
+    WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4
+      AND seq IS NOT NULL AND seq <= $5 AND processed_at < $6
+    LIMIT $7))";
 
 const RAISE_FLOOR: &str = "\
 UPDATE custody_inbox_watermark
-SET floor = $4, compacted = compacted + $5, updated_at = now()
-WHERE consumer = $1 AND producer = $2 AND producer_partition = $3";
+SET floor = $5, compacted = compacted + $6, updated_at = now()
+WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4";
 
 impl InboxStore for PgInbox {
     type Tx = Transaction<'static, Postgres>;
@@ -138,6 +135,7 @@ impl InboxStore for PgInbox {
             let floor: Option<i64> = sqlx::query_scalar(FLOOR)
                 .bind(consumer)
                 .bind(producer)
+                .bind(&message.topic)
                 .bind(partition)
                 .fetch_optional(&mut **tx)
                 .await
@@ -152,6 +150,7 @@ impl InboxStore for PgInbox {
                     sqlx::query(ENSURE_WATERMARK)
                         .bind(consumer)
                         .bind(producer)
+                        .bind(&message.topic)
                         .bind(partition)
                         .execute(&mut **tx)
                         .await
@@ -214,6 +213,7 @@ impl InboxStore for PgInbox {
                 sqlx::query(ENSURE_WATERMARK)
                     .bind(consumer)
                     .bind(producer)
+                    .bind(&dead.topic)
                     .bind(partition)
                     .execute(&mut *tx)
                     .await
@@ -282,6 +282,7 @@ impl InboxStore for PgInbox {
     async fn progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
         type Row = (
             String,
+            String,
             i32,
             i64,
             i64,
@@ -297,9 +298,10 @@ impl InboxStore for PgInbox {
         Ok(rows
             .into_iter()
             .map(
-                |(producer, partition, floor, compacted, top, n, earliest)| {
+                |(producer, topic, partition, floor, compacted, top, n, earliest)| {
                     PartitionProgress::from_parts(
                         producer,
+                        topic,
                         u32::try_from(partition).unwrap_or(0),
                         u64::try_from(floor).unwrap_or(0),
                         top.and_then(|t| u64::try_from(t).ok()),
@@ -327,6 +329,7 @@ impl InboxStore for PgInbox {
             sqlx::query(ENSURE_WATERMARK)
                 .bind(consumer)
                 .bind(&p.producer)
+                .bind(&p.topic)
                 .bind(partition)
                 .execute(&mut *tx)
                 .await
@@ -334,6 +337,7 @@ impl InboxStore for PgInbox {
             let floor: i64 = sqlx::query_scalar(LOCK_WATERMARK)
                 .bind(consumer)
                 .bind(&p.producer)
+                .bind(&p.topic)
                 .bind(partition)
                 .fetch_one(&mut *tx)
                 .await
@@ -341,6 +345,7 @@ impl InboxStore for PgInbox {
             let above: Vec<i64> = sqlx::query_scalar(SEQS_ABOVE)
                 .bind(consumer)
                 .bind(&p.producer)
+                .bind(&p.topic)
                 .bind(partition)
                 .bind(floor)
                 .bind(limit)
@@ -353,6 +358,7 @@ impl InboxStore for PgInbox {
             let deleted = sqlx::query(DELETE_COMPACTED)
                 .bind(consumer)
                 .bind(&p.producer)
+                .bind(&p.topic)
                 .bind(partition)
                 .bind(new_floor)
                 .bind(keep_after)
@@ -365,6 +371,7 @@ impl InboxStore for PgInbox {
                 sqlx::query(RAISE_FLOOR)
                     .bind(consumer)
                     .bind(&p.producer)
+                    .bind(&p.topic)
                     .bind(partition)
                     .bind(new_floor)
                     .bind(i64::try_from(deleted).unwrap_or(i64::MAX))

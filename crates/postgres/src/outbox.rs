@@ -142,27 +142,32 @@ RETURNING ",
 
 // Numbering (OutboxStore::assign_sequences), one statement: lock the lease
 // rows `relay` still holds unexpired ($1, $4), number the unnumbered pending
-// rows among positions $2 per partition in position order from the lease's
-// next_seq, and advance next_seq past them. Rows of partitions not leased
-// are left unnumbered (fencing). The data-modifying CTEs share one snapshot;
-// the FOR UPDATE on the lease rows serializes two numberings of a partition.
-const ASSIGN_SEQUENCES: &str = "WITH lease AS (
-    SELECT partition, next_seq FROM custody_relay_lease
+// rows among positions $2 per (partition, topic) in position order from
+// custody_sequence's next_seq (1 for a new pair), and store the next numbers.
+// Rows of partitions not leased are left unnumbered (fencing). The
+// data-modifying CTEs share one snapshot; the FOR UPDATE on the lease rows
+// serializes two numberings of a partition.
+const ASSIGN_SEQUENCES: &str = "\
+WITH lease AS (
+    SELECT partition FROM custody_relay_lease
     WHERE owner = $1 AND expires_at > $4 AND partition = ANY($3)
     FOR UPDATE),
 numbered AS (
-    SELECT o.position, o.partition,
-           l.next_seq + row_number() OVER (PARTITION BY o.partition ORDER BY o.position) - 1 AS seq
-    FROM custody_outbox o JOIN lease l ON l.partition = o.partition
+    SELECT o.position, o.partition, o.topic,
+           COALESCE(q.next_seq, 1)
+             + row_number() OVER (PARTITION BY o.partition, o.topic ORDER BY o.position) - 1 AS seq
+    FROM custody_outbox o
+    JOIN lease l ON l.partition = o.partition
+    LEFT JOIN custody_sequence q ON q.partition = o.partition AND q.topic = o.topic
     WHERE o.position = ANY($2) AND o.seq IS NULL AND o.status = 0),
 upd AS (
     UPDATE custody_outbox o SET seq = n.seq FROM numbered n
     WHERE o.position = n.position
     RETURNING o.position, o.seq),
 bump AS (
-    UPDATE custody_relay_lease l SET next_seq = m.top + 1
-    FROM (SELECT partition, max(seq) AS top FROM numbered GROUP BY partition) m
-    WHERE l.partition = m.partition)
+    INSERT INTO custody_sequence (partition, topic, next_seq)
+    SELECT partition, topic, max(seq) + 1 FROM numbered GROUP BY partition, topic
+    ON CONFLICT (partition, topic) DO UPDATE SET next_seq = EXCLUDED.next_seq)
 SELECT position, seq FROM upd";
 
 // A skip marker in place of a numbered message the relay dead-lettered

@@ -306,6 +306,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             if let Some(seq) = rec.sequence {
                 Sequence {
                     producer: producer.clone(),
+                    topic: rec.message.topic.clone(),
                     partition: rec.partition,
                     seq,
                 }

@@ -319,7 +319,7 @@ async fn two_relays_share_one_outbox_10k_messages_100_keys_in_order() -> anyhow:
     // two relays numbered the partitions they held: 1..n each, no repeats,
     // and the consumer saw every number (no gap, highest = count)
     let bad: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM (SELECT partition FROM custody_outbox GROUP BY partition
+        "SELECT COUNT(*) FROM (SELECT partition FROM custody_outbox GROUP BY partition, topic
          HAVING COUNT(*) <> COUNT(DISTINCT seq) OR MIN(seq) <> 1 OR MAX(seq) <> COUNT(*)) x",
     )
     .fetch_one(&e.a)

@@ -222,9 +222,9 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
     drain(&mut relay, 30).await?;
     assert_eq!(relay.stats().published, 30);
 
-    // every row was numbered 1..n within its partition
+    // every row was numbered 1..n within its partition and topic
     let bad: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM (SELECT partition FROM custody_outbox GROUP BY partition
+        "SELECT COUNT(*) FROM (SELECT partition FROM custody_outbox GROUP BY partition, topic
          HAVING COUNT(*) <> COUNT(DISTINCT seq) OR MIN(seq) <> 1 OR MAX(seq) <> COUNT(*)) x",
     )
     .fetch_one(&e.a)
@@ -317,5 +317,31 @@ async fn a_relay_dead_letter_is_accounted_for_and_its_redrive_gets_a_new_number(
     let progress = c.watermarks(chrono::Utc::now()).await?;
     assert_eq!(total(&progress, |p| p.holes), 0, "{progress:?}");
     assert_eq!(total(&progress, |p| p.floor), 9, "{progress:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_consumer_of_one_topic_sees_no_gaps_from_the_producers_other_topics() -> anyhow::Result<()>
+{
+    let Some(e) = env().await? else {
+        return Ok(());
+    };
+    // same keys (so same partitions) on two topics; the consumer takes one
+    let msgs: Vec<Message> = (1..=10)
+        .flat_map(|i| [step_message("steps", "k", i), step_message("other", "k", i)])
+        .collect();
+    e.enqueue(&msgs).await?;
+    let mut relay = e.relay(e.nats());
+    drain(&mut relay, 20).await?;
+    let mut c = e.consumer().await?;
+    consume_until(&mut c, |s| s.processed >= 10).await?;
+    let progress = c.watermarks(chrono::Utc::now()).await?;
+    assert_eq!(progress.len(), 1, "one topic, one partition: {progress:?}");
+    assert_eq!(progress[0].topic, "steps");
+    assert_eq!(
+        (progress[0].floor, progress[0].holes),
+        (10, 0),
+        "{progress:?}"
+    );
     Ok(())
 }

@@ -12,10 +12,16 @@ INSERT INTO custody_producer (id, created_at)
 VALUES (lower(hex(randomblob(16))),
         CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER));
 
--- The next number of each partition, advanced by the relay holding the
--- partition's lease (the single writer of that partition's numbering).
--- Lease rows are never deleted, so a partition's numbering survives handovers.
-ALTER TABLE custody_relay_lease ADD COLUMN next_seq INTEGER NOT NULL DEFAULT 1;
+-- The next number of each (partition, topic), advanced by the relay holding
+-- the partition's lease (the single writer of that partition's numbering).
+-- Per topic, so a consumer of some of the topics sees every number of what
+-- it subscribes to. No row: the next number is 1.
+CREATE TABLE custody_sequence (
+    partition INTEGER NOT NULL,
+    topic     TEXT    NOT NULL,
+    next_seq  INTEGER NOT NULL,
+    PRIMARY KEY (partition, topic)
+) WITHOUT ROWID;
 
 -- A row's number, given before its first publish and kept by republishes
 -- (a relay dead letter's skip marker carries it; a redrive clears it).
@@ -26,16 +32,17 @@ ALTER TABLE custody_inbox ADD COLUMN producer TEXT NULL;
 ALTER TABLE custody_inbox ADD COLUMN producer_partition INTEGER NULL;
 ALTER TABLE custody_inbox ADD COLUMN seq INTEGER NULL;
 CREATE INDEX custody_inbox_seq
-    ON custody_inbox (consumer, producer, producer_partition, seq) WHERE seq IS NOT NULL;
+    ON custody_inbox (consumer, producer, topic, producer_partition, seq) WHERE seq IS NOT NULL;
 
--- ... and per (consumer, producer, partition) the floor: every number up to
+-- ... and per (consumer, producer, topic, partition) the floor: every number up to
 -- it was processed or accounted for; inbox rows at or below it are folded in.
 CREATE TABLE custody_inbox_watermark (
     consumer           TEXT    NOT NULL,
     producer           TEXT    NOT NULL,
+    topic              TEXT    NOT NULL,
     producer_partition INTEGER NOT NULL,
     floor              INTEGER NOT NULL DEFAULT 0,
     compacted          INTEGER NOT NULL DEFAULT 0,
     updated_at         INTEGER NOT NULL,
-    PRIMARY KEY (consumer, producer, producer_partition)
+    PRIMARY KEY (consumer, producer, topic, producer_partition)
 ) WITHOUT ROWID;

@@ -31,7 +31,7 @@ const RECORD: &str = "INSERT INTO custody_inbox \
 /// order is kept as on PostgreSQL, where the inserted row is what a
 /// concurrent compaction must see (or wait for) before it moves the floor.
 const FLOOR: &str = "SELECT floor FROM custody_inbox_watermark \
-     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3";
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4";
 
 /// A numbered message at or below the floor is a duplicate whose row was
 /// compacted (or a second id with an accounted-for number): the row just
@@ -54,62 +54,66 @@ const INSERT_DEAD_INBOX: &str = "INSERT INTO custody_inbox \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
      ON CONFLICT (consumer, message_id) DO UPDATE SET duplicates = MAX(duplicates, 0)";
 
-/// Every (producer, partition) `?1` has a floor for or numbered rows of.
-const PARTITIONS: &str = "SELECT producer, producer_partition FROM custody_inbox_watermark \
-     WHERE consumer = ?1 \
+/// Every (producer, topic, partition) `?1` has a floor for or numbered rows
+/// of.
+const PARTITIONS: &str = "SELECT producer, topic, producer_partition \
+     FROM custody_inbox_watermark WHERE consumer = ?1 \
      UNION \
-     SELECT DISTINCT producer, producer_partition FROM custody_inbox \
+     SELECT DISTINCT producer, topic, producer_partition FROM custody_inbox \
      WHERE consumer = ?1 AND seq IS NOT NULL AND producer IS NOT NULL \
        AND producer_partition IS NOT NULL";
 
-/// [`InboxStore::progress`]: per partition the stored floor and, over the
-/// rows above it, the highest number, how many distinct numbers (a skip
-/// marker and its original can share one) and the earliest record. The
-/// `i.seq > f.floor` join condition implies `seq IS NOT NULL`, so the
-/// partial index custody_inbox_seq serves it.
-const PROGRESS: &str = "WITH parts(producer, part) AS (SELECT producer, producer_partition FROM ( \
-         SELECT producer, producer_partition FROM custody_inbox_watermark WHERE consumer = ?1 \
+/// [`InboxStore::progress`]: per (producer, topic, partition) the stored
+/// floor and, over the rows above it, the highest number, how many
+/// distinct numbers (a skip marker and its original can share one) and the
+/// earliest record. The `i.seq > f.floor` join condition implies
+/// `seq IS NOT NULL`, so the partial index custody_inbox_seq serves it.
+const PROGRESS: &str = "WITH parts(producer, topic, part) AS ( \
+         SELECT producer, topic, producer_partition \
+         FROM custody_inbox_watermark WHERE consumer = ?1 \
          UNION \
-         SELECT DISTINCT producer, producer_partition FROM custody_inbox \
+         SELECT DISTINCT producer, topic, producer_partition FROM custody_inbox \
          WHERE consumer = ?1 AND seq IS NOT NULL AND producer IS NOT NULL \
-           AND producer_partition IS NOT NULL)), \
-     floors AS (SELECT p.producer, p.part, COALESCE(w.floor, 0) AS floor, \
+           AND producer_partition IS NOT NULL), \
+     floors AS (SELECT p.producer, p.topic, p.part, COALESCE(w.floor, 0) AS floor, \
                        COALESCE(w.compacted, 0) AS compacted \
                 FROM parts AS p LEFT JOIN custody_inbox_watermark AS w \
-                  ON w.consumer = ?1 AND w.producer = p.producer AND w.producer_partition = p.part) \
-     SELECT f.producer, f.part, f.floor, f.compacted, MAX(i.seq) AS high, \
+                  ON w.consumer = ?1 AND w.producer = p.producer AND w.topic = p.topic \
+                 AND w.producer_partition = p.part) \
+     SELECT f.producer, f.topic, f.part, f.floor, f.compacted, MAX(i.seq) AS high, \
             COUNT(DISTINCT i.seq) AS above, MIN(i.processed_at) AS earliest \
      FROM floors AS f LEFT JOIN custody_inbox AS i \
-       ON i.consumer = ?1 AND i.producer = f.producer AND i.producer_partition = f.part \
-      AND i.seq > f.floor \
-     GROUP BY f.producer, f.part, f.floor, f.compacted \
-     ORDER BY f.producer, f.part";
+       ON i.consumer = ?1 AND i.producer = f.producer AND i.topic = f.topic \
+      AND i.producer_partition = f.part AND i.seq > f.floor \
+     GROUP BY f.producer, f.topic, f.part, f.floor, f.compacted \
+     ORDER BY f.producer, f.topic, f.part";
 
 const ENSURE_WATERMARK: &str = "INSERT INTO custody_inbox_watermark \
-     (consumer, producer, producer_partition, floor, compacted, updated_at) \
-     VALUES (?1, ?2, ?3, 0, 0, ?4) \
-     ON CONFLICT (consumer, producer, producer_partition) DO NOTHING";
+     (consumer, producer, topic, producer_partition, floor, compacted, updated_at) \
+     VALUES (?1, ?2, ?3, ?4, 0, 0, ?5) \
+     ON CONFLICT (consumer, producer, topic, producer_partition) DO NOTHING";
 
 const READ_WATERMARK: &str = "SELECT floor FROM custody_inbox_watermark \
-     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3";
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4";
 
-/// The lowest `?5` distinct numbers above the floor `?4`, in order.
+/// The lowest `?6` distinct numbers above the floor `?5`, in order.
 const SEQS_ABOVE: &str = "SELECT DISTINCT seq FROM custody_inbox \
-     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3 AND seq > ?4 \
-     ORDER BY seq LIMIT ?5";
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4 \
+       AND seq > ?5 \
+     ORDER BY seq LIMIT ?6";
 
-/// Rows at or below the (new) floor `?4` recorded before `?5`, at most `?6`:
+/// Rows at or below the (new) floor `?5` recorded before `?6`, at most `?7`:
 /// the floor answers for them now. Rows inside the keep window stay for
 /// reconciliation.
 const DELETE_COMPACTED: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id IN ( \
      SELECT message_id FROM custody_inbox \
-     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3 \
-       AND seq <= ?4 AND processed_at < ?5 \
-     ORDER BY seq LIMIT ?6)";
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4 \
+       AND seq <= ?5 AND processed_at < ?6 \
+     ORDER BY seq LIMIT ?7)";
 
 const UPDATE_WATERMARK: &str = "UPDATE custody_inbox_watermark \
-     SET floor = ?4, compacted = compacted + ?5, updated_at = ?6 \
-     WHERE consumer = ?1 AND producer = ?2 AND producer_partition = ?3";
+     SET floor = ?5, compacted = compacted + ?6, updated_at = ?7 \
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4";
 
 /// The stamp of `message` as inbox columns (all NULL when unnumbered).
 fn stamp_columns(stamp: Option<&Sequence>) -> (Option<&str>, Option<i64>, Option<i64>) {
@@ -198,6 +202,7 @@ impl InboxStore for SqliteInbox {
         let floor: Option<i64> = sqlx::query_scalar(FLOOR)
             .bind(consumer)
             .bind(producer)
+            .bind(message.topic.as_str())
             .bind(partition)
             .fetch_optional(&mut **tx)
             .await
@@ -344,6 +349,7 @@ impl InboxStore for SqliteInbox {
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let producer: String = row.try_get("producer").map_err(map_err(OP))?;
+            let topic: String = row.try_get("topic").map_err(map_err(OP))?;
             let part: i64 = row.try_get("part").map_err(map_err(OP))?;
             let Ok(partition) = u32::try_from(part) else {
                 continue; // not a partition custody wrote
@@ -355,6 +361,7 @@ impl InboxStore for SqliteInbox {
             let earliest: Option<i64> = row.try_get("earliest").map_err(map_err(OP))?;
             out.push(PartitionProgress::from_parts(
                 producer,
+                topic,
                 partition,
                 count_u64(floor),
                 high.map(count_u64),
@@ -377,13 +384,13 @@ impl InboxStore for SqliteInbox {
         if limit == 0 {
             return Ok(total);
         }
-        let parts: Vec<(String, i64)> = sqlx::query_as(PARTITIONS)
+        let parts: Vec<(String, String, i64)> = sqlx::query_as(PARTITIONS)
             .bind(consumer)
             .fetch_all(&self.pool)
             .await
             .map_err(map_err(OP))?;
         let now = to_ms(Utc::now());
-        for (producer, partition) in parts {
+        for (producer, topic, partition) in parts {
             // One short write transaction per partition: the floor read,
             // moved and the rows it covers deleted under one write lock, so
             // a concurrent `record` sees either the old floor and the rows
@@ -396,6 +403,7 @@ impl InboxStore for SqliteInbox {
             sqlx::query(ENSURE_WATERMARK)
                 .bind(consumer)
                 .bind(&producer)
+                .bind(&topic)
                 .bind(partition)
                 .bind(now)
                 .execute(&mut *tx)
@@ -404,6 +412,7 @@ impl InboxStore for SqliteInbox {
             let floor: i64 = sqlx::query_scalar(READ_WATERMARK)
                 .bind(consumer)
                 .bind(&producer)
+                .bind(&topic)
                 .bind(partition)
                 .fetch_one(&mut *tx)
                 .await
@@ -411,6 +420,7 @@ impl InboxStore for SqliteInbox {
             let above: Vec<i64> = sqlx::query_scalar(SEQS_ABOVE)
                 .bind(consumer)
                 .bind(&producer)
+                .bind(&topic)
                 .bind(partition)
                 .bind(floor)
                 .bind(limit_i64(limit))
@@ -423,6 +433,7 @@ impl InboxStore for SqliteInbox {
             let deleted = sqlx::query(DELETE_COMPACTED)
                 .bind(consumer)
                 .bind(&producer)
+                .bind(&topic)
                 .bind(partition)
                 .bind(new_i64)
                 .bind(to_ms(keep_after))
@@ -435,6 +446,7 @@ impl InboxStore for SqliteInbox {
                 sqlx::query(UPDATE_WATERMARK)
                     .bind(consumer)
                     .bind(&producer)
+                    .bind(&topic)
                     .bind(partition)
                     .bind(new_i64)
                     .bind(i64::try_from(deleted).unwrap_or(i64::MAX))

@@ -95,13 +95,18 @@ const INSERT_SKIP_MARKER: &str = "INSERT INTO custody_outbox \
      WHERE position = ?1 AND status = 0 AND seq IS NOT NULL AND message_type IS NOT ?3";
 
 /// Numbering ([`OutboxStore::assign_sequences`]), step 1: the partitions
-/// among `?1` whose unexpired lease `?2` holds, with their next number.
-/// Runs in a `BEGIN IMMEDIATE` transaction: SQLite's single write lock is
-/// held from here to the commit, so no other relay can take the lease,
-/// number rows or move `next_seq` in between (the fence of MARK_PUBLISHED,
-/// with the same lease condition).
-const LEASED_NEXT_SEQ: &str = "SELECT partition, next_seq FROM custody_relay_lease \
+/// among `?1` whose unexpired lease `?2` holds (the fence of
+/// MARK_PUBLISHED, with the same lease condition). Runs in a
+/// `BEGIN IMMEDIATE` transaction: SQLite's single write lock is held from
+/// here to the commit, so no other relay can take the lease, number rows or
+/// move a `next_seq` in between.
+const LEASED: &str = "SELECT partition FROM custody_relay_lease \
      WHERE owner = ?2 AND expires_at > ?3 AND partition IN (SELECT value FROM json_each(?1))";
+
+/// Step 1b: the next numbers of the leased partitions' topics (a missing
+/// (partition, topic) starts at 1).
+const NEXT_SEQS: &str = "SELECT partition, topic, next_seq FROM custody_sequence \
+     WHERE partition IN (SELECT value FROM json_each(?1))";
 
 /// Step 2: the current state of the rows to number (another relay may have
 /// numbered, published or dead-lettered one since it was fetched).
@@ -116,11 +121,12 @@ const SET_SEQ: &str = "UPDATE custody_outbox SET seq = a.seq \
      WHERE custody_outbox.position = a.pos AND custody_outbox.seq IS NULL \
        AND custody_outbox.status = 0";
 
-/// Step 4: `?1` is a JSON array of `[partition, next_seq]` pairs.
-const SET_NEXT_SEQ: &str = "UPDATE custody_relay_lease SET next_seq = a.next \
-     FROM (SELECT json_extract(value, '$[0]') AS p, json_extract(value, '$[1]') AS next \
-           FROM json_each(?1)) AS a \
-     WHERE custody_relay_lease.partition = a.p AND custody_relay_lease.owner = ?2";
+/// Step 4: `?1` is a JSON array of `[partition, topic, next_seq]`
+/// (`WHERE true`: SQLite's rule for an upsert whose rows come from a SELECT).
+const SET_NEXT_SEQ: &str = "INSERT INTO custody_sequence (partition, topic, next_seq) \
+     SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') \
+     FROM json_each(?1) WHERE true \
+     ON CONFLICT (partition, topic) DO UPDATE SET next_seq = excluded.next_seq";
 
 const DEAD_LETTER_MARK: &str =
     "UPDATE custody_outbox SET status = 2, last_error = ?2, retry_at = NULL \
@@ -690,94 +696,107 @@ impl OutboxStore for SqliteOutbox {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err(OP))?;
-        let mut next: HashMap<u32, i64> = HashMap::new();
-        for row in sqlx::query(LEASED_NEXT_SEQ)
+        let leased: Vec<u32> = sqlx::query_scalar::<_, i64>(LEASED)
             .bind(json_list(&parts))
             .bind(relay)
             .bind(to_ms(now))
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err(OP))?
-        {
-            let p: i64 = row.try_get("partition").map_err(map_err(OP))?;
-            let n: i64 = row.try_get("next_seq").map_err(map_err(OP))?;
-            if let Ok(p) = u32::try_from(p) {
-                next.insert(p, n.max(1));
-            }
-        }
-        let mut state: HashMap<i64, (i64, Option<i64>)> = HashMap::new();
-        for row in sqlx::query(NUMBERING_STATE)
-            .bind(json_list(&positions))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err(OP))?
-        {
-            let pos: i64 = row.try_get("position").map_err(map_err(OP))?;
-            let status: i64 = row.try_get("status").map_err(map_err(OP))?;
-            let seq: Option<i64> = row.try_get("seq").map_err(map_err(OP))?;
-            state.insert(pos, (status, seq));
-        }
-        // Position order within each partition; a record's number is only
-        // taken when its row really gets it, so the numbering has no holes.
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect();
         let mut given: HashMap<i64, u64> = HashMap::new();
-        let mut pairs: Vec<(i64, i64)> = Vec::new();
-        let first = next.clone();
-        let mut by_position: Vec<&OutboxRecord> =
-            records.iter().filter(|r| r.sequence.is_none()).collect();
-        by_position.sort_by_key(|r| r.position);
-        for r in by_position {
-            let Some(n) = next.get_mut(&r.partition) else {
-                continue; // not leased: fenced
-            };
-            match state.get(&r.position) {
-                Some((0, None)) => {
-                    pairs.push((r.position, *n));
-                    given.insert(r.position, u64::try_from(*n).unwrap_or(0));
-                    *n += 1;
-                }
-                // Numbered since it was fetched (by this relay, or by the
-                // partition's previous holder): keep that number.
-                Some((0, Some(seq))) => {
-                    given.insert(r.position, u64::try_from(*seq).unwrap_or(0));
-                }
-                // Published, dead-lettered or pruned meanwhile: nothing to do.
-                _ => {}
-            }
-        }
-        if !pairs.is_empty() {
-            let json =
-                serde_json::to_string(&pairs).map_err(|e| Error::store("sqlite", OP, false, e))?;
-            let done = sqlx::query(SET_SEQ)
-                .bind(json)
-                .execute(&mut *tx)
+        if !leased.is_empty() {
+            let mut next: HashMap<(u32, String), i64> = HashMap::new();
+            for row in sqlx::query(NEXT_SEQS)
+                .bind(json_list(&leased))
+                .fetch_all(&mut *tx)
                 .await
-                .map_err(map_err(OP))?;
-            if done.rows_affected() != pairs.len() as u64 {
-                // Cannot happen under the write lock; never leave a hole.
-                return Err(Error::store(
-                    "sqlite",
-                    OP,
-                    true,
-                    format!(
-                        "numbered {} of {} rows; the outbox changed under the write lock",
-                        done.rows_affected(),
-                        pairs.len()
-                    ),
-                ));
+                .map_err(map_err(OP))?
+            {
+                let p: i64 = row.try_get("partition").map_err(map_err(OP))?;
+                let topic: String = row.try_get("topic").map_err(map_err(OP))?;
+                let n: i64 = row.try_get("next_seq").map_err(map_err(OP))?;
+                if let Ok(p) = u32::try_from(p) {
+                    next.insert((p, topic), n.max(1));
+                }
             }
-            let bumps: Vec<(u32, i64)> = next
+            let mut state: HashMap<i64, (i64, Option<i64>)> = HashMap::new();
+            for row in sqlx::query(NUMBERING_STATE)
+                .bind(json_list(&positions))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(map_err(OP))?
+            {
+                let pos: i64 = row.try_get("position").map_err(map_err(OP))?;
+                let status: i64 = row.try_get("status").map_err(map_err(OP))?;
+                let seq: Option<i64> = row.try_get("seq").map_err(map_err(OP))?;
+                state.insert(pos, (status, seq));
+            }
+            // Position order within each (partition, topic); a number is
+            // only taken when its row really gets it, so the numbering has
+            // no holes.
+            let mut pairs: Vec<(i64, i64)> = Vec::new();
+            let mut bumped: HashMap<(u32, &str), i64> = HashMap::new();
+            let mut by_position: Vec<&OutboxRecord> = records
                 .iter()
-                .filter(|(p, n)| first.get(p) != Some(n))
-                .map(|(p, n)| (*p, *n))
+                .filter(|r| r.sequence.is_none() && leased.contains(&r.partition))
                 .collect();
-            let json =
-                serde_json::to_string(&bumps).map_err(|e| Error::store("sqlite", OP, false, e))?;
-            sqlx::query(SET_NEXT_SEQ)
-                .bind(json)
-                .bind(relay)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
+            by_position.sort_by_key(|r| r.position);
+            for r in by_position {
+                match state.get(&r.position) {
+                    Some((0, None)) => {
+                        let topic = r.message.topic.as_str();
+                        let n = bumped.entry((r.partition, topic)).or_insert_with(|| {
+                            next.get(&(r.partition, topic.to_owned()))
+                                .copied()
+                                .unwrap_or(1)
+                        });
+                        pairs.push((r.position, *n));
+                        given.insert(r.position, u64::try_from(*n).unwrap_or(0));
+                        *n += 1;
+                    }
+                    // Numbered since it was fetched (by this relay, or by the
+                    // partition's previous holder): keep that number.
+                    Some((0, Some(seq))) => {
+                        given.insert(r.position, u64::try_from(*seq).unwrap_or(0));
+                    }
+                    // Published, dead-lettered or pruned meanwhile.
+                    _ => {}
+                }
+            }
+            if !pairs.is_empty() {
+                let json = serde_json::to_string(&pairs)
+                    .map_err(|e| Error::store("sqlite", OP, false, e))?;
+                let done = sqlx::query(SET_SEQ)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err(OP))?;
+                if done.rows_affected() != pairs.len() as u64 {
+                    // Cannot happen under the write lock; never leave a hole.
+                    return Err(Error::store(
+                        "sqlite",
+                        OP,
+                        true,
+                        format!(
+                            "numbered {} of {} rows; the outbox changed under the write lock",
+                            done.rows_affected(),
+                            pairs.len()
+                        ),
+                    ));
+                }
+                let bumps: Vec<(u32, &str, i64)> =
+                    bumped.iter().map(|((p, t), n)| (*p, *t, *n)).collect();
+                let json = serde_json::to_string(&bumps)
+                    .map_err(|e| Error::store("sqlite", OP, false, e))?;
+                sqlx::query(SET_NEXT_SEQ)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err(OP))?;
+            }
         }
         tx.commit().await.map_err(map_err(OP))?;
         let before = records.len();

@@ -9,27 +9,42 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Args;
 use custody::reconcile::{export_report, reconcile, IdRange, Progress};
-use custody::{ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory};
+use custody::{
+    NumberedRow, PartitionProgress, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
+    SequenceHead,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
 
 use crate::ops::{redact, shutdown_token, Db};
 
+mod live;
+
 /// `custody reconcile`.
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
     /// The producer's database (its outbox history): `postgres://…` or a SQLite file.
-    #[arg(long)]
-    pub producer: String,
+    /// Optional with `--live` (then only gaps between numbers the consumer has are seen).
+    #[arg(long, required_unless_present = "live")]
+    pub producer: Option<String>,
     /// The consumer's database (its inbox): `postgres://…` or a SQLite file.
     #[arg(long)]
     pub consumer: String,
     /// The consumer's name in its inbox (`ConsumerConfig::name`).
     #[arg(long)]
     pub consumer_name: String,
-    /// The topic to reconcile.
-    #[arg(long)]
-    pub topic: String,
+    /// The topic to reconcile (with `--live`: every topic the consumer has numbers of).
+    #[arg(long, required_unless_present = "live")]
+    pub topic: Option<String>,
+    /// Check by sequence numbers instead of id windows: the consumer's per-partition floors
+    /// and gaps, and with `--producer` the numbers it gave since (docs/SEQUENCES.md).
+    /// `--repair` republishes the missing numbers' messages.
+    #[arg(long, conflicts_with_all = ["from", "to", "window", "embedded_subscription"])]
+    pub live: bool,
+    /// With `--live`: gaps younger than this are in flight, not missing (keys publish
+    /// concurrently, and a redelivery takes up to the transport's ack wait).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub grace: Duration,
     /// Start of the range: RFC 3339 (`2026-11-21T10:00:00Z`) or a duration ago (`6h`).
     /// Default `23h` (inside the default 24 h outbox retention).
     #[arg(long)]
@@ -103,6 +118,23 @@ impl SentHistory for Producer {
             Producer::Postgres(o) => o.republish(ids).await,
         }
     }
+    async fn sequence_heads(&self) -> custody::Result<Option<(String, Vec<SequenceHead>)>> {
+        match self {
+            Producer::Sqlite(o) => o.sequence_heads().await,
+            Producer::Postgres(o) => o.sequence_heads().await,
+        }
+    }
+    async fn numbered(
+        &self,
+        topic: &str,
+        partition: u32,
+        seqs: &[u64],
+    ) -> custody::Result<Vec<NumberedRow>> {
+        match self {
+            Producer::Sqlite(o) => o.numbered(topic, partition, seqs).await,
+            Producer::Postgres(o) => o.numbered(topic, partition, seqs).await,
+        }
+    }
 }
 
 impl ProcessedHistory for ConsumerDb {
@@ -137,6 +169,23 @@ impl ProcessedHistory for ConsumerDb {
         match self {
             ConsumerDb::Sqlite(i) => i.redriving(consumer, topic, range).await,
             ConsumerDb::Postgres(i) => i.redriving(consumer, topic, range).await,
+        }
+    }
+    async fn sequence_progress(&self, consumer: &str) -> custody::Result<Vec<PartitionProgress>> {
+        match self {
+            ConsumerDb::Sqlite(i) => i.sequence_progress(consumer).await,
+            ConsumerDb::Postgres(i) => i.sequence_progress(consumer).await,
+        }
+    }
+    async fn numbers_above_floor(
+        &self,
+        consumer: &str,
+        p: &PartitionProgress,
+        limit: usize,
+    ) -> custody::Result<Vec<(u64, DateTime<Utc>)>> {
+        match self {
+            ConsumerDb::Sqlite(i) => i.numbers_above_floor(consumer, p, limit).await,
+            ConsumerDb::Postgres(i) => i.numbers_above_floor(consumer, p, limit).await,
         }
     }
 }
@@ -215,18 +264,29 @@ async fn run_once(
 
 /// `custody reconcile`.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
-    let producer = open_producer(&args.producer)
-        .await
-        .with_context(|| format!("producer database {}", redact(&args.producer)))?;
+    let producer = match &args.producer {
+        Some(url) => Some(
+            open_producer(url)
+                .await
+                .with_context(|| format!("producer database {}", redact(url)))?,
+        ),
+        None => None,
+    };
     let consumer = open_consumer(&args.consumer)
         .await
         .with_context(|| format!("consumer database {}", redact(&args.consumer)))?;
+    if args.live {
+        return live::run(&args, producer.as_ref(), &consumer).await;
+    }
+    let (Some(producer), Some(topic)) = (producer, args.topic.clone()) else {
+        anyhow::bail!("--producer and --topic are required (or use --live)");
+    };
     if let Some(every) = args.watch {
-        return watch(&args, &producer, &consumer, every).await;
+        return watch(&args, &topic, &producer, &consumer, every).await;
     }
     let (from, to) = range(&args)?;
     let q = ReconcileQuery {
-        topic: args.topic.clone(),
+        topic,
         consumer: args.consumer_name.clone(),
         from,
         to,
@@ -311,6 +371,7 @@ fn exit_code(r: &ReconcileReport) -> ExitCode {
 
 async fn watch(
     args: &ReconcileArgs,
+    topic: &str,
     producer: &Producer,
     consumer: &ConsumerDb,
     every: Duration,
@@ -320,7 +381,7 @@ async fn watch(
     loop {
         let (from, to) = range(args)?;
         let q = ReconcileQuery {
-            topic: args.topic.clone(),
+            topic: topic.to_owned(),
             consumer: args.consumer_name.clone(),
             from,
             to,

@@ -41,7 +41,8 @@ pub use message::{headers, Message, MessageBuilder, MessageKind, CONTENT_TYPE_JS
 pub use partition::partition_for;
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
 pub use reconcile::{
-    IdDigest, IdRange, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
+    IdDigest, IdRange, NumberedRow, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
+    SequenceHead,
 };
 pub use sequence::{Compaction, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};

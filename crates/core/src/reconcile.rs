@@ -127,6 +127,51 @@ pub trait SentHistory: Send + Sync {
     /// again, marked as a republish (a new transport dedupe id, the same
     /// message id). Returns how many rows were reset.
     fn republish(&self, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// This outbox's producer id and, per numbered (topic, partition), the
+    /// last number given (see [`crate::sequence`]). `None`: the outbox does
+    /// not number messages.
+    fn sequence_heads(
+        &self,
+    ) -> impl Future<Output = Result<Option<(String, Vec<SequenceHead>)>>> + Send {
+        async { Ok(None) }
+    }
+
+    /// The outbox rows holding numbers `seqs` of `topic` in `partition`
+    /// (a number can have two: a relay dead letter and its skip marker).
+    fn numbered(
+        &self,
+        topic: &str,
+        partition: u32,
+        seqs: &[u64],
+    ) -> impl Future<Output = Result<Vec<NumberedRow>>> + Send {
+        let _ = (topic, partition, seqs);
+        async { Ok(Vec::new()) }
+    }
+}
+
+/// The last number a producer gave in one topic and partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceHead {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The last number given (numbers start at 1).
+    pub last: u64,
+}
+
+/// An outbox row found by its number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberedRow {
+    /// The number.
+    pub seq: u64,
+    /// The message id.
+    pub id: Uuid,
+    /// `pending`, `published` or `dead`.
+    pub status: String,
+    /// When the relay marked it published.
+    pub published_at: Option<DateTime<Utc>>,
 }
 
 /// The consumer side of reconciliation: one consumer's inbox.
@@ -157,6 +202,28 @@ pub trait ProcessedHistory: Send + Sync {
         topic: &str,
         range: IdRange,
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
+
+    /// `consumer`'s floors and gaps per numbered (producer, topic,
+    /// partition); see [`crate::InboxStore::progress`]. Default: none.
+    fn sequence_progress(
+        &self,
+        consumer: &str,
+    ) -> impl Future<Output = Result<Vec<crate::PartitionProgress>>> + Send {
+        let _ = consumer;
+        async { Ok(Vec::new()) }
+    }
+
+    /// The numbers `consumer` recorded above `progress`'s floor, in order,
+    /// each with when it was recorded, at most `limit`.
+    fn numbers_above_floor(
+        &self,
+        consumer: &str,
+        progress: &crate::PartitionProgress,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, DateTime<Utc>)>>> + Send {
+        let _ = (consumer, progress, limit);
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// What to reconcile.

@@ -63,8 +63,8 @@
 
 pub use custody_core::*;
 pub use custody_relay::{
-    metric_definitions, reconcile, CancellationToken, Consumer, ConsumerConfig, ConsumerStats,
-    Relay, RelayConfig, RelayStats,
+    live, metric_definitions, reconcile, CancellationToken, Consumer, ConsumerConfig,
+    ConsumerStats, Relay, RelayConfig, RelayStats,
 };
 
 /// SQLite backend: outbox, inbox, dead letters and the embedded transport.

@@ -4,8 +4,9 @@
 
 use chrono::{DateTime, Utc};
 use custody_core::{
-    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, Message, MessageStatus, ProcessedHistory,
-    ProducerSide, RedriveInfo, Result, SentHistory,
+    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, Message, MessageStatus,
+    NumberedRow, OutboxStore, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo,
+    Result, SentHistory, SequenceHead,
 };
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -74,6 +75,56 @@ impl SentHistory for PgOutbox {
         tx.commit().await.map_err(db("republish outbox rows"))?;
         Ok(done.rows_affected())
     }
+
+    async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
+        let Some(producer) = OutboxStore::producer_id(self).await? else {
+            return Ok(None);
+        };
+        let rows: Vec<(String, i32, i64)> = sqlx::query_as(
+            "SELECT topic, partition, next_seq - 1 FROM custody_sequence
+             WHERE next_seq > 1 ORDER BY topic, partition",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(db("read sequence heads"))?;
+        let heads = rows
+            .into_iter()
+            .map(|(topic, partition, last)| SequenceHead {
+                topic,
+                partition: u32::try_from(partition).unwrap_or(0),
+                last: u64::try_from(last).unwrap_or(0),
+            })
+            .collect();
+        Ok(Some((producer, heads)))
+    }
+
+    async fn numbered(
+        &self,
+        topic: &str,
+        partition: u32,
+        seqs: &[u64],
+    ) -> Result<Vec<NumberedRow>> {
+        let seqs: Vec<i64> = seqs.iter().filter_map(|s| i64::try_from(*s).ok()).collect();
+        let rows: Vec<(i64, Uuid, i16, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT seq, id, status, published_at FROM custody_outbox
+             WHERE topic = $1 AND partition = $2 AND seq = ANY($3) ORDER BY seq, position",
+        )
+        .bind(topic)
+        .bind(i32::try_from(partition).unwrap_or(i32::MAX))
+        .bind(&seqs)
+        .fetch_all(self.pool())
+        .await
+        .map_err(db("read numbered outbox rows"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, id, status, published_at)| NumberedRow {
+                seq: u64::try_from(seq).unwrap_or(0),
+                id,
+                status: status_name(status),
+                published_at,
+            })
+            .collect())
+    }
 }
 
 const PROCESSED_IDS: &str = "\
@@ -131,6 +182,37 @@ impl ProcessedHistory for PgInbox {
             .fetch_all(self.pool())
             .await
             .map_err(db("read redrive queue"))
+    }
+
+    async fn sequence_progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
+        InboxStore::progress(self, consumer).await
+    }
+
+    async fn numbers_above_floor(
+        &self,
+        consumer: &str,
+        p: &PartitionProgress,
+        limit: usize,
+    ) -> Result<Vec<(u64, DateTime<Utc>)>> {
+        let rows: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT seq, min(processed_at) FROM custody_inbox
+             WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4
+               AND seq > $5
+             GROUP BY seq ORDER BY seq LIMIT $6",
+        )
+        .bind(consumer)
+        .bind(&p.producer)
+        .bind(&p.topic)
+        .bind(i32::try_from(p.partition).unwrap_or(i32::MAX))
+        .bind(i64::try_from(p.floor).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.pool())
+        .await
+        .map_err(db("read inbox numbers"))?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, at)| (u64::try_from(seq).unwrap_or(0), at))
+            .collect())
     }
 }
 

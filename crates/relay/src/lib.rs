@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod consumer;
+pub mod live;
 pub mod metric_definitions;
 pub mod reconcile;
 mod relay;

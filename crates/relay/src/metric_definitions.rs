@@ -38,3 +38,5 @@ pub const CONSUMER_SKIPPED_TOTAL: &str = "custody_consumer_skipped_total";
 pub const RECONCILE_GAPS: &str = "custody_reconcile_gaps";
 /// Windows checked by the last reconciliation (labels: `topic`, `consumer`, `result` = matching | mismatching).
 pub const RECONCILE_WINDOWS: &str = "custody_reconcile_windows";
+/// Missing sequence numbers found by the last `reconcile --live` round (labels: `consumer`, `kind` = hole | tail).
+pub const RECONCILE_LIVE_MISSING: &str = "custody_reconcile_live_missing";

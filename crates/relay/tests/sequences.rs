@@ -15,6 +15,7 @@ use common::{step_message, Recorder, EFFECTS_PG};
 use custody_core::{Error, Message, PartitionProgress, PublishAck, Publisher, SentHistory};
 use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec, SubscriberOptions};
 use custody_postgres::{PgInbox, PgOutbox};
+use custody_relay::live::reconcile_live;
 use custody_relay::{Consumer, ConsumerConfig, Relay, RelayConfig};
 use custody_testkit::{postgres_db, unique_name, PgTestDb};
 use sqlx::PgPool;
@@ -214,9 +215,11 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
         .find(|m| m.key == "b")
         .map(|m| m.id)
         .unwrap_or_default();
+    // and the very last message: nothing numbered after it ever arrives
+    let lost_tail = msgs.last().map(|m| m.id).unwrap_or_default();
     let losing = Losing {
         inner: e.nats(),
-        lose: Mutex::new(HashSet::from([lost])),
+        lose: Mutex::new(HashSet::from([lost, lost_tail])),
     };
     let mut relay = e.relay(losing);
     drain(&mut relay, 30).await?;
@@ -232,6 +235,60 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
     assert_eq!(bad, 0, "each partition numbered 1..n without repeats");
 
     let mut c = e.consumer().await?;
+    consume_until(&mut c, |s| s.processed >= 28).await?;
+    assert_eq!(c.stats().processed, 28);
+
+    // the live check names both: the hole, and (with the producer) the tail
+    let inbox = PgInbox::new(e.b.clone());
+    let young = reconcile_live(
+        Some(&e.outbox),
+        &inbox,
+        "billing",
+        Duration::from_secs(3600),
+        chrono::Utc::now(),
+    )
+    .await?;
+    assert!(
+        young.is_clean(),
+        "younger than the grace: in flight {young:?}"
+    );
+    assert_eq!(young.in_flight, 2);
+    let report = reconcile_live(
+        Some(&e.outbox),
+        &inbox,
+        "billing",
+        Duration::ZERO,
+        chrono::Utc::now(),
+    )
+    .await?;
+    let found: HashSet<(Uuid, String)> = report
+        .missing
+        .iter()
+        .map(|m| (m.id.unwrap_or_default(), m.kind.clone()))
+        .collect();
+    assert_eq!(
+        found,
+        HashSet::from([(lost, "hole".to_owned()), (lost_tail, "tail".to_owned())]),
+        "{report:?}"
+    );
+    // without the producer only the hole is visible, by number
+    let alone = reconcile_live(
+        None::<&PgOutbox>,
+        &inbox,
+        "billing",
+        Duration::ZERO,
+        chrono::Utc::now(),
+    )
+    .await?;
+    assert_eq!(alone.missing.len(), 1, "{alone:?}");
+    assert_eq!(
+        (alone.missing[0].kind.as_str(), alone.missing[0].id),
+        ("hole", None)
+    );
+    // repair the tail; the hole is checked and repaired below
+    assert_eq!(e.outbox.republish(&[lost_tail]).await?, 1);
+    let mut relay = e.relay(e.nats());
+    drain(&mut relay, 1).await?;
     consume_until(&mut c, |s| s.processed >= 29).await?;
     assert_eq!(c.stats().processed, 29);
     let progress = c.watermarks(chrono::Utc::now()).await?;
@@ -251,6 +308,15 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
     let mut relay = e.relay(e.nats());
     drain(&mut relay, 1).await?;
     consume_until(&mut c, |s| s.processed >= 30).await?;
+    let clean = reconcile_live(
+        Some(&e.outbox),
+        &inbox,
+        "billing",
+        Duration::ZERO,
+        chrono::Utc::now(),
+    )
+    .await?;
+    assert!(clean.is_clean(), "{clean:?}");
     assert_eq!(e.effects().await?, 30);
     let progress = c.watermarks(chrono::Utc::now()).await?;
     assert_eq!(total(&progress, |p| p.holes), 0, "{progress:?}");

@@ -1,0 +1,194 @@
+//! `custody reconcile --live`: gaps by sequence numbers (docs/SEQUENCES.md).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chrono::Utc;
+use custody::live::{export_live, reconcile_live, LiveReport};
+use custody::SentHistory;
+
+use super::{ConsumerDb, Producer, ReconcileArgs};
+use crate::ops::shutdown_token;
+
+async fn check(
+    args: &ReconcileArgs,
+    producer: Option<&Producer>,
+    consumer: &ConsumerDb,
+) -> anyhow::Result<LiveReport> {
+    Ok(reconcile_live(
+        producer,
+        consumer,
+        &args.consumer_name,
+        args.grace,
+        Utc::now(),
+    )
+    .await?)
+}
+
+/// Run the live check once (with `--repair`: repair and check again), or
+/// every `--watch` interval.
+pub async fn run(
+    args: &ReconcileArgs,
+    producer: Option<&Producer>,
+    consumer: &ConsumerDb,
+) -> anyhow::Result<ExitCode> {
+    if let Some(every) = args.watch {
+        return watch(args, producer, consumer, every).await;
+    }
+    let report = check(args, producer, consumer).await?;
+    let ids = report.republishable();
+    let (Some(producer), true, false) = (producer, args.repair, ids.is_empty()) else {
+        print(&report, args.json);
+        if args.repair && !report.is_clean() {
+            println!(
+                "nothing to republish: {}",
+                if producer.is_none() {
+                    "give --producer so the missing numbers can be resolved to messages"
+                } else {
+                    "the producer no longer has the missing numbers as published rows (pruned, or still pending at the relay)"
+                }
+            );
+        }
+        return Ok(exit_code(&report));
+    };
+    if !args.json {
+        print(&report, false);
+    }
+    let n = producer.republish(&ids).await?;
+    let what = format!(
+        "put {n} of {} missing messages back to pending; a running relay republishes them under their old numbers",
+        report.missing.len()
+    );
+    if !args.json {
+        println!("\nrepair: {what}");
+        println!(
+            "waiting up to {} for the gaps to close…",
+            humantime::format_duration(args.repair_wait)
+        );
+    }
+    let deadline = tokio::time::Instant::now() + args.repair_wait;
+    let after = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let r = check(args, Some(producer), consumer).await?;
+        if r.is_clean() || tokio::time::Instant::now() >= deadline {
+            break r;
+        }
+    };
+    if args.json {
+        let v = serde_json::json!({ "before": report, "repair": what, "after": after });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("\nafter repair:");
+        print(&after, false);
+    }
+    Ok(exit_code(&after))
+}
+
+async fn watch(
+    args: &ReconcileArgs,
+    producer: Option<&Producer>,
+    consumer: &ConsumerDb,
+    every: Duration,
+) -> anyhow::Result<ExitCode> {
+    let cancel = shutdown_token();
+    let mut last = ExitCode::SUCCESS;
+    loop {
+        match check(args, producer, consumer).await {
+            Ok(r) => {
+                export_live(&r);
+                if args.json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{} consumer {:?}: {} partitions, {} missing, {} in flight",
+                        r.checked_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                        r.consumer,
+                        r.partitions.len(),
+                        r.missing.len(),
+                        r.in_flight
+                    );
+                }
+                last = exit_code(&r);
+            }
+            Err(e) => tracing::warn!(error = %e, "live reconciliation failed; retrying next round"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(last),
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+fn exit_code(r: &LiveReport) -> ExitCode {
+    if r.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn print(r: &LiveReport, json: bool) {
+    if json {
+        match serde_json::to_string_pretty(r) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("error: report does not serialize: {e}"),
+        }
+        return;
+    }
+    println!(
+        "live reconcile, consumer {:?}{}: gaps older than {} are missing",
+        r.consumer,
+        r.producer
+            .as_ref()
+            .map(|p| format!(", producer {p}"))
+            .unwrap_or_default(),
+        humantime::format_duration(Duration::from_secs_f64(r.grace_secs))
+    );
+    println!(
+        "  {:<20} {:>5} {:>10} {:>10} {:>7} {:>10} {:>8}",
+        "topic", "part", "floor", "highest", "holes", "producer", "behind"
+    );
+    for p in &r.partitions {
+        let g = &p.progress;
+        println!(
+            "  {:<20} {:>5} {:>10} {:>10} {:>7} {:>10} {:>8}",
+            g.topic,
+            g.partition,
+            g.floor,
+            g.high,
+            g.holes,
+            p.producer_head
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| "-".into()),
+            p.behind
+        );
+    }
+    println!("in flight (younger than the grace): {}", r.in_flight);
+    println!("missing: {}", r.missing.len());
+    for m in r.missing.iter().take(50) {
+        println!(
+            "  {} {}/{} #{} {}{}",
+            m.kind,
+            m.topic,
+            m.partition,
+            m.seq,
+            m.id.map(|i| i.to_string())
+                .unwrap_or_else(|| "(id unknown: give --producer)".into()),
+            m.outbox_status
+                .as_ref()
+                .map(|s| format!(" ({s} at the producer)"))
+                .unwrap_or_default()
+        );
+    }
+    if r.missing.len() > 50 {
+        println!("  … {} more (--json lists all)", r.missing.len() - 50);
+    }
+    if r.is_clean() {
+        println!("RESULT: OK — no number is missing");
+    } else {
+        println!(
+            "RESULT: {} MISSING — `custody reconcile --live --producer … --repair` republishes them; `custody trace ID` shows where one stopped",
+            r.missing.len()
+        );
+    }
+}

@@ -1,0 +1,277 @@
+//! Live gap detection by sequence numbers (`custody reconcile --live`).
+//!
+//! Where [`crate::reconcile::reconcile`] compares id digests per time
+//! window, this reads the consumer's per-partition floors (see
+//! [`custody_core::sequence`]): a gap is a number below the highest one the
+//! consumer recorded that it has not recorded. With the producer's database
+//! too, it also sees the *tail*: numbers the producer gave after the highest
+//! one the consumer has, published long enough ago that they should have
+//! arrived. Each missing number is resolved to its message id, so `--repair`
+//! can republish it.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use custody_core::{PartitionProgress, ProcessedHistory, Result, SentHistory};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::metric_definitions as m;
+
+/// Most numbers read above a floor, and most missing numbers listed, per
+/// partition (a partition further behind than this is reported by its
+/// counts; the listing resumes after the first ones are repaired).
+pub const LIST_LIMIT: usize = 10_000;
+
+/// One producer partition as the consumer sees it, with the producer's head.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivePartition {
+    /// The consumer's floor, highest number and holes.
+    #[serde(flatten)]
+    pub progress: PartitionProgress,
+    /// The last number the producer gave (with `--producer`).
+    pub producer_head: Option<u64>,
+    /// Numbers given after the consumer's highest (in flight or lost).
+    pub behind: u64,
+}
+
+/// A number that should have arrived and has not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingNumber {
+    /// Producer id.
+    pub producer: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The number.
+    pub seq: u64,
+    /// `hole` (a later number was recorded more than the grace ago) or
+    /// `tail` (published more than the grace ago, nothing later arrived).
+    pub kind: String,
+    /// The message, when the producer's database was given and still has it.
+    pub id: Option<Uuid>,
+    /// Its outbox status (`published`, `pending`, `dead`), when known.
+    pub outbox_status: Option<String>,
+}
+
+/// The result of a live check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveReport {
+    /// Consumer.
+    pub consumer: String,
+    /// The producer whose heads were compared, if one was given.
+    pub producer: Option<String>,
+    /// When the check ran.
+    pub checked_at: DateTime<Utc>,
+    /// Gaps younger than this count as in flight.
+    pub grace_secs: f64,
+    /// Every numbered partition the consumer has seen (and, with a
+    /// producer, every partition of the topics it has seen).
+    pub partitions: Vec<LivePartition>,
+    /// Missing numbers (older than the grace), in order.
+    pub missing: Vec<MissingNumber>,
+    /// Holes and tail numbers younger than the grace.
+    pub in_flight: u64,
+}
+
+impl LiveReport {
+    /// Nothing missing.
+    pub fn is_clean(&self) -> bool {
+        self.missing.is_empty()
+    }
+
+    /// Ids of the missing numbers the producer still has, published (what
+    /// `--repair` republishes).
+    pub fn republishable(&self) -> Vec<Uuid> {
+        self.missing
+            .iter()
+            .filter(|m| m.outbox_status.as_deref() == Some("published"))
+            .filter_map(|m| m.id)
+            .collect()
+    }
+}
+
+/// Check `consumer`'s numbered progress, and with `sent` its producer's heads.
+pub async fn reconcile_live<S, P>(
+    sent: Option<&S>,
+    processed: &P,
+    consumer: &str,
+    grace: Duration,
+    now: DateTime<Utc>,
+) -> Result<LiveReport>
+where
+    S: SentHistory,
+    P: ProcessedHistory,
+{
+    let stale_before = crate::before(now, grace).unwrap_or(DateTime::<Utc>::MIN_UTC);
+    let mut progress = processed.sequence_progress(consumer).await?;
+    let heads = match sent {
+        Some(s) => s.sequence_heads().await?,
+        None => None,
+    };
+    let producer = heads.as_ref().map(|(p, _)| p.clone());
+    // partitions of the consumer's topics it has no record of yet
+    if let Some((pid, heads)) = &heads {
+        let topics: BTreeSet<&str> = progress
+            .iter()
+            .filter(|p| &p.producer == pid)
+            .map(|p| p.topic.as_str())
+            .collect();
+        let mut extra = Vec::new();
+        for h in heads.iter().filter(|h| topics.contains(h.topic.as_str())) {
+            if !progress
+                .iter()
+                .any(|p| &p.producer == pid && p.topic == h.topic && p.partition == h.partition)
+            {
+                extra.push(PartitionProgress::from_parts(
+                    pid.clone(),
+                    h.topic.clone(),
+                    h.partition,
+                    0,
+                    None,
+                    0,
+                    None,
+                    0,
+                ));
+            }
+        }
+        progress.extend(extra);
+    }
+
+    let mut partitions = Vec::with_capacity(progress.len());
+    let mut missing = Vec::new();
+    let mut in_flight = 0u64;
+    for p in progress {
+        let head = heads.as_ref().and_then(|(pid, hs)| {
+            (pid == &p.producer)
+                .then(|| {
+                    hs.iter()
+                        .find(|h| h.topic == p.topic && h.partition == p.partition)
+                        .map(|h| h.last)
+                })
+                .flatten()
+        });
+        let mut found: Vec<MissingNumber> = Vec::new();
+        // holes: a number absent while a later one was recorded before the grace
+        if p.holes > 0 {
+            let present = processed
+                .numbers_above_floor(consumer, &p, LIST_LIMIT)
+                .await?;
+            let mut latest_stale_present = None;
+            for (seq, at) in present.iter().rev() {
+                if *at < stale_before {
+                    latest_stale_present = Some(*seq);
+                    break;
+                }
+            }
+            let have: BTreeSet<u64> = present.iter().map(|(s, _)| *s).collect();
+            let top = present.last().map_or(p.floor, |(s, _)| *s);
+            for seq in (p.floor + 1..top).filter(|s| !have.contains(s)) {
+                if latest_stale_present.is_some_and(|l| seq < l) {
+                    if found.len() < LIST_LIMIT {
+                        found.push(missing_number(&p, seq, "hole"));
+                    }
+                } else {
+                    in_flight += 1;
+                }
+            }
+        }
+        // tail: numbers after the consumer's highest, published before the grace
+        let behind = head.map_or(0, |h| h.saturating_sub(p.high));
+        let mut tail: Vec<u64> = Vec::new();
+        if behind > 0 {
+            tail = (p.high + 1..=head.unwrap_or(p.high))
+                .take(LIST_LIMIT)
+                .collect();
+        }
+        if let Some(s) = sent {
+            let wanted: Vec<u64> = found
+                .iter()
+                .map(|m| m.seq)
+                .chain(tail.iter().copied())
+                .collect();
+            if !wanted.is_empty() {
+                let rows = s.numbered(&p.topic, p.partition, &wanted).await?;
+                for m in &mut found {
+                    // the row that accounts for the number: a skip marker
+                    // (pending or published) over the dead original
+                    if let Some(r) = rows
+                        .iter()
+                        .filter(|r| r.seq == m.seq)
+                        .min_by_key(|r| r.status == "dead")
+                    {
+                        m.id = Some(r.id);
+                        m.outbox_status = Some(r.status.clone());
+                    }
+                }
+                for seq in tail {
+                    let row = rows
+                        .iter()
+                        .filter(|r| r.seq == seq)
+                        .min_by_key(|r| r.status == "dead");
+                    match row {
+                        Some(r)
+                            if r.status == "published"
+                                && r.published_at.is_some_and(|t| t < stale_before) =>
+                        {
+                            let mut m = missing_number(&p, seq, "tail");
+                            m.id = Some(r.id);
+                            m.outbox_status = Some(r.status.clone());
+                            found.push(m);
+                        }
+                        // pending (the relay's backlog), just published, or
+                        // pruned from the producer's history: not the
+                        // consumer's gap (yet)
+                        _ => in_flight += 1,
+                    }
+                }
+            }
+        }
+        missing.extend(found);
+        partitions.push(LivePartition {
+            progress: p,
+            producer_head: head,
+            behind,
+        });
+    }
+    Ok(LiveReport {
+        consumer: consumer.to_owned(),
+        producer,
+        checked_at: now,
+        grace_secs: grace.as_secs_f64(),
+        partitions,
+        missing,
+        in_flight,
+    })
+}
+
+fn missing_number(p: &PartitionProgress, seq: u64, kind: &str) -> MissingNumber {
+    MissingNumber {
+        producer: p.producer.clone(),
+        topic: p.topic.clone(),
+        partition: p.partition,
+        seq,
+        kind: kind.to_owned(),
+        id: None,
+        outbox_status: None,
+    }
+}
+
+/// Export a live report as gauges ([`m::RECONCILE_LIVE_MISSING`] by kind)
+/// and log one warning per missing number.
+pub fn export_live(r: &LiveReport) {
+    for kind in ["hole", "tail"] {
+        let n = r.missing.iter().filter(|m| m.kind == kind).count();
+        metrics::gauge!(m::RECONCILE_LIVE_MISSING, "consumer" => r.consumer.clone(), "kind" => kind)
+            .set(n as f64);
+    }
+    for x in &r.missing {
+        tracing::warn!(
+            consumer = %r.consumer, producer = %x.producer, topic = %x.topic,
+            partition = x.partition, seq = x.seq, kind = %x.kind, id = ?x.id,
+            "missing message: its number is below ones already processed, or it was published and never arrived"
+        );
+    }
+}

@@ -128,7 +128,9 @@ pub struct PartitionProgress {
     pub above_floor: u64,
     /// Sequences in `floor + 1 ..= high` with no record: gaps.
     pub holes: u64,
-    /// The lowest missing sequence, when there are holes (`floor + 1`).
+    /// When there are holes: the number the floor waits for (`floor + 1`).
+    /// After a compaction round it is the lowest missing number; before,
+    /// it may already be recorded (the floor moves at the next round).
     pub first_hole: Option<u64>,
     /// Since when the first hole has been open: when the earliest sequence
     /// above it was recorded. A hole older than the transport's redelivery

@@ -406,7 +406,9 @@ fn stamp_columns(s: Option<&Sequence>) -> (Option<&str>, Option<i32>, Option<i64
 // Rows of messages that still have a dead letter stay, so a redelivery keeps
 // being skipped until the letter is redriven or purged. SKIP LOCKED: a row a
 // consumer transaction is updating (a duplicate being counted) is left for
-// the next round instead of waited on.
+// the next round instead of waited on. A numbered row above its partition's
+// floor stays: it is the only record of a number past a gap, and deleting it
+// would open a false gap (compaction folds it once the gap closes).
 const PRUNE_INBOX: &str = "\
 DELETE FROM custody_inbox
 WHERE consumer = $1 AND message_id = ANY(ARRAY(
@@ -414,6 +416,10 @@ WHERE consumer = $1 AND message_id = ANY(ARRAY(
     WHERE i.consumer = $1 AND i.processed_at < $2
       AND NOT EXISTS (SELECT 1 FROM custody_dead_letter d
                       WHERE d.message_id = i.message_id AND d.origin = 'consumer:' || $1)
+      AND (i.seq IS NULL OR i.seq <= COALESCE(
+          (SELECT w.floor FROM custody_inbox_watermark w
+           WHERE w.consumer = $1 AND w.producer = i.producer AND w.topic = i.topic
+             AND w.producer_partition = i.producer_partition), 0))
     ORDER BY i.processed_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED))";

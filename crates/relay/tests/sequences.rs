@@ -300,8 +300,13 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
         .await?;
     assert_eq!(gap.first_hole, Some(u64::try_from(lost_seq)?));
     assert!(gap.gap_since.is_some());
-    // the floor stopped below the hole: the rows above it are kept
+    // the floor stopped below the hole: the rows above it are kept, even by
+    // retention (deleting them would open false gaps)
     assert!(e.numbered_inbox_rows().await? > 0);
+    let far = chrono::Utc::now() + chrono::Duration::days(1);
+    custody_core::InboxStore::prune(&PgInbox::new(e.b.clone()), "billing", far, 10_000).await?;
+    let after_prune = c.watermarks(chrono::Utc::now()).await?;
+    assert_eq!(total(&after_prune, |p| p.holes), 1, "{after_prune:?}");
 
     // repair: back to pending (same number), published again, processed
     assert_eq!(e.outbox.republish(&[lost]).await?, 1);

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use custody::nats::{NatsPublisher, NatsSubscriber, StreamSpec};
 use custody::postgres::{self, PgInbox, PgOutbox};
-use custody::{Consumer, ConsumerConfig, Message, MessageKind, Relay, RelayConfig};
+use custody::{Consumer, ConsumerConfig, InboxStore, Message, MessageKind, Relay, RelayConfig};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -243,6 +243,11 @@ pub(crate) async fn observe(a: &PgPool, b: &PgPool) -> anyhow::Result<Observed> 
             .fetch_one(b)
             .await?;
     obs.b_invoices = inv as u64;
+    let progress = InboxStore::progress(&PgInbox::new(b.clone()), CONSUMER).await?;
+    obs.b_sequences = Some((
+        progress.len() as u64,
+        progress.iter().map(|p| p.holes).sum(),
+    ));
     Ok(obs)
 }
 

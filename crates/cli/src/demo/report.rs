@@ -21,6 +21,9 @@ pub struct Observed {
     pub b_dead: Vec<(Option<Uuid>, String)>,
     /// InvoiceIssued events B derived into its own outbox (same transaction as the ledger).
     pub b_invoices: u64,
+    /// B's sequence progress (relayed transports number messages):
+    /// (numbered producer partitions, missing numbers below the highest seen).
+    pub b_sequences: Option<(u64, u64)>,
 }
 
 /// One dead letter in the report.
@@ -48,6 +51,10 @@ pub struct Report {
     pub phantoms: u64,
     pub duplicate_effects: u64,
     pub order_violations: u64,
+    /// Numbered partitions B saw and the gaps left in their numbering
+    /// (missing numbers below the highest seen); none on the embedded transport.
+    pub sequence_partitions: Option<u64>,
+    pub sequence_gaps: Option<u64>,
     pub elapsed_secs: f64,
     pub messages_per_sec: f64,
 }
@@ -121,6 +128,8 @@ impl Report {
             phantoms,
             duplicate_effects,
             order_violations,
+            sequence_partitions: obs.b_sequences.map(|(p, _)| p),
+            sequence_gaps: obs.b_sequences.map(|(_, g)| g),
             elapsed_secs: secs,
             messages_per_sec: obs.a_outbox.len() as f64 / secs,
         }
@@ -132,6 +141,7 @@ impl Report {
             && self.phantoms == 0
             && self.duplicate_effects == 0
             && self.order_violations == 0
+            && self.sequence_gaps.unwrap_or(0) == 0
             && self.invoices_derived == self.processed
     }
 
@@ -191,6 +201,12 @@ impl Report {
             "order violations (per customer)",
             self.order_violations.to_string(),
         );
+        if let (Some(p), Some(g)) = (self.sequence_partitions, self.sequence_gaps) {
+            row(
+                &format!("sequence gaps in B ({p} numbered partitions)"),
+                g.to_string(),
+            );
+        }
         println!(
             "  elapsed {:.1}s, {:.0} messages/s end to end (faults included)",
             self.elapsed_secs, self.messages_per_sec

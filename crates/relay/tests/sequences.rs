@@ -170,7 +170,7 @@ struct Losing {
 
 impl Publisher for Losing {
     async fn publish(&self, message: &Message) -> custody_core::Result<PublishAck> {
-        if self.lose.lock().unwrap().remove(&message.id) {
+        if self.lose.lock().expect("lock").remove(&message.id) {
             return Ok(PublishAck::default());
         }
         self.inner.publish(message).await
@@ -293,7 +293,11 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
     assert_eq!(c.stats().processed, 29);
     let progress = c.watermarks(chrono::Utc::now()).await?;
     assert_eq!(total(&progress, |p| p.holes), 1, "{progress:?}");
-    let gap = progress.iter().find(|p| p.holes > 0).cloned().unwrap();
+    let gap = progress
+        .iter()
+        .find(|p| p.holes > 0)
+        .cloned()
+        .expect("a partition with a hole");
     let lost_seq: i64 = sqlx::query_scalar("SELECT seq FROM custody_outbox WHERE id = $1")
         .bind(lost)
         .fetch_one(&e.a)

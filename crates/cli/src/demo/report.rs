@@ -252,6 +252,7 @@ mod tests {
             b_inbox: vec![(id(1), 0), (id(2), 3)],
             b_dead: vec![],
             b_invoices: 3,
+            b_sequences: None,
         };
         let r = Report::compute("t".into(), 1, vec![], &[], &obs, Duration::from_secs(1));
         assert_eq!(r.lost_ids, vec![id(3)]);
@@ -272,9 +273,26 @@ mod tests {
             b_inbox: vec![(id(1), 0)],
             b_dead: vec![(Some(id(2)), "malformed".into())],
             b_invoices: 1,
+            b_sequences: Some((1, 0)),
         };
         let r = Report::compute("t".into(), 1, vec![], &[], &obs, Duration::from_secs(1));
         assert_eq!(r.lost, 0);
         assert!(r.ok());
+    }
+
+    #[test]
+    fn a_sequence_gap_fails_the_run() {
+        let obs = Observed {
+            a_outbox: vec![(id(1), "OrderPlaced".into())],
+            a_orders: vec![(id(11), "c".into(), 1)],
+            b_ledger: vec![(id(11), "c".into(), 1)],
+            b_inbox: vec![(id(1), 0)],
+            b_dead: vec![],
+            b_invoices: 1,
+            b_sequences: Some((16, 1)),
+        };
+        let r = Report::compute("t".into(), 1, vec![], &[], &obs, Duration::from_secs(1));
+        assert_eq!(r.sequence_gaps, Some(1));
+        assert!(!r.ok());
     }
 }

@@ -74,5 +74,12 @@ async fn chaos_postgres_nats() -> anyhow::Result<()> {
     ] {
         assert!(out.contains(kind), "fault {kind:?} was not injected");
     }
+    // every number the relays gave reached the consumer (docs/SEQUENCES.md)
+    let gaps = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("sequence gaps in B"))
+        .and_then(|l| l.split_whitespace().last())
+        .map(str::to_owned);
+    assert_eq!(gaps.as_deref(), Some("0"), "sequence gaps line: {gaps:?}");
     Ok(())
 }

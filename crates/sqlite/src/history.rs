@@ -4,8 +4,9 @@
 
 use chrono::{DateTime, Utc};
 use custody_core::{
-    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, Message, MessageStatus, ProcessedHistory,
-    ProducerSide, RedriveInfo, Result, SentHistory,
+    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, Message, MessageStatus,
+    NumberedRow, OutboxStore, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo,
+    Result, SentHistory, SequenceHead,
 };
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
@@ -75,6 +76,17 @@ const SENT_DEAD: &str = "SELECT id, COALESCE(last_error, '') FROM custody_outbox
 const REPUBLISH: &str = "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL, \
      last_error = NULL, published_at = NULL, republish = republish + 1 \
      WHERE id IN (SELECT value FROM json_each(?1)) AND status = 1";
+/// The last number given per (topic, partition); no row or `next_seq = 1`:
+/// nothing numbered there yet.
+const SEQUENCE_HEADS: &str = "SELECT topic, partition, next_seq - 1 FROM custody_sequence \
+     WHERE next_seq > 1 ORDER BY topic, partition";
+/// The rows holding numbers `?3` (a JSON array) of one topic and partition.
+/// Served by the (topic, position) index: the live check asks only for the
+/// few numbers it found missing, but reads the topic's rows to find them
+/// (there is no index on `seq`).
+const NUMBERED: &str = "SELECT seq, id, status, published_at FROM custody_outbox \
+     WHERE topic = ?1 AND partition = ?2 AND seq IN (SELECT value FROM json_each(?3)) \
+     ORDER BY seq, position";
 
 impl SentHistory for SqliteOutbox {
     async fn sent_ids(&self, topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
@@ -111,6 +123,57 @@ impl SentHistory for SqliteOutbox {
         self.notify();
         Ok(done.rows_affected())
     }
+
+    async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
+        let Some(producer) = OutboxStore::producer_id(self).await? else {
+            return Ok(None);
+        };
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(SEQUENCE_HEADS)
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read sequence heads"))?;
+        let heads = rows
+            .into_iter()
+            .filter_map(|(topic, partition, last)| {
+                Some(SequenceHead {
+                    topic,
+                    // not a partition or number custody wrote: skip it
+                    partition: u32::try_from(partition).ok()?,
+                    last: u64::try_from(last).ok()?,
+                })
+            })
+            .collect();
+        Ok(Some((producer, heads)))
+    }
+
+    async fn numbered(
+        &self,
+        topic: &str,
+        partition: u32,
+        seqs: &[u64],
+    ) -> Result<Vec<NumberedRow>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(i64, String, i64, Option<i64>)> = sqlx::query_as(NUMBERED)
+            .bind(topic)
+            .bind(i64::from(partition))
+            .bind(crate::outbox::json_list(seqs))
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read numbered outbox rows"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(seq, id, status, published_at)| {
+                Some(NumberedRow {
+                    seq: u64::try_from(seq).ok()?,
+                    id: Uuid::parse_str(&id).ok()?,
+                    status: status_name(status),
+                    published_at: published_at.map(ms),
+                })
+            })
+            .collect())
+    }
 }
 
 const PROCESSED_IDS: &str = "SELECT group_concat(message_id, '') FROM custody_inbox \
@@ -120,6 +183,13 @@ const PROCESSED_DEAD: &str = "SELECT message_id, error FROM custody_dead_letter 
      ORDER BY message_id";
 const REDRIVING: &str = "SELECT message_id FROM custody_redrive \
      WHERE consumer = ?1 AND topic = ?2 AND message_id >= ?3 AND message_id < ?4 ORDER BY message_id";
+/// The distinct numbers above the floor `?5` (a skip marker and its
+/// original can share one), each with its first record, lowest first, at
+/// most `?6`: a range of the partial index custody_inbox_seq.
+const NUMBERS_ABOVE_FLOOR: &str = "SELECT seq, MIN(processed_at) FROM custody_inbox \
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4 \
+       AND seq > ?5 \
+     GROUP BY seq ORDER BY seq LIMIT ?6";
 
 impl ProcessedHistory for SqliteInbox {
     async fn processed_ids(
@@ -169,6 +239,32 @@ impl ProcessedHistory for SqliteInbox {
             .await
             .map_err(map_err("read redrive queue"))?;
         Ok(parse_ids(rows))
+    }
+
+    async fn sequence_progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
+        InboxStore::progress(self, consumer).await
+    }
+
+    async fn numbers_above_floor(
+        &self,
+        consumer: &str,
+        p: &PartitionProgress,
+        limit: usize,
+    ) -> Result<Vec<(u64, DateTime<Utc>)>> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(NUMBERS_ABOVE_FLOOR)
+            .bind(consumer)
+            .bind(&p.producer)
+            .bind(&p.topic)
+            .bind(i64::from(p.partition))
+            .bind(i64::try_from(p.floor).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(self.pool())
+            .await
+            .map_err(map_err("read inbox numbers"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(seq, at)| Some((u64::try_from(seq).ok()?, ms(at))))
+            .collect())
     }
 }
 

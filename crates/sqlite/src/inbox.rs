@@ -467,10 +467,18 @@ impl InboxStore for SqliteInbox {
 /// off the `custody_inbox_processed` index (migration 0003), at most `?3`
 /// per statement (one short write lock). Rows of messages that still have a
 /// dead letter stay, so a redelivery keeps being skipped until the dead
-/// letter is redriven or purged.
+/// letter is redriven or purged. A numbered row above its partition's floor
+/// (no watermark row: floor 0) stays too: it may be the only record of a
+/// number past a gap, and deleting it would open a false gap that nothing
+/// fills; compaction folds it once the gap closes. Such rows are read again
+/// by every prune but not counted against the limit.
 const PRUNE_INBOX: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id IN ( \
      SELECT i.message_id FROM custody_inbox AS i \
      WHERE i.consumer = ?1 AND i.processed_at < ?2 \
        AND NOT EXISTS (SELECT 1 FROM custody_dead_letter AS d \
                        WHERE d.message_id = i.message_id AND d.origin = 'consumer:' || ?1) \
+       AND (i.seq IS NULL OR i.seq <= COALESCE( \
+             (SELECT w.floor FROM custody_inbox_watermark AS w \
+              WHERE w.consumer = ?1 AND w.producer = i.producer AND w.topic = i.topic \
+                AND w.producer_partition = i.producer_partition), 0)) \
      ORDER BY i.processed_at LIMIT ?3)";

@@ -88,7 +88,7 @@ fn print(st: &MessageStatus) {
                 events.push((
                     at,
                     format!(
-                        "published    {}{}",
+                        "published    {}{}{}",
                         p.publish_ref
                             .as_deref()
                             .map(|r| format!("transport ack {r}"))
@@ -97,7 +97,10 @@ fn print(st: &MessageStatus) {
                             format!(" (republished {}×)", p.republished)
                         } else {
                             String::new()
-                        }
+                        },
+                        p.sequence
+                            .map(|n| format!(", sequence number {n}"))
+                            .unwrap_or_default()
                     ),
                 ));
             }

@@ -38,6 +38,10 @@ pub struct ProducerSide {
     pub publish_ref: Option<String>,
     /// Times it was sent again by a repair or redrive.
     pub republished: u32,
+    /// Its number in its partition and topic (docs/SEQUENCES.md), once the
+    /// relay gave it one.
+    #[serde(default)]
+    pub sequence: Option<u64>,
 }
 
 /// The message in one consumer's inbox.
@@ -185,6 +189,7 @@ mod tests {
             published_at: None,
             publish_ref: None,
             republished: 0,
+            sequence: None,
         });
         assert_eq!(s.stage(), Stage::Pending);
         if let Some(p) = s.producer.as_mut() {

@@ -24,6 +24,10 @@ CREATE TABLE IF NOT EXISTS custody_sequence (
 
 -- A row's number, given before its first publish and kept by republishes.
 ALTER TABLE custody_outbox ADD COLUMN IF NOT EXISTS seq BIGINT NULL;
+-- `reconcile --live` resolves missing numbers to rows (partition, seq; the
+-- topic is checked on the row).
+CREATE INDEX IF NOT EXISTS custody_outbox_seq ON custody_outbox (partition, seq)
+    WHERE seq IS NOT NULL;
 
 -- Consumer side: the stamp of each numbered message in the inbox ...
 ALTER TABLE custody_inbox ADD COLUMN IF NOT EXISTS producer TEXT NULL;

@@ -107,7 +107,8 @@ impl SentHistory for PgOutbox {
         let seqs: Vec<i64> = seqs.iter().filter_map(|s| i64::try_from(*s).ok()).collect();
         let rows: Vec<(i64, Uuid, i16, Option<DateTime<Utc>>)> = sqlx::query_as(
             "SELECT seq, id, status, published_at FROM custody_outbox
-             WHERE topic = $1 AND partition = $2 AND seq = ANY($3) ORDER BY seq, position",
+             WHERE (topic || '') = $1 AND partition = $2 AND seq = ANY($3)
+             ORDER BY seq, position",
         )
         .bind(topic)
         .bind(i32::try_from(partition).unwrap_or(i32::MAX))
@@ -233,7 +234,7 @@ pub async fn status(pool: &PgPool, id: Uuid) -> Result<MessageStatus> {
     let mut st = MessageStatus::new(id);
     let row = sqlx::query(
         "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts,
-                retry_at, last_error, published_at, publish_ref, republish
+                retry_at, last_error, published_at, publish_ref, republish, seq
          FROM custody_outbox WHERE id = $1",
     )
     .bind(id)
@@ -255,6 +256,9 @@ pub async fn status(pool: &PgPool, id: Uuid) -> Result<MessageStatus> {
             published_at: r.try_get("published_at")?,
             publish_ref: r.try_get("publish_ref")?,
             republished: u32::try_from(r.try_get::<i32, _>("republish")?).unwrap_or(0),
+            sequence: r
+                .try_get::<Option<i64>, _>("seq")?
+                .and_then(|s| u64::try_from(s).ok()),
         })
     };
     if let Some(r) = row {

@@ -82,6 +82,21 @@ impl LiveReport {
         self.missing.is_empty()
     }
 
+    /// Whether the consumer has recorded number `m` (certainly: at or below
+    /// its floor, or at or below its highest with no hole left). A repair
+    /// is done when every repaired number is recorded, not when the
+    /// republished rows merely went back to pending (which reads as in
+    /// flight).
+    pub fn has_recorded(&self, m: &MissingNumber) -> bool {
+        self.partitions.iter().any(|p| {
+            let g = &p.progress;
+            g.producer == m.producer
+                && g.topic == m.topic
+                && g.partition == m.partition
+                && (m.seq <= g.floor || (m.seq <= g.high && g.holes == 0))
+        })
+    }
+
     /// Ids of the missing numbers the producer still has, published (what
     /// `--repair` republishes).
     pub fn republishable(&self) -> Vec<Uuid> {
@@ -186,7 +201,9 @@ where
                 .take(LIST_LIMIT)
                 .collect();
         }
-        if let Some(s) = sent {
+        // only the given producer's outbox can resolve this partition's numbers
+        let same_producer = producer.as_ref().is_some_and(|pid| pid == &p.producer);
+        if let Some(s) = sent.filter(|_| same_producer) {
             let wanted: Vec<u64> = found
                 .iter()
                 .map(|m| m.seq)

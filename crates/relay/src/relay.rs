@@ -49,6 +49,10 @@ pub struct RelayConfig {
     pub prune_interval: Duration,
     /// Rows deleted per prune statement (short transactions, no long locks).
     pub prune_batch: usize,
+    /// Number each partition's messages and stamp them (live gap detection,
+    /// docs/SEQUENCES.md). Costs one UPDATE per batch; off, consumers see
+    /// no numbers and only id-level `custody reconcile` checks the flow.
+    pub sequence_numbers: bool,
 }
 
 impl Default for RelayConfig {
@@ -64,6 +68,7 @@ impl Default for RelayConfig {
             retention: Duration::from_secs(24 * 3600),
             prune_interval: Duration::from_secs(60),
             prune_batch: 1000,
+            sequence_numbers: true,
         }
     }
 }
@@ -287,7 +292,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
     /// (stored before anything is published, so a republish keeps them) and
     /// stamp every record with its `(producer, partition, sequence)`.
     async fn number(&mut self, batch: &mut Vec<OutboxRecord>, now: DateTime<Utc>) -> Result<()> {
-        if batch.is_empty() {
+        if batch.is_empty() || !self.config.sequence_numbers {
             return Ok(());
         }
         if self.producer.is_none() {

@@ -303,6 +303,12 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
         .fetch_one(&e.a)
         .await?;
     assert_eq!(gap.first_hole, Some(u64::try_from(lost_seq)?));
+    // `custody trace` / status(id) shows the number
+    let st = custody_postgres::status(&e.a, lost).await?;
+    assert_eq!(
+        st.producer.and_then(|p| p.sequence),
+        Some(u64::try_from(lost_seq)?)
+    );
     assert!(gap.gap_since.is_some());
     // the floor stopped below the hole: the rows above it are kept, even by
     // retention (deleting them would open false gaps)

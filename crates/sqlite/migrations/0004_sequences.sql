@@ -26,6 +26,9 @@ CREATE TABLE custody_sequence (
 -- A row's number, given before its first publish and kept by republishes
 -- (a relay dead letter's skip marker carries it; a redrive clears it).
 ALTER TABLE custody_outbox ADD COLUMN seq INTEGER NULL;
+-- `reconcile --live` resolves missing numbers to rows (partition, seq; the
+-- topic is checked on the row).
+CREATE INDEX custody_outbox_seq ON custody_outbox (partition, seq) WHERE seq IS NOT NULL;
 
 -- Consumer side: the stamp of each numbered message in the inbox ...
 ALTER TABLE custody_inbox ADD COLUMN producer TEXT NULL;

@@ -81,11 +81,10 @@ const REPUBLISH: &str = "UPDATE custody_outbox SET status = 0, attempts = 0, ret
 const SEQUENCE_HEADS: &str = "SELECT topic, partition, next_seq - 1 FROM custody_sequence \
      WHERE next_seq > 1 ORDER BY topic, partition";
 /// The rows holding numbers `?3` (a JSON array) of one topic and partition.
-/// Served by the (topic, position) index: the live check asks only for the
-/// few numbers it found missing, but reads the topic's rows to find them
-/// (there is no index on `seq`).
+/// Served by custody_outbox_seq (partition, seq); `+topic` keeps the planner
+/// off the (topic, position) index, which would read every row of the topic.
 const NUMBERED: &str = "SELECT seq, id, status, published_at FROM custody_outbox \
-     WHERE topic = ?1 AND partition = ?2 AND seq IN (SELECT value FROM json_each(?3)) \
+     WHERE +topic = ?1 AND partition = ?2 AND seq IN (SELECT value FROM json_each(?3)) \
      ORDER BY seq, position";
 
 impl SentHistory for SqliteOutbox {
@@ -177,7 +176,9 @@ impl SentHistory for SqliteOutbox {
 }
 
 const PROCESSED_IDS: &str = "SELECT group_concat(message_id, '') FROM custody_inbox \
-     WHERE consumer = ?1 AND message_id >= ?2 AND message_id < ?3 AND topic = ?4";
+     WHERE consumer = ?1 AND message_id >= ?2 AND message_id < ?3 AND topic = ?4 \
+       AND duplicates >= 0";
+// (duplicates = -1: redriven, not processed again yet; listed by REDRIVING)
 const PROCESSED_DEAD: &str = "SELECT message_id, error FROM custody_dead_letter \
      WHERE origin = 'consumer:' || ?1 AND topic = ?2 AND message_id >= ?3 AND message_id < ?4 \
      ORDER BY message_id";
@@ -276,7 +277,7 @@ pub async fn status(pool: &SqlitePool, id: Uuid) -> Result<MessageStatus> {
     let mut st = MessageStatus::new(id);
     let row = sqlx::query(
         "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts, \
-         retry_at, last_error, published_at, publish_ref, republish FROM custody_outbox WHERE id = ?1",
+         retry_at, last_error, published_at, publish_ref, republish, seq FROM custody_outbox WHERE id = ?1",
     )
     .bind(&key)
     .fetch_optional(pool)
@@ -306,6 +307,10 @@ pub async fn status(pool: &SqlitePool, id: Uuid) -> Result<MessageStatus> {
             publish_ref: r.try_get("publish_ref").map_err(map_err(OP))?,
             republished: u32::try_from(r.try_get::<i64, _>("republish").map_err(map_err(OP))?)
                 .unwrap_or(0),
+            sequence: r
+                .try_get::<Option<i64>, _>("seq")
+                .map_err(map_err(OP))?
+                .and_then(|s| u64::try_from(s).ok()),
         });
     }
     let dead = sqlx::query(
@@ -325,7 +330,8 @@ pub async fn status(pool: &SqlitePool, id: Uuid) -> Result<MessageStatus> {
         });
     }
     let inbox = sqlx::query(
-        "SELECT consumer, processed_at, duplicates FROM custody_inbox WHERE message_id = ?1 ORDER BY consumer",
+        "SELECT consumer, processed_at, duplicates FROM custody_inbox \
+         WHERE message_id = ?1 AND duplicates >= 0 ORDER BY consumer",
     )
     .bind(&key)
     .fetch_all(pool)

@@ -40,7 +40,7 @@ pub async fn run(
     let (Some(producer), true, false) = (producer, args.repair, ids.is_empty()) else {
         print(&report, args.json);
         if args.repair && !report.is_clean() {
-            println!(
+            eprintln!(
                 "nothing to republish: {}",
                 if producer.is_none() {
                     "give --producer so the missing numbers can be resolved to messages"
@@ -66,22 +66,43 @@ pub async fn run(
             humantime::format_duration(args.repair_wait)
         );
     }
+    // done when every repaired number is recorded by the consumer (right
+    // after the repair the rows are pending again, which reads as in flight)
+    let repaired: Vec<_> = report
+        .missing
+        .iter()
+        .filter(|m| m.id.is_some_and(|id| ids.contains(&id)))
+        .cloned()
+        .collect();
     let deadline = tokio::time::Instant::now() + args.repair_wait;
-    let after = loop {
+    let (after, arrived) = loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let r = check(args, Some(producer), consumer).await?;
-        if r.is_clean() || tokio::time::Instant::now() >= deadline {
-            break r;
+        let arrived = repaired.iter().all(|m| r.has_recorded(m));
+        if (r.is_clean() && arrived) || tokio::time::Instant::now() >= deadline {
+            break (r, arrived);
         }
     };
     if args.json {
-        let v = serde_json::json!({ "before": report, "repair": what, "after": after });
+        let v = serde_json::json!({
+            "before": report, "repair": what, "after": after, "repaired_arrived": arrived,
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("\nafter repair:");
         print(&after, false);
+        if !arrived {
+            println!(
+                "the repaired messages have not reached the consumer after {}: is a relay running on the producer's outbox? Run again with a longer --repair-wait, or check `custody trace ID`",
+                humantime::format_duration(args.repair_wait)
+            );
+        }
     }
-    Ok(exit_code(&after))
+    Ok(if arrived {
+        exit_code(&after)
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 async fn watch(
@@ -96,6 +117,11 @@ async fn watch(
         match check(args, producer, consumer).await {
             Ok(r) => {
                 export_live(&r);
+                if let Some(path) = &args.metrics_file {
+                    if let Err(e) = write_metrics(path, &r) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot write metrics file");
+                    }
+                }
                 if args.json {
                     println!("{}", serde_json::to_string(&r)?);
                 } else {
@@ -191,4 +217,23 @@ fn print(r: &LiveReport, json: bool) {
             r.missing.len()
         );
     }
+}
+
+/// The live gauges in Prometheus text format, written atomically (tmp + rename).
+fn write_metrics(path: &std::path::Path, r: &LiveReport) -> anyhow::Result<()> {
+    let name = custody::metric_definitions::RECONCILE_LIVE_MISSING;
+    let mut out = format!(
+        "# HELP {name} Missing sequence numbers found by the last live reconciliation.\n# TYPE {name} gauge\n"
+    );
+    for kind in ["hole", "tail"] {
+        let n = r.missing.iter().filter(|m| m.kind == kind).count();
+        out.push_str(&format!(
+            "{name}{{consumer=\"{}\",kind=\"{kind}\"}} {n}\n",
+            r.consumer
+        ));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }

@@ -190,6 +190,7 @@ async fn reconcile_live_reports_repairs_and_clears_lost_numbers() -> anyhow::Res
     );
     let (code, table, err) = custody(&with_producer)?;
     assert_eq!(code, 1, "{table}{err}");
+    println!("{table}");
     assert!(table.contains("RESULT: 4 MISSING"), "{table}");
 
     // 2. Without the producer: the hole only, by number (no id).

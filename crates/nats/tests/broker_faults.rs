@@ -101,8 +101,10 @@ async fn ack_fails_while_the_broker_is_down() -> anyhow::Result<()> {
     let client = custody_nats::connect(&server.url).await?;
     let spec = StreamSpec::new("CUSTODY_ACK", "acks");
     ensure_stream(&client, &spec).await?;
+    let sent = rich_message("orders", "k");
+    let id = sent.id;
     NatsPublisher::new(client.clone(), &spec)
-        .publish(&rich_message("orders", "k"))
+        .publish(&sent)
         .await?;
     let options = custody_nats::SubscriberOptions {
         ack_timeout: Duration::from_secs(1),
@@ -139,10 +141,15 @@ async fn ack_fails_while_the_broker_is_down() -> anyhow::Result<()> {
         match sub.fetch(1, Duration::from_secs(1)).await {
             Ok(mut got) if !got.is_empty() => {
                 let d = got.remove(0);
-                // At least the second delivery; a pull answered while the
-                // client was still reconnecting can count one more.
+                // Usually the second delivery (a pull answered while the
+                // client was still reconnecting can count one more); but the
+                // server flushes a consumer's delivered state lazily, so a
+                // SIGKILL can lose the first delivery's count and the
+                // message comes back as delivery 1. What matters: it came
+                // back, with the same id.
                 eprintln!("redelivered, delivery_count {}", d.delivery_count);
-                assert!(d.delivery_count >= 2, "{}", d.delivery_count);
+                assert!(d.delivery_count >= 1, "{}", d.delivery_count);
+                assert_eq!(d.message.as_ref().map(|m| m.id).ok(), Some(id));
                 sub.ack(d.token).await?;
                 break;
             }

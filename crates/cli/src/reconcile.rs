@@ -428,7 +428,6 @@ async fn watch(
 /// Prometheus text exposition of a report's gauges, written atomically.
 fn write_metrics(path: &std::path::Path, r: &ReconcileReport) -> anyhow::Result<()> {
     use custody::metric_definitions as m;
-    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let (t, c) = (esc(&r.topic), esc(&r.consumer));
     let mut out = format!(
         "# HELP {g} Gaps found by the last reconciliation.\n# TYPE {g} gauge\n",
@@ -454,10 +453,21 @@ fn write_metrics(path: &std::path::Path, r: &ReconcileReport) -> anyhow::Result<
             m::RECONCILE_WINDOWS
         ));
     }
+    write_atomically(path, &out)
+}
+
+/// Write a metrics file so a reader (node_exporter's textfile collector)
+/// never sees half of it: a temporary file, then a rename.
+fn write_atomically(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, out)?;
+    std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// Prometheus label value escaping.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 fn print(r: &ReconcileReport, json: bool) {

@@ -8,74 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{step_message, verdict, CrashAfterPublish, Recorder, EFFECTS_PG};
+use common::{env, step_message, verdict, CrashAfterPublish, Env, Recorder};
 use custody_core::Message;
-use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec, SubscriberOptions};
+use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
 use custody_postgres::{PgInbox, PgOutbox};
 use custody_relay::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
-use custody_testkit::{postgres_db, unique_name, NatsServer, PgTestDb};
-use sqlx::{PgPool, Row};
-
-struct Env {
-    nats_url: String,
-    _a_db: PgTestDb,
-    _b_db: PgTestDb,
-    a: PgPool,
-    b: PgPool,
-    outbox: PgOutbox,
-    client: async_nats::Client,
-    spec: StreamSpec,
-}
-
-async fn env(nats_url: Option<&str>) -> anyhow::Result<Option<Env>> {
-    let Some(a_db) = postgres_db().await? else {
-        return Ok(None);
-    };
-    let Some(b_db) = postgres_db().await? else {
-        return Ok(None);
-    };
-    let nats_url = match nats_url {
-        Some(u) => u.to_owned(),
-        None => match custody_testkit::nats().await? {
-            Some(u) => u,
-            None => return Ok(None),
-        },
-    };
-    let a = custody_postgres::connect(&a_db.url).await?;
-    let b = custody_postgres::connect(&b_db.url).await?;
-    custody_postgres::migrate(&a).await?;
-    custody_postgres::migrate(&b).await?;
-    sqlx::query(EFFECTS_PG).execute(&b).await?;
-    let client = custody_nats::connect(&nats_url).await?;
-    let name = unique_name("custody_e2e");
-    let spec = StreamSpec::new(&name.to_uppercase(), &name);
-    custody_nats::ensure_stream(&client, &spec).await?;
-    Ok(Some(Env {
-        nats_url,
-        outbox: PgOutbox::new(a.clone()),
-        _a_db: a_db,
-        _b_db: b_db,
-        a,
-        b,
-        client,
-        spec,
-    }))
-}
-
-/// Delete the test's stream even when an assertion failed before
-/// `cleanup` (Drop runs outside the test's runtime: use a thread of its own).
-impl Drop for Env {
-    fn drop(&mut self) {
-        let (url, name) = (self.nats_url.clone(), self.spec.name.clone());
-        custody_testkit::block_on_own_runtime(async move {
-            if let Ok(client) = custody_nats::connect(&url).await {
-                let _ = async_nats::jetstream::new(client)
-                    .delete_stream(&name)
-                    .await;
-            }
-        });
-    }
-}
+use custody_testkit::NatsServer;
+use sqlx::Row;
 
 impl Env {
     async fn cleanup(&self) {
@@ -159,7 +98,7 @@ async fn drain<P: custody_core::Publisher>(
 
 #[tokio::test]
 async fn rollback_publishes_nothing_commit_publishes_exactly_one() -> anyhow::Result<()> {
-    let Some(e) = env(None).await? else {
+    let Some(e) = env(None, "custody_e2e").await? else {
         return Ok(());
     };
     let mut tx = e.a.begin().await?;
@@ -191,7 +130,7 @@ async fn rollback_publishes_nothing_commit_publishes_exactly_one() -> anyhow::Re
 #[tokio::test]
 async fn relay_killed_after_publish_before_mark_redelivers_and_effect_applies_once(
 ) -> anyhow::Result<()> {
-    let Some(e) = env(None).await? else {
+    let Some(e) = env(None, "custody_e2e").await? else {
         return Ok(());
     };
     let msgs: Vec<Message> = (1..=20).map(|i| step_message("steps", "k", i)).collect();
@@ -248,7 +187,7 @@ async fn relay_killed_after_publish_before_mark_redelivers_and_effect_applies_on
 
 #[tokio::test]
 async fn two_relays_share_one_outbox_10k_messages_100_keys_in_order() -> anyhow::Result<()> {
-    let Some(e) = env(None).await? else {
+    let Some(e) = env(None, "custody_e2e").await? else {
         return Ok(());
     };
     let cancel = CancellationToken::new();
@@ -339,7 +278,7 @@ async fn transport_down_backlog_grows_then_drains_nothing_lost() -> anyhow::Resu
     let Some(mut server) = NatsServer::start().await? else {
         return Ok(());
     };
-    let Some(e) = env(Some(&server.url)).await? else {
+    let Some(e) = env(Some(&server.url), "custody_e2e").await? else {
         return Ok(());
     };
     let cancel = CancellationToken::new();
@@ -418,7 +357,7 @@ async fn transport_down_backlog_grows_then_drains_nothing_lost() -> anyhow::Resu
 
 #[tokio::test]
 async fn consumer_killed_between_handler_and_commit_applies_effect_once() -> anyhow::Result<()> {
-    let Some(e) = env(None).await? else {
+    let Some(e) = env(None, "custody_e2e").await? else {
         return Ok(());
     };
     let msgs: Vec<Message> = (1..=10).map(|i| step_message("steps", "k", i)).collect();
@@ -458,7 +397,7 @@ async fn consumer_killed_between_handler_and_commit_applies_effect_once() -> any
 #[tokio::test]
 async fn malformed_payload_is_dead_lettered_and_later_messages_still_processed(
 ) -> anyhow::Result<()> {
-    let Some(e) = env(None).await? else {
+    let Some(e) = env(None, "custody_e2e").await? else {
         return Ok(());
     };
     let bad = Message::builder("steps", "k", "Step")

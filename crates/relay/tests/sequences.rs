@@ -11,67 +11,13 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{step_message, Recorder, EFFECTS_PG};
+use common::{env, step_message, Env, Recorder};
 use custody_core::{Error, Message, PartitionProgress, PublishAck, Publisher, SentHistory};
-use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec, SubscriberOptions};
+use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
 use custody_postgres::{PgInbox, PgOutbox};
 use custody_relay::live::reconcile_live;
 use custody_relay::{Consumer, ConsumerConfig, Relay, RelayConfig};
-use custody_testkit::{postgres_db, unique_name, PgTestDb};
-use sqlx::PgPool;
 use uuid::Uuid;
-
-struct Env {
-    nats_url: String,
-    _a_db: PgTestDb,
-    _b_db: PgTestDb,
-    a: PgPool,
-    b: PgPool,
-    outbox: PgOutbox,
-    client: async_nats::Client,
-    spec: StreamSpec,
-}
-
-async fn env() -> anyhow::Result<Option<Env>> {
-    let (Some(a_db), Some(b_db)) = (postgres_db().await?, postgres_db().await?) else {
-        return Ok(None);
-    };
-    let Some(nats_url) = custody_testkit::nats().await? else {
-        return Ok(None);
-    };
-    let a = custody_postgres::connect(&a_db.url).await?;
-    let b = custody_postgres::connect(&b_db.url).await?;
-    custody_postgres::migrate(&a).await?;
-    custody_postgres::migrate(&b).await?;
-    sqlx::query(EFFECTS_PG).execute(&b).await?;
-    let client = custody_nats::connect(&nats_url).await?;
-    let name = unique_name("custody_seq");
-    let spec = StreamSpec::new(&name.to_uppercase(), &name);
-    custody_nats::ensure_stream(&client, &spec).await?;
-    Ok(Some(Env {
-        nats_url,
-        outbox: PgOutbox::new(a.clone()),
-        _a_db: a_db,
-        _b_db: b_db,
-        a,
-        b,
-        client,
-        spec,
-    }))
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let (url, name) = (self.nats_url.clone(), self.spec.name.clone());
-        custody_testkit::block_on_own_runtime(async move {
-            if let Ok(client) = custody_nats::connect(&url).await {
-                let _ = async_nats::jetstream::new(client)
-                    .delete_stream(&name)
-                    .await;
-            }
-        });
-    }
-}
 
 impl Env {
     fn relay<P: Publisher>(&self, publisher: P) -> Relay<PgOutbox, P> {
@@ -202,7 +148,7 @@ fn total(progress: &[PartitionProgress], f: impl Fn(&PartitionProgress) -> u64) 
 #[tokio::test]
 async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() -> anyhow::Result<()>
 {
-    let Some(e) = env().await? else {
+    let Some(e) = env(None, "custody_seq").await? else {
         return Ok(());
     };
     // 3 keys x 10 messages; one message of key b lost by the "broker"
@@ -355,7 +301,7 @@ async fn a_lost_delivery_is_a_gap_until_repaired_then_compaction_keeps_dedupe() 
 #[tokio::test]
 async fn a_relay_dead_letter_is_accounted_for_and_its_redrive_gets_a_new_number(
 ) -> anyhow::Result<()> {
-    let Some(e) = env().await? else {
+    let Some(e) = env(None, "custody_seq").await? else {
         return Ok(());
     };
     let msgs: Vec<Message> = (1..=8).map(|i| step_message("steps", "k", i)).collect();
@@ -404,7 +350,7 @@ async fn a_relay_dead_letter_is_accounted_for_and_its_redrive_gets_a_new_number(
 #[tokio::test]
 async fn a_consumer_of_one_topic_sees_no_gaps_from_the_producers_other_topics() -> anyhow::Result<()>
 {
-    let Some(e) = env().await? else {
+    let Some(e) = env(None, "custody_seq").await? else {
         return Ok(());
     };
     // same keys (so same partitions) on two topics; the consumer takes one

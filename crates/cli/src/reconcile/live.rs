@@ -7,7 +7,7 @@ use chrono::Utc;
 use custody::live::{export_live, reconcile_live, LiveReport};
 use custody::SentHistory;
 
-use super::{ConsumerDb, Producer, ReconcileArgs};
+use super::{esc, write_atomically, ConsumerDb, Producer, ReconcileArgs};
 use crate::ops::shutdown_token;
 
 async fn check(
@@ -229,11 +229,8 @@ fn write_metrics(path: &std::path::Path, r: &LiveReport) -> anyhow::Result<()> {
         let n = r.missing.iter().filter(|m| m.kind == kind).count();
         out.push_str(&format!(
             "{name}{{consumer=\"{}\",kind=\"{kind}\"}} {n}\n",
-            r.consumer
+            esc(&r.consumer)
         ));
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, out)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    write_atomically(path, &out)
 }

@@ -7,7 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use custody_core::{Handler, HandlerError, Message};
+use custody_nats::StreamSpec;
+use custody_postgres::PgOutbox;
+use custody_testkit::{postgres_db, unique_name, PgTestDb};
 use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
 use tokio::sync::Notify;
 
 /// The test payload: a per-key sequence number.
@@ -139,5 +143,69 @@ impl<P: custody_core::Publisher> custody_core::Publisher for CrashAfterPublish<P
             std::future::pending::<()>().await;
         }
         Ok(ack)
+    }
+}
+
+/// Two PostgreSQL databases (A: producer, B: consumer, with `effects`) and a
+/// JetStream stream of their own, deleted on drop.
+pub struct Env {
+    pub nats_url: String,
+    pub _a_db: PgTestDb,
+    pub _b_db: PgTestDb,
+    pub a: PgPool,
+    pub b: PgPool,
+    pub outbox: PgOutbox,
+    pub client: async_nats::Client,
+    pub spec: StreamSpec,
+}
+
+/// `None` when a service is missing (and `CUSTODY_REQUIRE_SERVICES` is unset).
+pub async fn env(nats_url: Option<&str>, stream: &str) -> anyhow::Result<Option<Env>> {
+    let Some(a_db) = postgres_db().await? else {
+        return Ok(None);
+    };
+    let Some(b_db) = postgres_db().await? else {
+        return Ok(None);
+    };
+    let nats_url = match nats_url {
+        Some(u) => u.to_owned(),
+        None => match custody_testkit::nats().await? {
+            Some(u) => u,
+            None => return Ok(None),
+        },
+    };
+    let a = custody_postgres::connect(&a_db.url).await?;
+    let b = custody_postgres::connect(&b_db.url).await?;
+    custody_postgres::migrate(&a).await?;
+    custody_postgres::migrate(&b).await?;
+    sqlx::query(EFFECTS_PG).execute(&b).await?;
+    let client = custody_nats::connect(&nats_url).await?;
+    let name = unique_name(stream);
+    let spec = StreamSpec::new(&name.to_uppercase(), &name);
+    custody_nats::ensure_stream(&client, &spec).await?;
+    Ok(Some(Env {
+        nats_url,
+        outbox: PgOutbox::new(a.clone()),
+        _a_db: a_db,
+        _b_db: b_db,
+        a,
+        b,
+        client,
+        spec,
+    }))
+}
+
+/// Delete the test's stream even when an assertion failed before
+/// `cleanup` (Drop runs outside the test's runtime: use a thread of its own).
+impl Drop for Env {
+    fn drop(&mut self) {
+        let (url, name) = (self.nats_url.clone(), self.spec.name.clone());
+        custody_testkit::block_on_own_runtime(async move {
+            if let Ok(client) = custody_nats::connect(&url).await {
+                let _ = async_nats::jetstream::new(client)
+                    .delete_stream(&name)
+                    .await;
+            }
+        });
     }
 }

@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use clap::Args;
 use custody::{CancellationToken, Relay};
 
@@ -64,9 +66,26 @@ pub struct RelayArgs {
     /// Relay id in the lease table (default: random). Unique per live relay.
     #[arg(long)]
     pub id: Option<String>,
+    /// Serve Prometheus metrics (`custody_relay_*`) on this address, at any path
+    /// (e.g. `127.0.0.1:9464`, then `curl 127.0.0.1:9464/metrics`).
+    #[arg(long, env = "CUSTODY_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Serve the process's metrics in Prometheus text format on `addr`.
+pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("cannot serve metrics on {addr}; is the port in use?"))?;
+    tracing::info!(%addr, "serving Prometheus metrics");
+    Ok(())
 }
 
 pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = args.metrics_addr {
+        serve_metrics(addr)?;
+    }
     let client = custody::nats::connect(&args.nats).await?;
     let spec = custody::nats::StreamSpec::new(&args.stream, &args.subject_prefix);
     custody::nats::ensure_stream(&client, &spec).await?;

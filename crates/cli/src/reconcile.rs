@@ -81,6 +81,10 @@ pub struct ReconcileArgs {
     /// round (e.g. for node_exporter's textfile collector).
     #[arg(long)]
     pub metrics_file: Option<PathBuf>,
+    /// With `--watch`: also serve the gauges in Prometheus format on this address
+    /// (e.g. `127.0.0.1:9465`).
+    #[arg(long, requires = "watch")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The producer's side, whichever backend.
@@ -275,6 +279,9 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     let consumer = open_consumer(&args.consumer)
         .await
         .with_context(|| format!("consumer database {}", redact(&args.consumer)))?;
+    if let (Some(addr), Some(_)) = (args.metrics_addr, args.watch) {
+        crate::ops::serve_metrics(addr)?;
+    }
     if args.live {
         return live::run(&args, producer.as_ref(), &consumer).await;
     }

@@ -105,6 +105,10 @@ pub struct Relay<S, P, C = SystemClock> {
     stats: RelayStats,
 }
 
+/// Batches one [`Relay::step`] publishes back to back (pipelined) while the
+/// outbox has full batches waiting; bounds how long a step runs.
+const MAX_BATCHES_PER_STEP: usize = 16;
+
 /// Outcome of publishing one batch.
 #[derive(Debug, Default)]
 struct BatchOutcome {
@@ -237,9 +241,14 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         }
     }
 
-    /// Renew leases if due, then read and publish one batch. Returns how many
-    /// messages were handled (published, failed or dead-lettered); 0 means
-    /// idle (nothing due, no partitions, or the circuit is open).
+    /// Renew leases if due, then read, publish and settle one batch; while
+    /// full batches keep coming and getting through, go on with the next ones
+    /// (at most [`MAX_BATCHES_PER_STEP`], and never past the lease renewal),
+    /// marking each batch while the next is fetched and published. When it
+    /// returns, everything it published is marked (or its failure recorded).
+    /// Returns how many messages were handled (published, failed or
+    /// dead-lettered); 0 means idle (nothing due, no partitions, or the
+    /// circuit is open).
     pub async fn step(&mut self) -> Result<usize> {
         let now = self.clock.now();
         if self.lease_renew_at.is_none_or(|t| now >= t) {
@@ -270,10 +279,66 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             return Ok(0);
         }
         self.stats.batches += 1;
+        let mut handled = batch.len();
+        let mut full = batch.len() >= self.config.batch_size;
+        let mut outcome = self.publish_batch(batch).await;
+        let mut batches = 1;
+        loop {
+            let now = self.clock.now();
+            // Go on with the next batch at once only after a full batch that
+            // got through completely: then the breaker is closed, no key of
+            // this batch is held back (nothing failed, so nothing needs parking
+            // before the next fetch), and more is probably waiting. Stop before
+            // the leases are due for renewal, so marks are always fenced by a
+            // lease this relay renewed in time.
+            let go_on = full
+                && outcome.failed.is_empty()
+                && batches < MAX_BATCHES_PER_STEP
+                && self.lease_renew_at.is_some_and(|t| now < t);
+            if !go_on {
+                self.settle(outcome, now).await?;
+                return Ok(handled);
+            }
+            self.judge(&outcome, now);
+            let acked = outcome.acked;
+            // Pipelining: mark this batch published while the next one is
+            // fetched and published. Its rows are still pending until the mark
+            // commits, so the fetch leaves them out by position.
+            let (marked, next) = futures::join!(
+                self.store.mark_published(&self.id, &acked, now),
+                self.fetch_and_publish(&acked, now),
+            );
+            self.count_marked(marked?, &acked, now);
+            let Some((n, next_outcome)) = next? else {
+                return Ok(handled);
+            };
+            self.stats.batches += 1;
+            batches += 1;
+            handled += n;
+            full = n >= self.config.batch_size;
+            outcome = next_outcome;
+        }
+    }
+
+    /// The next batch after `in_flight` (acknowledged, being marked, still
+    /// pending in the store), published. `None` when nothing else is due.
+    async fn fetch_and_publish(
+        &self,
+        in_flight: &[(i64, PublishAck)],
+        now: DateTime<Utc>,
+    ) -> Result<Option<(usize, BatchOutcome)>> {
+        let limit = self.config.batch_size.saturating_add(in_flight.len());
+        let mut batch = self.store.fetch_batch(&self.partitions, limit, now).await?;
+        let mut skip: Vec<i64> = in_flight.iter().map(|(p, _)| *p).collect();
+        skip.sort_unstable();
+        batch.retain(|r| skip.binary_search(&r.position).is_err());
+        // a prefix in position order: no key loses an earlier message and keeps a later one
+        batch.truncate(self.config.batch_size);
+        if batch.is_empty() {
+            return Ok(None);
+        }
         let n = batch.len();
-        let outcome = self.publish_batch(batch).await;
-        self.settle(outcome).await?;
-        Ok(n)
+        Ok(Some((n, self.publish_batch(batch).await)))
     }
 
     /// Delete history older than the retention from the leased partitions,
@@ -345,13 +410,10 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         all
     }
 
-    /// Record the outcome of a batch in the store.
-    async fn settle(&mut self, outcome: BatchOutcome) -> Result<()> {
-        let now = self.clock.now();
-        // The breaker's verdict first, before any store write can fail and
-        // return early: a probe must always get one. The transport is down
-        // when nothing got through and something failed retryably; an ack,
-        // or only terminal (message-specific) errors, mean it answered.
+    /// The breaker's verdict on a batch. The transport is down when nothing
+    /// got through and something failed retryably; an ack, or only terminal
+    /// (message-specific) errors, mean it answered.
+    fn judge(&mut self, outcome: &BatchOutcome, now: DateTime<Utc>) {
         let transport_up = !outcome.acked.is_empty();
         let transport_down = !transport_up && outcome.failed.iter().any(|(_, e)| e.retryable());
         if transport_down {
@@ -364,23 +426,37 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             self.breaker.on_success();
             metrics::gauge!(m::RELAY_BREAKER_OPEN).set(0.0);
         }
-        if !outcome.acked.is_empty() {
+    }
+
+    /// Count `marked` of the `acked` messages as published.
+    fn count_marked(&mut self, marked: u64, acked: &[(i64, PublishAck)], now: DateTime<Utc>) {
+        if acked.is_empty() {
+            return;
+        }
+        if marked < acked.len() as u64 {
+            // Lease lost while publishing (another relay took the partition):
+            // the new holder republishes; transport and inbox dedupe by id.
+            warn!(relay = %self.id, marked, published = acked.len(), "lease lost during batch; renewing");
+            self.lease_renew_at = None;
+        }
+        self.stats.published += marked;
+        self.stats.duplicates += acked.iter().filter(|(_, a)| a.duplicate).count() as u64;
+        metrics::counter!(m::RELAY_PUBLISHED_TOTAL, "relay" => self.id.clone()).increment(marked);
+        self.last_success = Some(now);
+    }
+
+    /// Record the outcome of a batch in the store.
+    async fn settle(&mut self, outcome: BatchOutcome, now: DateTime<Utc>) -> Result<()> {
+        // The breaker's verdict first, before any store write can fail and
+        // return early: a probe must always get one.
+        self.judge(&outcome, now);
+        let transport_up = !outcome.acked.is_empty();
+        if transport_up {
             let marked = self
                 .store
                 .mark_published(&self.id, &outcome.acked, now)
                 .await?;
-            if marked < outcome.acked.len() as u64 {
-                // Lease lost while publishing (another relay took the partition):
-                // the new holder republishes; transport and inbox dedupe by id.
-                warn!(relay = %self.id, marked, published = outcome.acked.len(), "lease lost during batch; renewing");
-                self.lease_renew_at = None;
-            }
-            self.stats.published += marked;
-            self.stats.duplicates +=
-                outcome.acked.iter().filter(|(_, a)| a.duplicate).count() as u64;
-            metrics::counter!(m::RELAY_PUBLISHED_TOTAL, "relay" => self.id.clone())
-                .increment(marked);
-            self.last_success = Some(now);
+            self.count_marked(marked, &outcome.acked, now);
         }
         for (rec, err) in outcome.failed {
             self.stats.failures += 1;

@@ -33,6 +33,12 @@ pub struct RelayConfig {
     /// in-process signal usually wakes the relay earlier).
     #[serde(with = "custody_core::duration_serde")]
     pub poll_interval: Duration,
+    /// Longest wait for new messages while traffic flows (the last step that
+    /// found messages was less than `poll-interval` ago). Producers need not
+    /// wake a busy relay (PostgreSQL: `PgOutbox` notifies at most once per
+    /// `notify-interval`), so this bounds the relay's share of the latency.
+    #[serde(with = "custody_core::duration_serde")]
+    pub busy_poll_interval: Duration,
     /// Failed attempts of one message (while the transport is otherwise
     /// healthy) before it is dead-lettered.
     pub max_attempts: u32,
@@ -58,6 +64,7 @@ impl Default for RelayConfig {
             max_concurrent_keys: 64,
             lease_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(500),
+            busy_poll_interval: Duration::from_millis(2),
             max_attempts: 10,
             backoff: Backoff::default(),
             breaker: CircuitBreakerConfig::default(),
@@ -102,6 +109,8 @@ pub struct Relay<S, P, C = SystemClock> {
     lease_renew_at: Option<DateTime<Utc>>,
     prune_at: Option<DateTime<Utc>>,
     last_success: Option<DateTime<Utc>>,
+    /// When a step last found messages (picks the idle wait).
+    last_busy: Option<DateTime<Utc>>,
     stats: RelayStats,
 }
 
@@ -132,6 +141,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P, SystemClock> {
             lease_renew_at: None,
             prune_at: None,
             last_success: None,
+            last_busy: None,
             stats: RelayStats::default(),
         }
     }
@@ -152,6 +162,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             lease_renew_at: self.lease_renew_at,
             prune_at: self.prune_at,
             last_success: self.last_success,
+            last_busy: self.last_busy,
             stats: self.stats,
         }
     }
@@ -205,7 +216,10 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                         _ = self.store.wait_for_new(wait) => {}
                     }
                 }
-                Ok(_) => store_backoff_attempt = 0,
+                Ok(_) => {
+                    store_backoff_attempt = 0;
+                    self.last_busy = Some(self.clock.now());
+                }
                 Err(e) if e.retryable() => {
                     store_backoff_attempt = store_backoff_attempt.saturating_add(1);
                     let delay = self
@@ -237,6 +251,14 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 .unwrap_or(Duration::from_millis(1))
                 .min(self.config.poll_interval),
             _ if self.partitions.is_empty() => self.config.lease_ttl / 3,
+            _ if self
+                .last_busy
+                .is_some_and(|t| self.clock.now() < after(t, self.config.poll_interval)) =>
+            {
+                self.config
+                    .busy_poll_interval
+                    .min(self.config.poll_interval)
+            }
             _ => self.config.poll_interval,
         }
     }

@@ -765,7 +765,19 @@ impl OutboxStore for PgOutbox {
 
 #[cfg(test)]
 mod tests {
-    use super::PRUNE;
+    use std::time::Duration;
+
+    use super::{NotifyGate, PRUNE};
+
+    #[test]
+    fn the_notify_gate_lets_one_enqueue_per_interval_notify() {
+        let gate = NotifyGate::new(Duration::from_secs(3600));
+        assert!(gate.take(), "the first enqueue notifies");
+        assert!(!gate.take(), "the next ones within the interval do not");
+        assert!(!gate.take());
+        let every = NotifyGate::new(Duration::ZERO);
+        assert!(every.take() && every.take(), "zero: every enqueue notifies");
+    }
 
     /// PRUNE must come off the partial expression index (an ordered range
     /// scan that stops after the limit), not a scan of the retention window.

@@ -176,14 +176,22 @@ LIMIT $2"
 
 // Fencing: only rows of partitions `relay` still holds an unexpired lease on.
 // $2/$4: positions and their acks' references, zipped by UNNEST.
+//
+// Committed without waiting for the WAL flush (`cfg`: SET LOCAL
+// synchronous_commit = off for this statement's own transaction, read at
+// its commit; the condition on `cfg.s` makes every updated row depend on
+// it, so it has run before anything is written). A mark lost in a server
+// crash only puts the messages back to pending: they are published again,
+// which the transport's duplicate window and every consumer's inbox (by
+// message id) already absorb, and the first delivery of each message kept
+// its place in its key's order. The relay saves a flush wait per batch and
+// the WAL writer flushes the mark together with other commits.
 const MARK_PUBLISHED: &str = "\
+WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS s)
 UPDATE custody_outbox o SET status = 1, published_at = $3, publish_ref = a.ref
-FROM custody_relay_lease l, UNNEST($2::bigint[], $4::text[]) AS a(pos, ref)
-WHERE o.position = a.pos AND o.status = 0
+FROM custody_relay_lease l, UNNEST($2::bigint[], $4::text[]) AS a(pos, ref), cfg
+WHERE o.position = a.pos AND o.status = 0 AND cfg.s IS NOT NULL
   AND l.partition = o.partition AND l.owner = $1 AND l.expires_at > $3";
-
-// For mark_published's transaction only (see there).
-const MARK_ASYNC_COMMIT: &str = "SET LOCAL synchronous_commit = off";
 
 const RECORD_FAILURE: &str = "\
 UPDATE custody_outbox SET attempts = attempts + 1, last_error = $2, retry_at = $3
@@ -686,30 +694,16 @@ impl OutboxStore for PgOutbox {
         if acked.is_empty() {
             return Ok(0);
         }
-        const OP: &str = "mark published";
         let positions: Vec<i64> = acked.iter().map(|(p, _)| *p).collect();
         let refs: Vec<Option<String>> = acked.iter().map(|(_, a)| a.reference()).collect();
-        let mut tx = self.pool.begin().await.map_err(db(OP))?;
-        // The relay need not wait for this commit's WAL flush: a mark lost in
-        // a server crash only puts the messages back to pending, and they are
-        // published again, which the transport (duplicate window) and every
-        // consumer's inbox (by message id) already absorb; the first delivery
-        // of each message kept its place in its key's order. Not waiting
-        // saves the relay one fsync round per batch, and the WAL writer
-        // flushes it together with the producers' commits.
-        sqlx::query(MARK_ASYNC_COMMIT)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(OP))?;
         let done = sqlx::query(MARK_PUBLISHED)
             .bind(relay)
             .bind(&positions)
             .bind(now)
             .bind(&refs)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await
-            .map_err(db(OP))?;
-        tx.commit().await.map_err(db(OP))?;
+            .map_err(db("mark published"))?;
         Ok(done.rows_affected())
     }
 

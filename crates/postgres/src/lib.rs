@@ -47,7 +47,7 @@ use sqlx::PgPool;
 
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::{dead_letters, PgInbox};
-pub use outbox::{PgOutbox, DEFAULT_PARTITIONS};
+pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};
 pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};
 
 use error::{map_err, ConnectError};

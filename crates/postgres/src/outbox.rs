@@ -2,7 +2,9 @@
 //! relay's side (leases, batches, outcomes).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
@@ -17,6 +19,10 @@ use crate::wake::{Waiter, Wake};
 /// Partitions keys are hashed into unless [`PgOutbox::with_partitions`] says otherwise.
 pub const DEFAULT_PARTITIONS: u32 = 16;
 
+/// How often, at most, enqueues through one [`PgOutbox`] (and its clones)
+/// send NOTIFY, unless [`PgOutbox::with_notify_interval`] says otherwise.
+pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
+
 /// The PostgreSQL outbox. Cheap to clone; clones share the pool and the
 /// LISTEN connection used by [`OutboxStore::wait_for_new`].
 #[derive(Clone)]
@@ -24,8 +30,57 @@ pub struct PgOutbox {
     pool: PgPool,
     partitions: u32,
     notify: bool,
+    gate: Arc<NotifyGate>,
     waiter: Waiter,
     producer: std::sync::Arc<tokio::sync::OnceCell<String>>,
+}
+
+/// Which enqueue sends the next NOTIFY: the first one at least `every` after
+/// the last that did. Shared by the clones of a [`PgOutbox`].
+///
+/// A transaction that issued NOTIFY takes a cluster-wide lock at commit and
+/// holds it through its WAL flush, so notifying commits cannot share a flush
+/// (group commit): with a NOTIFY in every producer transaction, producers
+/// commit one fsync at a time (measured: half the commit rate with 8
+/// producers). A relay only needs waking when it sleeps; while traffic flows
+/// it polls every `busy-poll-interval` (RelayConfig), so one NOTIFY per
+/// interval is enough to wake an idle relay at the first message after a
+/// quiet spell. If the transaction that carried the NOTIFY rolls back, the
+/// next notifying enqueue (or the relay's `poll-interval`) wakes it.
+#[derive(Debug)]
+struct NotifyGate {
+    every: Duration,
+    origin: Instant,
+    /// Microseconds after `origin` of the last NOTIFY, plus one (0: never).
+    last: AtomicU64,
+}
+
+impl NotifyGate {
+    fn new(every: Duration) -> Arc<Self> {
+        Arc::new(NotifyGate {
+            every,
+            origin: Instant::now(),
+            last: AtomicU64::new(0),
+        })
+    }
+
+    /// Whether this enqueue sends NOTIFY; of several at the same moment, one does.
+    fn take(&self) -> bool {
+        if self.every.is_zero() {
+            return true;
+        }
+        let now = u64::try_from(self.origin.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let last = self.last.load(Ordering::Acquire);
+        let every = u64::try_from(self.every.as_micros()).unwrap_or(u64::MAX);
+        if last != 0 && now.saturating_sub(last) < every {
+            return false;
+        }
+        self.last
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
 }
 
 impl std::fmt::Debug for PgOutbox {
@@ -33,6 +88,7 @@ impl std::fmt::Debug for PgOutbox {
         f.debug_struct("PgOutbox")
             .field("partitions", &self.partitions)
             .field("notify", &self.notify)
+            .field("notify_interval", &self.gate.every)
             .finish_non_exhaustive()
     }
 }
@@ -73,8 +129,8 @@ RETURNING id, position"
 // CTE always runs to completion; the volatile CTE `n` is never inlined, so
 // pg_notify runs once per statement however many rows the batch has. Note
 // that a transaction that has issued NOTIFY takes a global lock at commit
-// (serializing committing notifiers); `with_notify(false)` avoids it for
-// producers with very high commit rates, at the cost of poll latency.
+// (serializing committing notifiers): enqueue uses these only when the
+// NotifyGate lets it (once per notify interval), the plain inserts otherwise.
 macro_rules! notifying {
     ($insert:expr, $returning:literal) => {
         concat!(
@@ -122,10 +178,21 @@ LIMIT $2"
 
 // Fencing: only rows of partitions `relay` still holds an unexpired lease on.
 // $2/$4: positions and their acks' references, zipped by UNNEST.
+//
+// Committed without waiting for the WAL flush (`cfg`: SET LOCAL
+// synchronous_commit = off for this statement's own transaction, read at
+// its commit; the condition on `cfg.s` makes every updated row depend on
+// it, so it has run before anything is written). A mark lost in a server
+// crash only puts the messages back to pending: they are published again,
+// which the transport's duplicate window and every consumer's inbox (by
+// message id) already absorb, and the first delivery of each message kept
+// its place in its key's order. The relay saves a flush wait per batch and
+// the WAL writer flushes the mark together with other commits.
 const MARK_PUBLISHED: &str = "\
+WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS s)
 UPDATE custody_outbox o SET status = 1, published_at = $3, publish_ref = a.ref
-FROM custody_relay_lease l, UNNEST($2::bigint[], $4::text[]) AS a(pos, ref)
-WHERE o.position = a.pos AND o.status = 0
+FROM custody_relay_lease l, UNNEST($2::bigint[], $4::text[]) AS a(pos, ref), cfg
+WHERE o.position = a.pos AND o.status = 0 AND cfg.s IS NOT NULL
   AND l.partition = o.partition AND l.owner = $1 AND l.expires_at > $3";
 
 const RECORD_FAILURE: &str = "\
@@ -227,6 +294,7 @@ impl PgOutbox {
             pool,
             partitions: DEFAULT_PARTITIONS,
             notify: true,
+            gate: NotifyGate::new(DEFAULT_NOTIFY_INTERVAL),
             waiter,
             producer: Default::default(),
         }
@@ -240,11 +308,23 @@ impl PgOutbox {
     }
 
     /// Whether [`PgOutbox::enqueue`] sends `NOTIFY custody_outbox` (default
-    /// true). NOTIFY makes relays react at once, but a committing transaction
-    /// that notified takes a global lock; switch it off for very high commit
-    /// rates and let relays poll.
+    /// true, at most once per [`PgOutbox::with_notify_interval`]). NOTIFY
+    /// wakes sleeping relays at once, but a committing transaction that
+    /// notified takes a global lock; switch it off to rely on the relays'
+    /// polling alone.
     pub fn with_notify(mut self, notify: bool) -> Self {
         self.notify = notify;
+        self
+    }
+
+    /// Send NOTIFY from at most one enqueue per `every` (default 100 ms;
+    /// zero: from every enqueue, as before). Notifying
+    /// transactions commit one at a time (see [`PgOutbox::with_notify`]); a
+    /// relay that is busy polls every `busy-poll-interval` and needs no
+    /// NOTIFY, an idle one is woken by the first enqueue after a quiet
+    /// `every`. Keep it below the relays' `poll-interval`.
+    pub fn with_notify_interval(mut self, every: Duration) -> Self {
+        self.gate = NotifyGate::new(every);
         self
     }
 
@@ -261,7 +341,7 @@ impl PgOutbox {
         msg.validate()?;
         let headers = headers_json(msg)?;
         let partition = self.partition_of(msg)?;
-        let sql = if self.notify {
+        let sql = if self.notify && self.gate.take() {
             INSERT_ONE_NOTIFY
         } else {
             INSERT_ONE
@@ -318,7 +398,7 @@ impl PgOutbox {
             payloads.push(msg.payload.as_slice());
             created.push(msg.created_at);
         }
-        let sql = if self.notify {
+        let sql = if self.notify && self.gate.take() {
             INSERT_BATCH_NOTIFY
         } else {
             INSERT_BATCH
@@ -813,7 +893,19 @@ impl OutboxStore for PgOutbox {
 
 #[cfg(test)]
 mod tests {
-    use super::PRUNE;
+    use std::time::Duration;
+
+    use super::{NotifyGate, PRUNE};
+
+    #[test]
+    fn the_notify_gate_lets_one_enqueue_per_interval_notify() {
+        let gate = NotifyGate::new(Duration::from_secs(3600));
+        assert!(gate.take(), "the first enqueue notifies");
+        assert!(!gate.take(), "the next ones within the interval do not");
+        assert!(!gate.take());
+        let every = NotifyGate::new(Duration::ZERO);
+        assert!(every.take() && every.take(), "zero: every enqueue notifies");
+    }
 
     /// PRUNE must come off the partial expression index (an ordered range
     /// scan that stops after the limit), not a scan of the retention window.

@@ -33,6 +33,12 @@ pub struct RelayConfig {
     /// in-process signal usually wakes the relay earlier).
     #[serde(with = "custody_core::duration_serde")]
     pub poll_interval: Duration,
+    /// Longest wait for new messages while traffic flows (the last step that
+    /// found messages was less than `poll-interval` ago). Producers need not
+    /// wake a busy relay (PostgreSQL: `PgOutbox` notifies at most once per
+    /// `notify-interval`), so this bounds the relay's share of the latency.
+    #[serde(with = "custody_core::duration_serde")]
+    pub busy_poll_interval: Duration,
     /// Failed attempts of one message (while the transport is otherwise
     /// healthy) before it is dead-lettered.
     pub max_attempts: u32,
@@ -62,6 +68,7 @@ impl Default for RelayConfig {
             max_concurrent_keys: 64,
             lease_ttl: Duration::from_secs(10),
             poll_interval: Duration::from_millis(500),
+            busy_poll_interval: Duration::from_millis(2),
             max_attempts: 10,
             backoff: Backoff::default(),
             breaker: CircuitBreakerConfig::default(),
@@ -109,8 +116,14 @@ pub struct Relay<S, P, C = SystemClock> {
     last_success: Option<DateTime<Utc>>,
     /// The store's producer id once read (`Some(None)`: the store numbers nothing).
     producer: Option<Option<String>>,
+    /// When a step last found messages (picks the idle wait).
+    last_busy: Option<DateTime<Utc>>,
     stats: RelayStats,
 }
+
+/// Batches one [`Relay::step`] publishes back to back (pipelined) while the
+/// outbox has full batches waiting; bounds how long a step runs.
+const MAX_BATCHES_PER_STEP: usize = 16;
 
 /// Outcome of publishing one batch.
 #[derive(Debug, Default)]
@@ -136,6 +149,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P, SystemClock> {
             prune_at: None,
             last_success: None,
             producer: None,
+            last_busy: None,
             stats: RelayStats::default(),
         }
     }
@@ -157,6 +171,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             prune_at: self.prune_at,
             last_success: self.last_success,
             producer: self.producer,
+            last_busy: self.last_busy,
             stats: self.stats,
         }
     }
@@ -210,7 +225,10 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                         _ = self.store.wait_for_new(wait) => {}
                     }
                 }
-                Ok(_) => store_backoff_attempt = 0,
+                Ok(_) => {
+                    store_backoff_attempt = 0;
+                    self.last_busy = Some(self.clock.now());
+                }
                 Err(e) if e.retryable() => {
                     store_backoff_attempt = store_backoff_attempt.saturating_add(1);
                     let delay = self
@@ -242,13 +260,26 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 .unwrap_or(Duration::from_millis(1))
                 .min(self.config.poll_interval),
             _ if self.partitions.is_empty() => self.config.lease_ttl / 3,
+            _ if self
+                .last_busy
+                .is_some_and(|t| self.clock.now() < after(t, self.config.poll_interval)) =>
+            {
+                self.config
+                    .busy_poll_interval
+                    .min(self.config.poll_interval)
+            }
             _ => self.config.poll_interval,
         }
     }
 
-    /// Renew leases if due, then read and publish one batch. Returns how many
-    /// messages were handled (published, failed or dead-lettered); 0 means
-    /// idle (nothing due, no partitions, or the circuit is open).
+    /// Renew leases if due, then read, publish and settle one batch; while
+    /// full batches keep coming and getting through, go on with the next ones
+    /// (at most [`MAX_BATCHES_PER_STEP`], and never past the lease renewal),
+    /// marking each batch while the next is fetched and published. When it
+    /// returns, everything it published is marked (or its failure recorded).
+    /// Returns how many messages were handled (published, failed or
+    /// dead-lettered); 0 means idle (nothing due, no partitions, or the
+    /// circuit is open).
     pub async fn step(&mut self) -> Result<usize> {
         let now = self.clock.now();
         if self.lease_renew_at.is_none_or(|t| now >= t) {
@@ -282,10 +313,68 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             return Ok(0);
         }
         self.stats.batches += 1;
+        let mut handled = batch.len();
+        let mut full = batch.len() >= self.config.batch_size;
+        let mut outcome = self.publish_batch(batch).await;
+        let mut batches = 1;
+        loop {
+            let now = self.clock.now();
+            // Go on with the next batch at once only after a full batch that
+            // got through completely: then the breaker is closed, no key of
+            // this batch is held back (nothing failed, so nothing needs parking
+            // before the next fetch), and more is probably waiting. Stop before
+            // the leases are due for renewal, so marks are always fenced by a
+            // lease this relay renewed in time.
+            let go_on = full
+                && outcome.failed.is_empty()
+                && batches < MAX_BATCHES_PER_STEP
+                && self.lease_renew_at.is_some_and(|t| now < t);
+            if !go_on {
+                self.settle(outcome, now).await?;
+                return Ok(handled);
+            }
+            self.judge(&outcome, now);
+            let acked = outcome.acked;
+            // Pipelining: mark this batch published while the next one is
+            // fetched and published. Its rows are still pending until the mark
+            // commits, so the fetch leaves them out by position.
+            let (marked, next) = futures::join!(
+                self.store.mark_published(&self.id, &acked, now),
+                self.fetch_and_publish(&acked, now),
+            );
+            self.count_marked(marked?, &acked, now);
+            let Some((n, next_outcome)) = next? else {
+                return Ok(handled);
+            };
+            self.stats.batches += 1;
+            batches += 1;
+            handled += n;
+            full = n >= self.config.batch_size;
+            outcome = next_outcome;
+        }
+    }
+
+    /// The next batch after `in_flight` (acknowledged, being marked, still
+    /// pending in the store), published. `None` when nothing else is due.
+    async fn fetch_and_publish(
+        &self,
+        in_flight: &[(i64, PublishAck)],
+        now: DateTime<Utc>,
+    ) -> Result<Option<(usize, BatchOutcome)>> {
+        let limit = self.config.batch_size.saturating_add(in_flight.len());
+        let mut batch = self.store.fetch_batch(&self.partitions, limit, now).await?;
+        let mut skip: Vec<i64> = in_flight.iter().map(|(p, _)| *p).collect();
+        skip.sort_unstable();
+        batch.retain(|r| skip.binary_search(&r.position).is_err());
+        // a prefix in position order: no key loses an earlier message and keeps a later one
+        batch.truncate(self.config.batch_size);
+        // a lost lease drops that partition's records; the step ends and the
+        // next one renews the leases first
+        if self.number_batch(&mut batch, now).await? || batch.is_empty() {
+            return Ok(None);
+        }
         let n = batch.len();
-        let outcome = self.publish_batch(batch).await;
-        self.settle(outcome).await?;
-        Ok(n)
+        Ok(Some((n, self.publish_batch(batch).await)))
     }
 
     /// Give the batch's new records their partition's next sequence numbers
@@ -298,15 +387,29 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         if self.producer.is_none() {
             self.producer = Some(self.store.producer_id().await?);
         }
-        let Some(Some(producer)) = &self.producer else {
-            return Ok(());
-        };
-        let fetched = batch.len();
-        self.store.assign_sequences(&self.id, batch, now).await?;
-        if batch.len() < fetched {
+        if self.number_batch(batch, now).await? {
             // some partition's lease is gone: renew before the next batch
             self.lease_renew_at = None;
         }
+        Ok(())
+    }
+
+    /// [`Relay::number`] once the producer id is known (`&self`, so it can
+    /// run next to a mark). Returns whether records were dropped because a
+    /// partition's lease is gone.
+    async fn number_batch(
+        &self,
+        batch: &mut Vec<OutboxRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let Some(Some(producer)) = &self.producer else {
+            return Ok(false);
+        };
+        if batch.is_empty() || !self.config.sequence_numbers {
+            return Ok(false);
+        }
+        let fetched = batch.len();
+        self.store.assign_sequences(&self.id, batch, now).await?;
         for rec in batch.iter_mut() {
             if let Some(seq) = rec.sequence {
                 Sequence {
@@ -318,7 +421,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 .stamp(&mut rec.message);
             }
         }
-        Ok(())
+        Ok(batch.len() < fetched)
     }
 
     /// Delete history older than the retention from the leased partitions,
@@ -390,13 +493,10 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         all
     }
 
-    /// Record the outcome of a batch in the store.
-    async fn settle(&mut self, outcome: BatchOutcome) -> Result<()> {
-        let now = self.clock.now();
-        // The breaker's verdict first, before any store write can fail and
-        // return early: a probe must always get one. The transport is down
-        // when nothing got through and something failed retryably; an ack,
-        // or only terminal (message-specific) errors, mean it answered.
+    /// The breaker's verdict on a batch. The transport is down when nothing
+    /// got through and something failed retryably; an ack, or only terminal
+    /// (message-specific) errors, mean it answered.
+    fn judge(&mut self, outcome: &BatchOutcome, now: DateTime<Utc>) {
         let transport_up = !outcome.acked.is_empty();
         let transport_down = !transport_up && outcome.failed.iter().any(|(_, e)| e.retryable());
         if transport_down {
@@ -409,23 +509,37 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             self.breaker.on_success();
             metrics::gauge!(m::RELAY_BREAKER_OPEN).set(0.0);
         }
-        if !outcome.acked.is_empty() {
+    }
+
+    /// Count `marked` of the `acked` messages as published.
+    fn count_marked(&mut self, marked: u64, acked: &[(i64, PublishAck)], now: DateTime<Utc>) {
+        if acked.is_empty() {
+            return;
+        }
+        if marked < acked.len() as u64 {
+            // Lease lost while publishing (another relay took the partition):
+            // the new holder republishes; transport and inbox dedupe by id.
+            warn!(relay = %self.id, marked, published = acked.len(), "lease lost during batch; renewing");
+            self.lease_renew_at = None;
+        }
+        self.stats.published += marked;
+        self.stats.duplicates += acked.iter().filter(|(_, a)| a.duplicate).count() as u64;
+        metrics::counter!(m::RELAY_PUBLISHED_TOTAL, "relay" => self.id.clone()).increment(marked);
+        self.last_success = Some(now);
+    }
+
+    /// Record the outcome of a batch in the store.
+    async fn settle(&mut self, outcome: BatchOutcome, now: DateTime<Utc>) -> Result<()> {
+        // The breaker's verdict first, before any store write can fail and
+        // return early: a probe must always get one.
+        self.judge(&outcome, now);
+        let transport_up = !outcome.acked.is_empty();
+        if transport_up {
             let marked = self
                 .store
                 .mark_published(&self.id, &outcome.acked, now)
                 .await?;
-            if marked < outcome.acked.len() as u64 {
-                // Lease lost while publishing (another relay took the partition):
-                // the new holder republishes; transport and inbox dedupe by id.
-                warn!(relay = %self.id, marked, published = outcome.acked.len(), "lease lost during batch; renewing");
-                self.lease_renew_at = None;
-            }
-            self.stats.published += marked;
-            self.stats.duplicates +=
-                outcome.acked.iter().filter(|(_, a)| a.duplicate).count() as u64;
-            metrics::counter!(m::RELAY_PUBLISHED_TOTAL, "relay" => self.id.clone())
-                .increment(marked);
-            self.last_success = Some(now);
+            self.count_marked(marked, &outcome.acked, now);
         }
         for (rec, err) in outcome.failed {
             self.stats.failures += 1;

@@ -20,8 +20,12 @@ use crate::wake::{Waiter, Wake};
 pub const DEFAULT_PARTITIONS: u32 = 16;
 
 /// How often, at most, enqueues through one [`PgOutbox`] (and its clones)
-/// send NOTIFY, unless [`PgOutbox::with_notify_interval`] says otherwise.
-pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
+/// send NOTIFY, unless [`PgOutbox::with_notify_interval`] says otherwise:
+/// zero, every enqueue notifies. A longer interval let producers commit
+/// faster in `custody bench outbox`, but at a fixed 600 msg/s the relay's
+/// part of the latency then grew from p50 3 ms to 48 ms although it polled
+/// (docs/BENCHMARKS.md); until that is understood, it is opt-in.
+pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::ZERO;
 
 /// The PostgreSQL outbox. Cheap to clone; clones share the pool and the
 /// LISTEN connection used by [`OutboxStore::wait_for_new`].
@@ -308,7 +312,8 @@ impl PgOutbox {
     }
 
     /// Whether [`PgOutbox::enqueue`] sends `NOTIFY custody_outbox` (default
-    /// true, at most once per [`PgOutbox::with_notify_interval`]). NOTIFY
+    /// true, from every enqueue unless [`PgOutbox::with_notify_interval`]
+    /// spaces them out). NOTIFY
     /// wakes sleeping relays at once, but a committing transaction that
     /// notified takes a global lock; switch it off to rely on the relays'
     /// polling alone.
@@ -317,8 +322,8 @@ impl PgOutbox {
         self
     }
 
-    /// Send NOTIFY from at most one enqueue per `every` (default 100 ms;
-    /// zero: from every enqueue, as before). Notifying
+    /// Send NOTIFY from at most one enqueue per `every` (default zero: from
+    /// every enqueue). Notifying
     /// transactions commit one at a time (see [`PgOutbox::with_notify`]); a
     /// relay that is busy polls every `busy-poll-interval` and needs no
     /// NOTIFY, an idle one is woken by the first enqueue after a quiet

@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// relay-drain the backlog size, 1,000,000 full).
     #[arg(long)]
     pub messages: Option<u64>,
+    /// Offered rate (msg/s) of the latency phase of `outbox` and
+    /// `outbox-embedded`, instead of half the run's own saturated end-to-end
+    /// rate: compares latency across builds at one load.
+    #[arg(long)]
+    pub load_rate: Option<f64>,
     /// Payload size of each message (and of each business row's data).
     #[arg(long, default_value_t = 256)]
     pub payload_bytes: usize,
@@ -743,7 +748,8 @@ where
         &stamps.take_histogram()?,
     ));
 
-    let half = e2e / 2.0;
+    let half = args.load_rate.filter(|r| *r > 0.0).unwrap_or(e2e / 2.0);
+    report.param("latency_phase_offered_per_s", half);
     let secs = if args.quick { 5.0 } else { 30.0 };
     let n2 = ((half * secs) as u64).max(100);
     let b = bar(n2, &format!("{label}: 50% load ({half:.0} msg/s)"));
@@ -936,6 +942,7 @@ mod tests {
             quick: true,
             producers: 4,
             messages: None,
+            load_rate: None,
             payload_bytes: 256,
             json: None,
             nats: String::new(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use custody::nats::{NatsPublisher, StreamSpec};
 use custody::postgres::{PgOutbox, DEFAULT_PARTITIONS};
-use custody::{partition_for, CancellationToken, Relay, RelayConfig};
+use custody::{partition_for, CancellationToken, Relay};
 use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
@@ -91,7 +91,7 @@ async fn measure(
     let n = args.messages_or(100_000, 1_000_000);
     report.param("backlog", n);
     report.param("keys", KEYS);
-    report.param("relay", serde_json::to_value(RelayConfig::default())?);
+    report.param("relay", serde_json::to_value(args.relay_config())?);
     let pool = pg_pool(url, 4).await?;
     custody::postgres::migrate(&pool).await?;
     let payload = vec![b'x'; args.payload_bytes];
@@ -131,7 +131,7 @@ async fn measure(
     let relay = Relay::new(
         PgOutbox::new(pool.clone()),
         NatsPublisher::new(client.clone(), &spec),
-        RelayConfig::default(),
+        args.relay_config(),
     )
     .with_id(format!("bench-{tag}"));
     let b = bar(n, "relay draining the backlog to JetStream");

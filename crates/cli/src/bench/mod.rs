@@ -87,10 +87,22 @@ pub struct BenchArgs {
     /// PostgreSQL server; the benchmark creates and drops its own databases on it.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
     pub postgres: String,
+    /// Run the relay without sequence numbering (`relay.sequence-numbers = false`), to
+    /// measure what numbering costs (docs/SEQUENCES.md).
+    #[arg(long)]
+    pub no_sequence_numbers: bool,
 }
 
 impl BenchArgs {
     /// `--messages`, or the scenario's default for the chosen size.
+    /// The relay settings a scenario runs with.
+    pub fn relay_config(&self) -> custody::RelayConfig {
+        custody::RelayConfig {
+            sequence_numbers: !self.no_sequence_numbers,
+            ..custody::RelayConfig::default()
+        }
+    }
+
     pub fn messages_or(&self, quick: u64, full: u64) -> u64 {
         self.messages
             .unwrap_or(if self.quick { quick } else { full })

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use custody::nats::{NatsPublisher, NatsSubscriber, StreamSpec};
 use custody::postgres::{PgInbox, PgOutbox};
-use custody::{
-    CancellationToken, Consumer, ConsumerConfig, Handler, HandlerError, Message, Relay, RelayConfig,
-};
+use custody::{CancellationToken, Consumer, ConsumerConfig, Handler, HandlerError, Message, Relay};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -86,7 +84,7 @@ async fn measure(
     let producers = args.producers;
     report.param("messages", n);
     report.param("keys", KEYS);
-    report.param("relay", serde_json::to_value(RelayConfig::default())?);
+    report.param("relay", serde_json::to_value(args.relay_config())?);
 
     let pool_size = u32::try_from(producers)
         .unwrap_or(u32::MAX)
@@ -217,7 +215,7 @@ async fn measure(
     let relay = Relay::new(
         PgOutbox::new(relay_pool),
         NatsPublisher::new(client.clone(), &spec),
-        RelayConfig::default(),
+        args.relay_config(),
     )
     .with_id(format!("bench-{tag}"));
     let relay_task = tokio::spawn(relay.run(cancel.clone()));

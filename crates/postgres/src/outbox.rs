@@ -217,7 +217,9 @@ RETURNING ",
 // custody_sequence's next_seq (1 for a new pair), and store the next numbers.
 // Rows of partitions not leased are left unnumbered (fencing). The
 // data-modifying CTEs share one snapshot; the FOR UPDATE on the lease rows
-// serializes two numberings of a partition.
+// serializes two numberings of a partition. `IN (SELECT … FROM lease)`, not a
+// join: the planner estimates one lease row and would scan the batch's
+// positions once per leased partition (25 ms instead of 8 ms for 500 rows).
 const ASSIGN_SEQUENCES: &str = "\
 WITH lease AS (
     SELECT partition FROM custody_relay_lease
@@ -228,9 +230,9 @@ numbered AS (
            COALESCE(q.next_seq, 1)
              + row_number() OVER (PARTITION BY o.partition, o.topic ORDER BY o.position) - 1 AS seq
     FROM custody_outbox o
-    JOIN lease l ON l.partition = o.partition
     LEFT JOIN custody_sequence q ON q.partition = o.partition AND q.topic = o.topic
-    WHERE o.position = ANY($2) AND o.seq IS NULL AND o.status = 0),
+    WHERE o.position = ANY($2) AND o.seq IS NULL AND o.status = 0
+      AND o.partition IN (SELECT partition FROM lease)),
 upd AS (
     UPDATE custody_outbox o SET seq = n.seq FROM numbered n
     WHERE o.position = n.position

@@ -959,6 +959,7 @@ mod tests {
             json: None,
             nats: String::new(),
             postgres: String::new(),
+            no_sequence_numbers: false,
         };
         let mut r = Report::new(&args);
         let e2e = r.rate("end to end", 1000, Duration::from_secs(2));

@@ -315,7 +315,16 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         self.stats.batches += 1;
         let mut handled = batch.len();
         let mut full = batch.len() >= self.config.batch_size;
-        let mut outcome = self.publish_batch(batch).await;
+        // Pipelining, three stages: while batch k+1 is published, batch k is
+        // marked and batch k+2 is fetched and numbered (so neither the mark
+        // nor the fetch and numbering is on the path from one publish to the
+        // next). Rows of k and k+1 are still pending, so the fetch leaves
+        // them out by position.
+        let in_flight: Vec<i64> = batch.iter().map(|r| r.position).collect();
+        let (mut outcome, mut prepared) = futures::join!(
+            self.publish_batch(batch),
+            self.prepare_next(full, &in_flight, now),
+        );
         let mut batches = 1;
         loop {
             let now = self.clock.now();
@@ -324,7 +333,8 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             // this batch is held back (nothing failed, so nothing needs parking
             // before the next fetch), and more is probably waiting. Stop before
             // the leases are due for renewal, so marks are always fenced by a
-            // lease this relay renewed in time.
+            // lease this relay renewed in time. A prepared batch not taken is
+            // dropped: its rows stay pending (numbered, which they keep).
             let go_on = full
                 && outcome.failed.is_empty()
                 && batches < MAX_BATCHES_PER_STEP
@@ -335,46 +345,60 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             }
             self.judge(&outcome, now);
             let acked = outcome.acked;
-            // Pipelining: mark this batch published while the next one is
-            // fetched and published. Its rows are still pending until the mark
-            // commits, so the fetch leaves them out by position.
-            let (marked, next) = futures::join!(
+            let next = match prepared? {
+                Some(next) if !next.is_empty() => next,
+                _ => {
+                    let marked = self.store.mark_published(&self.id, &acked, now).await?;
+                    self.count_marked(marked, &acked, now);
+                    return Ok(handled);
+                }
+            };
+            let n = next.len();
+            let next_full = n >= self.config.batch_size;
+            let in_flight: Vec<i64> = acked
+                .iter()
+                .map(|(p, _)| *p)
+                .chain(next.iter().map(|r| r.position))
+                .collect();
+            let (marked, next_outcome, next_prepared) = futures::join!(
                 self.store.mark_published(&self.id, &acked, now),
-                self.fetch_and_publish(&acked, now),
+                self.publish_batch(next),
+                self.prepare_next(next_full, &in_flight, now),
             );
             self.count_marked(marked?, &acked, now);
-            let Some((n, next_outcome)) = next? else {
-                return Ok(handled);
-            };
             self.stats.batches += 1;
             batches += 1;
             handled += n;
-            full = n >= self.config.batch_size;
+            full = next_full;
             outcome = next_outcome;
+            prepared = next_prepared;
         }
     }
 
-    /// The next batch after `in_flight` (acknowledged, being marked, still
-    /// pending in the store), published. `None` when nothing else is due.
-    async fn fetch_and_publish(
+    /// The batch after the rows `in_flight` (being published or marked,
+    /// still pending in the store), fetched and numbered, when `wanted`.
+    /// `None` when not wanted, nothing else is due, or a partition's lease is
+    /// gone (the step ends and the next one renews the leases first).
+    async fn prepare_next(
         &self,
-        in_flight: &[(i64, PublishAck)],
+        wanted: bool,
+        in_flight: &[i64],
         now: DateTime<Utc>,
-    ) -> Result<Option<(usize, BatchOutcome)>> {
+    ) -> Result<Option<Vec<OutboxRecord>>> {
+        if !wanted {
+            return Ok(None);
+        }
         let limit = self.config.batch_size.saturating_add(in_flight.len());
         let mut batch = self.store.fetch_batch(&self.partitions, limit, now).await?;
-        let mut skip: Vec<i64> = in_flight.iter().map(|(p, _)| *p).collect();
+        let mut skip = in_flight.to_vec();
         skip.sort_unstable();
         batch.retain(|r| skip.binary_search(&r.position).is_err());
         // a prefix in position order: no key loses an earlier message and keeps a later one
         batch.truncate(self.config.batch_size);
-        // a lost lease drops that partition's records; the step ends and the
-        // next one renews the leases first
-        if self.number_batch(&mut batch, now).await? || batch.is_empty() {
+        if self.number_batch(&mut batch, now).await? {
             return Ok(None);
         }
-        let n = batch.len();
-        Ok(Some((n, self.publish_batch(batch).await)))
+        Ok(Some(batch))
     }
 
     /// Give the batch's new records their partition's next sequence numbers

@@ -383,9 +383,8 @@ async fn watch(
     consumer: &ConsumerDb,
     every: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let cancel = shutdown_token();
-    let mut last = ExitCode::SUCCESS;
-    loop {
+    range(args)?; // a bad --from / --to stops here, not at every round
+    every_round(every, || async {
         let (from, to) = range(args)?;
         let q = ReconcileQuery {
             topic: topic.to_owned(),
@@ -394,33 +393,48 @@ async fn watch(
             to,
             window: args.window,
         };
-        match run_once(producer, consumer, &q, true).await {
-            Ok(r) => {
-                export_report(&r);
-                if let Some(path) = &args.metrics_file {
-                    if let Err(e) = write_metrics(path, &r) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot write metrics file");
-                    }
-                }
-                if args.json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    println!(
-                        "{} {}..{}: windows {} (mismatching {}), sent {}, processed {}, missing {}, unexpected {}, dead-lettered {}",
-                        Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
-                        r.from.format("%Y-%m-%dT%H:%M:%SZ"),
-                        r.to.format("%Y-%m-%dT%H:%M:%SZ"),
-                        r.windows_checked,
-                        r.mismatching,
-                        r.sent,
-                        r.processed,
-                        r.missing.len(),
-                        r.unexpected.len(),
-                        r.dead_lettered.len()
-                    );
-                }
-                last = exit_code(&r);
+        let r = run_once(producer, consumer, &q, true).await?;
+        export_report(&r);
+        if let Some(path) = &args.metrics_file {
+            if let Err(e) = write_metrics(path, &r) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write metrics file");
             }
+        }
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{} {}..{}: windows {} (mismatching {}), sent {}, processed {}, missing {}, unexpected {}, dead-lettered {}",
+                Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
+                r.from.format("%Y-%m-%dT%H:%M:%SZ"),
+                r.to.format("%Y-%m-%dT%H:%M:%SZ"),
+                r.windows_checked,
+                r.mismatching,
+                r.sent,
+                r.processed,
+                r.missing.len(),
+                r.unexpected.len(),
+                r.dead_lettered.len()
+            );
+        }
+        Ok(exit_code(&r))
+    })
+    .await
+}
+
+/// Run `round` every `every` until SIGINT / SIGTERM and return the last
+/// round's exit status. A failed round is logged and tried again at the next
+/// interval (`--watch` of both kinds of reconciliation).
+async fn every_round<F, Fut>(every: Duration, mut round: F) -> anyhow::Result<ExitCode>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<ExitCode>>,
+{
+    let cancel = shutdown_token();
+    let mut last = ExitCode::SUCCESS;
+    loop {
+        match round().await {
+            Ok(code) => last = code,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "reconcile round failed; retrying at the next interval")
             }

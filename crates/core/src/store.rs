@@ -167,6 +167,17 @@ pub struct DeadLetter {
     pub dead_at: DateTime<Utc>,
 }
 
+impl DeadLetter {
+    /// The `(producer, partition, sequence)` stamp of the dead message, when
+    /// its envelope was readable and numbered: the inbox row written with the
+    /// dead letter carries it, so the number counts as accounted for.
+    pub fn sequence(&self) -> Option<crate::Sequence> {
+        let envelope = self.envelope.as_deref()?;
+        let message: Message = serde_json::from_str(envelope).ok()?;
+        crate::Sequence::of(&message)
+    }
+}
+
 /// Result of recording a message in an inbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InboxOutcome {

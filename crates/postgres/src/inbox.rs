@@ -74,6 +74,9 @@ const ENSURE_WATERMARK: &str = "\
 INSERT INTO custody_inbox_watermark (consumer, producer, topic, producer_partition)
 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
 
+const WATERMARKS: &str = "\
+SELECT producer, topic, producer_partition FROM custody_inbox_watermark WHERE consumer = $1";
+
 const LOCK_WATERMARK: &str = "\
 SELECT floor FROM custody_inbox_watermark
 WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4 FOR UPDATE";
@@ -186,11 +189,7 @@ impl InboxStore for PgInbox {
         if let Some(id) = dead.message_id {
             // so a redelivery is recognised and skipped, and its number (if
             // any) counts as accounted for, not as a gap
-            let sequence = dead
-                .envelope
-                .as_deref()
-                .and_then(|e| serde_json::from_str::<Message>(e).ok())
-                .and_then(|m| Sequence::of(&m));
+            let sequence = dead.sequence();
             let (producer, partition, seq) = stamp_columns(sequence.as_ref());
             sqlx::query(
                 "INSERT INTO custody_inbox
@@ -323,29 +322,27 @@ impl InboxStore for PgInbox {
         const OP: &str = "compact inbox";
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         let mut out = Compaction::default();
-        for p in self.progress(consumer).await? {
-            let partition = i32::try_from(p.partition).unwrap_or(i32::MAX);
+        // record() made a watermark row for every numbered partition: list
+        // them (not the progress aggregate, which the caller reads anyway)
+        let parts: Vec<(String, String, i32)> = sqlx::query_as(WATERMARKS)
+            .bind(consumer)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db(OP))?;
+        for (producer, topic, partition) in parts {
             let mut tx = self.pool.begin().await.map_err(db(OP))?;
-            sqlx::query(ENSURE_WATERMARK)
-                .bind(consumer)
-                .bind(&p.producer)
-                .bind(&p.topic)
-                .bind(partition)
-                .execute(&mut *tx)
-                .await
-                .map_err(db(OP))?;
             let floor: i64 = sqlx::query_scalar(LOCK_WATERMARK)
                 .bind(consumer)
-                .bind(&p.producer)
-                .bind(&p.topic)
+                .bind(&producer)
+                .bind(&topic)
                 .bind(partition)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(db(OP))?;
             let above: Vec<i64> = sqlx::query_scalar(SEQS_ABOVE)
                 .bind(consumer)
-                .bind(&p.producer)
-                .bind(&p.topic)
+                .bind(&producer)
+                .bind(&topic)
                 .bind(partition)
                 .bind(floor)
                 .bind(limit)
@@ -357,8 +354,8 @@ impl InboxStore for PgInbox {
             let new_floor = i64::try_from(new).unwrap_or(floor);
             let deleted = sqlx::query(DELETE_COMPACTED)
                 .bind(consumer)
-                .bind(&p.producer)
-                .bind(&p.topic)
+                .bind(&producer)
+                .bind(&topic)
                 .bind(partition)
                 .bind(new_floor)
                 .bind(keep_after)
@@ -370,8 +367,8 @@ impl InboxStore for PgInbox {
             if new > old || deleted > 0 {
                 sqlx::query(RAISE_FLOOR)
                     .bind(consumer)
-                    .bind(&p.producer)
-                    .bind(&p.topic)
+                    .bind(&producer)
+                    .bind(&topic)
                     .bind(partition)
                     .bind(new_floor)
                     .bind(i64::try_from(deleted).unwrap_or(i64::MAX))

@@ -159,28 +159,26 @@ where
     let mut missing = Vec::new();
     let mut in_flight = 0u64;
     for p in progress {
-        let head = heads.as_ref().and_then(|(pid, hs)| {
-            (pid == &p.producer)
-                .then(|| {
-                    hs.iter()
-                        .find(|h| h.topic == p.topic && h.partition == p.partition)
-                        .map(|h| h.last)
-                })
-                .flatten()
-        });
+        let head = heads
+            .as_ref()
+            .filter(|(pid, _)| pid == &p.producer)
+            .and_then(|(_, hs)| {
+                hs.iter()
+                    .find(|h| h.topic == p.topic && h.partition == p.partition)
+            })
+            .map(|h| h.last);
         let mut found: Vec<MissingNumber> = Vec::new();
         // holes: a number absent while a later one was recorded before the grace
         if p.holes > 0 {
             let present = processed
                 .numbers_above_floor(consumer, &p, LIST_LIMIT)
                 .await?;
-            let mut latest_stale_present = None;
-            for (seq, at) in present.iter().rev() {
-                if *at < stale_before {
-                    latest_stale_present = Some(*seq);
-                    break;
-                }
-            }
+            // the highest number recorded before the grace: holes below it are missing
+            let latest_stale_present = present
+                .iter()
+                .rev()
+                .find(|(_, at)| *at < stale_before)
+                .map(|(seq, _)| *seq);
             let have: BTreeSet<u64> = present.iter().map(|(s, _)| *s).collect();
             let top = present.last().map_or(p.floor, |(s, _)| *s);
             for seq in (p.floor + 1..top).filter(|s| !have.contains(s)) {
@@ -195,12 +193,7 @@ where
         }
         // tail: numbers after the consumer's highest, published before the grace
         let behind = head.map_or(0, |h| h.saturating_sub(p.high));
-        let mut tail: Vec<u64> = Vec::new();
-        if behind > 0 {
-            tail = (p.high + 1..=head.unwrap_or(p.high))
-                .take(LIST_LIMIT)
-                .collect();
-        }
+        let tail: Vec<u64> = (p.high + 1..=p.high + behind).take(LIST_LIMIT).collect();
         // only the given producer's outbox can resolve this partition's numbers
         let same_producer = producer.as_ref().is_some_and(|pid| pid == &p.producer);
         if let Some(s) = sent.filter(|_| same_producer) {
@@ -211,24 +204,21 @@ where
                 .collect();
             if !wanted.is_empty() {
                 let rows = s.numbered(&p.topic, p.partition, &wanted).await?;
-                for m in &mut found {
-                    // the row that accounts for the number: a skip marker
-                    // (pending or published) over the dead original
-                    if let Some(r) = rows
-                        .iter()
-                        .filter(|r| r.seq == m.seq)
+                // the row that accounts for a number: a skip marker (pending
+                // or published) over the dead original
+                let row_for = |seq: u64| {
+                    rows.iter()
+                        .filter(|r| r.seq == seq)
                         .min_by_key(|r| r.status == "dead")
-                    {
+                };
+                for m in &mut found {
+                    if let Some(r) = row_for(m.seq) {
                         m.id = Some(r.id);
                         m.outbox_status = Some(r.status.clone());
                     }
                 }
                 for seq in tail {
-                    let row = rows
-                        .iter()
-                        .filter(|r| r.seq == seq)
-                        .min_by_key(|r| r.status == "dead");
-                    match row {
+                    match row_for(seq) {
                         Some(r)
                             if r.status == "published"
                                 && r.published_at.is_some_and(|t| t < stale_before) =>

@@ -114,7 +114,8 @@ pub struct Relay<S, P, C = SystemClock> {
     lease_renew_at: Option<DateTime<Utc>>,
     prune_at: Option<DateTime<Utc>>,
     last_success: Option<DateTime<Utc>>,
-    /// The store's producer id once read (`Some(None)`: the store numbers nothing).
+    /// The store's producer id once read (`Some(None)`: nothing is numbered,
+    /// because the store does not number or `sequence_numbers` is off).
     producer: Option<Option<String>>,
     /// When a step last found messages (picks the idle wait).
     last_busy: Option<DateTime<Utc>>,
@@ -405,11 +406,16 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
     /// (stored before anything is published, so a republish keeps them) and
     /// stamp every record with its `(producer, partition, sequence)`.
     async fn number(&mut self, batch: &mut Vec<OutboxRecord>, now: DateTime<Utc>) -> Result<()> {
-        if batch.is_empty() || !self.config.sequence_numbers {
+        if batch.is_empty() {
             return Ok(());
         }
         if self.producer.is_none() {
-            self.producer = Some(self.store.producer_id().await?);
+            // `Some(None)` when numbering is off: nothing is numbered
+            self.producer = Some(if self.config.sequence_numbers {
+                self.store.producer_id().await?
+            } else {
+                None
+            });
         }
         if self.number_batch(batch, now).await? {
             // some partition's lease is gone: renew before the next batch
@@ -429,7 +435,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         let Some(Some(producer)) = &self.producer else {
             return Ok(false);
         };
-        if batch.is_empty() || !self.config.sequence_numbers {
+        if batch.is_empty() {
             return Ok(false);
         }
         let fetched = batch.len();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{env, step_message, verdict, CrashAfterPublish, Env, Recorder};
 use custody_core::Message;
-use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
+use custody_nats::{NatsPublisher, NatsSubscriber};
 use custody_postgres::{PgInbox, PgOutbox};
 use custody_relay::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
 use custody_testkit::NatsServer;
@@ -34,17 +34,7 @@ impl Env {
         &self,
         rec: Recorder,
     ) -> anyhow::Result<Consumer<PgInbox, NatsSubscriber, Recorder>> {
-        let sub = NatsSubscriber::with_options(
-            self.client.clone(),
-            &self.spec,
-            "billing",
-            &["steps".to_owned()],
-            SubscriberOptions {
-                ack_wait: Duration::from_secs(5),
-                ..SubscriberOptions::default()
-            },
-        )
-        .await?;
+        let sub = self.billing_subscriber().await?;
         let mut cfg = ConsumerConfig::new("billing");
         cfg.fetch_wait = Duration::from_millis(200);
         cfg.batch_size = 200;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{env, step_message, Env, Recorder};
 use custody_core::{Error, Message, PartitionProgress, PublishAck, Publisher, SentHistory};
-use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
+use custody_nats::{NatsPublisher, NatsSubscriber};
 use custody_postgres::{PgInbox, PgOutbox};
 use custody_relay::live::reconcile_live;
 use custody_relay::{Consumer, ConsumerConfig, Relay, RelayConfig};
@@ -35,17 +35,7 @@ impl Env {
     }
 
     async fn consumer(&self) -> anyhow::Result<Consumer<PgInbox, NatsSubscriber, Recorder>> {
-        let sub = NatsSubscriber::with_options(
-            self.client.clone(),
-            &self.spec,
-            "billing",
-            &["steps".to_owned()],
-            SubscriberOptions {
-                ack_wait: Duration::from_secs(5),
-                ..SubscriberOptions::default()
-            },
-        )
-        .await?;
+        let sub = self.billing_subscriber().await?;
         let mut cfg = ConsumerConfig::new("billing");
         cfg.fetch_wait = Duration::from_millis(200);
         // fold everything at once (no reconciliation window kept)

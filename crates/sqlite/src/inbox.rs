@@ -261,11 +261,7 @@ impl InboxStore for SqliteInbox {
         // With the inbox row, a redelivery of this message is a duplicate
         // and is skipped instead of failing again.
         if let Some(id) = id {
-            let stamp = dead
-                .envelope
-                .as_deref()
-                .and_then(|e| serde_json::from_str::<Message>(e).ok())
-                .and_then(|m| Sequence::of(&m));
+            let stamp = dead.sequence();
             let (producer, partition, seq) = stamp_columns(stamp.as_ref());
             sqlx::query(INSERT_DEAD_INBOX)
                 .bind(consumer)

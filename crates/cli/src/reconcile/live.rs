@@ -7,8 +7,7 @@ use chrono::Utc;
 use custody::live::{export_live, reconcile_live, LiveReport};
 use custody::SentHistory;
 
-use super::{esc, write_atomically, ConsumerDb, Producer, ReconcileArgs};
-use crate::ops::shutdown_token;
+use super::{esc, every_round, write_atomically, ConsumerDb, Producer, ReconcileArgs};
 
 async fn check(
     args: &ReconcileArgs,
@@ -111,38 +110,29 @@ async fn watch(
     consumer: &ConsumerDb,
     every: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let cancel = shutdown_token();
-    let mut last = ExitCode::SUCCESS;
-    loop {
-        match check(args, producer, consumer).await {
-            Ok(r) => {
-                export_live(&r);
-                if let Some(path) = &args.metrics_file {
-                    if let Err(e) = write_metrics(path, &r) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot write metrics file");
-                    }
-                }
-                if args.json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    println!(
-                        "{} consumer {:?}: {} partitions, {} missing, {} in flight",
-                        r.checked_at.format("%Y-%m-%dT%H:%M:%SZ"),
-                        r.consumer,
-                        r.partitions.len(),
-                        r.missing.len(),
-                        r.in_flight
-                    );
-                }
-                last = exit_code(&r);
+    every_round(every, || async {
+        let r = check(args, producer, consumer).await?;
+        export_live(&r);
+        if let Some(path) = &args.metrics_file {
+            if let Err(e) = write_metrics(path, &r) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write metrics file");
             }
-            Err(e) => tracing::warn!(error = %e, "live reconciliation failed; retrying next round"),
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(last),
-            _ = tokio::time::sleep(every) => {}
+        if args.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{} consumer {:?}: {} partitions, {} missing, {} in flight",
+                r.checked_at.format("%Y-%m-%dT%H:%M:%SZ"),
+                r.consumer,
+                r.partitions.len(),
+                r.missing.len(),
+                r.in_flight
+            );
         }
-    }
+        Ok(exit_code(&r))
+    })
+    .await
 }
 
 fn exit_code(r: &LiveReport) -> ExitCode {

@@ -209,3 +209,21 @@ impl Drop for Env {
         });
     }
 }
+
+impl Env {
+    /// The "billing" consumer's JetStream subscription to topic `steps`
+    /// (5 s ack wait, so a test sees a redelivery soon).
+    pub async fn billing_subscriber(&self) -> anyhow::Result<custody_nats::NatsSubscriber> {
+        Ok(custody_nats::NatsSubscriber::with_options(
+            self.client.clone(),
+            &self.spec,
+            "billing",
+            &["steps".to_owned()],
+            custody_nats::SubscriberOptions {
+                ack_wait: std::time::Duration::from_secs(5),
+                ..custody_nats::SubscriberOptions::default()
+            },
+        )
+        .await?)
+    }
+}

@@ -12,6 +12,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::error::db;
+use crate::outbox::journal_number;
 use crate::{PgInbox, PgOutbox};
 
 // UUIDs compare bytewise: an id range is a range of the UNIQUE (id) index.
@@ -106,8 +107,18 @@ impl SentHistory for PgOutbox {
     ) -> Result<Vec<NumberedRow>> {
         let seqs: Vec<i64> = seqs.iter().filter_map(|s| i64::try_from(*s).ok()).collect();
         let rows: Vec<(i64, Uuid, i16, Option<DateTime<Utc>>)> = sqlx::query_as(
-            "SELECT seq, id, status, published_at FROM custody_outbox
-             WHERE (topic || '') = $1 AND partition = $2 AND seq = ANY($3)
+            // rows carrying their number, and rows in flight whose number
+            // is still only in the sequence journal (e.g. their relay
+            // crashed between publishing and marking)
+            "SELECT seq, id, status, published_at FROM (
+                 SELECT seq, id, status, published_at, position FROM custody_outbox
+                 WHERE (topic || '') = $1 AND partition = $2 AND seq = ANY($3)
+                 UNION ALL
+                 SELECT u.seq, o.id, o.status, o.published_at, o.position
+                 FROM custody_sequence_block b
+                 CROSS JOIN LATERAL unnest(b.positions, b.seqs) AS u(pos, seq)
+                 JOIN custody_outbox o ON o.position = u.pos AND o.seq IS NULL
+                 WHERE b.topic = $1 AND b.partition = $2 AND u.seq = ANY($3)) AS n
              ORDER BY seq, position",
         )
         .bind(topic)
@@ -232,11 +243,16 @@ fn status_name(s: i16) -> String {
 pub async fn status(pool: &PgPool, id: Uuid) -> Result<MessageStatus> {
     const OP: &str = "read message status";
     let mut st = MessageStatus::new(id);
-    let row = sqlx::query(
+    // the number is in the row once published (or failed, or dead), in the
+    // sequence journal while the row is in flight
+    let row = sqlx::query(concat!(
         "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts,
-                retry_at, last_error, published_at, publish_ref, republish, seq
-         FROM custody_outbox WHERE id = $1",
-    )
+                retry_at, last_error, published_at, publish_ref, republish,
+                COALESCE(seq, (",
+        journal_number!(),
+        ")) AS seq
+         FROM custody_outbox o WHERE id = $1",
+    ))
     .bind(id)
     .fetch_optional(pool)
     .await
@@ -435,16 +451,27 @@ pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<
         } else {
             // seq = NULL: the skip marker left in its place accounted for
             // its old number; the relay gives it a new one
-            let reset = sqlx::query(
-                "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL,
-                     last_error = NULL, republish = republish + 1, seq = NULL
-                 WHERE id = $1 AND status = 2",
+            // (and out of the sequence journal, whose entry would give it
+            // the old number back)
+            let reset: i64 = sqlx::query_scalar(
+                "WITH reset AS (
+                     UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL,
+                         last_error = NULL, republish = republish + 1, seq = NULL
+                     WHERE id = $1 AND status = 2
+                     RETURNING position, partition),
+                 journal AS (
+                     UPDATE custody_sequence_block b
+                     SET positions = array_replace(b.positions, r.position, 0)
+                     FROM reset r
+                     WHERE b.partition = r.partition AND b.first_pos <= r.position
+                       AND b.last_pos >= r.position AND r.position = ANY(b.positions))
+                 SELECT count(*) FROM reset",
             )
             .bind(id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db(OP))?;
-            if reset.rows_affected() == 0 {
+            if reset == 0 {
                 out.skipped.push((
                     seq,
                     "its outbox row is gone (pruned) or no longer dead; re-enqueue the message from the envelope `custody dlq show` prints".into(),

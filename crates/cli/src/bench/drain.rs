@@ -12,6 +12,7 @@ use sqlx::PgPool;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use super::cpu::CpuMeter;
 use super::outbox::{message, KEYS, RAW_WINDOWS};
 use crate::services::{delete_stream, run_tag, with_databases};
 
@@ -111,14 +112,20 @@ async fn measure(
     let raw_n = (n / 5).clamp(20_000, 200_000);
     raw_jetstream(&client, &raw_subject, &template, 1000, 64).await?; // warm-up
     let mut ceiling_b = 0.0f64;
+    let mut ceiling_cpu = None;
     for w in RAW_WINDOWS {
+        let meter = CpuMeter::start();
         let took = raw_jetstream(&client, &raw_subject, &template, raw_n, w).await?;
+        let cpu = meter.stop();
         let r = report.rate(
             &format!("ceiling (b): raw JetStream publish+ack, {w} in flight"),
             raw_n,
             took,
         );
-        ceiling_b = ceiling_b.max(r);
+        if r > ceiling_b {
+            ceiling_b = r;
+            ceiling_cpu = cpu;
+        }
     }
     let js = async_nats::jetstream::new(client.clone());
     let mut js_stream = js.get_stream(stream).await?;
@@ -135,6 +142,7 @@ async fn measure(
     )
     .with_id(format!("bench-{tag}"));
     let b = bar(n, "relay draining the backlog to JetStream");
+    let meter = CpuMeter::start();
     let start = Instant::now();
     let relay_task = tokio::spawn(relay.run(cancel.clone()));
     let deadline = start + phase_limit(args);
@@ -163,6 +171,7 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(if stored >= n { 10 } else { 200 })).await;
     };
     b.finish_and_clear();
+    let drain_cpu = meter.stop();
     cancel.cancel();
     let stats = tokio::time::timeout(Duration::from_secs(30), relay_task).await;
     let rss_max = sampler.stop().await;
@@ -201,6 +210,8 @@ async fn measure(
     report.note(format!(
         "with producers still committing R msg/s, a backlog of B clears in B / ({rate:.0} - R) s"
     ));
+    report.cpu("relay drain", drain_cpu, n);
+    report.cpu("ceiling (b), its fastest window", ceiling_cpu, raw_n);
     pool.close().await;
     Ok(())
 }

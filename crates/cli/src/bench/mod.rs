@@ -6,6 +6,7 @@
 //! dropped at the end), its own JetStream stream (deleted at the end) and
 //! SQLite files in a temporary directory.
 
+mod cpu;
 mod drain;
 mod embedded;
 mod outbox;
@@ -291,7 +292,18 @@ pub struct Report {
     pub throughput: Vec<Rate>,
     pub latency: Vec<Latency>,
     pub comparisons: Vec<Comparison>,
+    /// CPU time per message of measured phases, by process group.
+    pub cpu: Vec<CpuFigure>,
     pub notes: Vec<String>,
+}
+
+/// The CPU a phase used, for `messages` messages.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuFigure {
+    pub name: String,
+    pub messages: u64,
+    #[serde(flatten)]
+    pub used: cpu::CpuUse,
 }
 
 impl Report {
@@ -310,6 +322,7 @@ impl Report {
             throughput: Vec::new(),
             latency: Vec::new(),
             comparisons: Vec::new(),
+            cpu: Vec::new(),
             notes: Vec::new(),
         }
     }
@@ -361,6 +374,19 @@ impl Report {
             target,
             met: target.and_then(|t| t.met(r, value)),
         });
+    }
+
+    /// Record the CPU a phase of `messages` messages used (nothing when
+    /// /proc could not be read).
+    pub fn cpu(&mut self, name: &str, used: Option<cpu::CpuUse>, messages: u64) {
+        match used {
+            Some(used) => self.cpu.push(CpuFigure {
+                name: name.to_owned(),
+                messages,
+                used,
+            }),
+            None => self.note(format!("CPU of {name} not measured (no /proc)")),
+        }
     }
 
     /// Add a note (what bounds a figure, what was measured how).
@@ -433,6 +459,36 @@ impl Report {
                         Some(false) => "NO",
                         None => "-",
                     }
+                );
+            }
+        }
+        if !self.cpu.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n{:<40} {:>8} {:>8} {:>8} {:>9} {:>7} {:>6} {:>6}",
+                "CPU µs per message",
+                "all",
+                "custody",
+                "postgres",
+                "nats-srv",
+                "other",
+                "busy",
+                "cores"
+            );
+            for c in &self.cpu {
+                let per = |x: f64| x * 1e6 / c.messages.max(1) as f64;
+                let u = &c.used;
+                let _ = writeln!(
+                    s,
+                    "{:<40} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>7.1} {:>5.0}% {:>6.1}",
+                    c.name,
+                    per(u.machine_busy_s),
+                    per(u.this_process_s),
+                    per(u.postgres_s),
+                    per(u.nats_server_s),
+                    per(u.other_s()),
+                    u.busy_share() * 100.0,
+                    u.cores
                 );
             }
         }
@@ -685,7 +741,9 @@ where
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let b = bar(n, what);
+    let meter = cpu::CpuMeter::start();
     let took = drive(producers, n, None, &b, op).await?;
+    report.cpu(name, meter.stop(), n);
     b.finish_and_clear();
     Ok(report.rate(name, n, took))
 }
@@ -740,10 +798,12 @@ where
         n,
         &format!("{label}: saturated, {} producers", args.producers),
     );
+    let meter = cpu::CpuMeter::start();
     let start = Instant::now();
     let producing = drive(args.producers, n, None, &b, op.clone()).await?;
     b.set_message(format!("{label}: saturated, draining"));
     let last = wait_processed(stamps, base + n, limit, &b).await?;
+    report.cpu(&format!("{label}: end to end, saturated"), meter.stop(), n);
     b.finish_and_clear();
     let commits = report.rate(
         &format!("{label}: producer commits (row + outbox), saturated"),

@@ -17,6 +17,8 @@ use uuid::Uuid;
 
 use crate::services::{delete_stream, run_tag, with_databases};
 
+use super::cpu::CpuMeter;
+
 use super::{
     bar, drive, key_of, pg_pool, pipeline_phases, raw_jetstream, timed_rate, warm_up, BenchArgs,
     Report, Stamps, Target, TimedInbox, TimedTx,
@@ -199,12 +201,11 @@ async fn measure(
     raw_jetstream(&client, &raw_subject, &template, 1000, 64).await?; // warm-up
     let mut ceiling_b = 0.0f64;
     for w in RAW_WINDOWS {
+        let meter = CpuMeter::start();
         let took = raw_jetstream(&client, &raw_subject, &template, raw_n, w).await?;
-        let r = report.rate(
-            &format!("ceiling (b): raw JetStream publish+ack, {w} in flight"),
-            raw_n,
-            took,
-        );
+        let name = format!("ceiling (b): raw JetStream publish+ack, {w} in flight");
+        report.cpu(&name, meter.stop(), raw_n);
+        let r = report.rate(&name, raw_n, took);
         ceiling_b = ceiling_b.max(r);
     }
 

@@ -63,6 +63,33 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<OutboxRecord>>> + Send;
 
+    /// [`OutboxStore::fetch_batch`] leaving out the rows at the positions
+    /// `in_flight` (still pending: the pipelined relay is publishing or
+    /// marking them): the first `limit` of the others, in position order.
+    ///
+    /// The default fetches `limit + in_flight.len()` rows and drops the
+    /// in-flight ones; a store that can leave them out in its query should,
+    /// so they are neither read nor sent twice.
+    fn fetch_batch_excluding(
+        &self,
+        partitions: &[u32],
+        limit: usize,
+        in_flight: &[i64],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<OutboxRecord>>> + Send {
+        async move {
+            let mut batch = self
+                .fetch_batch(partitions, limit.saturating_add(in_flight.len()), now)
+                .await?;
+            let mut skip = in_flight.to_vec();
+            skip.sort_unstable();
+            batch.retain(|r| skip.binary_search(&r.position).is_err());
+            // a prefix in position order: no key loses an earlier message and keeps a later one
+            batch.truncate(limit);
+            Ok(batch)
+        }
+    }
+
     /// This outbox's producer id, the first part of every `(producer,
     /// partition, sequence)` stamp (see [`crate::sequence`]). Stores that
     /// return `None` (the default) publish unnumbered messages.

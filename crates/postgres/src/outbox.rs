@@ -213,6 +213,27 @@ ORDER BY o.position
 LIMIT $2"
 );
 
+// FETCH_BATCH without the rows at positions $4 (OutboxStore::fetch_batch_excluding):
+// the pipelined relay's in-flight batches, still pending, are neither
+// returned nor decoded again.
+const FETCH_BATCH_EXCLUDING: &str = concat!(
+    "SELECT ",
+    outbox_columns!(),
+    ", o.republish, o.seq
+FROM custody_outbox o
+WHERE o.status = 0
+  AND o.partition = ANY($1)
+  AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+  AND o.position <> ALL($4)
+  AND NOT EXISTS (
+      SELECT 1 FROM custody_outbox p
+      WHERE p.status = 0 AND p.retry_at IS NOT NULL
+        AND p.partition = o.partition AND p.msg_key = o.msg_key
+        AND p.position <= o.position AND p.retry_at > $3)
+ORDER BY o.position
+LIMIT $2"
+);
+
 // Fencing: only rows of partitions `relay` still holds an unexpired lease on.
 // $2/$4: positions and their acks' references, zipped by UNNEST.
 //
@@ -557,6 +578,63 @@ impl PgOutbox {
 
     /// Dead-letter rows that cannot be read as messages so they never block
     /// the relay (invariant 6).
+    /// FETCH_BATCH, or FETCH_BATCH_EXCLUDING when rows are `in_flight`.
+    #[tracing::instrument(skip_all, fields(partitions = partitions.len(), limit))]
+    async fn fetch(
+        &self,
+        partitions: &[u32],
+        limit: usize,
+        in_flight: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>> {
+        const OP: &str = "fetch outbox batch";
+        // Notifications from here on count as new for wait_for_new.
+        self.waiter.catch_up();
+        let parts: Vec<i32> = partitions
+            .iter()
+            .filter_map(|p| i32::try_from(*p).ok())
+            .collect();
+        if parts.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = if in_flight.is_empty() {
+            sqlx::query(FETCH_BATCH)
+        } else {
+            sqlx::query(FETCH_BATCH_EXCLUDING)
+        };
+        let query = query.bind(&parts).bind(limit).bind(now);
+        let query = if in_flight.is_empty() {
+            query
+        } else {
+            query.bind(in_flight)
+        };
+        let rows = query.fetch_all(&self.pool).await.map_err(db(OP))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for raw in &rows {
+            let republish: i32 = raw.try_get(12).map_err(db(OP))?;
+            let seq: Option<i64> = raw.try_get(13).map_err(db(OP))?;
+            let row = OutboxRow::from_row(raw).map_err(db(OP))?;
+            let (position, partition, attempts) = (row.position, row.partition, row.attempts);
+            match (row.into_message(), u32::try_from(partition)) {
+                (Ok(message), Ok(partition)) => out.push(OutboxRecord {
+                    position,
+                    partition,
+                    attempts: u32::try_from(attempts).unwrap_or(0),
+                    republish: u32::try_from(republish).unwrap_or(0),
+                    sequence: seq.and_then(|s| u64::try_from(s).ok()),
+                    message,
+                }),
+                (Err(bad), _) => self.dead_letter_malformed(position, &bad.reason).await?,
+                (Ok(_), Err(_)) => {
+                    self.dead_letter_malformed(position, "negative partition")
+                        .await?
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn dead_letter_malformed(&self, position: i64, reason: &str) -> Result<()> {
         tracing::warn!(
             position,
@@ -815,54 +893,23 @@ impl OutboxStore for PgOutbox {
         tx.commit().await.map_err(db(OP))
     }
 
-    #[tracing::instrument(skip_all, fields(partitions = partitions.len(), limit))]
     async fn fetch_batch(
         &self,
         partitions: &[u32],
         limit: usize,
         now: DateTime<Utc>,
     ) -> Result<Vec<OutboxRecord>> {
-        const OP: &str = "fetch outbox batch";
-        // Notifications from here on count as new for wait_for_new.
-        self.waiter.catch_up();
-        let parts: Vec<i32> = partitions
-            .iter()
-            .filter_map(|p| i32::try_from(*p).ok())
-            .collect();
-        if parts.is_empty() || limit == 0 {
-            return Ok(Vec::new());
-        }
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(FETCH_BATCH)
-            .bind(&parts)
-            .bind(limit)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db(OP))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for raw in &rows {
-            let republish: i32 = raw.try_get(12).map_err(db(OP))?;
-            let seq: Option<i64> = raw.try_get(13).map_err(db(OP))?;
-            let row = OutboxRow::from_row(raw).map_err(db(OP))?;
-            let (position, partition, attempts) = (row.position, row.partition, row.attempts);
-            match (row.into_message(), u32::try_from(partition)) {
-                (Ok(message), Ok(partition)) => out.push(OutboxRecord {
-                    position,
-                    partition,
-                    attempts: u32::try_from(attempts).unwrap_or(0),
-                    republish: u32::try_from(republish).unwrap_or(0),
-                    sequence: seq.and_then(|s| u64::try_from(s).ok()),
-                    message,
-                }),
-                (Err(bad), _) => self.dead_letter_malformed(position, &bad.reason).await?,
-                (Ok(_), Err(_)) => {
-                    self.dead_letter_malformed(position, "negative partition")
-                        .await?
-                }
-            }
-        }
-        Ok(out)
+        self.fetch(partitions, limit, &[], now).await
+    }
+
+    async fn fetch_batch_excluding(
+        &self,
+        partitions: &[u32],
+        limit: usize,
+        in_flight: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<OutboxRecord>> {
+        self.fetch(partitions, limit, in_flight, now).await
     }
 
     async fn producer_id(&self) -> Result<Option<String>> {

@@ -389,13 +389,10 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         if !wanted {
             return Ok(None);
         }
-        let limit = self.config.batch_size.saturating_add(in_flight.len());
-        let mut batch = self.store.fetch_batch(&self.partitions, limit, now).await?;
-        let mut skip = in_flight.to_vec();
-        skip.sort_unstable();
-        batch.retain(|r| skip.binary_search(&r.position).is_err());
-        // a prefix in position order: no key loses an earlier message and keeps a later one
-        batch.truncate(self.config.batch_size);
+        let mut batch = self
+            .store
+            .fetch_batch_excluding(&self.partitions, self.config.batch_size, in_flight, now)
+            .await?;
         if self.number_batch(&mut batch, now).await? {
             return Ok(None);
         }

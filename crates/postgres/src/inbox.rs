@@ -30,29 +30,22 @@ impl PgInbox {
     }
 }
 
-// The row lock taken by the insert (or by the conflicting update) serializes
-// two deliveries of one message to one consumer: the second waits for the
-// first transaction and then counts as a duplicate, or as new if the first
-// rolled back. A row `custody dlq redrive` marked (duplicates = -1) counts as
-// new once.
-const RECORD: &str = "\
-INSERT INTO custody_inbox (consumer, message_id, topic, processed_at, producer, producer_partition, seq)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (consumer, message_id) DO UPDATE
-    SET duplicates = CASE WHEN custody_inbox.duplicates < 0 THEN 0
-                          ELSE custody_inbox.duplicates + 1 END
-RETURNING duplicates";
-
-// Read after RECORD, as a statement of its own: a compaction that deleted
-// this message's row and raised the floor either committed before RECORD's
-// insert went ahead (then this statement, with a newer snapshot, sees the
-// floor) or had not yet read the row (then the row is the only record of the
-// number and the compaction cannot raise the floor past it). Reading the
-// floor first, or in the same statement, could see the floor from before a
-// compaction that RECORD then waited for, and take a compacted message as new.
-const FLOOR: &str = "\
-SELECT floor FROM custody_inbox_watermark
-WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4";
+// The inbox insert, then for a numbered message its partition's floor (the
+// floor row made with the partition's first message), in the function
+// custody_inbox_record (migration 0007): one round trip, and still one
+// statement after the other, each with its own snapshot. The order matters:
+// a compaction that deleted this message's row and raised the floor either
+// committed before the insert went ahead (then the floor read, with a newer
+// snapshot, sees the floor) or had not yet read the row (then the row is the
+// only record of the number and the compaction cannot raise the floor past
+// it). Reading the floor first, or in the same statement, could see the
+// floor from before a compaction that the insert then waited for, and take a
+// compacted message as new. The insert's row lock (or the conflicting
+// update's) serializes two deliveries of one message to one consumer: the
+// second waits for the first transaction and then counts as a duplicate, or
+// as new if the first rolled back. A row `custody dlq redrive` marked
+// (duplicates = -1) counts as new once.
+const RECORD: &str = "SELECT custody_inbox_record($1, $2, $3, $4, $5, $6, $7)";
 
 // Every (producer, topic, partition) the consumer has a watermark row for
 // (record creates it with the first numbered message of the partition), with
@@ -120,7 +113,7 @@ impl InboxStore for PgInbox {
     ) -> Result<InboxOutcome> {
         let sequence = Sequence::of(message);
         let (producer, partition, seq) = stamp_columns(sequence.as_ref());
-        let duplicates: i32 = sqlx::query_scalar(RECORD)
+        let new: bool = sqlx::query_scalar(RECORD)
             .bind(consumer)
             .bind(message.id)
             .bind(&message.topic)
@@ -131,37 +124,11 @@ impl InboxStore for PgInbox {
             .fetch_one(&mut **tx)
             .await
             .map_err(db("record in inbox"))?;
-        if duplicates != 0 {
-            return Ok(InboxOutcome::Duplicate);
-        }
-        if let (Some(producer), Some(partition), Some(seq)) = (producer, partition, seq) {
-            let floor: Option<i64> = sqlx::query_scalar(FLOOR)
-                .bind(consumer)
-                .bind(producer)
-                .bind(&message.topic)
-                .bind(partition)
-                .fetch_optional(&mut **tx)
-                .await
-                .map_err(db("read inbox floor"))?;
-            match floor {
-                // processed before; its row was compacted into the floor
-                Some(f) if seq <= f => return Ok(InboxOutcome::Duplicate),
-                Some(_) => {}
-                // the partition's first numbered message: give it a floor row
-                // (progress and compaction go by these rows)
-                None => {
-                    sqlx::query(ENSURE_WATERMARK)
-                        .bind(consumer)
-                        .bind(producer)
-                        .bind(&message.topic)
-                        .bind(partition)
-                        .execute(&mut **tx)
-                        .await
-                        .map_err(db("create inbox floor"))?;
-                }
-            }
-        }
-        Ok(InboxOutcome::New)
+        Ok(if new {
+            InboxOutcome::New
+        } else {
+            InboxOutcome::Duplicate
+        })
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {

@@ -23,13 +23,14 @@
 //! ```
 //!
 //! Invariant 5 of DESIGN.md (no skipped commits): positions come from an
-//! identity column assigned at insert, so a reader must not go past a row
-//! whose transaction is still running. Every reader here only takes rows
-//! with `txid < pg_snapshot_xmin(pg_current_snapshot())`, and the embedded
-//! subscriber, which keeps a cursor, reads in `(txid, position)` order (see
-//! [`PgEmbeddedSubscriber`]). The snapshot's xmin is cluster-wide: a long
-//! transaction in any database of the server delays publication (never
-//! loses anything).
+//! identity column assigned at insert, so a reader that keeps a cursor must
+//! not go past a row whose transaction is still running. The embedded
+//! subscriber only takes rows with `txid < pg_snapshot_xmin(pg_current_snapshot())`
+//! and reads in `(txid, position)` order (see [`PgEmbeddedSubscriber`]); the
+//! snapshot's xmin is cluster-wide, so a long transaction in any database of
+//! the server delays it (never loses anything). The relay reads pending rows
+//! by status, not past a cursor: a late-committing row is pending on its next
+//! call, so it needs no guard and does not wait for transactions in flight.
 #![forbid(unsafe_code)]
 
 mod error;

@@ -187,11 +187,16 @@ const INSERT_BATCH_NOTIFY: &str = notifying!(insert_batch!(), "ins.id, ins.posit
 
 // Invariant 5 (no skipped commits). `position` is assigned at insert, not at
 // commit, so a transaction that began earlier can commit a lower position
-// after a higher one became visible. `txid < pg_snapshot_xmin(...)` takes
-// only rows of transactions that finished before every transaction still in
-// progress started, so a row that commits late is not passed over (and
-// positions are published in order); it shows up on a later call once its
-// transaction and all older ones have ended.
+// after a higher one became visible. The relay cannot skip it: it reads
+// pending rows by status, not past a cursor, so a row that commits late is
+// simply pending on a later call. It therefore takes no visibility guard
+// (the embedded reader, a cursor, needs `txid < pg_snapshot_xmin(...)`): that
+// xmin is cluster-wide, and waiting for it made the relay wait for every
+// transaction in flight in any database of the cluster (the consumer's own,
+// a long batch job's), which was most of the relay's latency in `custody
+// bench outbox` (docs/BENCHMARKS.md). Rows of one key are published in the
+// order they become visible, which is their commit order (and in position
+// order among rows that are visible together).
 //
 // A failing message holds back only its own key: the NOT EXISTS (served by
 // the partial index custody_outbox_parked) leaves out a row when a pending row
@@ -203,7 +208,6 @@ const FETCH_BATCH: &str = concat!(
 FROM custody_outbox o
 WHERE o.status = 0
   AND o.partition = ANY($1)
-  AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
   AND NOT EXISTS (
       SELECT 1 FROM custody_outbox p
       WHERE p.status = 0 AND p.retry_at IS NOT NULL
@@ -223,7 +227,6 @@ const FETCH_BATCH_EXCLUDING: &str = concat!(
 FROM custody_outbox o
 WHERE o.status = 0
   AND o.partition = ANY($1)
-  AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
   AND o.position <> ALL($4)
   AND NOT EXISTS (
       SELECT 1 FROM custody_outbox p

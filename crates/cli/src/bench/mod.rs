@@ -520,6 +520,9 @@ pub struct Stamps {
 struct StampsInner {
     open: HashMap<Uuid, Side>,
     hist: Histogram<u64>,
+    /// commit → the consumer's inbox records the message (its transaction
+    /// still open): the transit part of `hist`, the rest is applying it
+    received: Histogram<u64>,
     processed: u64,
     last_processed: Option<Instant>,
 }
@@ -535,6 +538,7 @@ impl Stamps {
             inner: Mutex::new(StampsInner {
                 open: HashMap::new(),
                 hist: new_histogram()?,
+                received: new_histogram()?,
                 processed: 0,
                 last_processed: None,
             }),
@@ -554,6 +558,18 @@ impl Stamps {
             Some(Side::Committed(_)) | None => {
                 g.open.insert(id, Side::Committed(now));
             }
+        }
+    }
+
+    /// The consumer's inbox has recorded `id` (its transaction is still
+    /// open). Counted only when the producer's commit came first.
+    pub fn received(&self, id: Uuid) {
+        let now = Instant::now();
+        let mut g = self.lock();
+        if let Some(Side::Committed(at)) = g.open.get(&id) {
+            let us = now.saturating_duration_since(*at).as_micros();
+            g.received
+                .saturating_record(u64::try_from(us).unwrap_or(u64::MAX));
         }
     }
 
@@ -591,6 +607,12 @@ impl Stamps {
     pub fn take_histogram(&self) -> anyhow::Result<Histogram<u64>> {
         let fresh = new_histogram()?;
         Ok(std::mem::replace(&mut self.lock().hist, fresh))
+    }
+
+    /// Start a new commit → received histogram; returns the old one.
+    pub fn take_received(&self) -> anyhow::Result<Histogram<u64>> {
+        let fresh = new_histogram()?;
+        Ok(std::mem::replace(&mut self.lock().received, fresh))
     }
 }
 
@@ -660,6 +682,7 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
             .record(&mut tx.tx, consumer, message, now)
             .await?;
         if outcome == InboxOutcome::New {
+            self.stamps.received(message.id);
             tx.ids.push(message.id);
         }
         Ok(outcome)
@@ -792,6 +815,7 @@ where
     wait_processed(stamps, warm, limit, &b).await?;
     b.finish_and_clear();
     stamps.take_histogram()?;
+    stamps.take_received()?;
     let base = stamps.progress().0;
 
     let b = bar(
@@ -819,6 +843,10 @@ where
         &format!("{label}: commit → processed, saturated"),
         &stamps.take_histogram()?,
     ));
+    report.latency(Latency::from_micros(
+        &format!("{label}: commit → in consumer's transaction, saturated"),
+        &stamps.take_received()?,
+    ));
 
     let half = args.load_rate.filter(|r| *r > 0.0).unwrap_or(e2e / 2.0);
     report.param("latency_phase_offered_per_s", half);
@@ -840,6 +868,10 @@ where
     );
     let half_load_p99_ms = lat.p99_ms;
     report.latency(lat);
+    report.latency(Latency::from_micros(
+        &format!("{label}: commit → in consumer's transaction, 50% load"),
+        &stamps.take_received()?,
+    ));
     Ok(Phases {
         e2e,
         commits,

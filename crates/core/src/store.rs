@@ -241,6 +241,27 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<InboxOutcome>> + Send;
 
+    /// [`InboxStore::record`] each of `messages`, in order, inside `tx`: one
+    /// outcome per message, exactly as that many calls would give. The
+    /// consumer records a run of a group's messages ahead of their handlers
+    /// with it; backends with a network round trip per statement override it
+    /// to record them in one. The default calls `record` for each.
+    fn record_all(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        messages: &[&Message],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<InboxOutcome>>> + Send {
+        async move {
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for message in messages {
+                outcomes.push(self.record(tx, consumer, message, now).await?);
+            }
+            Ok(outcomes)
+        }
+    }
+
     /// Commit.
     fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
 

@@ -57,3 +57,29 @@ BEGIN
     RETURN p_seq > current;
 END
 $$;
+
+-- Several messages of one consumer in one round trip, in order: exactly
+-- custody_inbox_record for each (each of its statements still takes a
+-- fresh snapshot), one result per message. NULL elements of the last three
+-- arrays: an unnumbered message.
+CREATE OR REPLACE FUNCTION custody_inbox_record_all(
+    p_consumer   TEXT,
+    p_ids        UUID[],
+    p_topics     TEXT[],
+    p_now        TIMESTAMPTZ,
+    p_producers  TEXT[],
+    p_partitions INT[],
+    p_seqs       BIGINT[]
+) RETURNS BOOLEAN[]
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    result BOOLEAN[] := '{}';
+BEGIN
+    FOR i IN 1 .. coalesce(array_length(p_ids, 1), 0) LOOP
+        result := result || custody_inbox_record(p_consumer, p_ids[i], p_topics[i], p_now,
+                                                 p_producers[i], p_partitions[i], p_seqs[i]);
+    END LOOP;
+    RETURN result;
+END
+$$;

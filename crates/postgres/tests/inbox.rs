@@ -106,3 +106,98 @@ async fn consumer_dead_letter_skips_redelivery() -> anyhow::Result<()> {
     inbox.commit(tx).await?;
     Ok(())
 }
+
+/// `record_all` (one round trip) gives the outcomes and leaves the rows that
+/// `record` message by message gives: new, duplicate inside one call, a
+/// numbered message compacted into its floor, a redriven row counting as
+/// new once.
+#[tokio::test]
+async fn record_all_is_record_one_by_one() -> anyhow::Result<()> {
+    use custody_core::{Message, Sequence};
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let inbox = PgInbox::new(pool.clone());
+    let numbered = |n: u64, partition: u32, seq: u64| {
+        let mut m = msg("orders", "k", n);
+        Sequence {
+            producer: "p1".into(),
+            topic: "orders".into(),
+            partition,
+            seq,
+        }
+        .stamp(&mut m);
+        m
+    };
+    let (m1, m2, m3, m4, m5) = (
+        msg("orders", "k", 1),
+        numbered(2, 0, 1),
+        numbered(3, 0, 2),
+        numbered(4, 1, 1),
+        numbered(5, 0, 3),
+    );
+    let rounds: Vec<Vec<&Message>> = vec![
+        vec![&m1, &m2, &m3, &m1, &m4],
+        // m3 compacted into the floor (row gone, floor 2): still a duplicate
+        vec![&m3, &m5],
+        // m1 redriven (duplicates = -1): new once, then a duplicate again
+        vec![&m1, &m1],
+    ];
+    let mut got = Vec::new();
+    for (consumer, batched) in [("all", true), ("one", false)] {
+        let mut outcomes = Vec::new();
+        for (i, round) in rounds.iter().enumerate() {
+            if i == 1 {
+                sqlx::query("UPDATE custody_inbox_watermark SET floor = 2 WHERE consumer = $1 AND producer_partition = 0")
+                    .bind(consumer)
+                    .execute(&pool)
+                    .await?;
+                sqlx::query("DELETE FROM custody_inbox WHERE consumer = $1 AND message_id = $2")
+                    .bind(consumer)
+                    .bind(m3.id)
+                    .execute(&pool)
+                    .await?;
+            }
+            if i == 2 {
+                sqlx::query("UPDATE custody_inbox SET duplicates = -1 WHERE consumer = $1 AND message_id = $2")
+                    .bind(consumer)
+                    .bind(m1.id)
+                    .execute(&pool)
+                    .await?;
+            }
+            let mut tx = inbox.begin().await?;
+            if batched {
+                outcomes.extend(
+                    inbox
+                        .record_all(&mut tx, consumer, round, Utc::now())
+                        .await?,
+                );
+            } else {
+                for m in round {
+                    outcomes.push(inbox.record(&mut tx, consumer, m, Utc::now()).await?);
+                }
+            }
+            inbox.commit(tx).await?;
+        }
+        let rows: Vec<(uuid::Uuid, i32, Option<i64>)> = sqlx::query_as(
+            "SELECT message_id, duplicates, seq FROM custody_inbox WHERE consumer = $1 ORDER BY message_id",
+        )
+        .bind(consumer)
+        .fetch_all(&pool)
+        .await?;
+        let floors: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT producer_partition, floor FROM custody_inbox_watermark WHERE consumer = $1 ORDER BY 1",
+        )
+        .bind(consumer)
+        .fetch_all(&pool)
+        .await?;
+        got.push((outcomes, rows, floors));
+    }
+    use InboxOutcome::{Duplicate, New};
+    assert_eq!(
+        got[0].0,
+        vec![New, New, New, Duplicate, New, Duplicate, New, New, Duplicate]
+    );
+    assert_eq!(got[0], got[1], "record_all and record disagree");
+    Ok(())
+}

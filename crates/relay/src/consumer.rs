@@ -16,6 +16,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::metric_definitions as m;
 use crate::{after, before, prune_in_batches};
 
+/// The most messages of a group whose inbox rows are recorded in one go,
+/// ahead of their handlers (see `Consumer::apply_group`).
+const RECORD_AHEAD: usize = 32;
+
 /// Consumer settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
@@ -52,7 +56,10 @@ pub struct ConsumerConfig {
     /// Longest a group transaction keeps taking messages before it commits
     /// what it has: acks wait for the commit, and a group held open longer
     /// than the transport's ack wait (slow database link) would be
-    /// redelivered while still being applied.
+    /// redelivered while still being applied. Checked between the runs of
+    /// messages whose inbox rows are recorded together (at most 32, sized
+    /// from the time each message has taken so far), so a group that turns
+    /// slow midway can overrun it by part of a run.
     #[serde(with = "custody_core::duration_serde")]
     pub group_max_time: Duration,
     /// How often the consumer folds hole-free runs of numbered inbox rows
@@ -497,29 +504,61 @@ where
         }
         let now = self.clock.now();
         let started = std::time::Instant::now();
+        let budget = self.config.group_max_time;
         let mut outcomes = Vec::with_capacity(msgs.len());
-        for (i, msg) in msgs.iter().enumerate() {
-            if i > 0 && started.elapsed() >= self.config.group_max_time {
+        // Inbox rows are recorded a run of messages at a time, ahead of the
+        // run's handlers (one round trip per run on PostgreSQL instead of
+        // one per message). The time budget is checked between runs, so a
+        // run is sized from what the messages so far took: about what fits
+        // in the rest of the budget, at most RECORD_AHEAD, and a single
+        // message until there is a measure.
+        while outcomes.len() < msgs.len() {
+            let done = outcomes.len();
+            let elapsed = started.elapsed();
+            if done > 0 && elapsed >= budget {
                 break; // commit what we have; the rest goes in the next group
             }
-            let outcome = self
-                .inbox
-                .record(&mut tx, &self.config.name, msg, now)
-                .await?;
-            if outcome == InboxOutcome::New && is_skip_marker(msg) {
-                // the relay dead-lettered this number's message: the inbox
-                // row accounts for the number; there is nothing to apply
-                debug!(message_id = %msg.id, "skip marker accounted for");
-            } else if outcome == InboxOutcome::New {
-                let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
-                if let Err(e) = self.handler.handle(&mut tx, msg).instrument(span).await {
-                    // dropping the transaction rolls back the inbox rows and the effects
-                    return Ok(Err((i, e)));
+            let fits = match u32::try_from(done) {
+                Ok(d) if d > 0 => {
+                    let per = (elapsed / d).as_nanos().max(1);
+                    usize::try_from(budget.saturating_sub(elapsed).as_nanos() / per)
+                        .unwrap_or(RECORD_AHEAD)
                 }
-            } else {
-                debug!(message_id = %msg.id, "duplicate skipped");
+                _ => 1,
+            };
+            let run = &msgs[done..done + fits.clamp(1, RECORD_AHEAD).min(msgs.len() - done)];
+            let recorded = self
+                .inbox
+                .record_all(&mut tx, &self.config.name, run, now)
+                .await?;
+            if recorded.len() != run.len() {
+                return Err(custody_core::Error::store(
+                    "inbox",
+                    "record",
+                    false,
+                    format!(
+                        "the inbox store returned {} outcomes for {} messages; this is a bug in the InboxStore implementation",
+                        recorded.len(),
+                        run.len()
+                    ),
+                ));
             }
-            outcomes.push(outcome);
+            for (j, (msg, outcome)) in run.iter().zip(recorded).enumerate() {
+                if outcome == InboxOutcome::New && is_skip_marker(msg) {
+                    // the relay dead-lettered this number's message: the inbox
+                    // row accounts for the number; there is nothing to apply
+                    debug!(message_id = %msg.id, "skip marker accounted for");
+                } else if outcome == InboxOutcome::New {
+                    let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
+                    if let Err(e) = self.handler.handle(&mut tx, msg).instrument(span).await {
+                        // dropping the transaction rolls back the inbox rows and the effects
+                        return Ok(Err((done + j, e)));
+                    }
+                } else {
+                    debug!(message_id = %msg.id, "duplicate skipped");
+                }
+                outcomes.push(outcome);
+            }
         }
         self.inbox.commit(tx).await?;
         Ok(Ok(outcomes))

@@ -688,6 +688,26 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
         Ok(outcome)
     }
 
+    async fn record_all(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        messages: &[&Message],
+        now: DateTime<Utc>,
+    ) -> custody::Result<Vec<InboxOutcome>> {
+        let outcomes = self
+            .inner
+            .record_all(&mut tx.tx, consumer, messages, now)
+            .await?;
+        for (message, outcome) in messages.iter().zip(&outcomes) {
+            if *outcome == InboxOutcome::New {
+                self.stamps.received(message.id);
+                tx.ids.push(message.id);
+            }
+        }
+        Ok(outcomes)
+    }
+
     async fn commit(&self, tx: Self::Tx) -> custody::Result<()> {
         self.inner.commit(tx.tx).await?;
         for id in tx.ids {

@@ -20,12 +20,18 @@ use crate::wake::{Waiter, Wake};
 pub const DEFAULT_PARTITIONS: u32 = 16;
 
 /// How often, at most, enqueues through one [`PgOutbox`] (and its clones)
-/// send NOTIFY, unless [`PgOutbox::with_notify_interval`] says otherwise:
-/// zero, every enqueue notifies. A longer interval let producers commit
-/// faster in `custody bench outbox`, but at a fixed 600 msg/s the relay's
-/// part of the latency then grew from p50 3 ms to 48 ms although it polled
-/// (docs/BENCHMARKS.md); until that is understood, it is opt-in.
-pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::ZERO;
+/// send NOTIFY, unless [`PgOutbox::with_notify_interval`] says otherwise
+/// (zero: every enqueue notifies). A committing transaction that notified
+/// takes a cluster-wide lock, so NOTIFY from every enqueue serializes the
+/// producers' commits; a relay that found messages within its
+/// `poll-interval` polls every `busy-poll-interval` and needs no NOTIFY, and
+/// an idle one is woken by the first enqueue after a quiet interval. In
+/// `custody bench outbox` 20 ms against zero gave 0.52–0.55 against
+/// 0.24–0.31 of ceiling (a) end to end, at the same p99 under load
+/// (docs/BENCHMARKS.md). The cost: a message enqueued within the interval
+/// after one whose transaction is still open (or rolled back) while the relay
+/// is idle waits for that commit or the relay's `poll-interval`.
+pub const DEFAULT_NOTIFY_INTERVAL: Duration = Duration::from_millis(20);
 
 /// The PostgreSQL outbox. Cheap to clone; clones share the pool and the
 /// LISTEN connection used by [`OutboxStore::wait_for_new`].
@@ -438,8 +444,8 @@ impl PgOutbox {
     }
 
     /// Whether [`PgOutbox::enqueue`] sends `NOTIFY custody_outbox` (default
-    /// true, from every enqueue unless [`PgOutbox::with_notify_interval`]
-    /// spaces them out). NOTIFY
+    /// true, at most once per [`DEFAULT_NOTIFY_INTERVAL`] unless
+    /// [`PgOutbox::with_notify_interval`] says otherwise). NOTIFY
     /// wakes sleeping relays at once, but a committing transaction that
     /// notified takes a global lock; switch it off to rely on the relays'
     /// polling alone.
@@ -448,8 +454,8 @@ impl PgOutbox {
         self
     }
 
-    /// Send NOTIFY from at most one enqueue per `every` (default zero: from
-    /// every enqueue). Notifying
+    /// Send NOTIFY from at most one enqueue per `every` (default
+    /// [`DEFAULT_NOTIFY_INTERVAL`]; zero: from every enqueue). Notifying
     /// transactions commit one at a time (see [`PgOutbox::with_notify`]); a
     /// relay that is busy polls every `busy-poll-interval` and needs no
     /// NOTIFY, an idle one is woken by the first enqueue after a quiet

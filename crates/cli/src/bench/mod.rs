@@ -92,6 +92,11 @@ pub struct BenchArgs {
     /// measure what numbering costs (docs/SEQUENCES.md).
     #[arg(long)]
     pub no_sequence_numbers: bool,
+    /// `outbox`: how often, at most, the producers' enqueues send NOTIFY
+    /// (`PgOutbox::with_notify_interval`; 0 = every enqueue), instead of the
+    /// library's default.
+    #[arg(long, value_name = "MS")]
+    pub notify_interval_ms: Option<u64>,
 }
 
 impl BenchArgs {
@@ -1072,6 +1077,7 @@ mod tests {
             nats: String::new(),
             postgres: String::new(),
             no_sequence_numbers: false,
+            notify_interval_ms: None,
         };
         let mut r = Report::new(&args);
         let e2e = r.rate("end to end", 1000, Duration::from_secs(2));

@@ -132,7 +132,7 @@ async fn measure(
     // running: the outbox insert (five indexes), then NOTIFY (a commit of a
     // notifying transaction takes a cluster-wide lock). Rows are deleted after.
     for notify in [false, true] {
-        let outbox = PgOutbox::new(a.clone()).with_notify(notify);
+        let outbox = producer_outbox(args, &a).with_notify(notify);
         let op = {
             let (a, data) = (a.clone(), data.clone());
             move |i| {
@@ -154,11 +154,7 @@ async fn measure(
                 }
             }
         };
-        let what = if notify {
-            "NOTIFY on (default)"
-        } else {
-            "NOTIFY off"
-        };
+        let what = if notify { "NOTIFY on" } else { "NOTIFY off" };
         timed_rate(
             report,
             producers,
@@ -228,7 +224,7 @@ async fn measure(
     let consumer = Consumer::new(inbox, sub, PgLedger, ConsumerConfig::new("bench"));
     let consumer_task = tokio::spawn(consumer.run(cancel.clone()));
 
-    let outbox = PgOutbox::new(a.clone());
+    let outbox = producer_outbox(args, &a);
     let op = {
         let (a, data, stamps) = (a.clone(), data.clone(), stamps.clone());
         move |i| {
@@ -353,5 +349,15 @@ impl Handler<TimedTx<Transaction<'static, Postgres>>> for PgLedger {
             .await
             .map_err(HandlerError::transient)?;
         Ok(())
+    }
+}
+
+/// The producers' outbox: the library's NOTIFY interval unless
+/// `--notify-interval-ms` says otherwise.
+fn producer_outbox(args: &BenchArgs, pool: &PgPool) -> PgOutbox {
+    let outbox = PgOutbox::new(pool.clone());
+    match args.notify_interval_ms {
+        Some(ms) => outbox.with_notify_interval(Duration::from_millis(ms)),
+        None => outbox,
     }
 }

@@ -51,11 +51,15 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// The next messages to publish from `partitions`, in position order, at
     /// most `limit`.
     ///
-    /// Must return only rows whose every lower position in the same partition
-    /// is committed or rolled back (on PostgreSQL: a transaction-id
-    /// visibility guard), and must leave out every message whose key has an
-    /// earlier pending message that is parked (`retry_at > now`): a failing
-    /// message holds back its own key and no other.
+    /// Reads pending rows by their state, never past a cursor, so a row
+    /// whose transaction commits after higher positions were returned is
+    /// returned by a later call: nothing is skipped, and a key's messages go
+    /// out in the order they commit. (A store must not wait for transactions
+    /// in flight: on PostgreSQL a transaction-id guard would make the relay
+    /// wait for every transaction of the server.) Must leave out every
+    /// message whose key has an earlier pending message that is parked
+    /// (`retry_at > now`): a failing message holds back its own key and no
+    /// other.
     fn fetch_batch(
         &self,
         partitions: &[u32],

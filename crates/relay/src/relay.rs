@@ -100,8 +100,9 @@ pub struct RelayStats {
 /// Moves committed outbox messages to a transport.
 ///
 /// One relay holds a set of partitions through leases; within a partition it
-/// publishes in position order, keys concurrently, each key sequentially, and
-/// marks a message published only after the transport's durable ack.
+/// publishes committed rows as it finds them (in position order among those
+/// found together), keys concurrently, each key sequentially, and marks a
+/// message published only after the transport's durable ack.
 pub struct Relay<S, P, C = SystemClock> {
     store: S,
     publisher: Arc<P>,

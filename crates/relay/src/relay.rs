@@ -276,7 +276,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
 
     /// Renew leases if due, then read, publish and settle one batch; while
     /// full batches keep coming and getting through, go on with the next ones
-    /// (at most [`MAX_BATCHES_PER_STEP`], and never past the lease renewal),
+    /// (at most 16, and never past the lease renewal),
     /// marking each batch while the next is fetched and published. When it
     /// returns, everything it published is marked (or its failure recorded).
     /// Returns how many messages were handled (published, failed or

@@ -207,41 +207,35 @@ const INSERT_BATCH_NOTIFY: &str = notifying!(insert_batch!(), "ins.id, ins.posit
 // A failing message holds back only its own key: the NOT EXISTS (served by
 // the partial index custody_outbox_parked) leaves out a row when a pending row
 // of the same key at the same or a lower position is parked until after $3.
-const FETCH_BATCH: &str = concat!(
-    "SELECT ",
-    outbox_columns!(),
-    ", o.republish, o.seq
+// `$extra`: further conditions on `o`.
+macro_rules! fetch_pending {
+    ($extra:literal) => {
+        concat!(
+            "SELECT ",
+            outbox_columns!(),
+            ", o.republish, o.seq
 FROM custody_outbox o
 WHERE o.status = 0
   AND o.partition = ANY($1)
-  AND NOT EXISTS (
+",
+            $extra,
+            "  AND NOT EXISTS (
       SELECT 1 FROM custody_outbox p
       WHERE p.status = 0 AND p.retry_at IS NOT NULL
         AND p.partition = o.partition AND p.msg_key = o.msg_key
         AND p.position <= o.position AND p.retry_at > $3)
 ORDER BY o.position
 LIMIT $2"
-);
+        )
+    };
+}
+
+const FETCH_BATCH: &str = fetch_pending!("");
 
 // FETCH_BATCH without the rows at positions $4 (OutboxStore::fetch_batch_excluding):
 // the pipelined relay's in-flight batches, still pending, are neither
 // returned nor decoded again.
-const FETCH_BATCH_EXCLUDING: &str = concat!(
-    "SELECT ",
-    outbox_columns!(),
-    ", o.republish, o.seq
-FROM custody_outbox o
-WHERE o.status = 0
-  AND o.partition = ANY($1)
-  AND o.position <> ALL($4)
-  AND NOT EXISTS (
-      SELECT 1 FROM custody_outbox p
-      WHERE p.status = 0 AND p.retry_at IS NOT NULL
-        AND p.partition = o.partition AND p.msg_key = o.msg_key
-        AND p.position <= o.position AND p.retry_at > $3)
-ORDER BY o.position
-LIMIT $2"
-);
+const FETCH_BATCH_EXCLUDING: &str = fetch_pending!("  AND o.position <> ALL($4)\n");
 
 // Fencing: only rows of partitions `relay` still holds an unexpired lease on.
 // $2/$4: positions and their acks' references, zipped by UNNEST.

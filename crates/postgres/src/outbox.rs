@@ -579,9 +579,9 @@ impl PgOutbox {
         })
     }
 
-    /// Dead-letter rows that cannot be read as messages so they never block
-    /// the relay (invariant 6).
-    /// FETCH_BATCH, or FETCH_BATCH_EXCLUDING when rows are `in_flight`.
+    /// Pending rows (FETCH_BATCH, or FETCH_BATCH_EXCLUDING when rows are
+    /// `in_flight`); rows that cannot be read as messages are dead-lettered
+    /// so they never block the relay (invariant 6).
     #[tracing::instrument(skip_all, fields(partitions = partitions.len(), limit))]
     async fn fetch(
         &self,

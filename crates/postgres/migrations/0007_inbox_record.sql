@@ -4,7 +4,7 @@
 -- insert, then (for a numbered message) the read of its partition's floor,
 -- as a statement of its own, and the first time the floor row's insert.
 -- The floor must be read by a statement that starts after the insert went
--- ahead (see FLOOR in crates/postgres/src/inbox.rs for why), which ruled
+-- ahead (see RECORD in crates/postgres/src/inbox.rs for why), which ruled
 -- out one SQL statement. A VOLATILE function gives every statement in it a
 -- fresh snapshot (READ COMMITTED), exactly like separate statements, so the
 -- same steps run here in the same order, at one round trip per message.

@@ -128,11 +128,7 @@ impl InboxStore for PgInbox {
             .fetch_one(&mut **tx)
             .await
             .map_err(db("record in inbox"))?;
-        Ok(if new {
-            InboxOutcome::New
-        } else {
-            InboxOutcome::Duplicate
-        })
+        Ok(outcome(new))
     }
 
     #[tracing::instrument(skip_all, fields(count = messages.len(), consumer))]
@@ -143,11 +139,10 @@ impl InboxStore for PgInbox {
         messages: &[&Message],
         now: DateTime<Utc>,
     ) -> Result<Vec<InboxOutcome>> {
-        if let [one] = messages {
-            return Ok(vec![self.record(tx, consumer, one, now).await?]);
-        }
-        if messages.is_empty() {
-            return Ok(Vec::new());
+        match messages {
+            [] => return Ok(Vec::new()),
+            [one] => return Ok(vec![self.record(tx, consumer, one, now).await?]),
+            _ => {}
         }
         let sequences: Vec<Option<Sequence>> = messages.iter().map(|m| Sequence::of(m)).collect();
         let mut ids = Vec::with_capacity(messages.len());
@@ -174,16 +169,7 @@ impl InboxStore for PgInbox {
             .fetch_one(&mut **tx)
             .await
             .map_err(db("record in inbox"))?;
-        Ok(new
-            .into_iter()
-            .map(|n| {
-                if n {
-                    InboxOutcome::New
-                } else {
-                    InboxOutcome::Duplicate
-                }
-            })
-            .collect())
+        Ok(new.into_iter().map(outcome).collect())
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
@@ -407,6 +393,15 @@ impl InboxStore for PgInbox {
 }
 
 /// The inbox columns of a stamp: producer, partition, sequence.
+/// What the record functions return: true = new for the consumer.
+fn outcome(new: bool) -> InboxOutcome {
+    if new {
+        InboxOutcome::New
+    } else {
+        InboxOutcome::Duplicate
+    }
+}
+
 fn stamp_columns(s: Option<&Sequence>) -> (Option<&str>, Option<i32>, Option<i64>) {
     match s.and_then(|s| {
         Some((

@@ -1,4 +1,5 @@
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -58,8 +59,8 @@ pub struct ConsumerConfig {
     /// than the transport's ack wait (slow database link) would be
     /// redelivered while still being applied. Checked between the runs of
     /// messages whose inbox rows are recorded together (at most 32, sized
-    /// from the time each message has taken so far), so a group that turns
-    /// slow midway can overrun it by part of a run.
+    /// from the time a message has taken so far, or in the last group), so
+    /// a group that turns slow midway can overrun it by part of a run.
     #[serde(with = "custody_core::duration_serde")]
     pub group_max_time: Duration,
     /// How often the consumer folds hole-free runs of numbered inbox rows
@@ -164,6 +165,9 @@ pub struct Consumer<I, S, H, C = SystemClock> {
     redrive_at: Option<DateTime<Utc>>,
     prune_at: Option<DateTime<Utc>>,
     watermark_at: Option<DateTime<Utc>>,
+    /// Nanoseconds a message of the last committed group took (record and
+    /// handler; 0 before the first): sizes a group's first run of records.
+    per_message_ns: AtomicU64,
 }
 
 impl<I, S, H> Consumer<I, S, H, SystemClock>
@@ -185,6 +189,7 @@ where
             redrive_at: None,
             prune_at: None,
             watermark_at: None,
+            per_message_ns: AtomicU64::new(0),
         }
     }
 }
@@ -209,6 +214,7 @@ where
             redrive_at: self.redrive_at,
             prune_at: self.prune_at,
             watermark_at: self.watermark_at,
+            per_message_ns: self.per_message_ns,
         }
     }
 
@@ -509,22 +515,25 @@ where
         // Inbox rows are recorded a run of messages at a time, ahead of the
         // run's handlers (one round trip per run on PostgreSQL instead of
         // one per message). The time budget is checked between runs, so a
-        // run is sized from what the messages so far took: about what fits
-        // in the rest of the budget, at most RECORD_AHEAD, and a single
-        // message until there is a measure.
+        // run is sized from what a message takes (so far in this group, else
+        // in the last one): about what fits in the rest of the budget, at
+        // most RECORD_AHEAD, and a single message while there is no measure.
+        let last_group = Duration::from_nanos(self.per_message_ns.load(Ordering::Relaxed));
         while outcomes.len() < msgs.len() {
             let done = outcomes.len();
             let elapsed = started.elapsed();
             if done > 0 && elapsed >= budget {
                 break; // commit what we have; the rest goes in the next group
             }
-            let fits = match u32::try_from(done) {
-                Ok(d) if d > 0 => {
-                    let per = (elapsed / d).as_nanos().max(1);
-                    usize::try_from(budget.saturating_sub(elapsed).as_nanos() / per)
-                        .unwrap_or(RECORD_AHEAD)
-                }
-                _ => 1,
+            let per = match u32::try_from(done) {
+                Ok(d) if d > 0 => elapsed / d,
+                _ => last_group,
+            };
+            let fits = if per.is_zero() {
+                1
+            } else {
+                usize::try_from(budget.saturating_sub(elapsed).as_nanos() / per.as_nanos())
+                    .unwrap_or(RECORD_AHEAD)
             };
             let run = &msgs[done..done + fits.clamp(1, RECORD_AHEAD).min(msgs.len() - done)];
             let recorded = self
@@ -558,6 +567,13 @@ where
                     debug!(message_id = %msg.id, "duplicate skipped");
                 }
                 outcomes.push(outcome);
+            }
+        }
+        if let Ok(n) = u32::try_from(outcomes.len()) {
+            if n > 0 {
+                let per = started.elapsed() / n;
+                let ns = u64::try_from(per.as_nanos()).unwrap_or(u64::MAX);
+                self.per_message_ns.store(ns.max(1), Ordering::Relaxed);
             }
         }
         self.inbox.commit(tx).await?;

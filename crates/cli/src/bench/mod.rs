@@ -682,15 +682,15 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
         message: &Message,
         now: DateTime<Utc>,
     ) -> custody::Result<InboxOutcome> {
-        let outcome = self
-            .inner
-            .record(&mut tx.tx, consumer, message, now)
-            .await?;
-        if outcome == InboxOutcome::New {
-            self.stamps.received(message.id);
-            tx.ids.push(message.id);
-        }
-        Ok(outcome)
+        let outcomes = self.record_all(tx, consumer, &[message], now).await?;
+        outcomes.first().copied().ok_or_else(|| {
+            custody::Error::store(
+                "bench inbox",
+                "record",
+                false,
+                "record_all returned no outcome",
+            )
+        })
     }
 
     async fn record_all(

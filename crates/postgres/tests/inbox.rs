@@ -148,15 +148,11 @@ async fn record_all_is_record_one_by_one() -> anyhow::Result<()> {
         let mut outcomes = Vec::new();
         for (i, round) in rounds.iter().enumerate() {
             if i == 1 {
-                sqlx::query("UPDATE custody_inbox_watermark SET floor = 2 WHERE consumer = $1 AND producer_partition = 0")
-                    .bind(consumer)
-                    .execute(&pool)
+                // the real compaction: rows of 1..=2 fold into the floor
+                let folded = inbox
+                    .compact(consumer, Utc::now() + chrono::Duration::hours(1), 100)
                     .await?;
-                sqlx::query("DELETE FROM custody_inbox WHERE consumer = $1 AND message_id = $2")
-                    .bind(consumer)
-                    .bind(m3.id)
-                    .execute(&pool)
-                    .await?;
+                assert!(folded.deleted >= 2, "compaction folded {folded:?}");
             }
             if i == 2 {
                 sqlx::query("UPDATE custody_inbox SET duplicates = -1 WHERE consumer = $1 AND message_id = $2")

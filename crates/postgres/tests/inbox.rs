@@ -197,3 +197,26 @@ async fn record_all_is_record_one_by_one() -> anyhow::Result<()> {
     assert_eq!(got[0], got[1], "record_all and record disagree");
     Ok(())
 }
+
+/// Issue 11, scenario 3 (shared with SQLite: custody_testkit::inbox_suite).
+#[tokio::test]
+async fn redrive_is_the_only_token() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let inbox = PgInbox::new(pool.clone());
+    custody_testkit::inbox_suite::redrive_is_the_only_token_test(inbox, |id| {
+        let pool = pool.clone();
+        async move {
+            let seqs: Vec<i64> =
+                sqlx::query_scalar("SELECT seq FROM custody_dead_letter WHERE message_id = $1")
+                    .bind(id)
+                    .fetch_all(&pool)
+                    .await?;
+            let out = custody_postgres::redrive(&pool, &seqs, Utc::now()).await?;
+            anyhow::ensure!(out.to_consumer == 1, "redrive: {out:?}");
+            Ok(())
+        }
+    })
+    .await
+}

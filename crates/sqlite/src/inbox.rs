@@ -18,7 +18,9 @@ use crate::to_ms;
 ///
 /// `duplicates = -1` marks a numbered row whose message an operator
 /// redrove ([`crate::redrive`] keeps the row so its number stays accounted
-/// for): the next record of the message comes back 0, its first sight.
+/// for): the redrive's record of the message comes back 0, its first sight
+/// (any other delivery while the redrive is queued puts the mark back: see
+/// [`REDRIVE_QUEUED`]).
 const RECORD: &str = "INSERT INTO custody_inbox \
      (consumer, message_id, topic, processed_at, producer, producer_partition, seq) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
@@ -38,8 +40,18 @@ const FLOOR: &str = "SELECT floor FROM custody_inbox_watermark \
 /// inserted for it goes again, the floor covers it.
 const UNRECORD: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2";
 
+/// Whether a redrive of the message is still queued. The consumer engine
+/// takes a redrive by deleting its queue row ([`InboxStore::finish_redrive`])
+/// before recording the message in the same transaction, so only the
+/// redrive's own transaction no longer sees it: the queue row is the one
+/// exactly-once token of a redrive.
 const REDRIVE_QUEUED: &str =
     "SELECT EXISTS (SELECT 1 FROM custody_redrive WHERE consumer = ?1 AND message_id = ?2)";
+
+/// A delivery that is not the queued redrive of its message: the row keeps
+/// (or gets) the redrive's mark, so the redrive is new when it comes.
+const KEEP_REDRIVE_MARK: &str =
+    "UPDATE custody_inbox SET duplicates = -1 WHERE consumer = ?1 AND message_id = ?2";
 
 const INSERT_DEAD_LETTER: &str = "INSERT INTO custody_dead_letter \
      (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
@@ -195,6 +207,25 @@ impl InboxStore for SqliteInbox {
         if duplicates != 0 {
             return Ok(InboxOutcome::Duplicate);
         }
+        // New so far (first sight, or the mark of a redrive taken). While a
+        // redrive of the message is queued, only the redrive itself is new:
+        // a copy arriving first (a replay, a republish) must not use it up.
+        // The write lock (BEGIN IMMEDIATE) orders this against the redrive.
+        let redrive_queued: bool = sqlx::query_scalar(REDRIVE_QUEUED)
+            .bind(consumer)
+            .bind(&id)
+            .fetch_one(&mut **tx)
+            .await
+            .map_err(map_err(OP))?;
+        if redrive_queued {
+            sqlx::query(KEEP_REDRIVE_MARK)
+                .bind(consumer)
+                .bind(&id)
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err(OP))?;
+            return Ok(InboxOutcome::Duplicate);
+        }
         let (Some(producer), Some(partition), Some(seq)) = (producer, partition, seq) else {
             return Ok(InboxOutcome::New);
         };
@@ -210,17 +241,7 @@ impl InboxStore for SqliteInbox {
         if seq > floor.unwrap_or(0) {
             return Ok(InboxOutcome::New);
         }
-        // At or below the floor (rare): new only if an operator redrove it
-        // and it is not processed yet.
-        let redriving: bool = sqlx::query_scalar(REDRIVE_QUEUED)
-            .bind(consumer)
-            .bind(&id)
-            .fetch_one(&mut **tx)
-            .await
-            .map_err(map_err(OP))?;
-        if redriving {
-            return Ok(InboxOutcome::New);
-        }
+        // At or below the floor (rare): processed before, its row compacted.
         sqlx::query(UNRECORD)
             .bind(consumer)
             .bind(&id)

@@ -117,3 +117,24 @@ async fn dead_letter_is_stored_and_redelivery_skipped() -> anyhow::Result<()> {
     assert_eq!(inbox_rows(&pool).await?.len(), 1);
     Ok(())
 }
+
+/// Issue 11, scenario 3 (shared with PostgreSQL: custody_testkit::inbox_suite).
+#[tokio::test]
+async fn redrive_is_the_only_token() -> anyhow::Result<()> {
+    let (_dir, pool) = common::db().await?;
+    let inbox = custody_sqlite::SqliteInbox::new(pool.clone());
+    custody_testkit::inbox_suite::redrive_is_the_only_token_test(inbox, |id| {
+        let pool = pool.clone();
+        async move {
+            let seqs: Vec<i64> =
+                sqlx::query_scalar("SELECT seq FROM custody_dead_letter WHERE message_id = ?1")
+                    .bind(id.hyphenated().to_string())
+                    .fetch_all(&pool)
+                    .await?;
+            let out = custody_sqlite::redrive(&pool, &seqs, chrono::Utc::now()).await?;
+            anyhow::ensure!(out.to_consumer == 1, "redrive: {out:?}");
+            Ok(())
+        }
+    })
+    .await
+}

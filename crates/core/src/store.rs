@@ -292,6 +292,10 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
 
     /// Remove redrive `seq` from the queue inside `tx` (the handler's
     /// transaction), so the message is handed to the handler exactly once.
+    /// Called before the message is recorded in `tx`: while its queue row
+    /// is visible, [`InboxStore::record`] reports every other delivery of
+    /// the message as a duplicate (the queue row is the redrive's one
+    /// exactly-once token; a replay arriving first must not use it up).
     fn finish_redrive(
         &self,
         tx: &mut Self::Tx,

@@ -525,12 +525,13 @@ async fn a_consumer_redrive_keeps_the_number_accounted_for() -> anyhow::Result<(
     assert_eq!(redrives.len(), 1);
     let mut again = redrives[0].message.clone();
     Sequence::unstamp(&mut again);
+    // (as the engine does: the queue row taken first, in the same transaction)
     let mut tx = inbox.begin().await?;
+    inbox.finish_redrive(&mut tx, redrives[0].seq).await?;
     assert_eq!(
         inbox.record(&mut tx, "c", &again, t0).await?,
         InboxOutcome::New
     );
-    inbox.finish_redrive(&mut tx, redrives[0].seq).await?;
     inbox.commit(tx).await?;
     assert_eq!(
         record(&inbox, "c", &again, t0).await?,
@@ -542,8 +543,9 @@ async fn a_consumer_redrive_keeps_the_number_accounted_for() -> anyhow::Result<(
     );
     assert_eq!(progress_of(&inbox, "c", 0).await?.holes, 0);
 
-    // Stamped and after compaction moved the floor past it: still new
-    // once while its redrive is queued.
+    // Stamped and after compaction moved the floor past it: a copy that is
+    // not the redrive is a duplicate while the redrive is queued; the
+    // redrive (its queue row taken in its transaction) is new once.
     inbox
         .dead_letter("c", &dead_letter_of(&msgs[2], t0)?)
         .await?;
@@ -553,12 +555,18 @@ async fn a_consumer_redrive_keeps_the_number_accounted_for() -> anyhow::Result<(
     custody_sqlite::redrive(&pool, &seqs, t0).await?;
     let redrives = inbox.redrives("c", 10).await?;
     assert_eq!(redrives.len(), 1);
-    let mut tx = inbox.begin().await?;
     assert_eq!(
-        inbox.record(&mut tx, "c", &redrives[0].message, t0).await?,
+        record(&inbox, "c", &msgs[2], t0).await?,
+        InboxOutcome::Duplicate
+    );
+    let mut again = redrives[0].message.clone();
+    Sequence::unstamp(&mut again);
+    let mut tx = inbox.begin().await?;
+    inbox.finish_redrive(&mut tx, redrives[0].seq).await?;
+    assert_eq!(
+        inbox.record(&mut tx, "c", &again, t0).await?,
         InboxOutcome::New
     );
-    inbox.finish_redrive(&mut tx, redrives[0].seq).await?;
     inbox.commit(tx).await?;
     assert_eq!(
         record(&inbox, "c", &msgs[2], t0).await?,

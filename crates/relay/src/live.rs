@@ -179,16 +179,27 @@ where
                 .rev()
                 .find(|(_, at)| *at < stale_before)
                 .map(|(seq, _)| *seq);
-            let have: BTreeSet<u64> = present.iter().map(|(s, _)| *s).collect();
-            let top = present.last().map_or(p.floor, |(s, _)| *s);
-            for seq in (p.floor + 1..top).filter(|s| !have.contains(s)) {
-                if latest_stale_present.is_some_and(|l| seq < l) {
-                    if found.len() < LIST_LIMIT {
-                        found.push(missing_number(&p, seq, "hole"));
-                    }
-                } else {
-                    in_flight += 1;
+            // Walk the stored numbers, not the number line: the runs between
+            // consecutive recorded numbers are counted by arithmetic and only
+            // their first LIST_LIMIT numbers listed, so the work is bounded
+            // by what is stored (LIST_LIMIT rows) whatever the numbers say
+            // (a forged `custodyseq` of 2^62 is one row, not 2^62 steps).
+            let mut prev = p.floor;
+            for &(next, _) in &present {
+                if next <= prev {
+                    continue; // (sorted and distinct; a bad backend is tolerated)
                 }
+                let (lo, hi) = (prev + 1, next); // missing: lo..hi
+                                                 // numbers below the highest stale recorded one are holes
+                let stale_end = latest_stale_present.map_or(lo, |l| l.clamp(lo, hi));
+                let room = LIST_LIMIT.saturating_sub(found.len());
+                found.extend(
+                    (lo..stale_end)
+                        .take(room)
+                        .map(|seq| missing_number(&p, seq, "hole")),
+                );
+                in_flight = in_flight.saturating_add(hi - stale_end);
+                prev = next;
             }
         }
         // tail: numbers after the consumer's highest, published before the grace

@@ -462,3 +462,60 @@ async fn inbox_prune_keeps_numbered_rows_above_the_floor() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// Issue 11, scenario 5: one forged `custodyseq = 2^62` must not spin the
+/// live check. The hole walk goes over what is stored (two rows here), not
+/// over the number line: it lists the first `LIST_LIMIT` missing numbers and
+/// counts the rest. Run on a thread of its own with a generous watchdog: a
+/// walk over 2^62 numbers never yields to the runtime, so only another
+/// thread can tell it spins (the old code did).
+#[test]
+fn a_forged_huge_number_does_not_spin_the_live_check() -> anyhow::Result<()> {
+    const FORGED: u64 = 1 << 62;
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let run = async {
+            let (_dir, pool) = db().await?;
+            let inbox = SqliteInbox::new(pool);
+            let t0 = now_ms() - secs(3600);
+            for seq in [1, FORGED] {
+                let mut m = msg("orders", "k", seq);
+                Sequence {
+                    producer: "forged-producer".into(),
+                    topic: "orders".into(),
+                    partition: 0,
+                    seq,
+                }
+                .stamp(&mut m);
+                assert_eq!(record(&inbox, &m, t0).await?, InboxOutcome::New);
+            }
+            reconcile_live(None::<&SqliteOutbox>, &inbox, CONSUMER, GRACE, now_ms())
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        let report = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run));
+        let _ = done.send(report);
+    });
+    let report = result
+        .recv_timeout(Duration::from_secs(120))
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "reconcile_live did not return within 120 s over two stored numbers: the hole walk is not bounded by what is stored"
+            )
+        })??;
+    let p = &report.partitions[0].progress;
+    assert_eq!((p.floor, p.high, p.holes), (0, FORGED, FORGED - 2));
+    // the first LIST_LIMIT missing numbers are listed, in order: 2, 3, …
+    assert_eq!(report.missing.len(), custody_relay::live::LIST_LIMIT);
+    assert_eq!(report.missing[0].seq, 2);
+    assert_eq!(
+        report.missing.last().map(|m| m.seq),
+        Some(custody_relay::live::LIST_LIMIT as u64 + 1)
+    );
+    assert_eq!(report.in_flight, 0);
+    Ok(())
+}

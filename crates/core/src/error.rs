@@ -40,6 +40,23 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The store refused data a message carries (PostgreSQL SQLSTATE class
+    /// 22 data exception, 23 integrity constraint, 54 limit exceeded; SQLite
+    /// too big, constraint, type mismatch). The database is fine; this
+    /// message cannot be stored as it is, so retrying will not help. The
+    /// consumer dead-letters the message and goes on
+    /// ([`Error::is_about_message`]).
+    #[error("{backend} store: {op} failed: the database refused this message's data ({source}); the message is dead-lettered, fix the producer and redrive it")]
+    Rejected {
+        /// `sqlite`, `postgres`, ...
+        backend: &'static str,
+        /// What custody was doing.
+        op: &'static str,
+        /// The driver's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// A transport (broker) operation failed.
     #[error("{transport} transport: {op} failed: {source}")]
     Transport {
@@ -69,7 +86,32 @@ impl Error {
         match self {
             Error::Store { retryable, .. } | Error::Transport { retryable, .. } => *retryable,
             Error::Shutdown => true,
-            Error::InvalidMessage(_) | Error::Decode { .. } | Error::Config(_) => false,
+            Error::InvalidMessage(_)
+            | Error::Decode { .. }
+            | Error::Rejected { .. }
+            | Error::Config(_) => false,
+        }
+    }
+
+    /// Whether the error is about one message rather than about the
+    /// database or the broker: the message is invalid, its payload does not
+    /// decode, or the store refused its data ([`Error::Rejected`]). A
+    /// consumer dead-letters such a message and goes on; every other
+    /// error stops it (terminal) or makes it wait (retryable). Decided
+    /// here only; backends classify their errors into these variants.
+    pub fn is_about_message(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidMessage(_) | Error::Decode { .. } | Error::Rejected { .. }
+        )
+    }
+
+    /// The store refused data a message carries (see [`Error::Rejected`]).
+    pub fn rejected(backend: &'static str, op: &'static str, source: impl Into<BoxError>) -> Self {
+        Error::Rejected {
+            backend,
+            op,
+            source: source.into(),
         }
     }
 

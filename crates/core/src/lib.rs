@@ -37,7 +37,10 @@ mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
-pub use message::{headers, Message, MessageBuilder, MessageKind, CONTENT_TYPE_JSON};
+pub use message::{
+    escape_text, headers, is_json_content_type, storable_text, Message, MessageBuilder,
+    MessageKind, CONTENT_TYPE_JSON,
+};
 pub use partition::partition_for;
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
 pub use reconcile::{
@@ -47,6 +50,7 @@ pub use reconcile::{
 pub use sequence::{Compaction, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
-    DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore, Redrive,
+    Attempt, DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord,
+    OutboxStore, Redrive,
 };
 pub use transport::{Delivery, Malformed, PublishAck, Publisher, Subscriber};

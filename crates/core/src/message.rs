@@ -135,7 +135,23 @@ impl Message {
     }
 
     /// Decode a JSON payload. The error names the message and its type.
+    ///
+    /// The payload is decoded only as what its content type says: a message
+    /// whose content type is not JSON (`application/json`, or a
+    /// `+json` media type such as `application/cloudevents+json`, with any
+    /// parameters) is a permanent [`Error::Decode`] naming the content
+    /// type, even when its bytes happen to parse as JSON.
     pub fn decode_json<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        if !is_json_content_type(&self.content_type) {
+            return Err(Error::Decode {
+                message_id: self.id,
+                message_type: self.message_type.clone(),
+                reason: format!(
+                    "content type is {:?}, not JSON; the producer must send {CONTENT_TYPE_JSON} (or a +json type) for a handler that decodes JSON",
+                    self.content_type
+                ),
+            });
+        }
         serde_json::from_slice(&self.payload).map_err(|e| Error::Decode {
             message_id: self.id,
             message_type: self.message_type.clone(),
@@ -149,8 +165,22 @@ impl Message {
     }
 
     /// Check the invariants every stored or transported message satisfies.
+    ///
+    /// Besides lengths and names: no text attribute may hold a NUL
+    /// (PostgreSQL cannot store one in TEXT; a consumer would be handed a
+    /// message it cannot record), and the topic, type and content type,
+    /// which name things, hold no control character at all. Keys and header
+    /// values may hold other control characters (tab, newline): every store
+    /// keeps them and the NATS mapping percent-encodes them.
     pub fn validate(&self) -> Result<()> {
         validate_name("topic", &self.topic)?;
+        no_control("topic", &self.topic)?;
+        no_control("type", &self.message_type)?;
+        no_control("content type", &self.content_type)?;
+        no_nul("key", &self.key)?;
+        for (name, value) in &self.headers {
+            no_nul(&format!("header {name:?}"), value)?;
+        }
         if self.topic.contains(['*', '>', ' ']) {
             return Err(Error::InvalidMessage(format!(
                 "topic {:?} contains '*', '>' or a space; use letters, digits, '.', '-' and '_'",
@@ -180,6 +210,69 @@ impl Message {
         }
         Ok(())
     }
+}
+
+/// Whether `content_type` says JSON: `application/json` or any `+json`
+/// media type, parameters (`; charset=utf-8`) and case ignored.
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == CONTENT_TYPE_JSON
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+fn no_nul(what: &str, value: &str) -> Result<()> {
+    match value.find('\0') {
+        None => Ok(()),
+        Some(at) => Err(Error::InvalidMessage(format!(
+            "{what} holds a NUL character at byte {at} ({}); databases cannot store it in text, remove it at the producer",
+            escape_text(value)
+        ))),
+    }
+}
+
+fn no_control(what: &str, value: &str) -> Result<()> {
+    match value.char_indices().find(|(_, c)| c.is_control()) {
+        None => Ok(()),
+        Some((at, c)) => Err(Error::InvalidMessage(format!(
+            "{what} holds the control character {c:?} at byte {at} ({}); use printable characters only",
+            escape_text(value)
+        ))),
+    }
+}
+
+/// `value` with every control character (NUL included) written as a
+/// Rust-style escape (`\0`, `\n`, `\u{1b}`), for error texts and logs that
+/// show a bad value. Text without control characters is returned as it is.
+pub fn escape_text(value: &str) -> std::borrow::Cow<'_, str> {
+    escape_chars(value, char::is_control)
+}
+
+/// `value` with every NUL written as `\0`: the one character a text column
+/// of some database (PostgreSQL) cannot hold. Dead letters store what they
+/// know of a bad message through it, so storing them never fails on the
+/// bytes that made the message bad.
+pub fn storable_text(value: &str) -> std::borrow::Cow<'_, str> {
+    escape_chars(value, |c| c == '\0')
+}
+
+fn escape_chars(value: &str, bad: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    if !value.chars().any(&bad) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = String::with_capacity(value.len() + 8);
+    for c in value.chars() {
+        if bad(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 fn validate_name(what: &str, value: &str) -> Result<()> {

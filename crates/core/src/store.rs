@@ -269,6 +269,43 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
     /// Commit.
     fn commit(&self, tx: Self::Tx) -> impl Future<Output = Result<()>> + Send;
 
+    /// Poison detection: record that run `run` of `consumer` (one consumer
+    /// process, identified by an id it makes at start) is about to run the
+    /// handler on each of `ids` (`alone`: on that one message only, not in a
+    /// group), in a transaction of its own that commits before the handler
+    /// runs, so the record survives a crash of the process. Returns what
+    /// earlier runs left, per id in the order given. Starting an id again
+    /// in the same run counts nothing (retries after transient errors are
+    /// not crashes); a start left by another run counts as a crash of the
+    /// message only if that run started it alone.
+    fn start_attempts(
+        &self,
+        consumer: &str,
+        run: Uuid,
+        ids: &[Uuid],
+        alone: bool,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<Attempt>>> + Send;
+
+    /// Forget the started attempts of `ids` inside `tx`: called in the
+    /// handler's transaction right before it commits (and in a transaction
+    /// of its own after a dead letter is stored), so the attempts count as
+    /// finished exactly when the effect (or the dead letter) is durable.
+    fn finish_attempts(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        ids: &[Uuid],
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// Whether `consumer` has an inbox row for message `id` (processed,
+    /// or dead-lettered with its id). The consumer asks before it
+    /// dead-letters a malformed copy under a claimed id: a copy of a
+    /// message already settled is stored without the id, so the record of
+    /// what happened to the real message (`custody trace`) is never
+    /// contradicted by a forgery.
+    fn is_recorded(&self, consumer: &str, id: Uuid) -> impl Future<Output = Result<bool>> + Send;
+
     /// In one transaction of its own: store the dead letter and, when the
     /// message id is known, an inbox row for it, so a redelivery is skipped.
     fn dead_letter(
@@ -357,6 +394,18 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
         let _ = (consumer, keep_after, limit);
         async { Ok(crate::Compaction::default()) }
     }
+}
+
+/// What earlier consumer runs left of a message's handler attempts (see
+/// [`InboxStore::start_attempts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// Another run started the message and never finished it: it may be
+    /// what stopped that run. The consumer applies it alone.
+    pub unfinished: bool,
+    /// Runs that started the message alone and never finished it: crashes
+    /// (kills, hangs) attributable to this message.
+    pub crashes: u32,
 }
 
 /// A dead-lettered message sent back to its consumer by an operator.

@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use custody_core::sequence::advance_floor;
 use custody_core::{
-    Compaction, DeadLetter, InboxOutcome, InboxStore, Message, PartitionProgress, Redrive, Result,
-    Sequence,
+    Attempt, Compaction, DeadLetter, InboxOutcome, InboxStore, Message, PartitionProgress, Redrive,
+    Result, Sequence,
 };
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -97,6 +97,31 @@ UPDATE custody_inbox_watermark
 SET floor = $5, compacted = compacted + $6, updated_at = now()
 WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4";
 
+// Poison detection (migration 0010): one statement per group, committed on
+// its own before the handlers run, so it survives a crash of the process.
+// A run starting a message again (a retry) does not count again. DISTINCT:
+// ON CONFLICT DO UPDATE may not touch one row twice in a statement (a batch
+// can hold a redelivery of the same message). The row lock of the upsert
+// serializes two instances starting the same message; each sees the other's
+// committed count.
+const START_ATTEMPTS: &str = "\
+INSERT INTO custody_inbox_attempt AS a (consumer, message_id, run, alone, started_at)
+SELECT DISTINCT $1, id, $3::uuid, $4, $5::timestamptz FROM unnest($2::uuid[]) AS id
+ON CONFLICT (consumer, message_id) DO UPDATE
+SET crashes = a.crashes + CASE WHEN a.run <> EXCLUDED.run AND a.alone THEN 1 ELSE 0 END,
+    prev_run = a.run,
+    run = EXCLUDED.run,
+    alone = EXCLUDED.alone,
+    started_at = EXCLUDED.started_at
+RETURNING message_id, COALESCE(prev_run <> run, false), crashes";
+
+// Inside the handler's transaction: the attempts finish iff the effects commit.
+const FINISH_ATTEMPTS: &str =
+    "DELETE FROM custody_inbox_attempt WHERE consumer = $1 AND message_id = ANY($2)";
+
+const IS_RECORDED: &str =
+    "SELECT EXISTS (SELECT 1 FROM custody_inbox WHERE consumer = $1 AND message_id = $2)";
+
 impl InboxStore for PgInbox {
     type Tx = Transaction<'static, Postgres>;
 
@@ -174,6 +199,72 @@ impl InboxStore for PgInbox {
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
         tx.commit().await.map_err(db("commit inbox transaction"))
+    }
+
+    async fn start_attempts(
+        &self,
+        consumer: &str,
+        run: uuid::Uuid,
+        ids: &[uuid::Uuid],
+        alone: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Attempt>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(uuid::Uuid, bool, i32)> = sqlx::query_as(START_ATTEMPTS)
+            .bind(consumer)
+            .bind(ids)
+            .bind(run)
+            .bind(alone)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("start handler attempts"))?;
+        let found: std::collections::HashMap<uuid::Uuid, Attempt> = rows
+            .into_iter()
+            .map(|(id, unfinished, crashes)| {
+                let crashes = u32::try_from(crashes).unwrap_or(0);
+                (
+                    id,
+                    Attempt {
+                        unfinished,
+                        crashes,
+                    },
+                )
+            })
+            .collect();
+        Ok(ids
+            .iter()
+            .map(|id| found.get(id).copied().unwrap_or_default())
+            .collect())
+    }
+
+    async fn finish_attempts(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        ids: &[uuid::Uuid],
+    ) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(FINISH_ATTEMPTS)
+            .bind(consumer)
+            .bind(ids)
+            .execute(&mut **tx)
+            .await
+            .map_err(db("finish handler attempts"))?;
+        Ok(())
+    }
+
+    async fn is_recorded(&self, consumer: &str, id: uuid::Uuid) -> Result<bool> {
+        sqlx::query_scalar(IS_RECORDED)
+            .bind(consumer)
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("read inbox"))
     }
 
     async fn dead_letter(&self, consumer: &str, dead: &DeadLetter) -> Result<()> {

@@ -4,15 +4,17 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use custody_core::sequence::is_skip_marker;
+use custody_core::{escape_text, storable_text};
 use custody_core::{
     Backoff, Clock, DeadLetter, Delivery, Handler, HandlerError, InboxOutcome, InboxStore,
     Malformed, Message, PartitionProgress, Result, Sequence, Subscriber, SystemClock,
 };
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
+use uuid::Uuid;
 
 use crate::metric_definitions as m;
 use crate::{after, before, prune_in_batches};
@@ -79,6 +81,22 @@ pub struct ConsumerConfig {
     /// redelivery takes up to the transport's ack wait).
     #[serde(with = "custody_core::duration_serde")]
     pub gap_grace: Duration,
+    /// Poison messages: a message whose handler was started alone by this
+    /// many runs of the consumer (processes) that never finished it (the
+    /// process crashed, aborted, was killed or hung until a restart) is
+    /// dead-lettered as poison instead of being handed to the handler
+    /// again. A message an earlier run started and did not finish is
+    /// always applied alone, so a crash is attributed to it and not to its
+    /// group. Costs one statement per group before the handlers run (and
+    /// one in the group's transaction). 0 turns the detection off.
+    /// Default 3.
+    pub poison_after: u32,
+    /// Longest the handler may take for one message; past it the attempt
+    /// is abandoned (its transaction rolled back) as a transient failure,
+    /// retried with backoff and dead-lettered after `max-attempts`. "0ms":
+    /// no limit. Default 30s.
+    #[serde(with = "custody_core::duration_serde")]
+    pub handler_timeout: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -108,6 +126,8 @@ impl ConsumerConfig {
             watermark_interval: Duration::from_secs(5),
             compact_keep: Duration::from_secs(24 * 3600),
             gap_grace: Duration::from_secs(60),
+            poison_after: 3,
+            handler_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -168,6 +188,22 @@ pub struct Consumer<I, S, H, C = SystemClock> {
     /// Nanoseconds a message of the last committed group took (record and
     /// handler; 0 before the first): sizes a group's first run of records.
     per_message_ns: AtomicU64,
+    /// This run's id in the attempts table (poison detection): made at
+    /// construction from the rng, so it changes with every process.
+    run: Uuid,
+}
+
+/// How applying a group ended (see `Consumer::apply_group`).
+enum Applied {
+    /// Committed: the outcomes of the applied prefix of the group.
+    Committed(Vec<InboxOutcome>),
+    /// Message `i`'s handler failed; nothing was committed.
+    Failed(usize, HandlerError),
+    /// Message `i` was started by an earlier run that never finished it:
+    /// apply it alone (after the messages before it).
+    Suspect(usize),
+    /// The (lone) message crashed `crashes` runs: dead-letter it as poison.
+    Poison(u32),
 }
 
 impl<I, S, H> Consumer<I, S, H, SystemClock>
@@ -178,13 +214,15 @@ where
 {
     /// A consumer with the system clock.
     pub fn new(inbox: I, subscriber: S, handler: H, config: ConsumerConfig) -> Self {
+        let mut rng = StdRng::from_entropy();
         Consumer {
+            run: Uuid::from_u128(rng.gen()),
             inbox,
             subscriber,
             handler,
             config,
             clock: SystemClock,
-            rng: StdRng::from_entropy(),
+            rng,
             stats: ConsumerStats::default(),
             redrive_at: None,
             prune_at: None,
@@ -215,12 +253,16 @@ where
             prune_at: self.prune_at,
             watermark_at: self.watermark_at,
             per_message_ns: self.per_message_ns,
+            run: self.run,
         }
     }
 
-    /// Seed the backoff jitter (deterministic tests).
+    /// Seed the backoff jitter and the run id (deterministic tests; give a
+    /// restarted consumer another seed, or it passes for the same run and
+    /// its poison detection counts no crash).
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.rng = StdRng::seed_from_u64(seed);
+        self.run = Uuid::from_u128(self.rng.gen());
         self
     }
 
@@ -462,7 +504,7 @@ where
                     .filter_map(|d| d.message.as_ref().ok())
                     .collect();
                 match self.apply_group(&msgs, None).await {
-                    Ok(Ok(outcomes)) => {
+                    Ok(Applied::Committed(outcomes)) => {
                         let mut tokens = Vec::with_capacity(outcomes.len());
                         for outcome in outcomes {
                             let Some(d) = queue.pop_front() else { break };
@@ -477,10 +519,13 @@ where
                         break;
                     }
                     // the messages before the failing one still go in one transaction
-                    Ok(Err((failed_at, _))) if failed_at > 0 => take = failed_at,
-                    // the first one fails (handler or store): the single path
-                    // retries, waits out the store or dead-letters it
-                    Ok(Err(_)) | Err(_) => {
+                    Ok(Applied::Failed(failed_at, _)) if failed_at > 0 => take = failed_at,
+                    // and those before one an earlier run did not finish
+                    Ok(Applied::Suspect(at)) if at > 0 => take = at,
+                    // the first one fails (handler or store) or may have
+                    // crashed an earlier run: the single path applies it
+                    // alone, retries, waits out the store or dead-letters it
+                    Ok(_) | Err(_) => {
                         if let Some(d) = queue.pop_front() {
                             self.handle_delivery(d, cancel).await?;
                         }
@@ -494,15 +539,38 @@ where
 
     /// Apply `msgs` (or, past `group_max_time`, a prefix of them) in one
     /// transaction: inbox rows and effects commit together; returns the
-    /// outcomes of the applied prefix. `Ok(Err((i, e)))`: message `i`'s
-    /// handler failed with `e` and nothing was committed. Store errors are
-    /// the outer `Err`. `redrive`: the redrive-queue entry the (single)
-    /// message comes from, taken off the queue in the same transaction.
-    async fn apply_group(
-        &self,
-        msgs: &[&Message],
-        redrive: Option<i64>,
-    ) -> Result<std::result::Result<Vec<InboxOutcome>, (usize, HandlerError)>> {
+    /// outcomes of the applied prefix, or which message failed (nothing
+    /// committed). Store errors are the outer `Err`. `redrive`: the
+    /// redrive-queue entry the (single) message comes from, taken off the
+    /// queue in the same transaction.
+    ///
+    /// Poison detection first: the handler attempts are recorded as started
+    /// (a statement of their own, committed before any handler runs); a
+    /// message an earlier run left unfinished is not applied in a group
+    /// ([`Applied::Suspect`]), and a lone message that crashed
+    /// `poison_after` runs is not applied at all ([`Applied::Poison`]).
+    async fn apply_group(&self, msgs: &[&Message], redrive: Option<i64>) -> Result<Applied> {
+        let name = self.config.name.as_str();
+        let ids: Vec<Uuid> = msgs.iter().map(|m| m.id).collect();
+        if self.config.poison_after > 0 {
+            let alone = msgs.len() == 1;
+            let attempts = self
+                .inbox
+                .start_attempts(name, self.run, &ids, alone, self.clock.now())
+                .await?;
+            if alone {
+                if let Some(a) = attempts.first() {
+                    if a.crashes >= self.config.poison_after {
+                        return Ok(Applied::Poison(a.crashes));
+                    }
+                    if a.unfinished {
+                        warn!(consumer = name, message_id = %ids[0], crashes = a.crashes, "an earlier run started this message and never finished it; applying it alone");
+                    }
+                }
+            } else if let Some(at) = attempts.iter().position(|a| a.unfinished) {
+                return Ok(Applied::Suspect(at));
+            }
+        }
         let mut tx = self.inbox.begin().await?;
         if let Some(seq) = redrive {
             // off the queue iff the effect (or the duplicate) commits
@@ -559,9 +627,22 @@ where
                     debug!(message_id = %msg.id, "skip marker accounted for");
                 } else if outcome == InboxOutcome::New {
                     let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
-                    if let Err(e) = self.handler.handle(&mut tx, msg).instrument(span).await {
+                    let handled = self.handler.handle(&mut tx, msg).instrument(span);
+                    let timeout = self.config.handler_timeout;
+                    let handled = if timeout.is_zero() {
+                        handled.await
+                    } else {
+                        tokio::time::timeout(timeout, handled)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(HandlerError::transient(format!(
+                                    "the handler took longer than consumer.handler-timeout ({timeout:?}); the attempt was abandoned and its transaction rolled back. Find what it waits for, or raise the timeout"
+                                )))
+                            })
+                    };
+                    if let Err(e) = handled {
                         // dropping the transaction rolls back the inbox rows and the effects
-                        return Ok(Err((done + j, e)));
+                        return Ok(Applied::Failed(done + j, e));
                     }
                 } else {
                     debug!(message_id = %msg.id, "duplicate skipped");
@@ -576,8 +657,33 @@ where
                 self.per_message_ns.store(ns.max(1), Ordering::Relaxed);
             }
         }
+        if self.config.poison_after > 0 {
+            // the attempts finish iff the effects commit
+            self.inbox
+                .finish_attempts(&mut tx, name, &ids[..outcomes.len()])
+                .await?;
+        }
         self.inbox.commit(tx).await?;
-        Ok(Ok(outcomes))
+        Ok(Applied::Committed(outcomes))
+    }
+
+    /// Forget the started attempts of `id` after it was settled outside a
+    /// handler transaction (dead-lettered) or abandoned on shutdown, so a
+    /// later delivery or redrive starts with a clean count. Best effort: a
+    /// row left behind only makes the next run apply the message alone.
+    async fn forget_attempts(&self, id: Uuid) {
+        if self.config.poison_after == 0 {
+            return;
+        }
+        let name = self.config.name.as_str();
+        let done = async {
+            let mut tx = self.inbox.begin().await?;
+            self.inbox.finish_attempts(&mut tx, name, &[id]).await?;
+            self.inbox.commit(tx).await
+        };
+        if let Err(e) = done.await {
+            warn!(consumer = name, message_id = %id, error = %e, "cannot clear the message's handler attempts; the next run applies it alone");
+        }
     }
 
     async fn handle_delivery(
@@ -635,12 +741,31 @@ where
         let mut handler_attempt = 0u32;
         let mut store_attempt = 0u32;
         loop {
-            match self.try_once(msg, redrive).await {
-                Ok(Ok(outcome)) => {
+            let failure = match self.apply_group(&[msg], redrive).await {
+                Ok(Applied::Committed(outcomes)) => {
+                    let outcome = outcomes.first().copied().unwrap_or(InboxOutcome::New);
                     if outcome == InboxOutcome::Duplicate {
                         debug!(message_id = %msg.id, "duplicate skipped");
                     }
                     return Ok(Some(Settled::of(outcome, msg)));
+                }
+                Ok(Applied::Failed(_, e)) => e,
+                Ok(Applied::Poison(crashes)) => {
+                    let reason = format!(
+                        "poison: {crashes} runs of consumer {:?} started this message's handler and never finished it (the process crashed, aborted, was killed or ran out of memory, or hung until a restart); consumer.poison-after is {}. Find the cause in the handler, fix it, then redrive the dead letter",
+                        self.config.name, self.config.poison_after
+                    );
+                    self.dead_letter_message(msg, &reason, crashes, "poison", cancel)
+                        .await?;
+                    return Ok(Some(Settled::DeadLettered));
+                }
+                Ok(Applied::Suspect(_)) => {
+                    return Err(custody_core::Error::store(
+                        "inbox",
+                        "apply",
+                        false,
+                        "a lone message was reported as a group's suspect; this is a bug in custody's consumer",
+                    ))
                 }
                 // our own database failed: wait for it, never blame the message
                 Err(e) if e.retryable() => {
@@ -648,11 +773,25 @@ where
                     let delay = self.config.backoff.delay(store_attempt, &mut self.rng);
                     warn!(consumer = %self.config.name, error = %e, ?delay, "inbox store unavailable; retrying");
                     if !self.sleep(delay, cancel).await {
+                        self.forget_attempts(msg.id).await;
                         return Ok(None);
                     }
+                    continue;
+                }
+                // the database refused what this message carries: it can
+                // never be stored; dead-letter it and go on
+                Err(e) if e.is_about_message() => {
+                    let reason = format!(
+                        "the consumer's database refused this message: {e}"
+                    );
+                    self.dead_letter_message(msg, &reason, handler_attempt + 1, "rejected", cancel)
+                        .await?;
+                    return Ok(Some(Settled::DeadLettered));
                 }
                 Err(e) => return Err(e),
-                Ok(Err(HandlerError::Transient(e))) => {
+            };
+            match failure {
+                HandlerError::Transient(e) => {
                     handler_attempt = handler_attempt.saturating_add(1);
                     if handler_attempt >= self.config.max_attempts {
                         let reason = format!(
@@ -673,10 +812,11 @@ where
                     let delay = self.config.backoff.delay(handler_attempt, &mut self.rng);
                     debug!(message_id = %msg.id, error = %e, ?delay, "transient handler error; retrying");
                     if !self.sleep(delay, cancel).await {
+                        self.forget_attempts(msg.id).await;
                         return Ok(None);
                     }
                 }
-                Ok(Err(HandlerError::UnknownType(t))) => {
+                HandlerError::UnknownType(t) => {
                     let reason = format!(
                         "unknown message type {t:?} for consumer {:?}; add a handler for it or stop routing it here, then redrive",
                         self.config.name
@@ -691,7 +831,7 @@ where
                     .await?;
                     return Ok(Some(Settled::DeadLettered));
                 }
-                Ok(Err(e)) => {
+                e => {
                     let inner = match &e {
                         HandlerError::Permanent(inner) => inner.to_string(),
                         other => other.to_string(),
@@ -709,19 +849,6 @@ where
                 }
             }
         }
-    }
-
-    /// One message in its own transaction. The outer `Result` is the
-    /// store's, the inner the handler's.
-    async fn try_once(
-        &self,
-        msg: &Message,
-        redrive: Option<i64>,
-    ) -> Result<std::result::Result<InboxOutcome, HandlerError>> {
-        Ok(match self.apply_group(&[msg], redrive).await? {
-            Ok(outcomes) => Ok(outcomes.first().copied().unwrap_or(InboxOutcome::New)),
-            Err((_, e)) => Err(e),
-        })
     }
 
     async fn sleep(&self, d: Duration, cancel: &CancellationToken) -> bool {
@@ -743,33 +870,55 @@ where
         let dead = DeadLetter {
             message_id: Some(msg.id),
             origin: format!("consumer:{}", self.config.name),
-            topic: msg.topic.clone(),
-            key: Some(msg.key.clone()),
-            message_type: Some(msg.message_type.clone()),
+            topic: storable_text(&msg.topic).into_owned(),
+            key: Some(storable_text(&msg.key).into_owned()),
+            message_type: Some(storable_text(&msg.message_type).into_owned()),
             payload: msg.payload.clone(),
             envelope: serde_json::to_string(msg).ok(),
-            error: reason.to_owned(),
+            error: storable_text(reason).into_owned(),
             attempts,
             dead_at: self.clock.now(),
         };
-        self.store_dead_letter(dead, label, cancel).await
+        self.store_dead_letter(dead, label, cancel).await?;
+        self.forget_attempts(msg.id).await;
+        Ok(())
     }
 
+    /// Dead-letter what a transport could not decode. Under the id it
+    /// claims only when this consumer has not settled that id already: a
+    /// malformed copy (a forgery, a corrupted redelivery) of a message whose
+    /// effect is committed must not make `custody trace` report the
+    /// message dead; such a copy is stored without the id.
     async fn dead_letter_malformed(
         &mut self,
         bad: &Malformed,
         cancel: &CancellationToken,
     ) -> Result<()> {
         warn!(consumer = %self.config.name, message_id = ?bad.id, reason = %bad.reason, "malformed message; dead-lettering");
+        let mut message_id = bad.id;
+        let mut note = String::new();
+        if let Some(claimed) = bad.id {
+            match self.inbox.is_recorded(&self.config.name, claimed).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    message_id = None;
+                    note = format!(" (it claims id {claimed}, which this consumer has already settled; stored without the id so the record of that message stands)");
+                }
+                Err(e) => {
+                    message_id = None;
+                    note = format!(" (it claims id {claimed}; stored without the id because the inbox could not be read: {e})");
+                }
+            }
+        }
         let dead = DeadLetter {
-            message_id: bad.id,
+            message_id,
             origin: format!("consumer:{}", self.config.name),
-            topic: bad.topic.clone(),
+            topic: storable_text(&bad.topic).into_owned(),
             key: None,
             message_type: None,
             payload: bad.payload.clone(),
             envelope: None,
-            error: format!("malformed message: {}", bad.reason),
+            error: storable_text(&format!("malformed message: {}{note}", bad.reason)).into_owned(),
             attempts: 1,
             dead_at: self.clock.now(),
         };
@@ -777,15 +926,19 @@ where
     }
 
     /// Write a dead letter, waiting out an unavailable store: a dead letter
-    /// is never dropped.
+    /// is never dropped. Should the store refuse the dead letter itself
+    /// (what it carries of the message), it is stored again with less:
+    /// without key, type and envelope, every control character escaped;
+    /// then also without the message id (and so without an inbox row).
     async fn store_dead_letter(
         &mut self,
-        dead: DeadLetter,
+        mut dead: DeadLetter,
         label: &'static str,
         cancel: &CancellationToken,
     ) -> Result<()> {
         metrics::counter!(m::CONSUMER_DEAD_LETTERED_TOTAL, "consumer" => self.config.name.clone(), "reason" => label).increment(1);
         let mut attempt = 0u32;
+        let mut stripped = 0u8;
         loop {
             match self.inbox.dead_letter(&self.config.name, &dead).await {
                 Ok(()) => return Ok(()),
@@ -796,6 +949,24 @@ where
                     if !self.sleep(delay, cancel).await {
                         return Err(custody_core::Error::Shutdown);
                     }
+                }
+                Err(e) if e.is_about_message() && stripped < 2 => {
+                    stripped += 1;
+                    warn!(consumer = %self.config.name, message_id = ?dead.message_id, error = %e, "the database refused the dead letter itself; storing it with less of the message");
+                    dead.topic = escape_text(&dead.topic).into_owned();
+                    dead.key = None;
+                    dead.message_type = None;
+                    dead.envelope = None;
+                    if stripped == 2 {
+                        if let Some(id) = dead.message_id.take() {
+                            dead.error = format!("{} (message id {id})", dead.error);
+                        }
+                    }
+                    dead.error = escape_text(&format!(
+                        "{}; stored without key, type and envelope because the database refused them: {e}",
+                        dead.error
+                    ))
+                    .into_owned();
                 }
                 Err(e) => return Err(e),
             }

@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use custody_core::sequence::advance_floor;
+use custody_core::Attempt;
 use custody_core::{
     Compaction, DeadLetter, InboxOutcome, InboxStore, Message, PartitionProgress, Redrive, Result,
     Sequence,
@@ -169,6 +170,27 @@ impl SqliteInbox {
     }
 }
 
+// Poison detection (migration 0007); see START_ATTEMPTS in
+// crates/postgres/src/inbox.rs. One write transaction per group, before the
+// handlers run; a run starting a message again does not count again.
+const START_ATTEMPT: &str = "\
+INSERT INTO custody_inbox_attempt (consumer, message_id, run, alone, started_at)
+VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT (consumer, message_id) DO UPDATE
+SET crashes = crashes + (run <> excluded.run AND alone),
+    prev_run = run,
+    run = excluded.run,
+    alone = excluded.alone,
+    started_at = excluded.started_at
+RETURNING coalesce(prev_run <> run, 0), crashes";
+
+// Inside the handler's transaction: the attempts finish iff the effects commit.
+const FINISH_ATTEMPT: &str =
+    "DELETE FROM custody_inbox_attempt WHERE consumer = ?1 AND message_id = ?2";
+
+const IS_RECORDED: &str =
+    "SELECT EXISTS (SELECT 1 FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2)";
+
 impl InboxStore for SqliteInbox {
     type Tx = Transaction<'static, Sqlite>;
 
@@ -255,6 +277,70 @@ impl InboxStore for SqliteInbox {
         tx.commit()
             .await
             .map_err(map_err("commit inbox transaction"))
+    }
+
+    async fn start_attempts(
+        &self,
+        consumer: &str,
+        run: uuid::Uuid,
+        ids: &[uuid::Uuid],
+        alone: bool,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Attempt>> {
+        const OP: &str = "start handler attempts";
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let run = run.hyphenated().to_string();
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let (unfinished, crashes): (bool, i64) = sqlx::query_as(START_ATTEMPT)
+                .bind(consumer)
+                .bind(id.hyphenated().to_string())
+                .bind(&run)
+                .bind(alone)
+                .bind(to_ms(now))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+            out.push(Attempt {
+                unfinished,
+                crashes: u32::try_from(crashes).unwrap_or(0),
+            });
+        }
+        tx.commit().await.map_err(map_err(OP))?;
+        Ok(out)
+    }
+
+    async fn finish_attempts(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        ids: &[uuid::Uuid],
+    ) -> Result<()> {
+        for id in ids {
+            sqlx::query(FINISH_ATTEMPT)
+                .bind(consumer)
+                .bind(id.hyphenated().to_string())
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err("finish handler attempts"))?;
+        }
+        Ok(())
+    }
+
+    async fn is_recorded(&self, consumer: &str, id: uuid::Uuid) -> Result<bool> {
+        sqlx::query_scalar(IS_RECORDED)
+            .bind(consumer)
+            .bind(id.hyphenated().to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err("read inbox"))
     }
 
     async fn dead_letter(&self, consumer: &str, dead: &DeadLetter) -> Result<()> {

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use custody_core::Attempt;
 use custody_core::{
     partition_for, DeadLetter, Delivery, Error, InboxOutcome, InboxStore, Malformed, Message,
     OutboxRecord, OutboxStore, PublishAck, Publisher, Result, Subscriber,
@@ -657,6 +658,8 @@ struct InboxState {
     dead: Vec<DeadLetter>,
     down: bool,
     hang_next_commit: bool,
+    /// (consumer, id) → (run of the latest start, started alone, crashes)
+    attempts: HashMap<(String, Uuid), (Uuid, bool, u32)>,
 }
 
 /// A consumer's database in memory: the inbox, the effects a handler
@@ -670,6 +673,7 @@ pub struct MemoryInbox {
 /// A transaction on a [`MemoryInbox`].
 #[derive(Debug, Default)]
 pub struct MemoryTx {
+    finished: Vec<(String, Uuid)>,
     inbox: Vec<(String, Uuid)>,
     duplicates: Vec<(String, Uuid)>,
     effects: Vec<Effect>,
@@ -780,7 +784,61 @@ impl InboxStore for MemoryInbox {
             *s.inbox.entry(k).or_insert(0) += 1;
         }
         s.effects.extend(tx.effects);
+        for k in tx.finished {
+            s.attempts.remove(&k);
+        }
         Ok(())
+    }
+
+    async fn start_attempts(
+        &self,
+        consumer: &str,
+        run: Uuid,
+        ids: &[Uuid],
+        alone: bool,
+        _now: DateTime<Utc>,
+    ) -> Result<Vec<Attempt>> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "start attempts"));
+        }
+        Ok(ids
+            .iter()
+            .map(|id| match s.attempts.get_mut(&(consumer.to_owned(), *id)) {
+                None => {
+                    s.attempts
+                        .insert((consumer.to_owned(), *id), (run, alone, 0));
+                    Attempt::default()
+                }
+                Some(e) => {
+                    let other = e.0 != run;
+                    if other && e.1 {
+                        e.2 += 1;
+                    }
+                    *e = (run, alone, e.2);
+                    Attempt {
+                        unfinished: other,
+                        crashes: e.2,
+                    }
+                }
+            })
+            .collect())
+    }
+
+    async fn finish_attempts(&self, tx: &mut MemoryTx, consumer: &str, ids: &[Uuid]) -> Result<()> {
+        if lock(&self.state).down {
+            return Err(unavailable("memory", "finish attempts"));
+        }
+        tx.finished
+            .extend(ids.iter().map(|id| (consumer.to_owned(), *id)));
+        Ok(())
+    }
+
+    async fn is_recorded(&self, consumer: &str, id: Uuid) -> Result<bool> {
+        if lock(&self.state).down {
+            return Err(unavailable("memory", "read inbox"));
+        }
+        Ok(self.seen(consumer, id))
     }
 
     async fn dead_letter(&self, consumer: &str, dead: &DeadLetter) -> Result<()> {

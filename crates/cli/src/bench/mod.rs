@@ -713,6 +713,32 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
         Ok(outcomes)
     }
 
+    async fn start_attempts(
+        &self,
+        consumer: &str,
+        run: Uuid,
+        ids: &[Uuid],
+        alone: bool,
+        now: DateTime<Utc>,
+    ) -> custody::Result<Vec<custody::Attempt>> {
+        self.inner
+            .start_attempts(consumer, run, ids, alone, now)
+            .await
+    }
+
+    async fn finish_attempts(
+        &self,
+        tx: &mut Self::Tx,
+        consumer: &str,
+        ids: &[Uuid],
+    ) -> custody::Result<()> {
+        self.inner.finish_attempts(&mut tx.tx, consumer, ids).await
+    }
+
+    async fn is_recorded(&self, consumer: &str, id: Uuid) -> custody::Result<bool> {
+        self.inner.is_recorded(consumer, id).await
+    }
+
     async fn commit(&self, tx: Self::Tx) -> custody::Result<()> {
         self.inner.commit(tx.tx).await?;
         for id in tx.ids {

@@ -1,5 +1,5 @@
-// `sqlx::migrate!` embeds the migrations at compile time; rebuild when one
-// is added or changed (cargo does not track the directory by itself).
+//! `sqlx::migrate!` embeds the migrations at compile time; rebuild when one
+//! is added or changed (cargo does not track the directory by itself).
 fn main() {
     println!("cargo:rerun-if-changed=migrations");
 }

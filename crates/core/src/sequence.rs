@@ -317,9 +317,11 @@ pub fn plan_acceptance(
             }
             match present.iter().copied().find(|s| *s > floor) {
                 Some(lowest) if lowest > 1 => (1, lowest - 1),
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "{what}: the stream starts at 1 or nothing is recorded yet; nothing to accept"
-                )),
+                ))
+                }
             }
         }
     };

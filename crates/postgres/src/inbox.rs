@@ -323,14 +323,14 @@ impl InboxStore for PgInbox {
         if limit == 0 {
             return Ok(0);
         }
-        let done = sqlx::query(PRUNE_INBOX)
+        let done: i64 = sqlx::query_scalar(PRUNE_INBOX)
             .bind(consumer)
             .bind(older_than)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .map_err(db("prune inbox"))?;
-        Ok(done.rows_affected())
+        Ok(u64::try_from(done).unwrap_or(0))
     }
 
     async fn progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
@@ -608,12 +608,14 @@ fn stamp_columns(s: Option<&Sequence>) -> (Option<&str>, Option<i32>, Option<i64
 // Rows of messages that still have a dead letter stay, so a redelivery keeps
 // being skipped until the letter is redriven or purged. SKIP LOCKED: a row a
 // consumer transaction is updating (a duplicate being counted) is left for
-// the next round instead of waited on. A numbered row stays until
-// compaction has folded and forgotten its number (seq <= forgotten): above
-// the floor it is the only record of a number past a gap (deleting it would
-// open a false gap), and between `forgotten` and the floor it is what tells
-// a replay from a message that reuses the number (custody_inbox_record).
+// the next round instead of waited on. A numbered row above its partition's
+// floor stays: it is the only record of a number past a gap, and deleting it
+// would open a false gap (compaction folds it once the gap closes). The
+// highest number deleted per partition becomes its `forgotten` mark in the
+// same statement (custody_inbox_record: above it, an unknown id at or below
+// the floor was never recorded).
 const PRUNE_INBOX: &str = "\
+WITH gone AS (
 DELETE FROM custody_inbox
 WHERE consumer = $1 AND message_id = ANY(ARRAY(
     SELECT i.message_id FROM custody_inbox i
@@ -621,12 +623,20 @@ WHERE consumer = $1 AND message_id = ANY(ARRAY(
       AND NOT EXISTS (SELECT 1 FROM custody_dead_letter d
                       WHERE d.message_id = i.message_id AND d.origin = 'consumer:' || $1)
       AND (i.seq IS NULL OR i.seq <= COALESCE(
-          (SELECT w.forgotten FROM custody_inbox_watermark w
+          (SELECT w.floor FROM custody_inbox_watermark w
            WHERE w.consumer = $1 AND w.producer = i.producer AND w.topic = i.topic
              AND w.producer_partition = i.producer_partition), 0))
     ORDER BY i.processed_at
     LIMIT $3
-    FOR UPDATE SKIP LOCKED))";
+    FOR UPDATE SKIP LOCKED))
+    RETURNING producer, topic, producer_partition, seq),
+bump AS (
+    UPDATE custody_inbox_watermark w SET forgotten = GREATEST(w.forgotten, g.top)
+    FROM (SELECT producer, topic, producer_partition, max(seq) AS top FROM gone
+          WHERE seq IS NOT NULL GROUP BY producer, topic, producer_partition) g
+    WHERE w.consumer = $1 AND w.producer = g.producer AND w.topic = g.topic
+      AND w.producer_partition = g.producer_partition)
+SELECT count(*) FROM gone";
 
 /// Every dead letter in this database (relay's and consumers'), oldest first.
 /// [`crate::dead_letter_rows`] without the sequence numbers.

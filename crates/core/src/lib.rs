@@ -47,7 +47,7 @@ pub use reconcile::{
     IdDigest, IdRange, NumberedRow, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
     SequenceHead,
 };
-pub use sequence::{Compaction, PartitionProgress, Sequence};
+pub use sequence::{AcceptedGap, Compaction, GapAcceptance, GapRange, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
     Attempt, DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord,

@@ -88,6 +88,27 @@ impl Sequence {
     }
 }
 
+/// The dead-letter reason for a numbered message at or below the
+/// consumer's floor whose id the inbox never recorded: its number is
+/// already accounted for by another message or by an accepted gap, so it is
+/// not a duplicate, and applying it silently could break the partition's
+/// order. Says what happened and what to do.
+pub fn unseen_number_reason(message: &Message) -> String {
+    let stamp = Sequence::of(message).map_or_else(
+        || "its number".to_owned(),
+        |s| {
+            format!(
+                "number {} of producer {} (topic {:?}, partition {})",
+                s.seq, s.producer, s.topic, s.partition
+            )
+        },
+    );
+    format!(
+        "{stamp} is already accounted for by this consumer (at or below its floor), but message {} was never recorded: the producer's history forked and reused the number (a restore, a failover or a database clone: docs/OPERATIONS.md \"After a restore\"), or it arrived after its number was accepted as lost. Check it, then `custody dlq redrive` it to apply it, or purge it",
+        message.id
+    )
+}
+
 /// Whether `message` is a relay's skip marker ([`SKIP_TYPE`]).
 pub fn is_skip_marker(message: &Message) -> bool {
     message.message_type == SKIP_TYPE && message.headers.contains_key(SKIPPED_HEADER)
@@ -187,6 +208,178 @@ pub struct Compaction {
     pub deleted: u64,
 }
 
+/// Which numbers an operator (or the consumer) accepts as never coming.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GapRange {
+    /// `first..=last`: every number missing in `floor + 1 ..= last` must lie
+    /// in it (an acceptance names its gap; it never swallows another).
+    Numbers {
+        /// First number accepted.
+        first: u64,
+        /// Last number accepted: the floor moves here.
+        last: u64,
+    },
+    /// The numbers below the lowest one recorded, for a partition with no
+    /// history (floor 0, nothing compacted, nothing accepted): the stream
+    /// this consumer reads did not begin at 1 (JetStream `max_age`, a
+    /// consumer added later, a stream created after the producer started).
+    StreamStart,
+}
+
+/// A request to raise a floor past numbers that will never arrive, with
+/// who asks and why (kept as an audit record, `custody_gap_accepted`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapAcceptance {
+    /// The producer's id.
+    pub producer: String,
+    /// The topic.
+    pub topic: String,
+    /// The producer's partition.
+    pub partition: u32,
+    /// The numbers.
+    pub range: GapRange,
+    /// Who accepts (an operator's name, or `consumer:<name>`).
+    pub by: String,
+    /// Why (e.g. "stream max_age dropped it; order re-entered by hand").
+    pub reason: String,
+}
+
+/// What an acceptance did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedGap {
+    /// The floor before.
+    pub old_floor: u64,
+    /// The floor after (the last number accepted).
+    pub new_floor: u64,
+    /// The missing numbers accepted, as inclusive runs.
+    pub missing: Vec<(u64, u64)>,
+}
+
+impl AcceptedGap {
+    /// How many numbers were accepted.
+    pub fn count(&self) -> u64 {
+        self.missing.iter().map(|(a, b)| b - a + 1).sum()
+    }
+}
+
+/// The runs of numbers in `floor + 1 ..= last` absent from `present`
+/// (ascending; numbers outside the range are ignored). Work is bounded by
+/// `present.len()`, whatever the numbers.
+pub fn missing_runs(floor: u64, last: u64, present: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut next = floor.saturating_add(1);
+    for &p in present {
+        if p < next {
+            continue;
+        }
+        if p > last {
+            break;
+        }
+        if p > next {
+            runs.push((next, p - 1));
+        }
+        next = p.saturating_add(1);
+    }
+    if next <= last {
+        runs.push((next, last));
+    }
+    runs
+}
+
+/// Check `gap` against the numbers missing in `floor + 1 ..= its last`
+/// (`present`: the numbers recorded above the floor, ascending) and return
+/// what accepting it does. Refused: a floor already at or past the range,
+/// nothing missing, or a missing number outside the named range (name it
+/// too, or wait for it). `has_history` (for [`GapRange::StreamStart`]): whether
+/// the partition has history (a floor, compacted rows or an acceptance).
+pub fn plan_acceptance(
+    gap: &GapAcceptance,
+    floor: u64,
+    has_history: bool,
+    present: &[u64],
+) -> std::result::Result<AcceptedGap, String> {
+    let what = format!(
+        "producer {} topic {:?} partition {}",
+        gap.producer, gap.topic, gap.partition
+    );
+    if gap.reason.trim().is_empty() || gap.by.trim().is_empty() {
+        return Err(format!(
+            "accepting a gap of {what} needs who accepts it and why (--reason): they are kept as the audit record"
+        ));
+    }
+    let (first, last) = match gap.range {
+        GapRange::Numbers { first, last } => (first, last),
+        GapRange::StreamStart => {
+            if has_history {
+                return Err(format!(
+                    "{what} has history (floor {floor}): its missing numbers are gaps, not the start of the stream; accept them by number"
+                ));
+            }
+            match present.iter().copied().find(|s| *s > floor) {
+                Some(lowest) if lowest > 1 => (1, lowest - 1),
+                _ => {
+                    return Err(format!(
+                    "{what}: the stream starts at 1 or nothing is recorded yet; nothing to accept"
+                ))
+                }
+            }
+        }
+    };
+    if first == 0 || first > last {
+        return Err(format!(
+            "{what}: {first}-{last} is not a range of sequence numbers (they start at 1; first <= last)"
+        ));
+    }
+    if last <= floor {
+        return Err(format!(
+            "{what}: the floor is already {floor}, at or past {last}: nothing to accept"
+        ));
+    }
+    let missing = missing_runs(floor, last, present);
+    if missing.is_empty() {
+        return Err(format!(
+            "{what}: every number from {} to {last} is recorded: nothing is missing there",
+            floor + 1
+        ));
+    }
+    let outside: Vec<String> = missing
+        .iter()
+        .filter(|(a, b)| *a < first || *b > last)
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    if !outside.is_empty() {
+        return Err(format!(
+            "{what}: raising the floor from {floor} to {last} would also accept missing numbers {} outside {first}-{last}; name them in the range too (or wait for them: `custody reconcile --live` shows each)",
+            outside.join(", ")
+        ));
+    }
+    Ok(AcceptedGap {
+        old_floor: floor,
+        new_floor: last,
+        missing,
+    })
+}
+
+/// `runs` as text: `5, 7-9`.
+pub fn runs_text(runs: &[(u64, u64)]) -> String {
+    runs.iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +424,49 @@ mod tests {
             m.headers.insert(SEQUENCE_HEADER.into(), seq.into());
             assert_eq!(Sequence::of(&m), None, "{p} {part} {seq}");
         }
+    }
+
+    #[test]
+    fn missing_runs_are_bounded_by_what_is_present() {
+        assert_eq!(missing_runs(0, 5, &[1, 2, 4]), vec![(3, 3), (5, 5)]);
+        assert_eq!(missing_runs(2, 2, &[]), vec![]);
+        assert_eq!(missing_runs(0, 1 << 62, &[1]), vec![(2, 1 << 62)]);
+        assert_eq!(missing_runs(3, 9, &[1, 3, 9, 12]), vec![(4, 8)]);
+    }
+
+    #[test]
+    fn an_acceptance_names_its_gap() {
+        let gap = |range| GapAcceptance {
+            producer: "p".into(),
+            topic: "t".into(),
+            partition: 0,
+            range,
+            by: "ops".into(),
+            reason: "lost to max_age".into(),
+        };
+        let n = |first, last| gap(GapRange::Numbers { first, last });
+        let ok = plan_acceptance(&n(3, 4), 2, true, &[5, 6]).unwrap();
+        assert_eq!((ok.old_floor, ok.new_floor, ok.count()), (2, 4, 2));
+        // 3 is missing too: not named
+        assert!(plan_acceptance(&n(4, 4), 2, true, &[5]).is_err());
+        // nothing missing, or already below the floor
+        assert!(plan_acceptance(&n(3, 3), 2, true, &[3]).is_err());
+        assert!(plan_acceptance(&n(1, 2), 2, true, &[]).is_err());
+        // a floor may be raised past recorded numbers inside the range
+        assert_eq!(
+            plan_acceptance(&n(1, 5), 0, true, &[2, 4, 7])
+                .unwrap()
+                .missing,
+            vec![(1, 1), (3, 3), (5, 5)]
+        );
+        let start = gap(GapRange::StreamStart);
+        let s = plan_acceptance(&start, 0, false, &[41, 43]).unwrap();
+        assert_eq!((s.new_floor, s.missing.clone()), (40, vec![(1, 40)]));
+        assert!(plan_acceptance(&start, 0, true, &[41]).is_err());
+        assert!(plan_acceptance(&start, 0, false, &[1, 3]).is_err());
+        let mut why_not = n(3, 4);
+        why_not.reason = " ".into();
+        assert!(plan_acceptance(&why_not, 2, true, &[5]).is_err());
     }
 
     #[test]

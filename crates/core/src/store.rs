@@ -377,6 +377,31 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
         async { Ok(Vec::new()) }
     }
 
+    /// Raise `consumer`'s floor of one producer partition past numbers that
+    /// will never arrive (see [`crate::sequence::plan_acceptance`] for what
+    /// is refused), in one transaction with an audit record of who, when,
+    /// which numbers and why (`custody_gap_accepted`). A message whose
+    /// number was accepted and that arrives after all is not dropped: the
+    /// inbox dead-letters it (its id was never recorded). Backends without
+    /// sequence floors refuse with an error.
+    fn accept_gap(
+        &self,
+        consumer: &str,
+        gap: &crate::GapAcceptance,
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<crate::AcceptedGap>> + Send {
+        let _ = (gap, now);
+        let consumer = consumer.to_owned();
+        async move {
+            Err(crate::Error::store(
+                "inbox",
+                "accept gap",
+                false,
+                format!("the inbox of consumer {consumer:?} keeps no sequence floors: there is no gap to accept (use a SQLite or PostgreSQL inbox)"),
+            ))
+        }
+    }
+
     /// Fold `consumer`'s inbox rows into its per-partition floors: move each
     /// floor up over the run of recorded sequences above it (reading at most
     /// `limit` of them per partition) and delete the inbox rows at or below

@@ -5,8 +5,8 @@
 use chrono::{DateTime, Utc};
 use custody_core::{
     ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, Message, MessageStatus,
-    NumberedRow, OutboxStore, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo,
-    Result, SentHistory, SequenceHead,
+    NumberedRow, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo, Result,
+    SentHistory, SequenceHead,
 };
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -78,7 +78,15 @@ impl SentHistory for PgOutbox {
     }
 
     async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
-        let Some(producer) = OutboxStore::producer_id(self).await? else {
+        // The stored id, read only (OutboxStore::producer_id may renew it
+        // after a restore or clone, and a check never writes to what it
+        // checks): the id the published numbers were given under.
+        let producer: Option<String> =
+            sqlx::query_scalar("SELECT id FROM custody_producer ORDER BY created_at LIMIT 1")
+                .fetch_optional(self.pool())
+                .await
+                .map_err(db("read producer id"))?;
+        let Some(producer) = producer else {
             return Ok(None);
         };
         let rows: Vec<(String, i32, i64)> = sqlx::query_as(

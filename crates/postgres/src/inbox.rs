@@ -1,10 +1,10 @@
 //! The consumer's idempotent inbox and the dead-letter table.
 
 use chrono::{DateTime, Utc};
-use custody_core::sequence::advance_floor;
+use custody_core::sequence::{advance_floor, plan_acceptance, runs_text};
 use custody_core::{
-    Attempt, Compaction, DeadLetter, InboxOutcome, InboxStore, Message, PartitionProgress, Redrive,
-    Result, Sequence,
+    AcceptedGap, Attempt, Compaction, DeadLetter, GapAcceptance, GapRange, InboxOutcome,
+    InboxStore, Message, PartitionProgress, Redrive, Result, Sequence,
 };
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -83,18 +83,24 @@ SELECT DISTINCT seq FROM custody_inbox
 WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4 AND seq > $5
 ORDER BY seq LIMIT $6";
 
-// Bounded: at most $7 rows per statement, off custody_inbox_seq.
+// Bounded: at most $7 rows per statement, off custody_inbox_seq. Returns
+// how many went and the highest number among them (RAISE_FLOOR keeps it as
+// `forgotten`: above it every accounted-for number still has its rows).
 const DELETE_COMPACTED: &str = "\
-DELETE FROM custody_inbox
-WHERE consumer = $1 AND message_id = ANY(ARRAY(
-    SELECT message_id FROM custody_inbox
-    WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4
-      AND seq IS NOT NULL AND seq <= $5 AND processed_at < $6
-    LIMIT $7))";
+WITH gone AS (
+    DELETE FROM custody_inbox
+    WHERE consumer = $1 AND message_id = ANY(ARRAY(
+        SELECT message_id FROM custody_inbox
+        WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4
+          AND seq IS NOT NULL AND seq <= $5 AND processed_at < $6
+        LIMIT $7))
+    RETURNING seq)
+SELECT count(*), max(seq) FROM gone";
 
 const RAISE_FLOOR: &str = "\
 UPDATE custody_inbox_watermark
-SET floor = $5, compacted = compacted + $6, updated_at = now()
+SET floor = $5, compacted = compacted + $6, updated_at = now(),
+    forgotten = GREATEST(forgotten, COALESCE($7, 0))
 WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4";
 
 // Poison detection (migration 0010): one statement per group, committed on
@@ -121,6 +127,42 @@ const FINISH_ATTEMPTS: &str =
 
 const IS_RECORDED: &str =
     "SELECT EXISTS (SELECT 1 FROM custody_inbox WHERE consumer = $1 AND message_id = $2)";
+// InboxStore::accept_gap: the floor row (made if missing) locked against a
+// concurrent compaction or acceptance, whether the partition has history,
+// the numbers recorded above the floor up to the end of the range (bounded:
+// at most $6 rows), then the raise and its audit record. A message of the
+// range being recorded by a transaction not yet committed is not seen here:
+// its record then finds the floor past it with its id unknown and
+// dead-letters it (custody_inbox_record) rather than dropping it.
+const ACCEPT_LOCK: &str = "\
+SELECT w.floor,
+       w.floor > 0 OR w.compacted > 0 OR EXISTS (
+           SELECT 1 FROM custody_gap_accepted a
+           WHERE a.consumer = w.consumer AND a.producer = w.producer AND a.topic = w.topic
+             AND a.producer_partition = w.producer_partition)
+FROM custody_inbox_watermark w
+WHERE w.consumer = $1 AND w.producer = $2 AND w.topic = $3 AND w.producer_partition = $4
+FOR UPDATE";
+
+const ACCEPT_PRESENT: &str = "\
+SELECT DISTINCT seq FROM custody_inbox
+WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4
+  AND seq > $5 AND seq <= $7
+ORDER BY seq LIMIT $6";
+
+const ACCEPT_RAISE: &str = "\
+UPDATE custody_inbox_watermark SET floor = $5, updated_at = $6
+WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4";
+
+const ACCEPT_AUDIT: &str = "\
+INSERT INTO custody_gap_accepted
+    (consumer, producer, topic, producer_partition, old_floor, new_floor, numbers, count,
+     accepted_by, reason, accepted_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// Most recorded numbers an acceptance reads between the floor and the end
+/// of its range (more: accept a shorter range first).
+pub const ACCEPT_MAX_ROWS: usize = 100_000;
 
 impl InboxStore for PgInbox {
     type Tx = Transaction<'static, Postgres>;
@@ -142,7 +184,7 @@ impl InboxStore for PgInbox {
     ) -> Result<InboxOutcome> {
         let sequence = Sequence::of(message);
         let (producer, partition, seq) = stamp_columns(sequence.as_ref());
-        let new: bool = sqlx::query_scalar(RECORD)
+        let new: Option<bool> = sqlx::query_scalar(RECORD)
             .bind(consumer)
             .bind(message.id)
             .bind(&message.topic)
@@ -153,7 +195,7 @@ impl InboxStore for PgInbox {
             .fetch_one(&mut **tx)
             .await
             .map_err(db("record in inbox"))?;
-        Ok(outcome(new))
+        self.settle(tx, consumer, message, new, now).await
     }
 
     #[tracing::instrument(skip_all, fields(count = messages.len(), consumer))]
@@ -183,7 +225,7 @@ impl InboxStore for PgInbox {
             partitions.push(partition);
             seqs.push(seq);
         }
-        let new: Vec<bool> = sqlx::query_scalar(RECORD_ALL)
+        let new: Vec<Option<bool>> = sqlx::query_scalar(RECORD_ALL)
             .bind(consumer)
             .bind(&ids)
             .bind(&topics)
@@ -194,7 +236,11 @@ impl InboxStore for PgInbox {
             .fetch_one(&mut **tx)
             .await
             .map_err(db("record in inbox"))?;
-        Ok(new.into_iter().map(outcome).collect())
+        let mut out = Vec::with_capacity(new.len());
+        for (m, n) in messages.iter().zip(new) {
+            out.push(self.settle(tx, consumer, m, n, now).await?);
+        }
+        Ok(out)
     }
 
     async fn commit(&self, tx: Self::Tx) -> Result<()> {
@@ -367,14 +413,14 @@ impl InboxStore for PgInbox {
         if limit == 0 {
             return Ok(0);
         }
-        let done = sqlx::query(PRUNE_INBOX)
+        let done: i64 = sqlx::query_scalar(PRUNE_INBOX)
             .bind(consumer)
             .bind(older_than)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(&self.pool)
+            .fetch_one(&self.pool)
             .await
             .map_err(db("prune inbox"))?;
-        Ok(done.rows_affected())
+        Ok(u64::try_from(done).unwrap_or(0))
     }
 
     async fn progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
@@ -410,6 +456,102 @@ impl InboxStore for PgInbox {
                 },
             )
             .collect())
+    }
+
+    async fn accept_gap(
+        &self,
+        consumer: &str,
+        gap: &GapAcceptance,
+        now: DateTime<Utc>,
+    ) -> Result<AcceptedGap> {
+        const OP: &str = "accept a sequence gap";
+        let partition = i32::try_from(gap.partition).map_err(|_| {
+            custody_core::Error::store(
+                "postgres",
+                OP,
+                false,
+                format!("partition {} is out of range", gap.partition),
+            )
+        })?;
+        let last = match gap.range {
+            GapRange::Numbers { last, .. } => i64::try_from(last).unwrap_or(i64::MAX),
+            GapRange::StreamStart => i64::MAX,
+        };
+        let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        sqlx::query(ENSURE_WATERMARK)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let (floor, has_history): (i64, bool) = sqlx::query_as(ACCEPT_LOCK)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let present: Vec<i64> = sqlx::query_scalar(ACCEPT_PRESENT)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .bind(floor)
+            .bind(i64::try_from(ACCEPT_MAX_ROWS).unwrap_or(i64::MAX))
+            .bind(last)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        let present: Vec<u64> = present
+            .into_iter()
+            .filter_map(|s| u64::try_from(s).ok())
+            .collect();
+        if present.len() >= ACCEPT_MAX_ROWS && matches!(gap.range, GapRange::Numbers { .. }) {
+            return Err(custody_core::Error::store(
+                "postgres",
+                OP,
+                false,
+                format!("more than {ACCEPT_MAX_ROWS} numbers are recorded in the range: accept a shorter range first"),
+            ));
+        }
+        let plan = plan_acceptance(
+            gap,
+            u64::try_from(floor).unwrap_or(0),
+            has_history,
+            &present,
+        )
+        .map_err(|e| custody_core::Error::store("postgres", OP, false, e))?;
+        let new_floor = i64::try_from(plan.new_floor).unwrap_or(i64::MAX);
+        sqlx::query(ACCEPT_RAISE)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .bind(new_floor)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        sqlx::query(ACCEPT_AUDIT)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .bind(floor)
+            .bind(new_floor)
+            .bind(runs_text(&plan.missing))
+            .bind(i64::try_from(plan.count()).unwrap_or(i64::MAX))
+            .bind(&gap.by)
+            .bind(&gap.reason)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        tx.commit().await.map_err(db(OP))?;
+        Ok(plan)
     }
 
     async fn compact(
@@ -451,7 +593,7 @@ impl InboxStore for PgInbox {
             let old = u64::try_from(floor).unwrap_or(0);
             let new = advance_floor(old, above.iter().filter_map(|s| u64::try_from(*s).ok()));
             let new_floor = i64::try_from(new).unwrap_or(floor);
-            let deleted = sqlx::query(DELETE_COMPACTED)
+            let (deleted, highest_deleted): (i64, Option<i64>) = sqlx::query_as(DELETE_COMPACTED)
                 .bind(consumer)
                 .bind(&producer)
                 .bind(&topic)
@@ -459,10 +601,10 @@ impl InboxStore for PgInbox {
                 .bind(new_floor)
                 .bind(keep_after)
                 .bind(limit)
-                .execute(&mut *tx)
+                .fetch_one(&mut *tx)
                 .await
-                .map_err(db(OP))?
-                .rows_affected();
+                .map_err(db(OP))?;
+            let deleted = u64::try_from(deleted).unwrap_or(0);
             if new > old || deleted > 0 {
                 sqlx::query(RAISE_FLOOR)
                     .bind(consumer)
@@ -471,6 +613,7 @@ impl InboxStore for PgInbox {
                     .bind(partition)
                     .bind(new_floor)
                     .bind(i64::try_from(deleted).unwrap_or(i64::MAX))
+                    .bind(highest_deleted)
                     .execute(&mut *tx)
                     .await
                     .map_err(db(OP))?;
@@ -483,14 +626,58 @@ impl InboxStore for PgInbox {
     }
 }
 
-/// The inbox columns of a stamp: producer, partition, sequence.
-/// What the record functions return: true = new for the consumer.
-fn outcome(new: bool) -> InboxOutcome {
-    if new {
-        InboxOutcome::New
-    } else {
-        InboxOutcome::Duplicate
+// A numbered message at or below its floor whose id was never recorded
+// (custody_inbox_record returned NULL): dead-lettered in the handler's
+// transaction, once per id (a replay of it finds the letter and adds none).
+const DEAD_LETTER_UNSEEN: &str = "\
+INSERT INTO custody_dead_letter
+    (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, 0, $9
+WHERE NOT EXISTS (SELECT 1 FROM custody_dead_letter WHERE message_id = $1 AND origin = $2)";
+
+impl PgInbox {
+    /// The outcome of what custody_inbox_record returned for `message`:
+    /// true = new, false = duplicate, NULL = a number at or below the floor
+    /// whose id was never recorded, which is dead-lettered here (never
+    /// dropped) and reported as a duplicate (nothing to apply).
+    async fn settle(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        consumer: &str,
+        message: &Message,
+        new: Option<bool>,
+        now: DateTime<Utc>,
+    ) -> Result<InboxOutcome> {
+        match new {
+            Some(true) => Ok(InboxOutcome::New),
+            Some(false) => Ok(InboxOutcome::Duplicate),
+            None => {
+                let error = unseen_reason(message);
+                tracing::warn!(consumer, message_id = %message.id, topic = %message.topic, "{error}");
+                let envelope = serde_json::to_string(message).ok();
+                sqlx::query(DEAD_LETTER_UNSEEN)
+                    .bind(message.id)
+                    .bind(format!("consumer:{consumer}"))
+                    .bind(&message.topic)
+                    .bind(&message.key)
+                    .bind(&message.message_type)
+                    .bind(&message.payload)
+                    .bind(envelope)
+                    .bind(&error)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(db("dead-letter a reused sequence number"))?;
+                Ok(InboxOutcome::Duplicate)
+            }
+        }
     }
+}
+
+/// Why a numbered message at or below the floor with an unknown id is
+/// dead-lettered (shared wording with the SQLite inbox).
+pub(crate) fn unseen_reason(message: &Message) -> String {
+    custody_core::sequence::unseen_number_reason(message)
 }
 
 fn stamp_columns(s: Option<&Sequence>) -> (Option<&str>, Option<i32>, Option<i64>) {
@@ -513,8 +700,12 @@ fn stamp_columns(s: Option<&Sequence>) -> (Option<&str>, Option<i32>, Option<i64
 // consumer transaction is updating (a duplicate being counted) is left for
 // the next round instead of waited on. A numbered row above its partition's
 // floor stays: it is the only record of a number past a gap, and deleting it
-// would open a false gap (compaction folds it once the gap closes).
+// would open a false gap (compaction folds it once the gap closes). The
+// highest number deleted per partition becomes its `forgotten` mark in the
+// same statement (custody_inbox_record: above it, an unknown id at or below
+// the floor was never recorded).
 const PRUNE_INBOX: &str = "\
+WITH gone AS (
 DELETE FROM custody_inbox
 WHERE consumer = $1 AND message_id = ANY(ARRAY(
     SELECT i.message_id FROM custody_inbox i
@@ -527,7 +718,15 @@ WHERE consumer = $1 AND message_id = ANY(ARRAY(
              AND w.producer_partition = i.producer_partition), 0))
     ORDER BY i.processed_at
     LIMIT $3
-    FOR UPDATE SKIP LOCKED))";
+    FOR UPDATE SKIP LOCKED))
+    RETURNING producer, topic, producer_partition, seq),
+bump AS (
+    UPDATE custody_inbox_watermark w SET forgotten = GREATEST(w.forgotten, g.top)
+    FROM (SELECT producer, topic, producer_partition, max(seq) AS top FROM gone
+          WHERE seq IS NOT NULL GROUP BY producer, topic, producer_partition) g
+    WHERE w.consumer = $1 AND w.producer = g.producer AND w.topic = g.topic
+      AND w.producer_partition = g.producer_partition)
+SELECT count(*) FROM gone";
 
 /// Every dead letter in this database (relay's and consumers'), oldest first.
 /// [`crate::dead_letter_rows`] without the sequence numbers.

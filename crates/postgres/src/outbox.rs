@@ -919,12 +919,12 @@ impl OutboxStore for PgOutbox {
         let id = self
             .producer
             .get_or_try_init(|| async {
-                sqlx::query_scalar::<_, String>(
-                    "SELECT id FROM custody_producer ORDER BY created_at LIMIT 1",
-                )
-                .fetch_one(&self.pool)
-                .await
-                .map_err(db("read producer id (run `custody migrate`)"))
+                // renewed when the database's history could have forked
+                // (a clone, a restore, a failover: migration 0008)
+                sqlx::query_scalar::<_, String>("SELECT custody_producer_id()")
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(db("read producer id (run `custody migrate`)"))
             })
             .await?;
         Ok(Some(id.clone()))

@@ -220,3 +220,48 @@ async fn redrive_is_the_only_token() -> anyhow::Result<()> {
     })
     .await
 }
+
+async fn pg_dead_letters(pool: &sqlx::PgPool) -> anyhow::Result<Vec<DeadLetter>> {
+    Ok(dead_letters(pool).await?)
+}
+
+/// Issue 11, scenario 4 (shared with SQLite).
+#[tokio::test]
+async fn unseen_number_is_dead_lettered() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let inbox = PgInbox::new(pool.clone());
+    custody_testkit::inbox_suite::unseen_number_is_dead_lettered_test(inbox, || {
+        let pool = pool.clone();
+        async move { pg_dead_letters(&pool).await }
+    })
+    .await
+}
+
+/// Issue 11, scenario 5 (shared with SQLite), and the audit records.
+#[tokio::test]
+async fn accept_gap() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let inbox = PgInbox::new(pool.clone());
+    let (consumer, expected) = custody_testkit::inbox_suite::accept_gap_test(inbox, || {
+        let pool = pool.clone();
+        async move { pg_dead_letters(&pool).await }
+    })
+    .await?;
+    let audit: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT numbers, accepted_by, reason FROM custody_gap_accepted WHERE consumer = $1 ORDER BY id",
+    )
+    .bind(&consumer)
+    .fetch_all(&pool)
+    .await?;
+    let got: Vec<(String, String)> = audit
+        .iter()
+        .map(|(n, b, _)| (n.clone(), b.clone()))
+        .collect();
+    assert_eq!(got, expected);
+    assert!(audit.iter().all(|(_, _, why)| why.contains("max_age")));
+    Ok(())
+}

@@ -1,11 +1,11 @@
 //! The consumer's idempotent inbox.
 
 use chrono::{DateTime, Utc};
-use custody_core::sequence::advance_floor;
+use custody_core::sequence::{advance_floor, plan_acceptance, runs_text};
 use custody_core::Attempt;
 use custody_core::{
-    Compaction, DeadLetter, InboxOutcome, InboxStore, Message, PartitionProgress, Redrive, Result,
-    Sequence,
+    AcceptedGap, Compaction, DeadLetter, Error, GapAcceptance, GapRange, InboxOutcome, InboxStore,
+    Message, PartitionProgress, Redrive, Result, Sequence,
 };
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
@@ -22,18 +22,28 @@ use crate::to_ms;
 /// for): the redrive's record of the message comes back 0, its first sight
 /// (any other delivery while the redrive is queued puts the mark back: see
 /// [`REDRIVE_QUEUED`]).
+///
+/// Two statements, so that the caller knows whether the id was new: the
+/// insert returns a row only when it inserted one ([`RECORD_AGAIN`] counts
+/// the redelivery otherwise). The transaction holds the write lock
+/// (`BEGIN IMMEDIATE`), so nothing runs in between.
 const RECORD: &str = "INSERT INTO custody_inbox \
      (consumer, message_id, topic, processed_at, producer, producer_partition, seq) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
-     ON CONFLICT (consumer, message_id) DO UPDATE SET duplicates = duplicates + 1 \
+     ON CONFLICT (consumer, message_id) DO NOTHING \
      RETURNING duplicates";
+
+/// [`RECORD`] for an id recorded before: count the redelivery (a redrive's
+/// mark, -1, becomes 0: its first sight).
+const RECORD_AGAIN: &str = "UPDATE custody_inbox SET duplicates = duplicates + 1 \
+     WHERE consumer = ?1 AND message_id = ?2 RETURNING duplicates";
 
 /// The consumer's floor in one producer partition. Read after RECORD's
 /// insert, in the same transaction: on SQLite the transaction holds the
 /// write lock (`BEGIN IMMEDIATE`) so no compaction runs in between; the
 /// order is kept as on PostgreSQL, where the inserted row is what a
 /// concurrent compaction must see (or wait for) before it moves the floor.
-const FLOOR: &str = "SELECT floor FROM custody_inbox_watermark \
+const FLOOR: &str = "SELECT floor, forgotten FROM custody_inbox_watermark \
      WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4";
 
 /// A numbered message at or below the floor is a duplicate whose row was
@@ -53,6 +63,14 @@ const REDRIVE_QUEUED: &str =
 /// (or gets) the redrive's mark, so the redrive is new when it comes.
 const KEEP_REDRIVE_MARK: &str =
     "UPDATE custody_inbox SET duplicates = -1 WHERE consumer = ?1 AND message_id = ?2";
+
+/// A numbered message at or below its floor whose id was never recorded,
+/// dead-lettered in the handler's transaction, once per id (a replay finds
+/// the letter and adds none).
+const DEAD_LETTER_UNSEEN: &str = "INSERT INTO custody_dead_letter \
+     (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
+     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9 \
+     WHERE NOT EXISTS (SELECT 1 FROM custody_dead_letter WHERE message_id = ?1 AND origin = ?2)";
 
 const INSERT_DEAD_LETTER: &str = "INSERT INTO custody_dead_letter \
      (message_id, origin, topic, msg_key, message_type, payload, envelope, error, attempts, dead_at) \
@@ -118,15 +136,47 @@ const SEQS_ABOVE: &str = "SELECT DISTINCT seq FROM custody_inbox \
 /// Rows at or below the (new) floor `?5` recorded before `?6`, at most `?7`:
 /// the floor answers for them now. Rows inside the keep window stay for
 /// reconciliation.
+/// Returns the numbers deleted: the highest becomes `forgotten`.
 const DELETE_COMPACTED: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id IN ( \
      SELECT message_id FROM custody_inbox \
      WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4 \
        AND seq <= ?5 AND processed_at < ?6 \
-     ORDER BY seq LIMIT ?7)";
+     ORDER BY seq LIMIT ?7) \
+     RETURNING seq";
 
 const UPDATE_WATERMARK: &str = "UPDATE custody_inbox_watermark \
-     SET floor = ?5, compacted = compacted + ?6, updated_at = ?7 \
+     SET floor = ?5, compacted = compacted + ?6, updated_at = ?7, \
+         forgotten = MAX(forgotten, ?8) \
      WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4";
+
+/// [`InboxStore::accept_gap`]: the floor and whether the partition has
+/// history (a floor, compacted rows or an earlier acceptance). The
+/// transaction holds the write lock: no record or compaction runs meanwhile.
+const ACCEPT_READ: &str = "SELECT w.floor, \
+       (w.floor > 0 OR w.compacted > 0 OR EXISTS ( \
+           SELECT 1 FROM custody_gap_accepted AS a \
+           WHERE a.consumer = w.consumer AND a.producer = w.producer AND a.topic = w.topic \
+             AND a.producer_partition = w.producer_partition)) \
+     FROM custody_inbox_watermark AS w \
+     WHERE w.consumer = ?1 AND w.producer = ?2 AND w.topic = ?3 AND w.producer_partition = ?4";
+
+/// The numbers recorded in `?5 < seq <= ?7`, at most `?6`.
+const ACCEPT_PRESENT: &str = "SELECT DISTINCT seq FROM custody_inbox \
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4 \
+       AND seq > ?5 AND seq <= ?7 \
+     ORDER BY seq LIMIT ?6";
+
+const ACCEPT_RAISE: &str = "UPDATE custody_inbox_watermark SET floor = ?5, updated_at = ?6 \
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4";
+
+const ACCEPT_AUDIT: &str = "INSERT INTO custody_gap_accepted \
+     (consumer, producer, topic, producer_partition, old_floor, new_floor, numbers, count, \
+      accepted_by, reason, accepted_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+/// Most recorded numbers an acceptance reads between the floor and the end
+/// of its range (more: accept a shorter range first).
+pub const ACCEPT_MAX_ROWS: usize = 100_000;
 
 /// The stamp of `message` as inbox columns (all NULL when unnumbered).
 fn stamp_columns(stamp: Option<&Sequence>) -> (Option<&str>, Option<i64>, Option<i64>) {
@@ -215,7 +265,7 @@ impl InboxStore for SqliteInbox {
         let id = message.id.hyphenated().to_string();
         let stamp = Sequence::of(message);
         let (producer, partition, seq) = stamp_columns(stamp.as_ref());
-        let duplicates: i64 = sqlx::query_scalar(RECORD)
+        let inserted: Option<i64> = sqlx::query_scalar(RECORD)
             .bind(consumer)
             .bind(&id)
             .bind(message.topic.as_str())
@@ -223,9 +273,18 @@ impl InboxStore for SqliteInbox {
             .bind(producer)
             .bind(partition)
             .bind(seq)
-            .fetch_one(&mut **tx)
+            .fetch_optional(&mut **tx)
             .await
             .map_err(map_err(OP))?;
+        let duplicates = match inserted {
+            Some(d) => d,
+            None => sqlx::query_scalar(RECORD_AGAIN)
+                .bind(consumer)
+                .bind(&id)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(map_err(OP))?,
+        };
         if duplicates != 0 {
             return Ok(InboxOutcome::Duplicate);
         }
@@ -252,7 +311,7 @@ impl InboxStore for SqliteInbox {
             return Ok(InboxOutcome::New);
         };
         // Second statement, after the insert (see FLOOR).
-        let floor: Option<i64> = sqlx::query_scalar(FLOOR)
+        let floor: Option<(i64, i64)> = sqlx::query_as(FLOOR)
             .bind(consumer)
             .bind(producer)
             .bind(message.topic.as_str())
@@ -260,16 +319,39 @@ impl InboxStore for SqliteInbox {
             .fetch_optional(&mut **tx)
             .await
             .map_err(map_err(OP))?;
-        if seq > floor.unwrap_or(0) {
+        let (floor, forgotten) = floor.unwrap_or((0, 0));
+        if seq > floor {
             return Ok(InboxOutcome::New);
         }
-        // At or below the floor (rare): processed before, its row compacted.
+        // At or below the floor (rare): the row just made goes again.
         sqlx::query(UNRECORD)
             .bind(consumer)
             .bind(&id)
             .execute(&mut **tx)
             .await
             .map_err(map_err(OP))?;
+        if inserted.is_some() && seq > forgotten {
+            // Above `forgotten` every accounted-for number still has its
+            // rows: this id was never recorded. Another message with a used
+            // number (the producer's history forked) or one that came after
+            // its number was accepted as lost: dead-lettered, never dropped.
+            let error = custody_core::sequence::unseen_number_reason(message);
+            tracing::warn!(consumer, message_id = %message.id, topic = %message.topic, "{error}");
+            sqlx::query(DEAD_LETTER_UNSEEN)
+                .bind(&id)
+                .bind(format!("consumer:{consumer}"))
+                .bind(message.topic.as_str())
+                .bind(message.key.as_str())
+                .bind(message.message_type.as_str())
+                .bind(message.payload.as_slice())
+                .bind(serde_json::to_string(message).ok())
+                .bind(&error)
+                .bind(to_ms(now))
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err(OP))?;
+        }
+        // At or below `forgotten`: processed before, its row compacted.
         Ok(InboxOutcome::Duplicate)
     }
 
@@ -432,14 +514,39 @@ impl InboxStore for SqliteInbox {
         if limit == 0 {
             return Ok(0);
         }
-        let done = sqlx::query(PRUNE_INBOX)
+        type Gone = (Option<String>, String, Option<i64>, Option<i64>);
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        let gone: Vec<Gone> = sqlx::query_as(PRUNE_INBOX)
             .bind(consumer)
             .bind(to_ms(older_than))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(&self.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(map_err(OP))?;
-        Ok(done.rows_affected())
+        let mut top: std::collections::BTreeMap<(String, String, i64), i64> = Default::default();
+        for (producer, topic, partition, seq) in &gone {
+            if let (Some(p), Some(part), Some(seq)) = (producer, partition, seq) {
+                let e = top.entry((p.clone(), topic.clone(), *part)).or_insert(*seq);
+                *e = (*e).max(*seq);
+            }
+        }
+        for ((producer, topic, partition), seq) in top {
+            sqlx::query(PRUNE_FORGET)
+                .bind(consumer)
+                .bind(producer)
+                .bind(topic)
+                .bind(partition)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+        }
+        tx.commit().await.map_err(map_err(OP))?;
+        Ok(u64::try_from(gone.len()).unwrap_or(u64::MAX))
     }
 
     async fn progress(&self, consumer: &str) -> Result<Vec<PartitionProgress>> {
@@ -474,6 +581,92 @@ impl InboxStore for SqliteInbox {
             ));
         }
         Ok(out)
+    }
+
+    async fn accept_gap(
+        &self,
+        consumer: &str,
+        gap: &GapAcceptance,
+        now: DateTime<Utc>,
+    ) -> Result<AcceptedGap> {
+        const OP: &str = "accept a sequence gap";
+        let partition = i64::from(gap.partition);
+        let last = match gap.range {
+            GapRange::Numbers { last, .. } => i64::try_from(last).unwrap_or(i64::MAX),
+            GapRange::StreamStart => i64::MAX,
+        };
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err(OP))?;
+        sqlx::query(ENSURE_WATERMARK)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        let (floor, has_history): (i64, bool) = sqlx::query_as(ACCEPT_READ)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        let present: Vec<i64> = sqlx::query_scalar(ACCEPT_PRESENT)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .bind(floor)
+            .bind(limit_i64(ACCEPT_MAX_ROWS))
+            .bind(last)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        let present: Vec<u64> = present.into_iter().map(count_u64).collect();
+        if present.len() >= ACCEPT_MAX_ROWS && matches!(gap.range, GapRange::Numbers { .. }) {
+            return Err(Error::store(
+                "sqlite",
+                OP,
+                false,
+                format!("more than {ACCEPT_MAX_ROWS} numbers are recorded in the range: accept a shorter range first"),
+            ));
+        }
+        let plan = plan_acceptance(gap, count_u64(floor), has_history, &present)
+            .map_err(|e| Error::store("sqlite", OP, false, e))?;
+        let new_floor = i64::try_from(plan.new_floor).unwrap_or(i64::MAX);
+        sqlx::query(ACCEPT_RAISE)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .bind(new_floor)
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        sqlx::query(ACCEPT_AUDIT)
+            .bind(consumer)
+            .bind(&gap.producer)
+            .bind(&gap.topic)
+            .bind(partition)
+            .bind(floor)
+            .bind(new_floor)
+            .bind(runs_text(&plan.missing))
+            .bind(i64::try_from(plan.count()).unwrap_or(i64::MAX))
+            .bind(&gap.by)
+            .bind(&gap.reason)
+            .bind(to_ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+        tx.commit().await.map_err(map_err(OP))?;
+        Ok(plan)
     }
 
     async fn compact(
@@ -533,7 +726,7 @@ impl InboxStore for SqliteInbox {
             let old = count_u64(floor);
             let new = advance_floor(old, above.into_iter().map(count_u64));
             let new_i64 = i64::try_from(new).unwrap_or(i64::MAX);
-            let deleted = sqlx::query(DELETE_COMPACTED)
+            let gone: Vec<Option<i64>> = sqlx::query_scalar(DELETE_COMPACTED)
                 .bind(consumer)
                 .bind(&producer)
                 .bind(&topic)
@@ -541,10 +734,11 @@ impl InboxStore for SqliteInbox {
                 .bind(new_i64)
                 .bind(to_ms(keep_after))
                 .bind(limit_i64(limit))
-                .execute(&mut *tx)
+                .fetch_all(&mut *tx)
                 .await
-                .map_err(map_err(OP))?
-                .rows_affected();
+                .map_err(map_err(OP))?;
+            let deleted = u64::try_from(gone.len()).unwrap_or(u64::MAX);
+            let highest_gone = gone.into_iter().flatten().max().unwrap_or(0);
             if new > old || deleted > 0 {
                 sqlx::query(UPDATE_WATERMARK)
                     .bind(consumer)
@@ -554,6 +748,7 @@ impl InboxStore for SqliteInbox {
                     .bind(new_i64)
                     .bind(i64::try_from(deleted).unwrap_or(i64::MAX))
                     .bind(now)
+                    .bind(highest_gone)
                     .execute(&mut *tx)
                     .await
                     .map_err(map_err(OP))?;
@@ -573,7 +768,9 @@ impl InboxStore for SqliteInbox {
 /// letter is redriven or purged. A numbered row above its partition's floor
 /// (no watermark row: floor 0) stays too: it may be the only record of a
 /// number past a gap, and deleting it would open a false gap that nothing
-/// fills; compaction folds it once the gap closes. Such rows are read again
+/// fills; compaction folds it once the gap closes. Returns the numbers
+/// deleted: the highest per partition becomes its `forgotten` mark
+/// ([`PRUNE_FORGET`]). Such rows are read again
 /// by every prune but not counted against the limit.
 const PRUNE_INBOX: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id IN ( \
      SELECT i.message_id FROM custody_inbox AS i \
@@ -584,4 +781,10 @@ const PRUNE_INBOX: &str = "DELETE FROM custody_inbox WHERE consumer = ?1 AND mes
              (SELECT w.floor FROM custody_inbox_watermark AS w \
               WHERE w.consumer = ?1 AND w.producer = i.producer AND w.topic = i.topic \
                 AND w.producer_partition = i.producer_partition), 0)) \
-     ORDER BY i.processed_at LIMIT ?3)";
+     ORDER BY i.processed_at LIMIT ?3) \
+     RETURNING producer, topic, producer_partition, seq";
+
+/// After [`PRUNE_INBOX`], in its transaction: `?5` is the highest number
+/// deleted in the partition (see [`RECORD`] on `forgotten`).
+const PRUNE_FORGET: &str = "UPDATE custody_inbox_watermark SET forgotten = MAX(forgotten, ?5) \
+     WHERE consumer = ?1 AND producer = ?2 AND topic = ?3 AND producer_partition = ?4";

@@ -43,8 +43,8 @@ async fn counts(b: &PgPool) -> anyhow::Result<(i64, i64)> {
 }
 
 #[tokio::test]
-async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on(
-) -> anyhow::Result<()> {
+async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on() -> anyhow::Result<()>
+{
     let Some(db) = custody_testkit::postgres_db().await? else {
         return Ok(());
     };
@@ -72,9 +72,12 @@ async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on(
     let nul_key = order("customer-3")?;
     let nul_topic = order("customer-4")?;
     let text_plain = Message::builder("orders", "customer-5", "OrderPlaced")
-        .payload("text/plain", serde_json::to_vec(&serde_json::json!({
-            "order_id": Uuid::now_v7(), "customer": "customer-5", "amount_cents": 1, "seq": 1
-        }))?)
+        .payload(
+            "text/plain",
+            serde_json::to_vec(&serde_json::json!({
+                "order_id": Uuid::now_v7(), "customer": "customer-5", "amount_cents": 1, "seq": 1
+            }))?,
+        )
         .build()?;
     let edits: [(&Message, &[(&str, &str)]); 4] = [
         (
@@ -85,7 +88,10 @@ async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on(
                 ("ce-custodyseq", "1"),
             ],
         ),
-        (&nul_key, &[("ce-partitionkey", "c%00"), ("ce-subject", "c%00")]),
+        (
+            &nul_key,
+            &[("ce-partitionkey", "c%00"), ("ce-subject", "c%00")],
+        ),
         (&nul_topic, &[("ce-custodytopic", "or%00ders")]),
         (&text_plain, &[]),
     ];
@@ -136,7 +142,10 @@ async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on(
         .fetch_one(&b)
         .await?;
     let good_order: serde_json::Value = good.decode_json()?;
-    assert_eq!(ledger.to_string(), good_order["order_id"].as_str().unwrap_or(""));
+    assert_eq!(
+        ledger.to_string(),
+        good_order["order_id"].as_str().unwrap_or("")
+    );
     let errors: Vec<(Option<Uuid>, String)> =
         sqlx::query_as("SELECT message_id, error FROM custody_dead_letter ORDER BY seq")
             .fetch_all(&b)
@@ -149,7 +158,10 @@ async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on(
             .unwrap_or_default()
     };
     assert!(error_of(nul_producer.id).contains("NUL"), "{errors:?}");
-    assert!(error_of(nul_key.id).contains("key holds a NUL"), "{errors:?}");
+    assert!(
+        error_of(nul_key.id).contains("key holds a NUL"),
+        "{errors:?}"
+    );
     assert!(error_of(nul_topic.id).contains("topic holds"), "{errors:?}");
     assert!(error_of(text_plain.id).contains("text/plain"), "{errors:?}");
     drop(worker);

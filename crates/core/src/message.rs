@@ -407,8 +407,15 @@ mod tests {
         let mut m = base();
         m.headers.insert("custodyproducer".into(), "p\0x".into());
         let err = m.validate().unwrap_err().to_string();
-        assert!(err.contains("header \"custodyproducer\" holds a NUL"), "{err}");
-        for (topic, ty, ct) in [("or\0ders", "T", ""), ("orders", "T\u{1b}", ""), ("orders", "T", "text/plain\n")] {
+        assert!(
+            err.contains("header \"custodyproducer\" holds a NUL"),
+            "{err}"
+        );
+        for (topic, ty, ct) in [
+            ("or\0ders", "T", ""),
+            ("orders", "T\u{1b}", ""),
+            ("orders", "T", "text/plain\n"),
+        ] {
             let mut m = base();
             m.topic = topic.into();
             m.message_type = ty.into();
@@ -436,21 +443,38 @@ mod tests {
     fn escaping_for_storage_and_for_display() {
         assert_eq!(storable_text("p\0x\n"), "p\\0x\n");
         assert_eq!(escape_text("p\0x\n\u{1b}"), "p\\0x\\n\\u{1b}");
-        assert!(matches!(storable_text("plain"), std::borrow::Cow::Borrowed(_)));
+        assert!(matches!(
+            storable_text("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 
     #[test]
     fn decode_json_decodes_only_json_content_types() {
         let body = br#"{"a":1}"#.to_vec();
-        for ct in ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/cloudevents+json"] {
-            let m = Message::builder("t", "k", "T").payload(ct, body.clone()).build().unwrap();
+        for ct in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/cloudevents+json",
+        ] {
+            let m = Message::builder("t", "k", "T")
+                .payload(ct, body.clone())
+                .build()
+                .unwrap();
             assert!(m.decode_json::<serde_json::Value>().is_ok(), "{ct}");
         }
         for ct in ["text/plain", "", "application/xml", "text/json+plain"] {
-            let m = Message::builder("t", "k", "T").payload(ct, body.clone()).build().unwrap();
+            let m = Message::builder("t", "k", "T")
+                .payload(ct, body.clone())
+                .build()
+                .unwrap();
             let err = m.decode_json::<serde_json::Value>().unwrap_err();
             assert!(!err.retryable() && err.is_about_message());
-            assert!(err.to_string().contains(&format!("content type is {ct:?}")), "{err}");
+            assert!(
+                err.to_string().contains(&format!("content type is {ct:?}")),
+                "{err}"
+            );
         }
     }
 

@@ -50,13 +50,9 @@ async fn publish_raw(
     }
     edit(&mut h);
     let js = async_nats::jetstream::new(e.client.clone());
-    js.publish_with_headers(
-        e.spec.subject(&msg.topic),
-        h,
-        msg.payload.clone().into(),
-    )
-    .await?
-    .await?;
+    js.publish_with_headers(e.spec.subject(&msg.topic), h, msg.payload.clone().into())
+        .await?
+        .await?;
     Ok(())
 }
 
@@ -180,11 +176,7 @@ async fn a_message_the_database_refuses_is_dead_lettered_not_fatal() -> anyhow::
     let dead = dead(&e).await?;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].0.as_deref(), Some(again.id.to_string().as_str()));
-    assert!(
-        dead[0].1.contains("refused this message"),
-        "{}",
-        dead[0].1
-    );
+    assert!(dead[0].1.contains("refused this message"), "{}", dead[0].1);
     drop(e); // deletes the stream and both databases
     Ok(())
 }
@@ -211,7 +203,11 @@ async fn a_malformed_copy_of_a_processed_id_does_not_make_it_dead() -> anyhow::R
     .await?;
     let js = async_nats::jetstream::new(e.client.clone());
     let mut stream = js.get_stream(&e.spec.name).await?;
-    assert_eq!(stream.info().await?.state.messages, 2, "the copy is on the stream");
+    assert_eq!(
+        stream.info().await?.state.messages,
+        2,
+        "the copy is on the stream"
+    );
     consume_until(&e, &mut c, 1, 1).await?;
     let dead = dead(&e).await?;
     assert_eq!(dead.len(), 1, "{dead:?}");

@@ -90,8 +90,8 @@ async fn poison_child() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_message_that_crashes_the_process_is_dead_lettered_after_n_crashes(
-) -> anyhow::Result<()> {
+async fn a_message_that_crashes_the_process_is_dead_lettered_after_n_crashes() -> anyhow::Result<()>
+{
     let Some(e) = env(None, "custody_poison").await? else {
         return Ok(());
     };
@@ -131,7 +131,10 @@ async fn a_message_that_crashes_the_process_is_dead_lettered_after_n_crashes(
         }
         aborted += 1;
     }
-    assert!(finished, "the consumer process still crashes after {aborted} restarts: the poison message loops");
+    assert!(
+        finished,
+        "the consumer process still crashes after {aborted} restarts: the poison message loops"
+    );
     // the first crash happens inside a group (not attributed), then
     // POISON_AFTER crashes of the message applied alone
     assert!(
@@ -155,8 +158,11 @@ async fn a_message_that_crashes_the_process_is_dead_lettered_after_n_crashes(
         .fetch_all(&e.b)
         .await?;
     assert_eq!(dead.len(), 1);
-    let (ty, error, attempts): (String, String, i32) =
-        (dead[0].try_get(0)?, dead[0].try_get(1)?, dead[0].try_get(2)?);
+    let (ty, error, attempts): (String, String, i32) = (
+        dead[0].try_get(0)?,
+        dead[0].try_get(1)?,
+        dead[0].try_get(2)?,
+    );
     assert_eq!(ty, CRASH);
     assert!(error.starts_with("poison:"), "{error}");
     assert_eq!(attempts, i32::try_from(POISON_AFTER)?);

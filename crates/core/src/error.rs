@@ -46,7 +46,7 @@ pub enum Error {
     /// message cannot be stored as it is, so retrying will not help. The
     /// consumer dead-letters the message and goes on
     /// ([`Error::is_about_message`]).
-    #[error("{backend} store: {op} failed: the database refused this message's data ({source}); the message is dead-lettered, fix the producer and redrive it")]
+    #[error("{backend} store: {op} failed: the database refused the data ({source}); retrying will not help, the data must change (a consumer dead-letters such a message and goes on)")]
     Rejected {
         /// `sqlite`, `postgres`, ...
         backend: &'static str,

@@ -397,6 +397,88 @@ mod tests {
     }
 
     #[test]
+    fn nul_and_control_characters_are_rejected_where_they_cannot_be_stored() {
+        let base = || Message::builder("orders", "k", "T").build().unwrap();
+        let mut m = base();
+        m.key = "a\0b".into();
+        let err = m.validate().unwrap_err().to_string();
+        assert!(err.contains("key holds a NUL character at byte 1"), "{err}");
+        assert!(err.contains("a\\0b"), "escaped in the error: {err}");
+        let mut m = base();
+        m.headers.insert("custodyproducer".into(), "p\0x".into());
+        let err = m.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("header \"custodyproducer\" holds a NUL"),
+            "{err}"
+        );
+        for (topic, ty, ct) in [
+            ("or\0ders", "T", ""),
+            ("orders", "T\u{1b}", ""),
+            ("orders", "T", "text/plain\n"),
+        ] {
+            let mut m = base();
+            m.topic = topic.into();
+            m.message_type = ty.into();
+            m.content_type = ct.into();
+            let err = m.validate().unwrap_err().to_string();
+            assert!(err.contains("control character"), "{err}");
+        }
+        // a key or header value with a tab or newline is storable and travels
+        let mut m = base();
+        m.key = "a\tb\n".into();
+        m.headers.insert("note".into(), "x\ry".into());
+        assert!(m.validate().is_ok());
+        assert!(!err_of_builder("k\0").is_empty());
+    }
+
+    fn err_of_builder(key: &str) -> String {
+        Message::builder("t", key, "T")
+            .build()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn escaping_for_storage_and_for_display() {
+        assert_eq!(storable_text("p\0x\n"), "p\\0x\n");
+        assert_eq!(escape_text("p\0x\n\u{1b}"), "p\\0x\\n\\u{1b}");
+        assert!(matches!(
+            storable_text("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn decode_json_decodes_only_json_content_types() {
+        let body = br#"{"a":1}"#.to_vec();
+        for ct in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/cloudevents+json",
+        ] {
+            let m = Message::builder("t", "k", "T")
+                .payload(ct, body.clone())
+                .build()
+                .unwrap();
+            assert!(m.decode_json::<serde_json::Value>().is_ok(), "{ct}");
+        }
+        for ct in ["text/plain", "", "application/xml", "text/json+plain"] {
+            let m = Message::builder("t", "k", "T")
+                .payload(ct, body.clone())
+                .build()
+                .unwrap();
+            let err = m.decode_json::<serde_json::Value>().unwrap_err();
+            assert!(!err.retryable() && err.is_about_message());
+            assert!(
+                err.to_string().contains(&format!("content type is {ct:?}")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn decode_error_names_the_message() {
         let m = Message::builder("t", "k", "OrderPlaced")
             .payload(CONTENT_TYPE_JSON, b"{not json".to_vec())

@@ -22,3 +22,35 @@ fn envelope_with_a_year_rfc3339_cannot_carry_is_invalid() {
         .build()
         .is_err());
 }
+
+/// Issue 11, scenario 1: envelopes with a NUL where PostgreSQL cannot store
+/// one (the key, the producer stamp) or a control character in a name are
+/// refused by `validate` (the fuzz seeds in fuzz/seeds/envelope_json);
+/// storable control characters in a key or header value are not.
+#[test]
+fn envelopes_holding_what_no_store_keeps_are_invalid() {
+    for (file, what) in [
+        ("nul_key.json", "key holds a NUL"),
+        (
+            "nul_producer_stamp.json",
+            "header \"custodyproducer\" holds a NUL",
+        ),
+        ("control_chars_in_names.json", "control character"),
+    ] {
+        let path = format!(
+            "{}/../../fuzz/seeds/envelope_json/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let data = std::fs::read(&path).expect("the seed exists");
+        let msg: Message = serde_json::from_slice(&data).expect("the seed parses as an envelope");
+        let err = msg.validate().expect_err(file).to_string();
+        assert!(err.contains(what), "{file}: {err}");
+    }
+    let path = format!(
+        "{}/../../fuzz/seeds/envelope_json/storable_controls_in_key.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let msg: Message =
+        serde_json::from_slice(&std::fs::read(path).expect("seed")).expect("envelope");
+    assert!(msg.validate().is_ok());
+}

@@ -105,7 +105,11 @@ WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4
 
 // Poison detection (migration 0010): one statement per group, committed on
 // its own before the handlers run, so it survives a crash of the process.
-// A run starting a message again (a retry) does not count again. DISTINCT:
+// A run starting a message again (a retry, or alone after it was found in a
+// group) counts nothing and keeps what the first start of the run found:
+// the run before (`prev_run`, so the message stays "unfinished" for the
+// whole run) and whether the run started it alone (once alone, a crash of
+// the run is the message's). DISTINCT:
 // ON CONFLICT DO UPDATE may not touch one row twice in a statement (a batch
 // can hold a redelivery of the same message). The row lock of the upsert
 // serializes two instances starting the same message; each sees the other's
@@ -115,9 +119,9 @@ INSERT INTO custody_inbox_attempt AS a (consumer, message_id, run, alone, starte
 SELECT DISTINCT $1, id, $3::uuid, $4, $5::timestamptz FROM unnest($2::uuid[]) AS id
 ON CONFLICT (consumer, message_id) DO UPDATE
 SET crashes = a.crashes + CASE WHEN a.run <> EXCLUDED.run AND a.alone THEN 1 ELSE 0 END,
-    prev_run = a.run,
+    prev_run = CASE WHEN a.run = EXCLUDED.run THEN a.prev_run ELSE a.run END,
     run = EXCLUDED.run,
-    alone = EXCLUDED.alone,
+    alone = CASE WHEN a.run = EXCLUDED.run THEN a.alone OR EXCLUDED.alone ELSE EXCLUDED.alone END,
     started_at = EXCLUDED.started_at
 RETURNING message_id, COALESCE(prev_run <> run, false), crashes";
 

@@ -228,9 +228,9 @@ INSERT INTO custody_inbox_attempt (consumer, message_id, run, alone, started_at)
 VALUES (?1, ?2, ?3, ?4, ?5)
 ON CONFLICT (consumer, message_id) DO UPDATE
 SET crashes = crashes + (run <> excluded.run AND alone),
-    prev_run = run,
+    prev_run = CASE WHEN run = excluded.run THEN prev_run ELSE run END,
     run = excluded.run,
-    alone = excluded.alone,
+    alone = CASE WHEN run = excluded.run THEN alone OR excluded.alone ELSE excluded.alone END,
     started_at = excluded.started_at
 RETURNING coalesce(prev_run <> run, 0), crashes";
 

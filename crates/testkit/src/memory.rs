@@ -650,6 +650,16 @@ pub struct Effect {
     pub payload: Vec<u8>,
 }
 
+/// One row of the attempts table: the run that started the message last,
+/// the run before it, whether the last run started it alone, crashes.
+#[derive(Debug)]
+struct Started {
+    run: Uuid,
+    prev_run: Option<Uuid>,
+    alone: bool,
+    crashes: u32,
+}
+
 #[derive(Debug, Default)]
 struct InboxState {
     /// (consumer, id) → duplicates seen
@@ -658,8 +668,8 @@ struct InboxState {
     dead: Vec<DeadLetter>,
     down: bool,
     hang_next_commit: bool,
-    /// (consumer, id) → (run of the latest start, started alone, crashes)
-    attempts: HashMap<(String, Uuid), (Uuid, bool, u32)>,
+    /// (consumer, id) → started attempts (as in custody_inbox_attempt)
+    attempts: HashMap<(String, Uuid), Started>,
 }
 
 /// A consumer's database in memory: the inbox, the effects a handler
@@ -804,22 +814,29 @@ impl InboxStore for MemoryInbox {
         }
         Ok(ids
             .iter()
-            .map(|id| match s.attempts.get_mut(&(consumer.to_owned(), *id)) {
-                None => {
-                    s.attempts
-                        .insert((consumer.to_owned(), *id), (run, alone, 0));
-                    Attempt::default()
+            .map(|id| {
+                let e = s
+                    .attempts
+                    .entry((consumer.to_owned(), *id))
+                    .or_insert(Started {
+                        run,
+                        prev_run: None,
+                        alone,
+                        crashes: 0,
+                    });
+                if e.run == run {
+                    e.alone |= alone;
+                } else {
+                    if e.alone {
+                        e.crashes += 1;
+                    }
+                    e.prev_run = Some(e.run);
+                    e.run = run;
+                    e.alone = alone;
                 }
-                Some(e) => {
-                    let other = e.0 != run;
-                    if other && e.1 {
-                        e.2 += 1;
-                    }
-                    *e = (run, alone, e.2);
-                    Attempt {
-                        unfinished: other,
-                        crashes: e.2,
-                    }
+                Attempt {
+                    unfinished: e.prev_run.is_some_and(|p| p != run),
+                    crashes: e.crashes,
                 }
             })
             .collect())

@@ -4,7 +4,8 @@
 //! the NATS server, network cuts between relay and broker and between
 //! consumer and database (a TCP fault proxy), a slow consumer, a consumer
 //! that fails transiently, and bad input (malformed, oversized, wrong content
-//! type, unknown type). At the end both databases are compared (the demo's
+//! type, unknown type; in PostgreSQL mode also NUL and control bytes
+//! published straight onto the subject). At the end both databases are compared (the demo's
 //! report) and the run fails if anything was lost, applied twice, reordered,
 //! a bad input was not dead-lettered, a good one was, or a process panicked.
 
@@ -116,10 +117,83 @@ enum Env {
         relay_proxy: FaultProxy,
         db_proxy: FaultProxy,
         dbs: Databases,
+        /// The stream's subject prefix (raw bad input is published on it).
+        prefix: String,
+        /// Bad bytes the harness published straight onto the subject (not
+        /// through A's outbox), by id, with their kind.
+        raw_bad: HashMap<Uuid, String>,
     },
 }
 
+/// Bad bytes published straight onto the consumed subject, as anyone who
+/// can publish there could (issue 11, scenario 1): custody's own headers
+/// for an otherwise good order, with one attribute percent-encoding a
+/// character no store keeps. Each must be dead-lettered with its reason;
+/// the consumer must keep going.
+const RAW_BAD: &[(&str, &str, &str)] = &[
+    ("nulkey", "ce-partitionkey", "customer%00x"),
+    ("nulstamp", "ce-custodyproducer", "p%00x"),
+    ("controltype", "ce-type", "Order%01Placed"),
+    ("nultopic", "ce-custodytopic", "or%00ders"),
+];
+
 impl Env {
+    /// Publish [`RAW_BAD`] onto the subject (PostgreSQL + NATS mode only);
+    /// only messages the broker acknowledged are recorded.
+    async fn publish_raw_bad(&mut self) -> anyhow::Result<()> {
+        let Env::Pg {
+            nats,
+            prefix,
+            raw_bad,
+            ..
+        } = self
+        else {
+            return Ok(());
+        };
+        let client = custody::nats::connect(&nats.url).await?;
+        let js = async_nats::jetstream::new(client);
+        for (kind, header, value) in RAW_BAD {
+            let order_id = Uuid::now_v7();
+            let msg = custody::Message::builder("orders", format!("raw-{kind}"), "OrderPlaced")
+                .json(&serde_json::json!({
+                    "order_id": order_id, "customer": format!("raw-{kind}"), "amount_cents": 1, "seq": 1
+                }))?
+                .header(BAD_HEADER, *kind)?
+                .build()?;
+            let mut h = async_nats::HeaderMap::new();
+            for (name, values) in custody::nats::encode_headers(&msg).iter() {
+                if name.to_string().eq_ignore_ascii_case("nats-msg-id") {
+                    continue;
+                }
+                for v in values {
+                    h.append(name.clone(), v.clone());
+                }
+            }
+            h.insert(*header, *value);
+            let subject = format!("{prefix}.orders");
+            let acked = async {
+                js.publish_with_headers(subject, h, msg.payload.clone().into())
+                    .await?
+                    .await
+                    .map_err(anyhow::Error::from)
+            };
+            match acked.await {
+                Ok(_) => {
+                    raw_bad.insert(msg.id, (*kind).to_owned());
+                }
+                Err(e) => eprintln!("raw bad input {kind} not published ({e}); left out"),
+            }
+        }
+        Ok(())
+    }
+
+    fn raw_bad(&self) -> HashMap<Uuid, String> {
+        match self {
+            Env::Pg { raw_bad, .. } => raw_bad.clone(),
+            Env::Sqlite { .. } => HashMap::new(),
+        }
+    }
+
     async fn count(&self, sql_a: &str, sql_b: &str) -> anyhow::Result<(i64, i64)> {
         Ok(match self {
             Env::Sqlite { a, b, .. } => (
@@ -147,7 +221,12 @@ impl Env {
                 "SELECT CAST(0 AS BIGINT)",
             )
             .await?;
-        Ok((committed, inbox + relay_dead))
+        // raw bad input has inbox rows (its dead letters) but no outbox row
+        let raw = match self {
+            Env::Pg { raw_bad, .. } => i64::try_from(raw_bad.len())?,
+            Env::Sqlite { .. } => 0,
+        };
+        Ok((committed, inbox + relay_dead - raw))
     }
 
     async fn observe(&self) -> anyhow::Result<Observed> {
@@ -609,6 +688,8 @@ async fn run_in(
                     relay_proxy,
                     db_proxy,
                     dbs,
+                    prefix: prefix.clone(),
+                    raw_bad: HashMap::new(),
                 },
                 format!(
                     "PostgreSQL + NATS JetStream (private server), {} relay process(es), relay↔broker and consumer↔database through fault proxies",
@@ -696,6 +777,7 @@ async fn drive(
     order.reverse();
     let deadline = h.started + args.duration;
     h.wait(Duration::from_secs(2)).await?;
+    h.env.publish_raw_bad().await?;
     while Instant::now() < deadline {
         let kind = order
             .pop()
@@ -738,13 +820,21 @@ async fn drive(
         p.worker.kill9().await?;
     }
 
-    let obs = h.env.observe().await?;
+    let mut obs = h.env.observe().await?;
+    // raw bad input is checked with the producer's bad input below; the
+    // report compares what A committed with what B did, so it leaves it out
+    let raw_bad = h.env.raw_bad();
+    let raw_dead = obs.b_dead.clone();
+    obs.b_dead
+        .retain(|(id, _)| id.is_none_or(|id| !raw_bad.contains_key(&id)));
+    obs.b_inbox.retain(|(id, _)| !raw_bad.contains_key(id));
     let rolled_back: Vec<Uuid> = std::fs::read_to_string(rolled_back_log)
         .unwrap_or_default()
         .lines()
         .filter_map(|l| Uuid::parse_str(l.trim()).ok())
         .collect();
-    let bad = h.env.bad_inputs().await?;
+    let mut bad = h.env.bad_inputs().await?;
+    bad.extend(raw_bad);
     let fault_lines: Vec<String> = h
         .faults
         .iter()
@@ -766,8 +856,7 @@ async fn drive(
     );
 
     // bad input: each one dead-lettered with a reason; no good message dead-lettered
-    let dead: HashMap<Uuid, &str> = obs
-        .b_dead
+    let dead: HashMap<Uuid, &str> = raw_dead
         .iter()
         .filter_map(|(id, r)| id.map(|id| (id, r.as_str())))
         .collect();

@@ -32,6 +32,8 @@ enum Bad {
     Malformed,
     Oversized,
     WrongContentType,
+    /// A JSON body labelled `text/plain`: `decode_json` must refuse it.
+    TextPlainJson,
     UnknownType,
 }
 
@@ -41,6 +43,7 @@ impl Bad {
             Bad::Malformed => "malformed",
             Bad::Oversized => "oversized",
             Bad::WrongContentType => "wrongcontenttype",
+            Bad::TextPlainJson => "textplainjson",
             Bad::UnknownType => "unknowntype",
         }
     }
@@ -61,6 +64,15 @@ impl Bad {
                     "application/xml",
                     b"<order><customer>x</customer></order>".to_vec(),
                 ),
+            Bad::TextPlainJson => {
+                let order_id = Uuid::now_v7();
+                Message::builder("orders", "bad-textplain", "OrderPlaced").payload(
+                    "text/plain",
+                    serde_json::to_vec(&serde_json::json!({
+                        "order_id": order_id, "customer": "bad-textplain", "amount_cents": 1, "seq": 1
+                    }))?,
+                )
+            }
             Bad::UnknownType => Message::builder("orders", "bad-unknowntype", "OrderGiftWrapped")
                 .json(&serde_json::json!({ "ribbon": "red" }))?,
         };
@@ -76,6 +88,7 @@ fn next(rng: &mut StdRng, customers: u64) -> anyhow::Result<Step> {
         5..=7 => Bad::Oversized,
         8..=12 => Bad::WrongContentType,
         13..=15 => Bad::UnknownType,
+        16..=18 => Bad::TextPlainJson,
         r => {
             return Ok(Step::Order {
                 customer,
@@ -138,8 +151,9 @@ pub async fn produce(args: &WorkerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Billing as the chaos run wants it: JSON only (another content type is a
-/// permanent error), and a transient failure on a `flaky` share of attempts
+/// Billing as the chaos run wants it: JSON only (the billing handler's
+/// `decode_json` refuses another content type as a permanent error), and a
+/// transient failure on a `flaky` share of attempts
 /// — at most three per message, below the consumer's five attempts, so an
 /// injected flake never turns into a dead letter on its own.
 pub struct ChaosBilling<H> {
@@ -171,12 +185,6 @@ impl<H> ChaosBilling<H> {
 
 impl<Tx: Send + 'static, H: Handler<Tx>> Handler<Tx> for ChaosBilling<H> {
     async fn handle(&self, tx: &mut Tx, msg: &Message) -> Result<(), HandlerError> {
-        if msg.content_type != CONTENT_TYPE_JSON {
-            return Err(HandlerError::permanent(format!(
-                "content type {:?} is not supported; billing reads {CONTENT_TYPE_JSON}",
-                msg.content_type
-            )));
-        }
         if self.flake(msg.id) {
             return Err(HandlerError::transient(
                 "injected transient failure (chaos --flaky)",

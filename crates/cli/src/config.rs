@@ -29,11 +29,30 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         None => toml::Table::new(),
     };
     apply_env(&mut value, std::env::vars())?;
-    Config::deserialize(toml::Value::Table(value)).map_err(|e| {
+    let cfg = Config::deserialize(toml::Value::Table(value)).map_err(|e| {
         anyhow::anyhow!(
             "invalid configuration: {e}. See docs/CONFIG.md for the keys and their forms"
         )
-    })
+    })?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+impl Config {
+    /// Every value in its allowed range (docs/CONFIG.md); the error names
+    /// each key that is not, in every section, with its range.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let problems: Vec<String> = [self.relay.validate(), self.consumer.validate()]
+            .into_iter()
+            .filter_map(Result::err)
+            .map(|e| crate::ops::config_text(&e))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("invalid configuration: {}", problems.join("\n  "))
+        }
+    }
 }
 
 /// `CUSTODY_RELAY__BATCH_SIZE=200` sets `relay.batch-size = 200`. Values are

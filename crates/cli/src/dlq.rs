@@ -138,6 +138,32 @@ impl Filter {
     }
 }
 
+/// Open `url` as it is (never created or migrated) and check that the
+/// filter's names are ones it has seen: a mistyped `--topic` or
+/// `--consumer` would otherwise list nothing and look like "no dead letters".
+async fn open(url: &str, filter: &Filter) -> anyhow::Result<Db> {
+    let db = Db::open_existing("database", url).await?;
+    if let Some(topic) = &filter.topic {
+        if !db.topic_seen(topic).await? {
+            anyhow::bail!(
+                "topic {topic:?} was never seen in {}{}; check --topic",
+                redact(url),
+                db.topics_hint().await
+            );
+        }
+    }
+    if let Some(name) = filter.consumer.as_deref().filter(|c| *c != "relay") {
+        if !db.consumer_seen(name).await? {
+            anyhow::bail!(
+                "consumer {name:?} has never recorded a message in {}{}; check --consumer (a consumer's name, or `relay` for the relay's dead letters)",
+                redact(url),
+                db.consumers_hint().await
+            );
+        }
+    }
+    Ok(db)
+}
+
 async fn rows(db: &Db) -> anyhow::Result<Vec<(i64, DeadLetter)>> {
     Ok(match db {
         Db::Sqlite(pool) => custody::sqlite::dead_letter_rows(pool).await?,
@@ -212,7 +238,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
             filter,
             json: as_json,
         } => {
-            let all = rows(&Db::open(&db).await?).await?;
+            let all = rows(&open(&db, &filter).await?).await?;
             let sel = select(&all, &[], &filter)?;
             for (seq, d) in &sel {
                 if as_json {
@@ -231,7 +257,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
             db,
             json: as_json,
         } => {
-            let all = rows(&Db::open(&db).await?).await?;
+            let all = rows(&open(&db, &Filter::default()).await?).await?;
             let sel = select(&all, std::slice::from_ref(&id), &Filter::default())?;
             for (seq, d) in sel {
                 let envelope: Option<serde_json::Value> = d
@@ -284,7 +310,7 @@ async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
             "say which dead letters to {verb}: message ids, filters (--topic, --consumer, --error, --since, --until), or --all"
         );
     }
-    let db = Db::open(&b.db).await?;
+    let db = open(&b.db, &b.filter).await?;
     let all = rows(&db).await?;
     let sel = select(&all, &b.ids, &b.filter)?;
     if sel.is_empty() {

@@ -9,7 +9,9 @@ use custody::{CancellationToken, Relay};
 
 use crate::config::Config;
 
-/// A database given by URL, connected and with custody's tables migrated.
+/// A database given by URL: connected and migrated ([`Db::open`], for the
+/// commands that run the pipeline) or connected and checked ([`Db::open_existing`],
+/// for the commands that inspect it).
 pub enum Db {
     /// `sqlite://…` or a file path.
     Sqlite(sqlx::SqlitePool),
@@ -20,17 +22,99 @@ pub enum Db {
 impl Db {
     /// Connect and migrate; anything that is not a PostgreSQL URL is a SQLite path.
     pub async fn open(url: &str) -> anyhow::Result<Db> {
-        Ok(
-            if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-                let pool = custody::postgres::connect(url).await?;
-                custody::postgres::migrate(&pool).await?;
-                Db::Postgres(pool)
+        Ok(if is_postgres(url) {
+            let pool = custody::postgres::connect(url).await?;
+            custody::postgres::migrate(&pool).await?;
+            Db::Postgres(pool)
+        } else {
+            let pool = custody::sqlite::connect(url).await?;
+            custody::sqlite::migrate(&pool).await?;
+            Db::Sqlite(pool)
+        })
+    }
+
+    /// Connect to an existing custody database and check its schema, never
+    /// creating or migrating anything (`reconcile`, `trace`, `dlq`): a
+    /// mistyped path or database name, or a database without custody's
+    /// tables, is an error naming it, and nothing is written to it.
+    /// `role` names the database in the error ("consumer database").
+    pub async fn open_existing(role: &str, url: &str) -> anyhow::Result<Db> {
+        let opened = if is_postgres(url) {
+            custody::postgres::open_existing(url)
+                .await
+                .map(Db::Postgres)
+        } else {
+            custody::sqlite::open_existing(url).await.map(Db::Sqlite)
+        };
+        opened.map_err(|e| anyhow::anyhow!("{role} {}: {}", redact(url), config_text(&e)))
+    }
+
+    /// Whether `topic` appears anywhere in this database.
+    pub async fn topic_seen(&self, topic: &str) -> anyhow::Result<bool> {
+        Ok(match self {
+            Db::Sqlite(pool) => custody::sqlite::topic_seen(pool, topic).await?,
+            Db::Postgres(pool) => custody::postgres::topic_seen(pool, topic).await?,
+        })
+    }
+
+    /// Whether consumer `name` has recorded anything in this database.
+    pub async fn consumer_seen(&self, name: &str) -> anyhow::Result<bool> {
+        Ok(match self {
+            Db::Sqlite(pool) => custody::sqlite::consumer_seen(pool, name).await?,
+            Db::Postgres(pool) => custody::postgres::consumer_seen(pool, name).await?,
+        })
+    }
+
+    /// ` (topics there: a, b)` for an error message, or what to say when
+    /// there are none.
+    pub async fn topics_hint(&self) -> String {
+        let found = match self {
+            Db::Sqlite(pool) => custody::sqlite::topics(pool, NAMES_SHOWN).await,
+            Db::Postgres(pool) => custody::postgres::topics(pool, NAMES_SHOWN).await,
+        };
+        hint(found, "topics", "no message of any topic")
+    }
+
+    /// ` (consumers there: a, b)` for an error message, or what to say when
+    /// there are none.
+    pub async fn consumers_hint(&self) -> String {
+        let found = match self {
+            Db::Sqlite(pool) => custody::sqlite::consumers(pool, NAMES_SHOWN).await,
+            Db::Postgres(pool) => custody::postgres::consumers(pool, NAMES_SHOWN).await,
+        };
+        hint(found, "consumers", "no consumer has recorded anything")
+    }
+}
+
+/// Names listed in an error about a name never seen.
+const NAMES_SHOWN: u32 = 20;
+
+fn hint(found: custody::Result<Vec<String>>, what: &str, none: &str) -> String {
+    match found {
+        Ok(names) if names.is_empty() => format!(" ({none} there yet)"),
+        Ok(names) => {
+            let shown: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+            let more = if names.len() as u32 >= NAMES_SHOWN {
+                ", …"
             } else {
-                let pool = custody::sqlite::connect(url).await?;
-                custody::sqlite::migrate(&pool).await?;
-                Db::Sqlite(pool)
-            },
-        )
+                ""
+            };
+            format!(" ({what} there: {}{more})", shown.join(", "))
+        }
+        Err(_) => String::new(),
+    }
+}
+
+fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// An error's text without the "configuration: " its display adds when
+/// the problem is what the user pointed at.
+pub fn config_text(e: &custody::Error) -> String {
+    match e {
+        custody::Error::Config(text) => text.clone(),
+        other => other.to_string(),
     }
 }
 

@@ -194,18 +194,69 @@ impl ProcessedHistory for ConsumerDb {
     }
 }
 
-async fn open_producer(url: &str) -> anyhow::Result<Producer> {
-    Ok(match Db::open(url).await? {
-        Db::Sqlite(pool) => Producer::Sqlite(custody::sqlite::SqliteOutbox::new(pool)),
-        Db::Postgres(pool) => Producer::Postgres(custody::postgres::PgOutbox::new(pool)),
-    })
+impl Producer {
+    fn of(db: Db) -> Producer {
+        match db {
+            Db::Sqlite(pool) => Producer::Sqlite(custody::sqlite::SqliteOutbox::new(pool)),
+            Db::Postgres(pool) => Producer::Postgres(custody::postgres::PgOutbox::new(pool)),
+        }
+    }
 }
 
-async fn open_consumer(url: &str) -> anyhow::Result<ConsumerDb> {
-    Ok(match Db::open(url).await? {
-        Db::Sqlite(pool) => ConsumerDb::Sqlite(custody::sqlite::SqliteInbox::new(pool)),
-        Db::Postgres(pool) => ConsumerDb::Postgres(custody::postgres::PgInbox::new(pool)),
-    })
+impl ConsumerDb {
+    fn of(db: Db) -> ConsumerDb {
+        match db {
+            Db::Sqlite(pool) => ConsumerDb::Sqlite(custody::sqlite::SqliteInbox::new(pool)),
+            Db::Postgres(pool) => ConsumerDb::Postgres(custody::postgres::PgInbox::new(pool)),
+        }
+    }
+}
+
+/// The names given must be ones the databases have seen: a mistyped
+/// `--consumer-name` or `--topic` compares nothing with nothing, and must
+/// not come out as OK.
+async fn check_names(
+    args: &ReconcileArgs,
+    producer: Option<&Db>,
+    consumer: &Db,
+) -> anyhow::Result<()> {
+    if !consumer.consumer_seen(&args.consumer_name).await? {
+        anyhow::bail!(
+            "consumer {:?} has never recorded a message in consumer database {}{}; check --consumer-name (the consumer's ConsumerConfig::name) and --consumer. A consumer that has processed nothing yet has nothing to reconcile",
+            args.consumer_name,
+            redact(&args.consumer),
+            consumer.consumers_hint().await
+        );
+    }
+    if args.live {
+        return Ok(());
+    }
+    let Some(topic) = &args.topic else {
+        return Ok(());
+    };
+    if let Some(p) = producer {
+        if p.topic_seen(topic).await? {
+            return Ok(());
+        }
+    }
+    if consumer.topic_seen(topic).await? {
+        return Ok(());
+    }
+    let (hint, where_) = match (producer, &args.producer) {
+        (Some(p), Some(url)) => (
+            p.topics_hint().await,
+            format!(
+                "producer database {} nor in consumer database {}",
+                redact(url),
+                redact(&args.consumer)
+            ),
+        ),
+        _ => (
+            consumer.topics_hint().await,
+            format!("consumer database {}", redact(&args.consumer)),
+        ),
+    };
+    anyhow::bail!("topic {topic:?} was never seen in {where_}{hint}; check --topic")
 }
 
 /// Parse `--from` / `--to`: RFC 3339, or a duration meaning "that long ago".
@@ -268,21 +319,31 @@ async fn run_once(
 
 /// `custody reconcile`.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
+    // never create or migrate what is checked (DESIGN.md invariant 8)
     let producer = match &args.producer {
-        Some(url) => Some(
-            open_producer(url)
-                .await
-                .with_context(|| format!("producer database {}", redact(url)))?,
-        ),
+        Some(url) => Some(Db::open_existing("producer database", url).await?),
         None => None,
     };
-    let consumer = open_consumer(&args.consumer)
-        .await
-        .with_context(|| format!("consumer database {}", redact(&args.consumer)))?;
+    let consumer = Db::open_existing("consumer database", &args.consumer).await?;
+    check_names(&args, producer.as_ref(), &consumer).await?;
+    let producer = producer.map(Producer::of);
+    let consumer = ConsumerDb::of(consumer);
     if let (Some(addr), Some(_)) = (args.metrics_addr, args.watch) {
         crate::ops::serve_metrics(addr)?;
     }
     if args.live {
+        if consumer
+            .sequence_progress(&args.consumer_name)
+            .await?
+            .is_empty()
+        {
+            // a live check of a consumer without numbers compares nothing
+            anyhow::bail!(
+                "consumer {:?} has no numbered message in consumer database {}: --live compares sequence numbers, which relays give when relay.sequence-numbers is on (docs/SEQUENCES.md). Reconcile it by ids instead: --producer … --topic …",
+                args.consumer_name,
+                redact(&args.consumer)
+            );
+        }
         return live::run(&args, producer.as_ref(), &consumer).await;
     }
     let (Some(producer), Some(topic)) = (producer, args.topic.clone()) else {
@@ -301,11 +362,11 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     };
     let report = run_once(&producer, &consumer, &q, args.json).await?;
     if !args.repair || report.missing.is_empty() {
-        print(&report, args.json);
+        print(&report, &args, args.json);
         return Ok(exit_code(&report));
     }
     if !args.json {
-        print(&report, false);
+        print(&report, &args, false);
     }
     let what = match &args.embedded_subscription {
         Some(sub) => {
@@ -354,7 +415,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("\nafter repair:");
-        print(&after, false);
+        print(&after, &args, false);
         if !after.missing.is_empty() {
             println!(
                 "still missing after {}: is a relay running on the producer's outbox (or, embedded, was the consumer restarted)? Run again with a longer --repair-wait, or check `custody trace ID`",
@@ -365,15 +426,37 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     Ok(exit_code(&after))
 }
 
-/// 0 clean, 1 something missing, 2 nothing missing but unexpected ids.
+/// 0 clean, 1 something missing, 2 nothing missing but unexpected ids,
+/// 3 nothing compared (no message of the topic in the range on either side).
 fn exit_code(r: &ReconcileReport) -> ExitCode {
     if !r.missing.is_empty() {
         ExitCode::from(1)
     } else if !r.unexpected.is_empty() {
         ExitCode::from(2)
+    } else if r.compared_nothing() {
+        ExitCode::from(3)
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// What the range left out, and how to include it: "left out 12 messages
+/// younger than 1m; pass --settle 0s to include them".
+fn left_out_note(r: &ReconcileReport, args: &ReconcileArgs) -> Option<String> {
+    if r.left_out == 0 {
+        return None;
+    }
+    Some(match &args.to {
+        None => format!(
+            "left out {} message(s) younger than {}; pass --settle 0s to include them",
+            r.left_out,
+            humantime::format_duration(args.settle)
+        ),
+        Some(to) => format!(
+            "left out {} message(s) sent after --to {to}; move --to later to include them",
+            r.left_out
+        ),
+    })
 }
 
 async fn watch(
@@ -404,7 +487,7 @@ async fn watch(
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "{} {}..{}: windows {} (mismatching {}), sent {}, processed {}, missing {}, unexpected {}, dead-lettered {}",
+                "{} {}..{}: windows {} (mismatching {}), sent {}, processed {}, missing {}, unexpected {}, dead-lettered {}, left out {}{}",
                 Utc::now().format("%Y-%m-%dT%H:%M:%SZ"),
                 r.from.format("%Y-%m-%dT%H:%M:%SZ"),
                 r.to.format("%Y-%m-%dT%H:%M:%SZ"),
@@ -414,7 +497,9 @@ async fn watch(
                 r.processed,
                 r.missing.len(),
                 r.unexpected.len(),
-                r.dead_lettered.len()
+                r.dead_lettered.len(),
+                r.left_out,
+                if r.compared_nothing() { " (nothing compared)" } else { "" }
             );
         }
         Ok(exit_code(&r))
@@ -491,7 +576,7 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
-fn print(r: &ReconcileReport, json: bool) {
+fn print(r: &ReconcileReport, args: &ReconcileArgs, json: bool) {
     if json {
         match serde_json::to_string_pretty(r) {
             Ok(s) => println!("{s}"),
@@ -524,6 +609,10 @@ fn print(r: &ReconcileReport, json: bool) {
         r.windows_checked, r.matching, r.mismatching
     );
     println!("sent {}, processed {}", r.sent, r.processed);
+    let note = left_out_note(r, args);
+    if let Some(note) = &note {
+        println!("{note}");
+    }
     let list = |title: &str, ids: &[Uuid]| {
         println!("{title}: {}", ids.len());
         for id in ids.iter().take(50) {
@@ -545,7 +634,15 @@ fn print(r: &ReconcileReport, json: bool) {
     if !r.redriving.is_empty() {
         list("being redriven (accounted for)", &r.redriving);
     }
-    if r.is_clean() {
+    if r.compared_nothing() {
+        println!(
+            "RESULT: NOTHING COMPARED — neither side has a message of topic {:?} between {} and {}{}; this proves nothing (exit status 3)",
+            r.topic,
+            ts(r.from),
+            ts(r.to),
+            note.map(|n| format!("; {n}")).unwrap_or_default()
+        );
+    } else if r.is_clean() {
         println!("RESULT: OK — every message sent was processed or dead-lettered");
     } else if !r.missing.is_empty() {
         println!(

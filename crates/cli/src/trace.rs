@@ -23,12 +23,15 @@ pub struct TraceArgs {
     pub json: bool,
 }
 
-/// The status of `id` in one database.
+/// The status of `id` in one database (opened as it is: never created or
+/// migrated).
 pub async fn status_in(url: &str, id: Uuid) -> anyhow::Result<MessageStatus> {
-    Ok(match Db::open(url).await? {
-        Db::Sqlite(pool) => custody::sqlite::status(&pool, id).await?,
-        Db::Postgres(pool) => custody::postgres::status(&pool, id).await?,
-    })
+    let db = Db::open_existing("database", url).await?;
+    let status = match db {
+        Db::Sqlite(pool) => custody::sqlite::status(&pool, id).await,
+        Db::Postgres(pool) => custody::postgres::status(&pool, id).await,
+    };
+    status.map_err(|e| anyhow::anyhow!("cannot read {}: {e}", redact(url)))
 }
 
 /// `custody trace`.
@@ -41,9 +44,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     })?;
     let mut st = MessageStatus::new(id);
     for url in &args.dbs {
-        let s = status_in(url, id)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read {}: {e:#}", redact(url)))?;
+        let s = status_in(url, id).await?;
         st.merge(s);
     }
     let stage = st.stage();

@@ -33,6 +33,7 @@
 //! call, so it needs no guard and does not wait for transactions in flight.
 #![forbid(unsafe_code)]
 
+mod check;
 mod error;
 mod history;
 mod inbox;
@@ -46,6 +47,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::{dead_letters, PgInbox};
 pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};
@@ -100,6 +102,18 @@ pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
             },
         )),
     }
+}
+
+/// Open an existing custody database for the operator commands, never
+/// creating or migrating anything: [`connect`], then [`check_schema`].
+///
+/// A database that does not exist fails in [`connect`] (PostgreSQL never
+/// creates one on connect); one without custody's tables, or with an older
+/// schema, is an error saying so, and nothing is written to it.
+pub async fn open_existing(url: &str) -> custody_core::Result<PgPool> {
+    let pool = connect(url).await?;
+    check_schema(&pool).await?;
+    Ok(pool)
 }
 
 /// Apply custody's migrations (embedded from `crates/postgres/migrations`).

@@ -31,6 +31,7 @@ pub mod live;
 pub mod metric_definitions;
 pub mod reconcile;
 mod relay;
+mod validate;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};
 pub use relay::{Relay, RelayConfig, RelayStats};

@@ -25,6 +25,9 @@ pub const SLICE_TARGET: usize = 20_000;
 const FIRST_SLICE_MS: i64 = 60_000;
 /// Longest slice (sparse ranges grow to this).
 const MAX_SLICE_MS: i64 = 30 * 24 * 3_600_000;
+/// How far after `to` sent messages are counted as left out of a check
+/// (ids are UUIDv7 from producers' clocks: a day covers any clock skew).
+const LEFT_OUT_HORIZON: chrono::Duration = chrono::Duration::days(1);
 
 /// Progress of a reconciliation, for a progress bar.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -121,7 +124,9 @@ fn at_ms(ms: i64) -> DateTime<Utc> {
 /// or dead-lettered by it). Missing = sent, not processed, not in the
 /// consumer's redrive queue. Unexpected = processed, not in this producer's
 /// history (another producer, or pruned: keep the range within both
-/// retentions).
+/// retentions). Left out = sent at or after `to` (up to a day later), not
+/// checked: a report that [compared nothing](ReconcileReport::compared_nothing)
+/// can say why.
 pub async fn reconcile<S: SentHistory, P: ProcessedHistory>(
     sent: &S,
     processed: &P,
@@ -214,6 +219,17 @@ pub async fn reconcile<S: SentHistory, P: ProcessedHistory>(
         .filter(|id| !redriving_set.contains(id))
         .collect();
 
+    let mut left_out = 0u64;
+    let after = IdRange::between(query.to, query.to + LEFT_OUT_HORIZON);
+    scan(
+        after,
+        "left out",
+        progress,
+        |r| sent.sent_ids(topic, r),
+        |ids| left_out += ids.len() as u64,
+    )
+    .await?;
+
     let matching = windows.iter().filter(|w| w.matching).count() as u64;
     Ok(ReconcileReport {
         topic: query.topic.clone(),
@@ -231,6 +247,7 @@ pub async fn reconcile<S: SentHistory, P: ProcessedHistory>(
         dead_lettered,
         redriving,
         windows,
+        left_out,
     })
 }
 
@@ -353,6 +370,40 @@ mod tests {
             prop_assert_eq!(r.sent, s.len() as u64);
             prop_assert_eq!(r.processed, p.len() as u64);
             prop_assert_eq!(r.windows.iter().map(|w| w.sent).sum::<u64>(), s.len() as u64);
+            prop_assert_eq!(r.left_out, 0);
         }
+    }
+
+    /// Messages sent at or after `to` are counted as left out, not checked;
+    /// a range with none of the topic's messages compared nothing.
+    #[tokio::test]
+    async fn counts_what_the_range_leaves_out() -> anyhow::Result<()> {
+        let from = chrono::DateTime::from_timestamp_millis(BASE_MS as i64).unwrap_or_default();
+        let to = from + chrono::Duration::hours(1);
+        let late: BTreeSet<Uuid> = (0..7)
+            .map(|t| id(3_600_000 + 1_000 * t, t.into()))
+            .collect();
+        let q = ReconcileQuery {
+            topic: "t".into(),
+            consumer: "c".into(),
+            from,
+            to,
+            window: std::time::Duration::from_secs(600),
+        };
+        let r = reconcile(
+            &Sent(late.clone()),
+            &Processed(BTreeSet::new()),
+            &q,
+            &|_| {},
+        )
+        .await?;
+        assert_eq!((r.sent, r.processed, r.left_out), (0, 0, 7), "{r:?}");
+        assert!(r.compared_nothing() && r.is_clean());
+        let mut both = late;
+        both.insert(id(10, 1));
+        let r = reconcile(&Sent(both), &Processed(BTreeSet::new()), &q, &|_| {}).await?;
+        assert_eq!((r.sent, r.missing.len(), r.left_out), (1, 1, 7), "{r:?}");
+        assert!(!r.compared_nothing());
+        Ok(())
     }
 }

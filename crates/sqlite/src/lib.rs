@@ -50,6 +50,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod check;
 mod error;
 mod history;
 mod inbox;
@@ -64,6 +65,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 pub use admin::{checkpoint, dead_letters, set_checkpoint};
+pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::SqliteInbox;
 pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
@@ -109,15 +111,7 @@ pub async fn connect_with(
     url_or_path: &str,
     opts: SqliteSettings,
 ) -> custody_core::Result<SqlitePool> {
-    let base = if url_or_path.starts_with("sqlite:") {
-        SqliteConnectOptions::from_str(url_or_path).map_err(|e| {
-            custody_core::Error::Config(format!(
-                "SQLite url {url_or_path:?} is not valid ({e}); use sqlite://path/to/file.db or a plain path"
-            ))
-        })?
-    } else {
-        SqliteConnectOptions::new().filename(url_or_path)
-    };
+    let base = parse_options(url_or_path)?;
     let options = base
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -133,6 +127,53 @@ pub async fn connect_with(
         .connect_with(options)
         .await
         .map_err(map_err("connect"))
+}
+
+/// Open an existing custody database for the operator commands, never
+/// creating or migrating anything: `url_or_path` as for [`connect`], with
+/// [`SqliteSettings::default`].
+///
+/// A file that does not exist is an error naming it (a mistyped path must
+/// not become a fresh, empty database that checks report clean); so is a
+/// database without custody's tables or with an older schema
+/// ([`check_schema`]). The journal mode is left as it is (custody's
+/// databases are in WAL mode since their creation).
+pub async fn open_existing(url_or_path: &str) -> custody_core::Result<SqlitePool> {
+    let base = parse_options(url_or_path)?;
+    let in_memory = base.get_filename().to_string_lossy().contains(":memory:")
+        || url_or_path.contains(":memory:");
+    if !in_memory && !base.get_filename().exists() {
+        return Err(custody_core::Error::Config(format!(
+            "SQLite database {} does not exist; check the path (this command never creates a              database; `custody migrate --db …` does)",
+            base.get_filename().display()
+        )));
+    }
+    let opts = SqliteSettings::default();
+    let options = base
+        .create_if_missing(false)
+        .busy_timeout(opts.busy_timeout)
+        .foreign_keys(true)
+        .synchronous(SqliteSynchronous::Full);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(opts.max_connections)
+        .connect_with(options)
+        .await
+        .map_err(map_err("connect"))?;
+    check_schema(&pool).await?;
+    Ok(pool)
+}
+
+/// `sqlite:` urls parsed by sqlx, anything else a plain path.
+fn parse_options(url_or_path: &str) -> custody_core::Result<SqliteConnectOptions> {
+    if url_or_path.starts_with("sqlite:") {
+        SqliteConnectOptions::from_str(url_or_path).map_err(|e| {
+            custody_core::Error::Config(format!(
+                "SQLite url {url_or_path:?} is not valid ({e}); use sqlite://path/to/file.db or a plain path"
+            ))
+        })
+    } else {
+        Ok(SqliteConnectOptions::new().filename(url_or_path))
+    }
 }
 
 /// Create or upgrade custody's tables (docs/SCHEMA.md). Safe to run at every

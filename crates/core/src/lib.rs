@@ -26,6 +26,7 @@
 
 mod clock;
 mod error;
+pub mod lease;
 mod message;
 mod partition;
 mod policy;
@@ -37,6 +38,7 @@ mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
+pub use lease::{ConsumerLease, ConsumerLeaseStore};
 pub use message::{headers, Message, MessageBuilder, MessageKind, CONTENT_TYPE_JSON};
 pub use partition::partition_for;
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};

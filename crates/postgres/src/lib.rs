@@ -33,6 +33,7 @@
 //! call, so it needs no guard and does not wait for transactions in flight.
 #![forbid(unsafe_code)]
 
+mod consumer_lease;
 mod error;
 mod history;
 mod inbox;
@@ -46,6 +47,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub use consumer_lease::LeaseLost;
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::{dead_letters, PgInbox};
 pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};

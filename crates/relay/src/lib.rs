@@ -27,12 +27,14 @@
 #![forbid(unsafe_code)]
 
 mod consumer;
+mod leased;
 pub mod live;
 pub mod metric_definitions;
 pub mod reconcile;
 mod relay;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};
+pub use leased::{FencedInbox, LeaseConfig, LeasedConsumer};
 pub use relay::{Relay, RelayConfig, RelayStats};
 
 /// Cancellation handle used to stop engines gracefully.

@@ -26,6 +26,7 @@
 
 mod clock;
 mod error;
+pub mod lease;
 mod message;
 mod partition;
 mod policy;
@@ -37,6 +38,7 @@ mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
+pub use lease::{ConsumerLease, ConsumerLeaseStore};
 pub use message::{
     escape_text, headers, is_json_content_type, storable_text, Message, MessageBuilder,
     MessageKind, CONTENT_TYPE_JSON,

@@ -128,6 +128,30 @@ pub enum NatsError {
         #[source]
         source: async_nats::RequestError,
     },
+
+    /// Reading a stored message by sequence (`$JS.API.STREAM.MSG.GET`),
+    /// done to redeliver messages in stream order, failed.
+    #[error("{what}: {reason}; the subscriber retries on its next fetch")]
+    DirectGet {
+        /// What was read.
+        what: String,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// Deleting or creating the durable consumer while resuming in stream
+    /// order failed.
+    #[error("resume durable consumer {durable} on stream {stream} at stream sequence {start_sequence}: {reason}; the subscriber retries on its next fetch")]
+    Resume {
+        /// Stream name.
+        stream: String,
+        /// Durable consumer name.
+        durable: String,
+        /// Where it was to resume.
+        start_sequence: u64,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 fn publish_hint(kind: PublishErrorKind) -> &'static str {
@@ -189,7 +213,9 @@ impl NatsError {
                 | ConsumerErrorKind::Request
                 | ConsumerErrorKind::Other => true,
             },
-            NatsError::Fetch { .. } => true,
+            NatsError::Fetch { .. } | NatsError::DirectGet { .. } | NatsError::Resume { .. } => {
+                true
+            }
             NatsError::Ack { source, .. } => match source.kind() {
                 RequestErrorKind::TimedOut | RequestErrorKind::Other => true,
                 // Nobody answers acks for this consumer: it was deleted, or

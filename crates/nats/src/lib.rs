@@ -46,6 +46,7 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod direct;
 mod error;
 mod publisher;
 mod stream;

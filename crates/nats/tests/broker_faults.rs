@@ -109,6 +109,7 @@ async fn ack_fails_while_the_broker_is_down() -> anyhow::Result<()> {
     let options = custody_nats::SubscriberOptions {
         ack_timeout: Duration::from_secs(1),
         ack_wait: Duration::from_secs(2),
+        ..Default::default()
     };
     let mut sub = NatsSubscriber::with_options(client.clone(), &spec, "c", &[], options).await?;
     let mut got = sub.fetch(1, Duration::from_secs(2)).await?;

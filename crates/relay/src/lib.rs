@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod consumer;
+mod leased;
 pub mod live;
 pub mod metric_definitions;
 pub mod reconcile;
@@ -34,6 +35,7 @@ mod relay;
 mod validate;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};
+pub use leased::{FencedInbox, LeaseConfig, LeasedConsumer};
 pub use relay::{Relay, RelayConfig, RelayStats};
 
 /// Cancellation handle used to stop engines gracefully.

@@ -342,21 +342,16 @@ pub fn plan_acceptance(
             floor + 1
         ));
     }
-    let outside: Vec<String> = missing
+    // (runs end at `last` at most: only their parts below `first` are outside)
+    let outside: Vec<(u64, u64)> = missing
         .iter()
-        .filter(|(a, b)| *a < first || *b > last)
-        .map(|(a, b)| {
-            if a == b {
-                a.to_string()
-            } else {
-                format!("{a}-{b}")
-            }
-        })
+        .filter(|(a, _)| *a < first)
+        .map(|(a, b)| (*a, (*b).min(first - 1)))
         .collect();
     if !outside.is_empty() {
         return Err(format!(
             "{what}: raising the floor from {floor} to {last} would also accept missing numbers {} outside {first}-{last}; name them in the range too (or wait for them: `custody reconcile --live` shows each)",
-            outside.join(", ")
+            runs_text(&outside)
         ));
     }
     Ok(AcceptedGap {

@@ -55,14 +55,21 @@ async fn a_stream_that_starts_above_one_starts_the_floor_there() -> anyhow::Resu
         (2, 10, now),
     ] {
         let mut tx = inbox.begin().await?;
-        let out = inbox.record(&mut tx, "billing", &numbered(part, seq)?, at).await?;
+        let out = inbox
+            .record(&mut tx, "billing", &numbered(part, seq)?, at)
+            .await?;
         inbox.commit(tx).await?;
         assert_eq!(out, InboxOutcome::New);
     }
     let broker = MemoryBroker::default();
     let mut cfg = ConsumerConfig::new("billing");
     cfg.gap_grace = Duration::from_secs(60);
-    let mut c = Consumer::new(inbox.clone(), broker.subscribe("billing"), Recorder::default(), cfg);
+    let mut c = Consumer::new(
+        inbox.clone(),
+        broker.subscribe("billing"),
+        Recorder::default(),
+        cfg,
+    );
     let progress = c.watermarks(now).await?;
     assert_eq!(
         summary(&progress),
@@ -74,7 +81,10 @@ async fn a_stream_that_starts_above_one_starts_the_floor_there() -> anyhow::Resu
     )
     .fetch_all(&pool)
     .await?;
-    assert_eq!(audit, vec![(0, "1-40".into(), 40, "consumer:billing".into())]);
+    assert_eq!(
+        audit,
+        vec![(0, "1-40".into(), 40, "consumer:billing".into())]
+    );
 
     // A lower number of partition 0 arrives after all: dead-lettered.
     let late = numbered(0, 7)?;

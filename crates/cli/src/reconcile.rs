@@ -85,6 +85,18 @@ pub struct ReconcileArgs {
     /// (e.g. `127.0.0.1:9465`).
     #[arg(long, requires = "watch")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// With `--live`: raise the consumer's floor past numbers that will never arrive, with an
+    /// audit record: `[PRODUCER/]TOPIC/PARTITION/FIRST-LAST` (or `…/N`, or `…/start` for a
+    /// stream that did not begin at 1). Every missing number from the floor up to LAST must be
+    /// named. Needs `--reason`. The only write `reconcile` makes (docs/OPERATIONS.md).
+    #[arg(long, requires_all = ["live", "reason"], conflicts_with_all = ["repair", "watch"])]
+    pub accept: Option<String>,
+    /// With `--accept`: why the numbers are accepted as lost (kept in the audit record).
+    #[arg(long, requires = "accept")]
+    pub reason: Option<String>,
+    /// With `--accept`: who accepts them (default: `$USER`).
+    #[arg(long, requires = "accept")]
+    pub accepted_by: Option<String>,
 }
 
 /// The producer's side, whichever backend.

@@ -254,3 +254,93 @@ async fn reconcile_live_reports_repairs_and_clears_lost_numbers() -> anyhow::Res
     std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
+
+/// Issue 11, scenario 5: `custody reconcile --live --accept` raises the floor
+/// past a named gap with an audit record; a range that would swallow
+/// another missing number is refused (an error, nothing written);
+/// afterwards the check is clean.
+#[tokio::test]
+async fn reconcile_live_accept_raises_the_floor_past_a_named_gap() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("billing.db");
+    let db = path.to_string_lossy().into_owned();
+    let pool = custody::sqlite::connect(&db).await?;
+    custody::sqlite::migrate(&pool).await?;
+    let inbox = SqliteInbox::new(pool.clone());
+    let old = Utc::now().trunc_subsecs(3) - chrono::Duration::hours(1);
+    for seq in [1, 2, 5, 8] {
+        let mut m = Message::builder("orders", "k", "T").json(&seq)?.build()?;
+        Sequence {
+            producer: "p1".into(),
+            topic: "orders".into(),
+            partition: 0,
+            seq,
+        }
+        .stamp(&mut m);
+        record(&inbox, &m, old).await?;
+    }
+    let base = [
+        "reconcile",
+        "--live",
+        "--consumer",
+        &db,
+        "--consumer-name",
+        "billing",
+        "--grace",
+        "0s",
+    ];
+    let (code, out, _) = custody(&base)?;
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("missing: 4"), "{out}");
+
+    // 4-7 leaves 3 unnamed below the new floor: refused, nothing written
+    let mut refused = base.to_vec();
+    refused.extend([
+        "--accept",
+        "orders/0/4-7",
+        "--reason",
+        "lost to max_age",
+        "--accepted-by",
+        "ops",
+    ]);
+    let (code, out, err) = custody(&refused)?;
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("missing numbers 3 outside 4-7"), "{err}");
+    let audit: i64 = sqlx::query_scalar("SELECT count(*) FROM custody_gap_accepted")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(audit, 0);
+
+    let mut ok = base.to_vec();
+    ok.extend([
+        "--accept",
+        "orders/0/3-7",
+        "--reason",
+        "lost to max_age",
+        "--accepted-by",
+        "ops",
+    ]);
+    let (code, out, err) = custody(&ok)?;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("accepted as lost: 4 number(s) 3-4, 6-7"),
+        "{out}"
+    );
+    assert!(out.contains("RESULT: OK"), "{out}");
+    let rows: Vec<(String, i64, i64, String, String)> = sqlx::query_as(
+        "SELECT numbers, old_floor, new_floor, accepted_by, reason FROM custody_gap_accepted",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        rows,
+        vec![(
+            "3-4, 6-7".into(),
+            0,
+            7,
+            "ops".into(),
+            "lost to max_age".into()
+        )]
+    );
+    Ok(())
+}

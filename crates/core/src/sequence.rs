@@ -224,6 +224,10 @@ pub enum GapRange {
     /// this consumer reads did not begin at 1 (JetStream `max_age`, a
     /// consumer added later, a stream created after the producer started).
     StreamStart,
+    /// The first run of missing numbers: from `floor + 1` up to the lowest
+    /// number recorded above the floor (the consumer's own bound on how
+    /// long a gap may pin its inbox: `consumer.gap-accept-after`).
+    FirstHole,
 }
 
 /// A request to raise a floor past numbers that will never arrive, with
@@ -309,6 +313,10 @@ pub fn plan_acceptance(
     }
     let (first, last) = match gap.range {
         GapRange::Numbers { first, last } => (first, last),
+        GapRange::FirstHole => match present.iter().copied().find(|s| *s > floor) {
+            Some(lowest) if lowest > floor + 1 => (floor + 1, lowest - 1),
+            _ => return Err(format!("{what}: no hole above the floor {floor}")),
+        },
         GapRange::StreamStart => {
             if has_history {
                 return Err(format!(
@@ -342,21 +350,16 @@ pub fn plan_acceptance(
             floor + 1
         ));
     }
-    let outside: Vec<String> = missing
+    // (runs end at `last` at most: only their parts below `first` are outside)
+    let outside: Vec<(u64, u64)> = missing
         .iter()
-        .filter(|(a, b)| *a < first || *b > last)
-        .map(|(a, b)| {
-            if a == b {
-                a.to_string()
-            } else {
-                format!("{a}-{b}")
-            }
-        })
+        .filter(|(a, _)| *a < first)
+        .map(|(a, b)| (*a, (*b).min(first - 1)))
         .collect();
     if !outside.is_empty() {
         return Err(format!(
             "{what}: raising the floor from {floor} to {last} would also accept missing numbers {} outside {first}-{last}; name them in the range too (or wait for them: `custody reconcile --live` shows each)",
-            outside.join(", ")
+            runs_text(&outside)
         ));
     }
     Ok(AcceptedGap {
@@ -459,6 +462,9 @@ mod tests {
                 .missing,
             vec![(1, 1), (3, 3), (5, 5)]
         );
+        let first = plan_acceptance(&gap(GapRange::FirstHole), 2, true, &[5, 7]).unwrap();
+        assert_eq!(first.missing, vec![(3, 4)]);
+        assert!(plan_acceptance(&gap(GapRange::FirstHole), 2, true, &[3, 5]).is_err());
         let start = gap(GapRange::StreamStart);
         let s = plan_acceptance(&start, 0, false, &[41, 43]).unwrap();
         assert_eq!((s.new_floor, s.missing.clone()), (40, vec![(1, 40)]));

@@ -479,7 +479,7 @@ impl InboxStore for PgInbox {
         })?;
         let last = match gap.range {
             GapRange::Numbers { last, .. } => i64::try_from(last).unwrap_or(i64::MAX),
-            GapRange::StreamStart => i64::MAX,
+            GapRange::StreamStart | GapRange::FirstHole => i64::MAX,
         };
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
         sqlx::query(ENSURE_WATERMARK)

@@ -265,3 +265,100 @@ async fn accept_gap() -> anyhow::Result<()> {
     assert!(audit.iter().all(|(_, _, why)| why.contains("max_age")));
     Ok(())
 }
+
+/// Scenario 3 under concurrency (READ COMMITTED): a copy and the redrive in
+/// two open transactions, in both orders. Whichever takes the inbox row
+/// first, the redrive is the one applied and the copy is a duplicate.
+#[tokio::test]
+async fn redrive_and_copy_race_in_both_orders() -> anyhow::Result<()> {
+    use custody_core::{Message, Sequence};
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let inbox = PgInbox::new(pool.clone());
+    for copy_first in [false, true] {
+        let consumer = format!("billing_{copy_first}");
+        let mut m: Message = msg("orders", "k", 1);
+        Sequence {
+            producer: "p".into(),
+            topic: "orders".into(),
+            partition: 0,
+            seq: 1,
+        }
+        .stamp(&mut m);
+        let dead = DeadLetter {
+            message_id: Some(m.id),
+            origin: String::new(),
+            topic: m.topic.clone(),
+            key: Some(m.key.clone()),
+            message_type: Some(m.message_type.clone()),
+            payload: m.payload.clone(),
+            envelope: Some(serde_json::to_string(&m)?),
+            error: "test".into(),
+            attempts: 1,
+            dead_at: Utc::now(),
+        };
+        inbox.dead_letter(&consumer, &dead).await?;
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT seq FROM custody_dead_letter WHERE message_id = $1 AND origin = $2",
+        )
+        .bind(m.id)
+        .bind(format!("consumer:{consumer}"))
+        .fetch_all(&pool)
+        .await?;
+        custody_postgres::redrive(&pool, &seqs, Utc::now()).await?;
+        let queued = inbox.redrives(&consumer, 10).await?;
+        assert_eq!(queued.len(), 1);
+        let mut redriven = queued[0].message.clone();
+        Sequence::unstamp(&mut redriven);
+
+        let (first, second) = if copy_first {
+            // the copy takes the row and holds it; the redrive waits for it
+            let mut c = inbox.begin().await?;
+            let copy = inbox.record(&mut c, &consumer, &m, Utc::now()).await?;
+            let r_inbox = inbox.clone();
+            let r_consumer = consumer.clone();
+            let seq = queued[0].seq;
+            let redrive = tokio::spawn(async move {
+                let mut r = r_inbox.begin().await?;
+                r_inbox.finish_redrive(&mut r, seq).await?;
+                let out = r_inbox
+                    .record(&mut r, &r_consumer, &redriven, Utc::now())
+                    .await?;
+                r_inbox.commit(r).await?;
+                anyhow::Ok(out)
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            inbox.commit(c).await?;
+            (copy, redrive.await??)
+        } else {
+            // the redrive takes the row and holds it; the copy waits for it
+            let mut r = inbox.begin().await?;
+            inbox.finish_redrive(&mut r, queued[0].seq).await?;
+            let out = inbox
+                .record(&mut r, &consumer, &redriven, Utc::now())
+                .await?;
+            let c_inbox = inbox.clone();
+            let c_consumer = consumer.clone();
+            let copy = m.clone();
+            let racing = tokio::spawn(async move {
+                let mut c = c_inbox.begin().await?;
+                let out = c_inbox
+                    .record(&mut c, &c_consumer, &copy, Utc::now())
+                    .await?;
+                c_inbox.commit(c).await?;
+                anyhow::Ok(out)
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            inbox.commit(r).await?;
+            (racing.await??, out)
+        };
+        assert_eq!(
+            (first, second),
+            (InboxOutcome::Duplicate, InboxOutcome::New),
+            "copy first: {copy_first} (outcomes: copy, redrive)"
+        );
+        assert!(inbox.redrives(&consumer, 10).await?.is_empty());
+    }
+    Ok(())
+}

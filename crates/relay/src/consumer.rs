@@ -97,6 +97,21 @@ pub struct ConsumerConfig {
     /// no limit. Default 30s.
     #[serde(with = "custody_core::duration_serde")]
     pub handler_timeout: Duration,
+    /// A partition with no history whose lowest number is above 1, with no
+    /// lower number arrived within `gap_grace`, is a stream that did not
+    /// begin at 1 (JetStream `max_age`, a consumer added later): its floor
+    /// starts below the lowest number, with a warning and an audit record
+    /// (docs/SEQUENCES.md). A lower number arriving later is dead-lettered,
+    /// never dropped. `false`: such numbers stay holes until accepted.
+    pub accept_stream_start: bool,
+    /// The bound on how long one missing number can pin the inbox: a gap
+    /// open longer than this is accepted as lost by the consumer itself,
+    /// with an error log and an audit record (`custody_gap_accepted`, by
+    /// `consumer:<name>`), so that compaction and retention go on. A
+    /// message of an accepted number that arrives later is dead-lettered.
+    /// Keep it longer than any outage you would repair by hand.
+    #[serde(with = "custody_core::duration_serde")]
+    pub gap_accept_after: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -128,6 +143,8 @@ impl ConsumerConfig {
             gap_grace: Duration::from_secs(60),
             poison_after: 3,
             handler_timeout: Duration::from_secs(30),
+            accept_stream_start: true,
+            gap_accept_after: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -368,7 +385,13 @@ where
         self.stats.compacted += compaction.deleted;
         metrics::counter!(m::CONSUMER_INBOX_COMPACTED_TOTAL, "consumer" => name.to_owned())
             .increment(compaction.deleted);
-        let progress = self.inbox.progress(name).await?;
+        let mut progress = self.inbox.progress(name).await?;
+        if self.accept_lost_numbers(&progress, now).await > 0 {
+            self.inbox
+                .compact(name, keep_after, self.config.prune_batch.max(1))
+                .await?;
+            progress = self.inbox.progress(name).await?;
+        }
         let mut by_producer: std::collections::BTreeMap<&str, (u64, f64)> = Default::default();
         for p in &progress {
             let e = by_producer.entry(p.producer.as_str()).or_default();
@@ -397,6 +420,68 @@ where
                 .set(age);
         }
         Ok(progress)
+    }
+
+    /// Raise floors the consumer may raise by itself (see
+    /// [`ConsumerConfig::accept_stream_start`] and
+    /// [`ConsumerConfig::gap_accept_after`]), each with an audit record.
+    /// Returns how many floors moved; refusals (a partition with history,
+    /// nothing missing) are not errors here.
+    async fn accept_lost_numbers(&self, progress: &[PartitionProgress], now: DateTime<Utc>) -> u64 {
+        let name = self.config.name.as_str();
+        let mut moved = 0;
+        for p in progress.iter().filter(|p| p.holes > 0) {
+            let (range, reason) = if p.gap_older_than(self.config.gap_accept_after, now) {
+                (
+                    custody_core::GapRange::FirstHole,
+                    format!(
+                        "open longer than consumer.gap-accept-after ({:?}): the numbers never arrived; the inbox may not grow without bound",
+                        self.config.gap_accept_after
+                    ),
+                )
+            } else if self.config.accept_stream_start
+                && p.floor == 0
+                && p.compacted == 0
+                && p.gap_older_than(self.config.gap_grace, now)
+            {
+                (
+                    custody_core::GapRange::StreamStart,
+                    format!(
+                        "the stream this consumer reads did not begin at 1 (no lower number arrived within consumer.gap-grace, {:?})",
+                        self.config.gap_grace
+                    ),
+                )
+            } else {
+                continue;
+            };
+            let gap = custody_core::GapAcceptance {
+                producer: p.producer.clone(),
+                topic: p.topic.clone(),
+                partition: p.partition,
+                range,
+                by: format!("consumer:{name}"),
+                reason,
+            };
+            match self.inbox.accept_gap(name, &gap, now).await {
+                Ok(done) => {
+                    moved += 1;
+                    let numbers = custody_core::sequence::runs_text(&done.missing);
+                    if gap.range == custody_core::GapRange::StreamStart {
+                        warn!(consumer = name, producer = %p.producer, topic = %p.topic, partition = p.partition,
+                            starts_after = done.new_floor, accepted = %numbers,
+                            "stream starts above 1: the floor starts at {}; numbers {numbers} were never delivered to this consumer (a lower one arriving later is dead-lettered)", done.new_floor);
+                    } else {
+                        tracing::error!(consumer = name, producer = %p.producer, topic = %p.topic, partition = p.partition,
+                            accepted = %numbers, floor = done.new_floor,
+                            "sequence gap older than consumer.gap-accept-after accepted as lost: {numbers}; see custody_gap_accepted, and reconcile by id to find the messages");
+                    }
+                }
+                Err(e) => {
+                    debug!(consumer = name, producer = %p.producer, partition = p.partition, error = %e, "floor not raised");
+                }
+            }
+        }
+        moved
     }
 
     /// Delete inbox rows older than the retention, in bounded batches (at

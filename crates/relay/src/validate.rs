@@ -328,6 +328,35 @@ impl ConsumerConfig {
             MAX_INTERVAL,
             "how long a sequence gap may be open before a warning",
         );
+        p.count(
+            "poison-after",
+            u64::from(self.poison_after),
+            0,
+            1_000,
+            "unfinished runs of a message before it is dead-lettered as poison; 0 turns the detection off",
+        );
+        p.duration(
+            "handler-timeout",
+            self.handler_timeout,
+            Duration::ZERO,
+            Duration::from_secs(24 * 3600),
+            "the longest a handler may take for one message; 0 = no limit",
+        );
+        p.duration(
+            "gap-accept-after",
+            self.gap_accept_after,
+            Duration::from_secs(60),
+            MAX_RETENTION,
+            "how long a sequence gap stays open before the consumer accepts it as lost",
+        );
+        p.rule(
+            self.gap_accept_after >= self.gap_grace,
+            format!(
+                "gap-accept-after = \"{}\" is shorter than gap-grace = \"{}\": a gap would be accepted as lost before it is even reported",
+                show(self.gap_accept_after),
+                show(self.gap_grace)
+            ),
+        );
         p.into_result()
     }
 }

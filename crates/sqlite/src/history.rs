@@ -5,8 +5,8 @@
 use chrono::{DateTime, Utc};
 use custody_core::{
     ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, Message, MessageStatus,
-    NumberedRow, OutboxStore, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo,
-    Result, SentHistory, SequenceHead,
+    NumberedRow, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo, Result,
+    SentHistory, SequenceHead,
 };
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
@@ -124,7 +124,14 @@ impl SentHistory for SqliteOutbox {
     }
 
     async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
-        let Some(producer) = OutboxStore::producer_id(self).await? else {
+        // The stored id, read only (OutboxStore::producer_id may renew it
+        // for a copied file, and a check never writes to what it checks).
+        let producer: Option<String> =
+            sqlx::query_scalar("SELECT id FROM custody_producer ORDER BY created_at, id LIMIT 1")
+                .fetch_optional(self.pool())
+                .await
+                .map_err(map_err("read producer id"))?;
+        let Some(producer) = producer else {
             return Ok(None);
         };
         let rows: Vec<(String, i64, i64)> = sqlx::query_as(SEQUENCE_HEADS)

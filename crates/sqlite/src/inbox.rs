@@ -593,7 +593,7 @@ impl InboxStore for SqliteInbox {
         let partition = i64::from(gap.partition);
         let last = match gap.range {
             GapRange::Numbers { last, .. } => i64::try_from(last).unwrap_or(i64::MAX),
-            GapRange::StreamStart => i64::MAX,
+            GapRange::StreamStart | GapRange::FirstHole => i64::MAX,
         };
         let mut tx = self
             .pool

@@ -55,6 +55,7 @@ mod error;
 mod history;
 mod inbox;
 mod outbox;
+mod producer;
 mod row;
 mod subscriber;
 

@@ -653,20 +653,8 @@ impl OutboxStore for SqliteOutbox {
         let id = self
             .producer
             .get_or_try_init(|| async {
-                sqlx::query_scalar::<_, String>(
-                    "SELECT id FROM custody_producer ORDER BY created_at, id LIMIT 1",
-                )
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(map_err("read producer id"))?
-                .ok_or_else(|| {
-                    Error::store(
-                        "sqlite",
-                        "read producer id",
-                        false,
-                        "custody_producer is empty; run `custody migrate` on a fresh database or insert the id back",
-                    )
-                })
+                // renewed when this file is a copy (crate::producer)
+                crate::producer::producer_id(&self.pool, to_ms(Utc::now())).await
             })
             .await?;
         Ok(Some(id.clone()))

@@ -264,6 +264,25 @@ where
     // a replay of the real number 2 is an ordinary duplicate
     ensure!(record_one(&inbox, &consumer, &first[1]).await? == InboxOutcome::Duplicate);
     ensure!(dead_letters().await?.len() == dead.len());
+    // the same in a run of a group (InboxStore::record_all)
+    let forked3 = numbered("orders", &producer, 0, 3)?;
+    let mut tx = inbox.begin().await?;
+    let run = inbox
+        .record_all(
+            &mut tx,
+            &consumer,
+            &[&first[0], &forked3, &forked],
+            Utc::now(),
+        )
+        .await?;
+    inbox.commit(tx).await?;
+    ensure!(run == vec![InboxOutcome::Duplicate; 3], "{run:?}");
+    let dead = dead_letters().await?;
+    ensure!(
+        dead.iter().filter(|d| d.message_id == Some(forked3.id)).count() == 1
+            && dead.iter().filter(|d| d.message_id == Some(forked.id)).count() == 1,
+        "a run must dead-letter the message reusing number 3 (once) and not letter number 2's again"
+    );
     // the dead letter is redriven like any other: applied once
     // (covered by redrive_is_the_only_token_test); here: not processed
     ensure!(floor_of(&inbox, &consumer, &producer, 0).await? == Some((3, 0)));

@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::Utc;
 use custody::live::{export_live, reconcile_live, LiveReport};
-use custody::SentHistory;
+use custody::{GapAcceptance, GapRange, InboxStore, ProcessedHistory, SentHistory};
 
 use super::{esc, every_round, write_atomically, ConsumerDb, Producer, ReconcileArgs};
 
@@ -33,6 +34,9 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     if let Some(every) = args.watch {
         return watch(args, producer, consumer, every).await;
+    }
+    if let Some(spec) = &args.accept {
+        accept(args, spec, consumer).await?;
     }
     let report = check(args, producer, consumer).await?;
     let ids = report.republishable();
@@ -102,6 +106,104 @@ pub async fn run(
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `--accept [PRODUCER/]TOPIC/PARTITION/FIRST-LAST|N|start`: parse, find the
+/// producer when not named (the one the consumer has that partition of),
+/// raise the floor with an audit record, print what was accepted.
+async fn accept(args: &ReconcileArgs, spec: &str, consumer: &ConsumerDb) -> anyhow::Result<()> {
+    let parts: Vec<&str> = spec.split('/').collect();
+    let (producer, topic, partition, range) = match parts.as_slice() {
+        [t, p, r] => (None, *t, *p, *r),
+        [id, t, p, r] => (Some(*id), *t, *p, *r),
+        _ => anyhow::bail!(
+            "--accept {spec:?}: expected [PRODUCER/]TOPIC/PARTITION/FIRST-LAST (or …/N, or …/start), e.g. orders/3/1041-1043"
+        ),
+    };
+    let partition: u32 = partition
+        .parse()
+        .with_context(|| format!("--accept {spec:?}: partition {partition:?} is not a number"))?;
+    let number = |s: &str| -> anyhow::Result<u64> {
+        s.trim()
+            .parse()
+            .with_context(|| format!("--accept {spec:?}: {s:?} is not a sequence number"))
+    };
+    let range = if range == "start" {
+        GapRange::StreamStart
+    } else if let Some((a, b)) = range.split_once('-') {
+        GapRange::Numbers {
+            first: number(a)?,
+            last: number(b)?,
+        }
+    } else {
+        let n = number(range)?;
+        GapRange::Numbers { first: n, last: n }
+    };
+    let producer = match producer {
+        Some(p) => p.to_owned(),
+        None => {
+            let progress = consumer.sequence_progress(&args.consumer_name).await?;
+            let mut ids: Vec<String> = progress
+                .into_iter()
+                .filter(|p| p.topic == topic && p.partition == partition)
+                .map(|p| p.producer)
+                .collect();
+            ids.dedup();
+            match ids.as_slice() {
+                [one] => one.clone(),
+                [] => anyhow::bail!(
+                    "consumer {:?} has no record of topic {topic:?} partition {partition}: nothing to accept (check the names; `custody reconcile --live` lists what it has)",
+                    args.consumer_name
+                ),
+                many => anyhow::bail!(
+                    "consumer {:?} has topic {topic:?} partition {partition} from several producers ({}): name one, PRODUCER/{topic}/{partition}/…",
+                    args.consumer_name,
+                    many.join(", ")
+                ),
+            }
+        }
+    };
+    let by = match &args.accepted_by {
+        Some(b) => b.clone(),
+        None => std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .map_err(|_| {
+                anyhow::anyhow!("--accept: say who accepts the gap with --accepted-by (no $USER)")
+            })?,
+    };
+    let gap = GapAcceptance {
+        producer,
+        topic: topic.to_owned(),
+        partition,
+        range,
+        by,
+        reason: args.reason.clone().unwrap_or_default(),
+    };
+    let now = Utc::now();
+    let done = match consumer {
+        ConsumerDb::Sqlite(i) => i.accept_gap(&args.consumer_name, &gap, now).await,
+        ConsumerDb::Postgres(i) => i.accept_gap(&args.consumer_name, &gap, now).await,
+    }
+    .with_context(|| format!("accept {spec}"))?;
+    let line = format!(
+        "accepted as lost: {} number(s) {} of producer {} {}/{} (floor {} -> {}), by {:?}: {:?}",
+        done.count(),
+        custody::sequence::runs_text(&done.missing),
+        gap.producer,
+        gap.topic,
+        gap.partition,
+        done.old_floor,
+        done.new_floor,
+        gap.by,
+        gap.reason
+    );
+    tracing::warn!(consumer = %args.consumer_name, "{line}");
+    if args.json {
+        eprintln!("{line}");
+    } else {
+        println!("{line}\n");
+    }
+    Ok(())
 }
 
 async fn watch(

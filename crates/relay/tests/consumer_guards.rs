@@ -158,3 +158,76 @@ async fn attempts_postgres() -> anyhow::Result<()> {
     attempts_count_crashes_of_a_message_started_alone_only(&custody_postgres::PgInbox::new(pool))
         .await
 }
+
+/// Writes a `child` row per message; an `Orphan` message's row points at a
+/// parent that does not exist, which SQLite refuses only at commit (a
+/// deferred foreign key): an error the store raises about the message.
+#[derive(Clone, Default)]
+struct Children;
+
+impl Handler<sqlx::Transaction<'static, sqlx::Sqlite>> for Children {
+    async fn handle(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+        m: &Message,
+    ) -> Result<(), HandlerError> {
+        let parent = if m.message_type == "Orphan" { 999 } else { 1 };
+        sqlx::query("INSERT INTO child (message_id, parent) VALUES (?, ?)")
+            .bind(m.id.to_string())
+            .bind(parent)
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        Ok(())
+    }
+}
+
+/// The SQLite side of "an error about the message is the message's": the
+/// commit fails with SQLITE_CONSTRAINT, the consumer dead-letters that
+/// message and applies the next (before: `run_once` returned the error, and
+/// `run` stopped the consumer for good).
+#[tokio::test]
+async fn sqlite_a_message_the_database_refuses_at_commit_is_dead_lettered() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("b.db");
+    let pool = custody_sqlite::connect(&path.to_string_lossy()).await?;
+    custody_sqlite::migrate(&pool).await?;
+    sqlx::query("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        .execute(&pool)
+        .await?;
+    sqlx::query("INSERT INTO parent (id) VALUES (1)")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE child (message_id TEXT NOT NULL, parent INTEGER NOT NULL \
+         REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)",
+    )
+    .execute(&pool)
+    .await?;
+    let broker = MemoryBroker::default();
+    let (first, orphan, next) = (msg("k", "Step"), msg("k", "Orphan"), msg("k", "Step"));
+    for m in [&first, &orphan, &next] {
+        broker.publish(m).await?;
+    }
+    let inbox = custody_sqlite::SqliteInbox::new(pool.clone());
+    let mut c = Consumer::new(inbox, broker.subscribe("billing"), Children, config());
+    for _ in 0..10 {
+        if c.stats().processed + c.stats().dead_lettered == 3 {
+            break;
+        }
+        c.run_once().await?;
+    }
+    let applied: Vec<String> = sqlx::query_scalar("SELECT message_id FROM child ORDER BY rowid")
+        .fetch_all(&pool)
+        .await?;
+    assert_eq!(applied, vec![first.id.to_string(), next.id.to_string()]);
+    let dead = custody_sqlite::dead_letters(&pool).await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message_id, Some(orphan.id));
+    assert!(
+        dead[0].error.contains("refused this message"),
+        "{}",
+        dead[0].error
+    );
+    Ok(())
+}

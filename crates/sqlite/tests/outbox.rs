@@ -250,3 +250,40 @@ async fn rollback_does_not_arm_a_later_commit() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Issue 11, scenario 1: a producer cannot commit a message no consumer
+/// could store (PostgreSQL refuses NUL in text): enqueue refuses a NUL in
+/// the key or a header value, and a control character in the topic, with a
+/// reason naming it; nothing is written.
+#[tokio::test]
+async fn enqueue_refuses_nul_and_control_characters() -> anyhow::Result<()> {
+    let (_dir, pool) = db().await?;
+    let outbox = SqliteOutbox::new(pool.clone());
+    let mut nul_key = msg("orders", "o-1", 1);
+    nul_key.key = "o\0-1".into();
+    let mut nul_header = msg("orders", "o-1", 2);
+    nul_header
+        .headers
+        .insert("correlationid".into(), "req\0".into());
+    let mut control_topic = msg("orders", "o-1", 3);
+    control_topic.topic = "ord\u{7}ers".into();
+    for (m, what) in [
+        (&nul_key, "key holds a NUL"),
+        (&nul_header, "header \"correlationid\" holds a NUL"),
+        (&control_topic, "topic holds the control character"),
+    ] {
+        let mut tx = pool.begin().await?;
+        let err = outbox
+            .enqueue(&mut tx, m)
+            .await
+            .expect_err("must be refused")
+            .to_string();
+        assert!(err.contains(what), "{err}");
+        tx.commit().await?;
+    }
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM custody_outbox")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(n, 0);
+    Ok(())
+}

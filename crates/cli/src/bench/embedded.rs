@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
-use custody::{CancellationToken, Consumer, ConsumerConfig, Handler, HandlerError, Message};
+use custody::{CancellationToken, Consumer, Handler, HandlerError, Message};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
@@ -97,7 +97,7 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
         inner: SqliteInbox::new(b.clone()),
         stamps: stamps.clone(),
     };
-    let consumer = Consumer::new(inbox, sub, SqliteLedger, ConsumerConfig::new("bench"));
+    let consumer = Consumer::new(inbox, sub, SqliteLedger, args.consumer_config());
     let consumer_task = tokio::spawn(consumer.run(cancel.clone()));
 
     let op = {

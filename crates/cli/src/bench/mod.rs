@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, ValueEnum};
+use custody::ConsumerConfig;
 use custody::{DeadLetter, InboxOutcome, InboxStore, Message};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -97,6 +98,21 @@ pub struct BenchArgs {
     /// library's default.
     #[arg(long, value_name = "MS")]
     pub notify_interval_ms: Option<u64>,
+    /// The consumer's `consumer.poison-after` (default 3; 0 turns poison
+    /// detection and its statements off), to measure what it costs.
+    #[arg(long, value_name = "N")]
+    pub poison_after: Option<u32>,
+}
+
+impl BenchArgs {
+    /// The consumer settings a scenario runs with.
+    pub fn consumer_config(&self) -> ConsumerConfig {
+        let mut cfg = ConsumerConfig::new("bench");
+        if let Some(n) = self.poison_after {
+            cfg.poison_after = n;
+        }
+        cfg
+    }
 }
 
 impl BenchArgs {
@@ -1104,6 +1120,7 @@ mod tests {
             postgres: String::new(),
             no_sequence_numbers: false,
             notify_interval_ms: None,
+            poison_after: None,
         };
         let mut r = Report::new(&args);
         let e2e = r.rate("end to end", 1000, Duration::from_secs(2));

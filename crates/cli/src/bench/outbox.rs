@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use custody::nats::{NatsPublisher, NatsSubscriber, StreamSpec};
 use custody::postgres::{PgInbox, PgOutbox};
-use custody::{CancellationToken, Consumer, ConsumerConfig, Handler, HandlerError, Message, Relay};
+use custody::{CancellationToken, Consumer, Handler, HandlerError, Message, Relay};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -221,7 +221,7 @@ async fn measure(
         inner: PgInbox::new(b.clone()),
         stamps: stamps.clone(),
     };
-    let consumer = Consumer::new(inbox, sub, PgLedger, ConsumerConfig::new("bench"));
+    let consumer = Consumer::new(inbox, sub, PgLedger, args.consumer_config());
     let consumer_task = tokio::spawn(consumer.run(cancel.clone()));
 
     let outbox = producer_outbox(args, &a);

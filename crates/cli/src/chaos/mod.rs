@@ -910,7 +910,7 @@ async fn drive(
         if drained { "" } else { "  (NOT drained)" }
     );
     println!(
-        "  bad inputs committed by A                   {:>10}",
+        "  bad inputs (by A, or raw on the wire)       {:>10}",
         bad.len()
     );
     for (k, n) in &bad_kinds {

@@ -64,7 +64,7 @@
 pub use custody_core::*;
 pub use custody_relay::{
     live, metric_definitions, reconcile, CancellationToken, Consumer, ConsumerConfig,
-    ConsumerStats, Relay, RelayConfig, RelayStats,
+    ConsumerStats, FencedInbox, LeaseConfig, LeasedConsumer, Relay, RelayConfig, RelayStats,
 };
 
 /// SQLite backend: outbox, inbox, dead letters and the embedded transport.

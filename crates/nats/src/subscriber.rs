@@ -508,6 +508,22 @@ impl NatsSubscriber {
             r.unacked.retain(|s| *s != stream_sequence);
         }
     }
+
+    /// Once every message of the resync was read and acknowledged, move the
+    /// durable past them at once (not only at the next fetch), so a
+    /// restart does not read them again.
+    async fn finish_resync_if_done(&mut self) -> Result<()> {
+        let done = self
+            .resync
+            .as_ref()
+            .filter(|r| r.cursor > r.until && r.unacked.is_empty())
+            .map(|r| r.until);
+        if let Some(until) = done {
+            self.resume_at(until + 1).await?;
+            self.resync = None;
+        }
+        Ok(())
+    }
 }
 
 impl Subscriber for NatsSubscriber {
@@ -647,7 +663,7 @@ impl Subscriber for NatsSubscriber {
             }
             None => {
                 self.ack_served(token.stream_sequence);
-                Ok(())
+                self.finish_resync_if_done().await
             }
         }
     }
@@ -667,7 +683,7 @@ impl Subscriber for NatsSubscriber {
         for r in futures::future::join_all(acks).await {
             r?;
         }
-        Ok(())
+        self.finish_resync_if_done().await
     }
 }
 

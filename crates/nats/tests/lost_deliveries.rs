@@ -162,3 +162,43 @@ async fn a_delivery_taken_by_another_subscriber_is_redelivered_before_later_ones
     assert_eq!(firsts, vec![1, 2, 3, 4], "delivery order: {got:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_message_jetstream_gives_up_on_is_handed_over_as_malformed() -> anyhow::Result<()> {
+    let Some(ts) = TestStream::on_shared_server().await? else {
+        return Ok(());
+    };
+    let m = rich_message("orders", "k");
+    ts.publisher().publish(&m).await?;
+    let options = custody_nats::SubscriberOptions {
+        ack_wait: Duration::from_secs(1),
+        max_deliver: 2,
+        ..Default::default()
+    };
+    let mut sub = ts
+        .subscriber_with("billing", &["orders".to_owned()], options)
+        .await?;
+    // delivered twice, never acknowledged (a consumer that hangs on it)
+    for _ in 0..2 {
+        let got = sub.fetch(10, Duration::from_secs(3)).await?;
+        assert_eq!(got.len(), 1);
+    }
+    // the server gives up after the second ack_wait and says so
+    let mut given_up = None;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(d) = sub.fetch(10, Duration::from_millis(200)).await?.pop() {
+            given_up = Some(d);
+            break;
+        }
+    }
+    let d = given_up.expect("a delivery for the message JetStream gave up on");
+    let bad = d
+        .message
+        .expect_err("handed over as malformed, to dead-letter");
+    assert_eq!(bad.id, Some(m.id));
+    assert_eq!(bad.payload, m.payload);
+    assert!(bad.reason.contains("max_deliver"), "{}", bad.reason);
+    sub.ack(d.token).await?;
+    Ok(())
+}

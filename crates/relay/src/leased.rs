@@ -316,13 +316,15 @@ impl<I: ConsumerLeaseStore, C: Clock + Clone> LeasedConsumer<I, C> {
         FH: FnMut() -> H,
     {
         let active = cancel.child_token();
-        let renewal = tokio::spawn(renew(
+        // Aborted also when this future is dropped (the caller gave up on
+        // it): a renewal outliving its consumer would hold the lease forever.
+        let mut renewal = AbortOnDrop(tokio::spawn(renew(
             self.inbox.clone(),
             lease.clone(),
             self.lease.clone(),
             self.clock.clone(),
             active.clone(),
-        ));
+        )));
         let outcome = match subscriber().await {
             Ok(sub) => {
                 let inbox = FencedInbox::new(self.inbox.clone(), lease.clone());
@@ -334,7 +336,7 @@ impl<I: ConsumerLeaseStore, C: Clock + Clone> LeasedConsumer<I, C> {
             Err(e) => Err(e),
         };
         active.cancel();
-        let _ = renewal.await;
+        let _ = (&mut renewal.0).await;
         let still_held = self
             .inbox
             .renew_consumer_lease(&lease, self.lease.ttl, self.clock.now())
@@ -385,6 +387,15 @@ async fn renew<I: ConsumerLeaseStore, C: Clock>(
                 warn!(consumer = %lease.consumer, error = %e, "cannot renew the consumer lease; retrying (the fence stops this instance if another takes over)")
             }
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

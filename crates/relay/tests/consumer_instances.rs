@@ -114,6 +114,10 @@ struct Running {
 }
 
 async fn scenario(instances: usize, seed: u64) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let Some(env) = env(None, "inst").await? else {
         return Ok(());
     };
@@ -184,6 +188,13 @@ async fn scenario(instances: usize, seed: u64) -> anyhow::Result<()> {
             .await?;
         if n == total {
             break;
+        }
+        for r in &mut running {
+            if r.handle.is_finished() {
+                let slot = &mut r.handle;
+                let ended = slot.await;
+                anyhow::bail!("an instance ended by itself: {ended:?} (seed {seed})");
+            }
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,

@@ -316,7 +316,10 @@ struct Proc {
 struct Harness {
     env: Env,
     producer: Proc,
-    consumer: Proc,
+    /// Instances of the one billing consumer: two with PostgreSQL (one
+    /// active, one standing by, sharing the consumer's lease), one with
+    /// SQLite.
+    consumers: Vec<Proc>,
     relays: Vec<Proc>,
     started: Instant,
     faults: Vec<Fault>,
@@ -332,18 +335,19 @@ impl Harness {
         self.started.elapsed().as_secs_f64()
     }
 
-    /// The process a kill fault of `kind` hits (`relay`: which relay).
-    fn proc_mut(&mut self, kind: FaultKind, relay: usize) -> &mut Proc {
+    /// The process a kill fault of `kind` hits (`which`: which relay or
+    /// consumer instance).
+    fn proc_mut(&mut self, kind: FaultKind, which: usize) -> &mut Proc {
         match kind {
-            FaultKind::KillRelay => &mut self.relays[relay],
-            FaultKind::KillConsumer => &mut self.consumer,
+            FaultKind::KillRelay => &mut self.relays[which],
+            FaultKind::KillConsumer => &mut self.consumers[which],
             _ => &mut self.producer,
         }
     }
 
     fn procs_mut(&mut self) -> impl Iterator<Item = &mut Proc> {
         std::iter::once(&mut self.producer)
-            .chain(std::iter::once(&mut self.consumer))
+            .chain(self.consumers.iter_mut())
             .chain(self.relays.iter_mut())
     }
 
@@ -436,10 +440,10 @@ impl Harness {
         let down = Duration::from_millis(rng.gen_range(300..3000));
         match kind {
             FaultKind::KillRelay | FaultKind::KillConsumer | FaultKind::KillProducer => {
-                let relay = if kind == FaultKind::KillRelay {
-                    rng.gen_range(0..self.relays.len().max(1))
-                } else {
-                    0
+                let relay = match kind {
+                    FaultKind::KillRelay => rng.gen_range(0..self.relays.len().max(1)),
+                    FaultKind::KillConsumer => rng.gen_range(0..self.consumers.len().max(1)),
+                    _ => 0,
                 };
                 let name = self.proc_mut(kind, relay).name.clone();
                 let i = self.begin_fault(
@@ -718,19 +722,25 @@ async fn run_in(
             log,
         })
     };
-    let consumer = spawn("consumer", consumer_args, seed)?;
+    // with PostgreSQL a second instance of the consumer stands by (the
+    // consumer lease); kills hit either, so takeovers happen under load
+    let instances = if matches!(env, Env::Pg { .. }) { 2 } else { 1 };
+    let consumers = (0..instances)
+        .map(|i| spawn(&format!("consumer-{i}"), consumer_args.clone(), seed))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let relays = relay_args
         .into_iter()
         .enumerate()
         .map(|(i, a)| spawn(&format!("relay-{i}"), a, seed))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let producer = spawn("producer", producer_args, seed)?;
-    let mut logs: Vec<PathBuf> = vec![producer.log.clone(), consumer.log.clone()];
+    let mut logs: Vec<PathBuf> = vec![producer.log.clone()];
+    logs.extend(consumers.iter().map(|c| c.log.clone()));
     logs.extend(relays.iter().map(|r| r.log.clone()));
     let mut h = Harness {
         env,
         producer,
-        consumer,
+        consumers,
         relays,
         started: Instant::now(),
         faults: Vec::new(),

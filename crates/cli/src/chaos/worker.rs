@@ -10,7 +10,10 @@ use anyhow::Context;
 use custody::nats::{NatsSubscriber, StreamSpec};
 use custody::postgres::{self, PgInbox, PgOutbox};
 use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
-use custody::{Consumer, ConsumerConfig, Handler, HandlerError, Message, CONTENT_TYPE_JSON};
+use custody::{
+    Consumer, ConsumerConfig, Handler, HandlerError, LeaseConfig, LeasedConsumer, Message,
+    CONTENT_TYPE_JSON,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
@@ -209,16 +212,29 @@ pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
                 .context("connecting to service B's database")?;
             let client = custody::nats::connect(&args.nats).await?;
             let spec = StreamSpec::new(&args.stream, &args.prefix);
-            let sub = NatsSubscriber::new(client, &spec, CONSUMER, &["orders".to_owned()]).await?;
-            let handler = ChaosBilling::new(
-                PgBilling {
-                    outbox: PgOutbox::new(b.clone()),
-                },
-                args.flaky,
-                seed,
-            );
-            Consumer::new(PgInbox::new(b), sub, handler, cfg)
-                .run(cancel)
+            // one of two instances (`custody chaos` runs two): the active
+            // one holds the consumer's lease, the other stands by
+            let lease = LeaseConfig {
+                ttl: Duration::from_secs(3),
+                renew_interval: Duration::from_millis(500),
+                ..LeaseConfig::default()
+            };
+            let topics = ["orders".to_owned()];
+            let outbox = PgOutbox::new(b.clone());
+            LeasedConsumer::new(PgInbox::new(b), cfg, lease)
+                .run(
+                    || NatsSubscriber::new(client.clone(), &spec, CONSUMER, &topics),
+                    || {
+                        ChaosBilling::new(
+                            PgBilling {
+                                outbox: outbox.clone(),
+                            },
+                            args.flaky,
+                            seed,
+                        )
+                    },
+                    cancel,
+                )
                 .await?;
         }
         _ => {

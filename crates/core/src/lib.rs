@@ -47,7 +47,7 @@ pub use reconcile::{
 pub use sequence::{Compaction, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
-    DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore, Redrive,
-    RowWrite,
+    DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord, OutboxStore,
+    Redrive, RowWrite,
 };
 pub use transport::{Delivery, Malformed, PublishAck, Publisher, Subscriber};

@@ -646,10 +646,7 @@ impl PgOutbox {
         } else {
             query
         };
-        let position: i64 = query
-            .fetch_one(conn)
-            .await
-            .map_err(db("enqueue"))?;
+        let position: i64 = query.fetch_one(conn).await.map_err(db("enqueue"))?;
         Ok(position)
     }
 
@@ -710,10 +707,7 @@ impl PgOutbox {
         } else {
             query
         };
-        let rows = query
-            .fetch_all(conn)
-            .await
-            .map_err(db("enqueue batch"))?;
+        let rows = query.fetch_all(conn).await.map_err(db("enqueue batch"))?;
         let mut by_id = HashMap::with_capacity(rows.len());
         for row in &rows {
             let id: Uuid = row.try_get(0).map_err(db("enqueue batch"))?;

@@ -145,8 +145,16 @@ async fn a_second_process_with_the_same_relay_id_is_refused() -> anyhow::Result<
 
     let refused = p2.acquire_leases("r", TTL, t0).await;
     match refused {
-        Err(custody_core::Error::RelayIdInUse { ref relay, ref other, live, .. }) => {
-            assert_eq!((relay.as_str(), other.as_str(), live), ("r", "process-1", false));
+        Err(custody_core::Error::RelayIdInUse {
+            ref relay,
+            ref other,
+            live,
+            ..
+        }) => {
+            assert_eq!(
+                (relay.as_str(), other.as_str(), live),
+                ("r", "process-1", false)
+            );
         }
         other => panic!("expected RelayIdInUse, got {other:?}"),
     }

@@ -154,7 +154,13 @@ async fn parked_key_holds_back_only_its_key() -> anyhow::Result<()> {
         .acquire_leases("r", std::time::Duration::from_secs(600), now)
         .await?;
     let parked = outbox
-        .record_failure("r", a1, "broker said no", now + chrono::Duration::minutes(5), now)
+        .record_failure(
+            "r",
+            a1,
+            "broker said no",
+            now + chrono::Duration::minutes(5),
+            now,
+        )
         .await?;
     assert_eq!(parked, custody_core::RowWrite::Written);
     let batch = outbox.fetch_batch(&ALL, 100, now).await?;
@@ -548,7 +554,9 @@ async fn a_relay_that_lost_its_lease_cannot_park_or_dead_letter() -> anyhow::Res
         RowWrite::Fenced
     );
     assert_eq!(
-        outbox.dead_letter("old", pos, "late dead letter", t1).await?,
+        outbox
+            .dead_letter("old", pos, "late dead letter", t1)
+            .await?,
         RowWrite::Fenced
     );
     let (status, attempts, dead, rows): (i16, i32, i64, i64) = sqlx::query_as(
@@ -560,7 +568,11 @@ async fn a_relay_that_lost_its_lease_cannot_park_or_dead_letter() -> anyhow::Res
     .bind(pos)
     .fetch_one(&pool)
     .await?;
-    assert_eq!((status, attempts, dead, rows), (0, 0, 0, 1), "nothing written");
+    assert_eq!(
+        (status, attempts, dead, rows),
+        (0, 0, 0, 1),
+        "nothing written"
+    );
     assert_eq!(outbox.fetch_batch(&ALL, 10, t1).await?.len(), 1);
 
     // the holder's own writes go through

@@ -590,7 +590,10 @@ fn without_key_locks_the_check_catches_the_reorder() {
             caught += 1;
         }
     }
-    assert!(caught > 0, "no interleaving broke commit order without the key locks");
+    assert!(
+        caught > 0,
+        "no interleaving broke commit order without the key locks"
+    );
 }
 
 /// Scenario 2 (b): a parked message holds back every other message of its

@@ -691,7 +691,9 @@ impl OutboxStore for SqliteOutbox {
                     tracing::warn!(position = row.position, %error, "dead-lettering damaged outbox row");
                     // Unfenced: fetch_batch does not know the relay. Nobody
                     // can publish the row, and `status = 0` lets one relay move it.
-                    let _ = self.dead_letter_row(None, row.position, &error, now).await?;
+                    let _ = self
+                        .dead_letter_row(None, row.position, &error, now)
+                        .await?;
                 }
             }
         }

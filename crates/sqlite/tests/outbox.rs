@@ -281,11 +281,15 @@ async fn a_relay_that_lost_its_lease_cannot_park_or_dead_letter() -> anyhow::Res
 
     let retry_at = t1 + chrono::Duration::minutes(5);
     assert_eq!(
-        outbox.record_failure("old", pos, "late failure", retry_at, t1).await?,
+        outbox
+            .record_failure("old", pos, "late failure", retry_at, t1)
+            .await?,
         RowWrite::Fenced
     );
     assert_eq!(
-        outbox.dead_letter("old", pos, "late dead letter", t1).await?,
+        outbox
+            .dead_letter("old", pos, "late dead letter", t1)
+            .await?,
         RowWrite::Fenced
     );
     let (status, attempts, dead, rows): (i64, i64, i64, i64) = sqlx::query_as(
@@ -297,7 +301,11 @@ async fn a_relay_that_lost_its_lease_cannot_park_or_dead_letter() -> anyhow::Res
     .bind(pos)
     .fetch_one(&pool)
     .await?;
-    assert_eq!((status, attempts, dead, rows), (0, 0, 0, 1), "nothing written");
+    assert_eq!(
+        (status, attempts, dead, rows),
+        (0, 0, 0, 1),
+        "nothing written"
+    );
     let batch = outbox.fetch_batch(&parts, 10, t1).await?;
     assert_eq!(batch.len(), 1, "the new holder publishes it, unparked");
 

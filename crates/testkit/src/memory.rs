@@ -153,7 +153,11 @@ impl OutboxState {
                 committed_as: 0,
             },
         );
-        let key = self.txs.get(&tx).map(|(k, _)| k.clone()).unwrap_or_default();
+        let key = self
+            .txs
+            .get(&tx)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_default();
         self.txs.insert(tx, (key, OpenTx::Inserted(position)));
         position
     }
@@ -440,9 +444,7 @@ impl OutboxStore for MemoryOutbox {
             .rows
             .values()
             .filter(|r| r.status == RowStatus::Pending && wanted.contains(&r.record.partition))
-            .filter(|r| {
-                !parked_keys.contains(&(r.record.partition, r.record.message.key.as_str()))
-            })
+            .filter(|r| !parked_keys.contains(&(r.record.partition, r.record.message.key.as_str())))
             .take(limit)
             .map(|r| r.record.clone())
             .collect();

@@ -97,6 +97,14 @@ pub struct BenchArgs {
     /// library's default.
     #[arg(long, value_name = "MS")]
     pub notify_interval_ms: Option<u64>,
+    /// `outbox`: the producers enqueue without the per-key advisory locks
+    /// (`PgOutbox::with_key_locks(false)`). **For measurement only**: it
+    /// shows what the locks cost; without them a key's messages can reach
+    /// consumers out of commit order (docs/SEQUENCES.md, "Order per key").
+    /// Every run also measures producer commits with and without the locks
+    /// side by side.
+    #[arg(long)]
+    pub no_key_locks: bool,
 }
 
 impl BenchArgs {
@@ -1078,6 +1086,7 @@ mod tests {
             postgres: String::new(),
             no_sequence_numbers: false,
             notify_interval_ms: None,
+            no_key_locks: false,
         };
         let mut r = Report::new(&args);
         let e2e = r.rate("end to end", 1000, Duration::from_secs(2));

@@ -592,3 +592,40 @@ async fn a_relay_that_lost_its_lease_cannot_park_or_dead_letter() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Issue 11, scenario 2 (b): a parked message holds back every other pending
+/// message of its key, also one at a lower position that committed later
+/// (rows written without the key locks, e.g. before them). On main the
+/// parking check only held back higher positions, and T_a's row went out
+/// ahead of T_b's parked one.
+#[tokio::test]
+async fn a_parked_message_holds_back_a_lower_position_of_its_key() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let outbox = PgOutbox::new(pool.clone()).with_key_locks(false);
+    let mut t_a = pool.begin().await?;
+    outbox.enqueue(&mut t_a, &msg("orders", "K", 1)).await?;
+    let mut t_b = pool.begin().await?;
+    let b = outbox.enqueue(&mut t_b, &msg("orders", "K", 2)).await?;
+    let other = outbox.enqueue(&mut t_b, &msg("orders", "L", 3)).await?;
+    t_b.commit().await?;
+
+    let now = Utc::now();
+    outbox
+        .acquire_leases("r", Duration::from_secs(600), now)
+        .await?;
+    let parked = outbox
+        .record_failure("r", b, "refused", now + chrono::Duration::minutes(5), now)
+        .await?;
+    assert_eq!(parked, custody_core::RowWrite::Written);
+    t_a.commit().await?;
+
+    let batch = outbox.fetch_batch(&ALL, 100, now).await?;
+    assert_eq!(
+        positions(&batch),
+        vec![other],
+        "K waits for its parked message"
+    );
+    Ok(())
+}

@@ -247,6 +247,17 @@ pub struct SqliteOutbox {
     signal: Arc<Signal>,
     /// The producer id, read once (it never changes).
     producer: Arc<OnceCell<String>>,
+    /// This process's relay instance token (see [`SqliteOutbox::with_instance`]).
+    instance: Arc<str>,
+}
+
+/// This process's relay instance token: random, the same for every
+/// [`SqliteOutbox`] of the process, different in every process.
+fn process_instance() -> Arc<str> {
+    static TOKEN: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    TOKEN
+        .get_or_init(|| Arc::from(Uuid::now_v7().simple().to_string()))
+        .clone()
 }
 
 impl SqliteOutbox {
@@ -258,7 +269,19 @@ impl SqliteOutbox {
             partitions: DEFAULT_PARTITIONS,
             signal: Arc::new(Signal::default()),
             producer: Arc::new(OnceCell::new()),
+            instance: process_instance(),
         }
+    }
+
+    /// Use `token` as this handle's relay instance token instead of the
+    /// process's (a random one per process). The token is stored with a
+    /// relay's heartbeat: [`OutboxStore::acquire_leases`] refuses a relay id
+    /// whose live heartbeat carries another token
+    /// ([`Error::RelayIdInUse`]). Tests use it to play two processes.
+    #[must_use]
+    pub fn with_instance(mut self, token: impl Into<String>) -> Self {
+        self.instance = Arc::from(token.into());
+        self
     }
 
     /// Use `n` partitions (at least 1). Every producer and relay of one
@@ -529,15 +552,40 @@ impl OutboxStore for SqliteOutbox {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err(OP))?;
-        sqlx::query(
-            "INSERT INTO custody_relay_member (relay, heartbeat_at) VALUES (?1, ?2) \
-             ON CONFLICT (relay) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        // The heartbeat, refused (no row written) while the id's heartbeat
+        // is live and carries another process's token (NULL: from before
+        // migration 0006).
+        let beat = sqlx::query(
+            "INSERT INTO custody_relay_member (relay, heartbeat_at, instance) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (relay) DO UPDATE \
+             SET heartbeat_at = excluded.heartbeat_at, instance = excluded.instance \
+             WHERE custody_relay_member.instance IS NULL \
+                OR custody_relay_member.instance = excluded.instance \
+                OR custody_relay_member.heartbeat_at < ?4",
         )
         .bind(relay)
         .bind(now_ms)
+        .bind(&*self.instance)
+        .bind(now_ms.saturating_sub(ttl_ms))
         .execute(&mut *tx)
         .await
         .map_err(map_err(OP))?;
+        if beat.rows_affected() == 0 {
+            let (other, heartbeat_ms): (Option<String>, i64) = sqlx::query_as(
+                "SELECT instance, heartbeat_at FROM custody_relay_member WHERE relay = ?1",
+            )
+            .bind(relay)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+            return Err(Error::RelayIdInUse {
+                relay: relay.to_owned(),
+                other: other.unwrap_or_default(),
+                heartbeat_at: DateTime::<Utc>::from_timestamp_millis(heartbeat_ms)
+                    .unwrap_or(DateTime::<Utc>::MIN_UTC),
+                live: false,
+            });
+        }
         sqlx::query("DELETE FROM custody_relay_member WHERE heartbeat_at < ?1")
             .bind(now_ms.saturating_sub(ttl_ms))
             .execute(&mut *tx)
@@ -636,15 +684,21 @@ impl OutboxStore for SqliteOutbox {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err(OP))?;
+        // Only what this process holds: a refused duplicate of a live
+        // relay's id must not release that relay's leases.
         sqlx::query(
-            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = ?1",
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = ?1 \
+             AND NOT EXISTS (SELECT 1 FROM custody_relay_member \
+                             WHERE relay = ?1 AND instance IS NOT ?2)",
         )
         .bind(relay)
+        .bind(&*self.instance)
         .execute(&mut *tx)
         .await
         .map_err(map_err(OP))?;
-        sqlx::query("DELETE FROM custody_relay_member WHERE relay = ?1")
+        sqlx::query("DELETE FROM custody_relay_member WHERE relay = ?1 AND instance = ?2")
             .bind(relay)
+            .bind(&*self.instance)
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;

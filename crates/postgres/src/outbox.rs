@@ -570,7 +570,6 @@ impl PgOutbox {
     /// the same key can commit out of position order, and the key's messages
     /// then reach consumers in an order that depends on timing
     /// (docs/SEQUENCES.md, "Order per key").
-    #[doc(hidden)]
     pub fn with_key_locks(mut self, on: bool) -> Self {
         self.key_locks = on;
         self
@@ -623,6 +622,15 @@ impl PgOutbox {
     /// Insert `msg` into the outbox on `conn`, joining the caller's
     /// transaction (pass `&mut *tx`). Returns its position. The message is
     /// published iff the transaction commits.
+    ///
+    /// Takes the transaction-scoped advisory lock of `msg`'s key first (see
+    /// [`KEY_LOCK_NAMESPACE`]), held to the commit or rollback: another
+    /// transaction enqueueing the same key waits for this one, so each key's
+    /// messages are published in commit order. Keep such transactions short;
+    /// enqueue several keys of one transaction with [`PgOutbox::enqueue_batch`]
+    /// (it locks them in sorted order) or always in the same key order, or
+    /// two transactions can deadlock (PostgreSQL aborts one with a retryable
+    /// error).
     #[tracing::instrument(skip_all, fields(message_id = %msg.id, topic = %msg.topic))]
     pub async fn enqueue(&self, conn: &mut PgConnection, msg: &Message) -> Result<i64> {
         msg.validate()?;
@@ -651,7 +659,8 @@ impl PgOutbox {
     }
 
     /// Insert `msgs` in one statement on `conn` (the caller's transaction).
-    /// Returns their positions, in the order of `msgs`, increasing.
+    /// Returns their positions, in the order of `msgs`, increasing. Locks
+    /// every distinct key first, in sorted order (see [`PgOutbox::enqueue`]).
     #[tracing::instrument(skip_all, fields(count = msgs.len()))]
     pub async fn enqueue_batch(
         &self,

@@ -75,6 +75,25 @@ pub enum Error {
     #[error("configuration: {0}")]
     Config(String),
 
+    /// Another relay process runs with the same relay id on this outbox
+    /// (its heartbeat carries another instance token). Two processes with
+    /// one id would share leases and hand out the same sequence numbers.
+    #[error(
+        "relay id {relay:?} is in use by another relay process (instance {other}, last heartbeat {heartbeat_at}){}; give every relay process its own id (`custody relay --id`, or none for a random one) or stop the other process",
+        if *live { "" } else { "; if that process is gone, its id is free after the lease ttl" }
+    )]
+    RelayIdInUse {
+        /// The relay id.
+        relay: String,
+        /// The instance token of the process holding it.
+        other: String,
+        /// That process's last heartbeat.
+        heartbeat_at: chrono::DateTime<chrono::Utc>,
+        /// Whether the holder is known to be alive (its heartbeat moved
+        /// while this process waited): then waiting cannot help.
+        live: bool,
+    },
+
     /// The operation was stopped because custody is shutting down.
     #[error("shutting down")]
     Shutdown,
@@ -86,6 +105,8 @@ impl Error {
         match self {
             Error::Store { retryable, .. } | Error::Transport { retryable, .. } => *retryable,
             Error::Shutdown => true,
+            // a crashed process's heartbeat goes stale after the lease ttl
+            Error::RelayIdInUse { live, .. } => !*live,
             Error::InvalidMessage(_)
             | Error::Decode { .. }
             | Error::Rejected { .. }

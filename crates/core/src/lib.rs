@@ -53,6 +53,6 @@ pub use sequence::{AcceptedGap, Compaction, GapAcceptance, GapRange, PartitionPr
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
     Attempt, DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord,
-    OutboxStore, Redrive,
+    OutboxStore, Redrive, RowWrite,
 };
 pub use transport::{Delivery, Malformed, PublishAck, Publisher, Subscriber};

@@ -130,24 +130,33 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Record a failed attempt: increment `attempts`, keep `error`, park the
-    /// message (and so its key) until `retry_at`.
+    /// message (and so its key) until `retry_at`. Fenced like
+    /// [`OutboxStore::mark_published`]: only a pending row in a partition
+    /// `relay` still leases (unexpired at `now`) is written; otherwise
+    /// nothing is, and the outcome says why.
     fn record_failure(
         &self,
+        relay: &str,
         position: i64,
         error: &str,
         retry_at: DateTime<Utc>,
-    ) -> impl Future<Output = Result<()>> + Send;
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<RowWrite>> + Send;
 
     /// Move a message to the dead-letter table with `error`; its key flows on.
     /// A numbered message leaves a skip marker ([`crate::sequence::SKIP_TYPE`])
     /// with its number in its place, pending, so consumers account for the
-    /// number instead of seeing a gap.
+    /// number instead of seeing a gap. Fenced like
+    /// [`OutboxStore::record_failure`]: a relay that lost the row's
+    /// partition neither dead-letters it nor writes a skip marker (the new
+    /// holder may be publishing it).
     fn dead_letter(
         &self,
+        relay: &str,
         position: i64,
         error: &str,
         now: DateTime<Utc>,
-    ) -> impl Future<Output = Result<()>> + Send;
+    ) -> impl Future<Output = Result<RowWrite>> + Send;
 
     /// Delete published (status 1) and dead-lettered (status 2) rows of `partitions` whose
     /// published_at (or, for dead rows, enqueued_at) is older than `older_than`, at most `limit`
@@ -171,6 +180,24 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// Resolve when new messages may have been committed, or after `timeout`.
     /// (PostgreSQL: LISTEN/NOTIFY; SQLite: an in-process signal.)
     fn wait_for_new(&self, timeout: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// What a relay's write about one outbox row
+/// ([`OutboxStore::record_failure`], [`OutboxStore::dead_letter`]) did.
+/// Only [`RowWrite::Written`] changed anything; the others are outcomes, not
+/// errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum RowWrite {
+    /// The row was pending in a partition the relay leases, and was written.
+    Written,
+    /// Nothing was written: the row's partition is not (or no longer)
+    /// leased by this relay. Its holder publishes, parks or dead-letters the
+    /// row; the relay renews its leases before going on.
+    Fenced,
+    /// Nothing was written: the row is no longer pending (published,
+    /// dead-lettered or pruned meanwhile).
+    NotPending,
 }
 
 /// A message that could not be published or processed, with the reason.

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
-use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result};
+use custody_core::{
+    partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result, RowWrite,
+};
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
@@ -45,6 +47,10 @@ pub struct PgOutbox {
     producer: std::sync::Arc<tokio::sync::OnceCell<String>>,
     /// Numberings since the last sweep of the sequence journal.
     numberings: Arc<AtomicU64>,
+    /// Whether enqueue takes the key's advisory lock (see [`PgOutbox::with_key_locks`]).
+    key_locks: bool,
+    /// This process's relay instance token (see [`PgOutbox::with_instance`]).
+    instance: Arc<str>,
 }
 
 /// Which enqueue sends the next NOTIFY: the first one at least `every` after
@@ -101,28 +107,50 @@ impl std::fmt::Debug for PgOutbox {
             .field("partitions", &self.partitions)
             .field("notify", &self.notify)
             .field("notify_interval", &self.gate.every)
+            .field("key_locks", &self.key_locks)
+            .field("instance", &self.instance)
             .finish_non_exhaustive()
     }
 }
 
 // The insert statements are macros so that `notifying!` can wrap them at
-// compile time.
+// compile time. `$locks` is the FROM item that takes the key locks (see
+// KEY_LOCK_NAMESPACE), or a one-row nothing without them.
 macro_rules! insert_one {
-    () => {
-        "INSERT INTO custody_outbox
+    ($locks:expr) => {
+        concat!(
+            "INSERT INTO custody_outbox
     (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 FROM ",
+            $locks,
+            "
 RETURNING position"
+        )
     };
 }
+
+// Scenario "per-key order" (docs/SEQUENCES.md, "Order per key"): the
+// transaction-scoped advisory lock on the key is taken *before* the row gets
+// its position. The position (an identity default) is computed when the
+// INSERT projects its row, which is after the FROM item `l` has produced its
+// one row, i.e. after pg_advisory_xact_lock returned (a volatile function is
+// never folded or evaluated late). The lock is held to the end of the
+// transaction and released only after the commit is visible to every new
+// snapshot, so a second transaction on the same key gets its position after
+// the first committed, and position order is commit order per key.
 
 // One statement for the whole batch. WITH ORDINALITY + ORDER BY keeps the
 // identity values in input order (a subquery with ORDER BY is not pulled up,
 // so the rows reach the insert sorted), which keeps a batch's messages of one
-// key in order.
+// key in order. `$locks` is joined in: the join emits no row before the
+// aggregate over every lock has finished, so every key is locked before the
+// first position is taken. The lock keys ($11) come sorted and distinct, and
+// unnest reads them in array order: two batches lock their common keys in
+// the same order and cannot deadlock each other.
 macro_rules! insert_batch {
-    () => {
-        "INSERT INTO custody_outbox
+    ($locks:expr) => {
+        concat!(
+            "INSERT INTO custody_outbox
     (id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at)
 SELECT id, kind, topic, msg_key, partition, message_type, content_type, headers, payload, created_at
 FROM (
@@ -131,8 +159,11 @@ FROM (
         WITH ORDINALITY AS t(id, kind, topic, msg_key, partition, message_type, content_type,
                              headers, payload, created_at, ord)
     ORDER BY ord
-) AS s
+) AS s CROSS JOIN ",
+            $locks,
+            "
 RETURNING id, position"
+        )
     };
 }
 
@@ -186,10 +217,63 @@ macro_rules! journal_number {
 }
 pub(crate) use journal_number;
 
-const INSERT_ONE: &str = insert_one!();
-const INSERT_ONE_NOTIFY: &str = notifying!(insert_one!(), "ins.position");
-const INSERT_BATCH: &str = insert_batch!();
-const INSERT_BATCH_NOTIFY: &str = notifying!(insert_batch!(), "ins.id, ins.position");
+macro_rules! lock_one {
+    () => {
+        "(SELECT pg_advisory_xact_lock($11, $12)) AS l"
+    };
+}
+macro_rules! lock_batch {
+    () => {
+        "(SELECT count(pg_advisory_xact_lock($11, k)) FROM unnest($12::int[]) AS k) AS l"
+    };
+}
+macro_rules! no_lock {
+    () => {
+        "(SELECT 1) AS l"
+    };
+}
+
+/// The insert statements: `[key locks][notify]`.
+const INSERT_ONE: [[&str; 2]; 2] = [
+    [
+        insert_one!(no_lock!()),
+        notifying!(insert_one!(no_lock!()), "ins.position"),
+    ],
+    [
+        insert_one!(lock_one!()),
+        notifying!(insert_one!(lock_one!()), "ins.position"),
+    ],
+];
+const INSERT_BATCH: [[&str; 2]; 2] = [
+    [
+        insert_batch!(no_lock!()),
+        notifying!(insert_batch!(no_lock!()), "ins.id, ins.position"),
+    ],
+    [
+        insert_batch!(lock_batch!()),
+        notifying!(insert_batch!(lock_batch!()), "ins.id, ins.position"),
+    ],
+];
+
+/// The first key of custody's two-key advisory locks (`pg_advisory_xact_lock(int, int)`),
+/// ASCII "cust": the second key is the FNV-1a hash of the message key
+/// ([`key_lock`]). Applications that take two-key advisory locks should
+/// not use this first key. Two message keys with the same hash share a lock:
+/// that only serializes their producers a little more.
+pub const KEY_LOCK_NAMESPACE: i32 = 0x6375_7374;
+
+/// The second advisory lock key of message key `key`: its FNV-1a 32-bit
+/// hash (the hash of [`partition_for`]), as PostgreSQL's `int`.
+fn key_lock(key: &str) -> i32 {
+    const OFFSET: u32 = 0x811c_9dc5;
+    const PRIME: u32 = 0x0100_0193;
+    let mut hash = OFFSET;
+    for b in key.as_bytes() {
+        hash ^= u32::from(*b);
+        hash = hash.wrapping_mul(PRIME);
+    }
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
 
 // Invariant 5 (no skipped commits). `position` is assigned at insert, not at
 // commit, so a transaction that began earlier can commit a lower position
@@ -200,13 +284,21 @@ const INSERT_BATCH_NOTIFY: &str = notifying!(insert_batch!(), "ins.id, ins.posit
 // xmin is cluster-wide, and waiting for it made the relay wait for every
 // transaction in flight in any database of the cluster (the consumer's own,
 // a long batch job's), which was most of the relay's latency in `custody
-// bench outbox` (docs/BENCHMARKS.md). Rows of one key are published in the
-// order they become visible, which is their commit order (and in position
-// order among rows that are visible together).
+// bench outbox` (docs/BENCHMARKS.md).
 //
-// A failing message holds back only its own key: the NOT EXISTS (served by
-// the partial index custody_outbox_parked) leaves out a row when a pending row
-// of the same key at the same or a lower position is parked until after $3.
+// Order per key: enqueue serializes the transactions of one key from their
+// insert to their commit (the key's advisory lock, see insert_one!), so
+// among a key's rows position order is commit order, and a row becomes
+// visible only after every lower-positioned row of its key did. Reading in
+// position order therefore publishes each key in commit order however the
+// relay's reads interleave with the commits.
+//
+// A failing message holds back its own key and no other: the NOT EXISTS
+// (served by the partial index custody_outbox_parked) leaves out a row when
+// any other pending row of the same key is parked until after $3, whatever
+// its position, so nothing of the key overtakes the parked message (rows
+// written before the key locks existed, or by a producer that does not take
+// them, can sit below it).
 // `$extra`: further conditions on `o`.
 macro_rules! fetch_pending {
     ($extra:literal) => {
@@ -223,7 +315,7 @@ WHERE o.status = 0
       SELECT 1 FROM custody_outbox p
       WHERE p.status = 0 AND p.retry_at IS NOT NULL
         AND p.partition = o.partition AND p.msg_key = o.msg_key
-        AND p.position <= o.position AND p.retry_at > $3)
+        AND p.retry_at > $3)
 ORDER BY o.position
 LIMIT $2"
         )
@@ -280,15 +372,44 @@ copied AS (
 SELECT count(*) FROM upd"
 );
 
+// Fencing, as MARK_PUBLISHED: only a pending row of a partition relay $4
+// still leases at $5 is written. The lease row is locked FOR SHARE until the
+// statement commits, so the lease cannot change hands in between: a relay
+// claiming it (FOR UPDATE SKIP LOCKED) skips it this round, and under READ
+// COMMITTED a claim committed just before is seen here (FOR SHARE re-reads
+// the newest row version and drops it, the owner having changed).
+// `fenced`: the row exists in a partition $4 does not lease.
+//
 // The row's number goes into the version this writes anyway (see
 // MARK_PUBLISHED), so the journal row can go once the rest is marked.
 const RECORD_FAILURE: &str = concat!(
-    "UPDATE custody_outbox o
-SET attempts = attempts + 1, last_error = $2, retry_at = $3, seq = COALESCE(o.seq, (",
+    "WITH lease AS (
+    SELECT l.partition FROM custody_relay_lease l
+    WHERE l.owner = $4 AND l.expires_at > $5
+      AND l.partition = (SELECT partition FROM custody_outbox WHERE position = $1)
+    FOR SHARE),
+upd AS (
+    UPDATE custody_outbox o
+    SET attempts = attempts + 1, last_error = $2, retry_at = $3, seq = COALESCE(o.seq, (",
     journal_number!(),
     "))
-WHERE o.position = $1 AND o.status = 0"
+    WHERE o.position = $1 AND o.status = 0 AND o.partition IN (SELECT partition FROM lease)
+    RETURNING o.position)
+SELECT EXISTS (SELECT 1 FROM upd) AS written,
+       EXISTS (SELECT 1 FROM custody_outbox o
+               WHERE o.position = $1 AND o.partition NOT IN (SELECT partition FROM lease)) AS fenced"
 );
+
+// The fence of dead_letter_row, its first statement: lock (FOR SHARE, to the
+// commit; see RECORD_FAILURE) the lease of row $1's partition if relay $2
+// holds it unexpired at $3. No row: fenced, or the row is gone.
+const LEASE_OF_ROW: &str = "\
+SELECT l.partition FROM custody_relay_lease l
+WHERE l.owner = $2 AND l.expires_at > $3
+  AND l.partition = (SELECT partition FROM custody_outbox WHERE position = $1)
+FOR SHARE";
+
+const ROW_STATUS: &str = "SELECT status FROM custody_outbox WHERE position = $1";
 
 const MARK_DEAD: &str = concat!(
     "UPDATE custody_outbox o SET status = 2, last_error = $2, seq = COALESCE(o.seq, (",
@@ -366,6 +487,16 @@ WHERE b.partition IN (
       JOIN custody_outbox o ON o.position = u.pos
       WHERE o.status = 0 AND o.seq IS NULL)";
 
+// A relay's heartbeat ($1 id, $2 now, $3 this process's instance token):
+// refused (no row written) while the id's heartbeat is live (not older than
+// $4) and carries another token. NULL: a heartbeat from before migration 0009.
+const HEARTBEAT: &str = "\
+INSERT INTO custody_relay_member (relay, heartbeat_at, instance) VALUES ($1, $2, $3)
+ON CONFLICT (relay) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, instance = EXCLUDED.instance
+WHERE custody_relay_member.instance IS NULL
+   OR custody_relay_member.instance = EXCLUDED.instance
+   OR custody_relay_member.heartbeat_at < $4";
+
 // A skip marker in place of a numbered message the relay dead-lettered
 // (see custody_core::sequence): pending, same partition and number.
 const INSERT_SKIP_MARKER: &str = "INSERT INTO custody_outbox
@@ -427,7 +558,31 @@ impl PgOutbox {
             waiter,
             producer: Default::default(),
             numberings: Default::default(),
+            key_locks: true,
+            instance: process_instance(),
         }
+    }
+
+    /// Whether [`PgOutbox::enqueue`] and [`PgOutbox::enqueue_batch`] take
+    /// the transaction-scoped advisory lock of each message key (default
+    /// true). **For measurement only** (`custody bench outbox
+    /// --no-key-locks`): without the locks, two transactions that enqueue
+    /// the same key can commit out of position order, and the key's messages
+    /// then reach consumers in an order that depends on timing
+    /// (docs/SEQUENCES.md, "Order per key").
+    pub fn with_key_locks(mut self, on: bool) -> Self {
+        self.key_locks = on;
+        self
+    }
+
+    /// Use `token` as this handle's relay instance token instead of the
+    /// process's (a random one per process). The token is stored with a
+    /// relay's heartbeat: [`OutboxStore::acquire_leases`] refuses a relay id
+    /// whose live heartbeat carries another token
+    /// ([`Error::RelayIdInUse`]). Tests use it to play two processes.
+    pub fn with_instance(mut self, token: impl Into<String>) -> Self {
+        self.instance = Arc::from(token.into());
+        self
     }
 
     /// Hash keys into `n` partitions (at least 1). Every producer and relay
@@ -467,17 +622,23 @@ impl PgOutbox {
     /// Insert `msg` into the outbox on `conn`, joining the caller's
     /// transaction (pass `&mut *tx`). Returns its position. The message is
     /// published iff the transaction commits.
+    ///
+    /// Takes the transaction-scoped advisory lock of `msg`'s key first (see
+    /// [`KEY_LOCK_NAMESPACE`]), held to the commit or rollback: another
+    /// transaction enqueueing the same key waits for this one, so each key's
+    /// messages are published in commit order. Keep such transactions short;
+    /// enqueue several keys of one transaction with [`PgOutbox::enqueue_batch`]
+    /// (it locks them in sorted order) or always in the same key order, or
+    /// two transactions can deadlock (PostgreSQL aborts one with a retryable
+    /// error).
     #[tracing::instrument(skip_all, fields(message_id = %msg.id, topic = %msg.topic))]
     pub async fn enqueue(&self, conn: &mut PgConnection, msg: &Message) -> Result<i64> {
         msg.validate()?;
         let headers = headers_json(msg)?;
         let partition = self.partition_of(msg)?;
-        let sql = if self.notify && self.gate.take() {
-            INSERT_ONE_NOTIFY
-        } else {
-            INSERT_ONE
-        };
-        let position: i64 = sqlx::query_scalar(sql)
+        let notify = self.notify && self.gate.take();
+        let sql = INSERT_ONE[usize::from(self.key_locks)][usize::from(notify)];
+        let query = sqlx::query_scalar(sql)
             .bind(msg.id)
             .bind(msg.kind.as_str())
             .bind(&msg.topic)
@@ -487,15 +648,19 @@ impl PgOutbox {
             .bind(&msg.content_type)
             .bind(headers)
             .bind(&msg.payload)
-            .bind(msg.created_at)
-            .fetch_one(conn)
-            .await
-            .map_err(db("enqueue"))?;
+            .bind(msg.created_at);
+        let query = if self.key_locks {
+            query.bind(KEY_LOCK_NAMESPACE).bind(key_lock(&msg.key))
+        } else {
+            query
+        };
+        let position: i64 = query.fetch_one(conn).await.map_err(db("enqueue"))?;
         Ok(position)
     }
 
     /// Insert `msgs` in one statement on `conn` (the caller's transaction).
-    /// Returns their positions, in the order of `msgs`, increasing.
+    /// Returns their positions, in the order of `msgs`, increasing. Locks
+    /// every distinct key first, in sorted order (see [`PgOutbox::enqueue`]).
     #[tracing::instrument(skip_all, fields(count = msgs.len()))]
     pub async fn enqueue_batch(
         &self,
@@ -529,12 +694,9 @@ impl PgOutbox {
             payloads.push(msg.payload.as_slice());
             created.push(msg.created_at);
         }
-        let sql = if self.notify && self.gate.take() {
-            INSERT_BATCH_NOTIFY
-        } else {
-            INSERT_BATCH
-        };
-        let rows = sqlx::query(sql)
+        let notify = self.notify && self.gate.take();
+        let sql = INSERT_BATCH[usize::from(self.key_locks)][usize::from(notify)];
+        let query = sqlx::query(sql)
             .bind(&ids)
             .bind(&kinds)
             .bind(&topics)
@@ -544,10 +706,17 @@ impl PgOutbox {
             .bind(&content_types)
             .bind(&headers)
             .bind(&payloads)
-            .bind(&created)
-            .fetch_all(conn)
-            .await
-            .map_err(db("enqueue batch"))?;
+            .bind(&created);
+        let query = if self.key_locks {
+            // sorted and distinct: every batch locks in the same order (no deadlock)
+            let mut locks: Vec<i32> = keys.iter().map(|k| key_lock(k)).collect();
+            locks.sort_unstable();
+            locks.dedup();
+            query.bind(KEY_LOCK_NAMESPACE).bind(locks)
+        } else {
+            query
+        };
+        let rows = query.fetch_all(conn).await.map_err(db("enqueue batch"))?;
         let mut by_id = HashMap::with_capacity(rows.len());
         for row in &rows {
             let id: Uuid = row.try_get(0).map_err(db("enqueue batch"))?;
@@ -644,11 +813,45 @@ impl PgOutbox {
             reason,
             "custody: outbox row is not a valid message; dead-lettering it"
         );
-        self.dead_letter_row(position, reason, Utc::now()).await
+        // Unfenced: the fetch does not know the relay. A row that cannot be
+        // read is never published by anyone, and MARK_DEAD's `status = 0`
+        // lets only one relay move it.
+        self.dead_letter_row(None, position, reason, Utc::now())
+            .await
+            .map(|_| ())
     }
 
-    async fn dead_letter_row(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
+    /// Move the pending row at `position` to the dead letters (with a skip
+    /// marker when numbered), in one transaction; fenced by `relay`'s lease
+    /// on the row's partition when `relay` is given.
+    async fn dead_letter_row(
+        &self,
+        relay: Option<&str>,
+        position: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
         let mut tx = self.pool.begin().await.map_err(db("dead letter"))?;
+        if let Some(relay) = relay {
+            let leased: Option<i32> = sqlx::query_scalar(LEASE_OF_ROW)
+                .bind(position)
+                .bind(relay)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("dead letter"))?;
+            if leased.is_none() {
+                let status: Option<i16> = sqlx::query_scalar(ROW_STATUS)
+                    .bind(position)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db("dead letter"))?;
+                return Ok(match status {
+                    Some(_) => RowWrite::Fenced,
+                    None => RowWrite::NotPending,
+                });
+            }
+        }
         let row = sqlx::query(MARK_DEAD)
             .bind(position)
             .bind(error)
@@ -657,7 +860,7 @@ impl PgOutbox {
             .map_err(db("dead letter"))?;
         let Some(row) = row else {
             // already published or dead: nothing to do
-            return Ok(());
+            return Ok(RowWrite::NotPending);
         };
         let seq: Option<i64> = row.try_get(12).map_err(db("dead letter"))?;
         let row = OutboxRow::from_row(&row).map_err(db("dead letter"))?;
@@ -707,7 +910,8 @@ impl PgOutbox {
             .execute(&mut *tx)
             .await
             .map_err(db("dead letter"))?;
-        tx.commit().await.map_err(db("dead letter"))
+        tx.commit().await.map_err(db("dead letter"))?;
+        Ok(RowWrite::Written)
     }
 }
 
@@ -715,6 +919,15 @@ impl PgOutbox {
 /// outbox handle sweeps at its first numbering, so a restarted relay clears
 /// what its predecessor left at once).
 const SWEEP_EVERY: u64 = 64;
+
+/// This process's relay instance token: random, the same for every
+/// [`PgOutbox`] of the process, different in every process.
+fn process_instance() -> Arc<str> {
+    static TOKEN: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    TOKEN
+        .get_or_init(|| Arc::from(Uuid::now_v7().simple().to_string()))
+        .clone()
+}
 
 /// The smallest and largest of `positions` (`(0, -1)`, an empty range, for none).
 fn span(positions: &[i64]) -> (i64, i64) {
@@ -772,15 +985,33 @@ impl OutboxStore for PgOutbox {
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
 
-        sqlx::query(
-            "INSERT INTO custody_relay_member (relay, heartbeat_at) VALUES ($1, $2)
-             ON CONFLICT (relay) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
-        )
-        .bind(relay)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db(OP))?;
+        // The heartbeat, refused when the id's live heartbeat is another
+        // process's: ON CONFLICT locks the member row (a concurrent first
+        // heartbeat of the same id is waited for and then seen), and the
+        // WHERE keeps a live holder's row as it is.
+        let beat = sqlx::query(HEARTBEAT)
+            .bind(relay)
+            .bind(now)
+            .bind(&*self.instance)
+            .bind(stale_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+        if beat.rows_affected() == 0 {
+            let (other, heartbeat_at): (Option<String>, DateTime<Utc>) = sqlx::query_as(
+                "SELECT instance, heartbeat_at FROM custody_relay_member WHERE relay = $1",
+            )
+            .bind(relay)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db(OP))?;
+            return Err(Error::RelayIdInUse {
+                relay: relay.to_owned(),
+                other: other.unwrap_or_default(),
+                heartbeat_at,
+                live: false,
+            });
+        }
         sqlx::query(
             "DELETE FROM custody_relay_member WHERE relay IN (
                  SELECT relay FROM custody_relay_member
@@ -881,15 +1112,22 @@ impl OutboxStore for PgOutbox {
     async fn release_leases(&self, relay: &str) -> Result<()> {
         const OP: &str = "release leases";
         let mut tx = self.pool.begin().await.map_err(db(OP))?;
+        // Only what this process holds: a refused duplicate of a live
+        // relay's id must not release that relay's leases.
         sqlx::query(
-            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = $1",
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL
+             WHERE owner = $1 AND NOT EXISTS (
+                 SELECT 1 FROM custody_relay_member
+                 WHERE relay = $1 AND instance IS DISTINCT FROM $2)",
         )
         .bind(relay)
+        .bind(&*self.instance)
         .execute(&mut *tx)
         .await
         .map_err(db(OP))?;
-        sqlx::query("DELETE FROM custody_relay_member WHERE relay = $1")
+        sqlx::query("DELETE FROM custody_relay_member WHERE relay = $1 AND instance = $2")
             .bind(relay)
+            .bind(&*self.instance)
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
@@ -1026,22 +1264,39 @@ impl OutboxStore for PgOutbox {
 
     async fn record_failure(
         &self,
+        relay: &str,
         position: i64,
         error: &str,
         retry_at: DateTime<Utc>,
-    ) -> Result<()> {
-        sqlx::query(RECORD_FAILURE)
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
+        let (written, fenced): (bool, bool) = sqlx::query_as(RECORD_FAILURE)
             .bind(position)
             .bind(error)
             .bind(retry_at)
-            .execute(&self.pool)
+            .bind(relay)
+            .bind(now)
+            .fetch_one(&self.pool)
             .await
             .map_err(db("record publish failure"))?;
-        Ok(())
+        Ok(if written {
+            RowWrite::Written
+        } else if fenced {
+            RowWrite::Fenced
+        } else {
+            RowWrite::NotPending
+        })
     }
 
-    async fn dead_letter(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        self.dead_letter_row(position, error, now).await
+    async fn dead_letter(
+        &self,
+        relay: &str,
+        position: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
+        self.dead_letter_row(Some(relay), position, error, now)
+            .await
     }
 
     #[tracing::instrument(skip_all, fields(partitions = partitions.len(), limit))]

@@ -128,3 +128,45 @@ async fn dead_relays_partitions_move_after_ttl_and_it_is_fenced() -> anyhow::Res
     assert_eq!(outbox.acquire_leases("r1", TTL, t2).await?.len(), 8);
     Ok(())
 }
+
+/// Issue 11, "Also": two processes with one relay id. The second is refused
+/// while the first's heartbeat is live, cannot release the first's leases,
+/// and gets the id once the first's heartbeat is stale (a crashed process).
+#[tokio::test]
+async fn a_second_process_with_the_same_relay_id_is_refused() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let p1 = PgOutbox::new(pool.clone()).with_instance("process-1");
+    let p2 = PgOutbox::new(pool.clone()).with_instance("process-2");
+    let t0 = Utc::now();
+    let all: Vec<u32> = (0..16).collect();
+    assert_eq!(p1.acquire_leases("r", TTL, t0).await?, all);
+
+    let refused = p2.acquire_leases("r", TTL, t0).await;
+    match refused {
+        Err(custody_core::Error::RelayIdInUse {
+            ref relay,
+            ref other,
+            live,
+            ..
+        }) => {
+            assert_eq!(
+                (relay.as_str(), other.as_str(), live),
+                ("r", "process-1", false)
+            );
+        }
+        other => panic!("expected RelayIdInUse, got {other:?}"),
+    }
+    let text = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(text.contains("\"r\"") && text.contains("--id"), "{text}");
+    // the refused process's shutdown leaves the live one's leases alone
+    p2.release_leases("r").await?;
+    assert_eq!(p1.acquire_leases("r", TTL, t0).await?, all);
+
+    // process 1 dies: its heartbeat goes stale, process 2 takes the id
+    let later = t0 + chrono::Duration::seconds(31);
+    assert_eq!(p2.acquire_leases("r", TTL, later).await?, all);
+    assert!(p1.acquire_leases("r", TTL, later).await.is_err());
+    Ok(())
+}

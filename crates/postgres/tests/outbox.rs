@@ -151,8 +151,18 @@ async fn parked_key_holds_back_only_its_key() -> anyhow::Result<()> {
 
     let now = Utc::now();
     outbox
-        .record_failure(a1, "broker said no", now + chrono::Duration::minutes(5))
+        .acquire_leases("r", std::time::Duration::from_secs(600), now)
         .await?;
+    let parked = outbox
+        .record_failure(
+            "r",
+            a1,
+            "broker said no",
+            now + chrono::Duration::minutes(5),
+            now,
+        )
+        .await?;
+    assert_eq!(parked, custody_core::RowWrite::Written);
     let batch = outbox.fetch_batch(&ALL, 100, now).await?;
     assert_eq!(
         positions(&batch),
@@ -166,9 +176,10 @@ async fn parked_key_holds_back_only_its_key() -> anyhow::Result<()> {
     assert_eq!(positions(&later), vec![a1, b1, a2, b2]);
     assert_eq!(later[0].attempts, 1);
 
-    outbox
-        .dead_letter(a1, "gave up: broker said no", now)
+    let dead = outbox
+        .dead_letter("r", a1, "gave up: broker said no", now)
         .await?;
+    assert_eq!(dead, custody_core::RowWrite::Written);
     let batch = outbox.fetch_batch(&ALL, 100, now).await?;
     assert_eq!(
         positions(&batch),
@@ -409,5 +420,212 @@ async fn late_commit_with_older_txid_is_not_skipped() -> anyhow::Result<()> {
     drop(sub);
     let batch = outbox.fetch_batch(&ALL, 100, Utc::now()).await?;
     assert_eq!(batch.len(), 2);
+    Ok(())
+}
+
+/// Issue 11, scenario 2: on one key, T_a enqueues first (lower position) and
+/// tries to commit second; T_b enqueues second and commits as soon as it
+/// can. The key's messages must come out of the outbox in commit order. On
+/// main before the key locks, T_b committed first and the relay read a, b
+/// (position order), against the commit order b, a.
+#[tokio::test]
+async fn same_key_transactions_commit_in_position_order() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let outbox = PgOutbox::new(pool.clone());
+    let (a, b) = (msg("orders", "K", 1), msg("orders", "K", 2));
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+
+    // T_a: enqueues first, stays open
+    let mut t_a = pool.begin().await?;
+    outbox.enqueue(&mut t_a, &a).await?;
+    let t_a_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *t_a)
+        .await?;
+
+    // T_b: enqueues the same key and commits as soon as it can
+    let t_b = {
+        let (outbox, pool, b, order) = (outbox.clone(), pool.clone(), b.clone(), order.clone());
+        tokio::spawn(async move {
+            let mut tx = pool.begin().await?;
+            outbox.enqueue(&mut tx, &b).await?;
+            tx.commit().await?;
+            order.lock().unwrap_or_else(|p| p.into_inner()).push(b.id);
+            anyhow::Ok(())
+        })
+    };
+    // wait until T_b has committed (no key lock) or waits for T_a's lock
+    loop {
+        if t_b.is_finished() {
+            break;
+        }
+        let blocked: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks h
+                 ON h.locktype = 'advisory' AND h.granted AND h.pid = $1
+                AND (w.classid, w.objid, w.objsubid) = (h.classid, h.objid, h.objsubid)
+              WHERE w.locktype = 'advisory' AND NOT w.granted)",
+        )
+        .bind(t_a_pid)
+        .fetch_one(&pool)
+        .await?;
+        if blocked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // T_a commits (its commit is issued now: after T_b's, if T_b could commit)
+    order.lock().unwrap_or_else(|p| p.into_inner()).push(a.id);
+    t_a.commit().await?;
+    t_b.await??;
+    let committed = order.lock().unwrap_or_else(|p| p.into_inner()).clone();
+
+    let batch = outbox.fetch_batch(&ALL, 100, Utc::now()).await?;
+    let read: Vec<uuid::Uuid> = batch.iter().map(|r| r.message.id).collect();
+    assert_eq!(read, committed, "the relay reads key K in commit order");
+    assert_eq!(committed, vec![a.id, b.id], "T_b waited for T_a's key lock");
+    Ok(())
+}
+
+/// Batches lock their keys in one sorted order: two batches with the same
+/// keys in opposite orders, run concurrently many times, never deadlock.
+#[tokio::test]
+async fn batches_with_keys_in_opposite_orders_do_not_deadlock() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let outbox = PgOutbox::new(pool.clone());
+    let mut tasks = Vec::new();
+    for i in 0..20u64 {
+        let (outbox, pool) = (outbox.clone(), pool.clone());
+        tasks.push(tokio::spawn(async move {
+            let keys: Vec<&str> = if i % 2 == 0 {
+                vec!["x", "y", "z"]
+            } else {
+                vec!["z", "y", "x"]
+            };
+            let msgs: Vec<_> = keys.iter().map(|k| msg("orders", k, i)).collect();
+            let mut tx = pool.begin().await?;
+            outbox.enqueue_batch(&mut tx, &msgs).await?;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            tx.commit().await?;
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM custody_outbox")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(n, 60);
+    Ok(())
+}
+
+/// Issue 11, scenario 7: a relay that lost its lease can neither park nor
+/// dead-letter a row of that partition (nor leave a skip marker); the new
+/// holder still sees it pending and unparked.
+#[tokio::test]
+async fn a_relay_that_lost_its_lease_cannot_park_or_dead_letter() -> anyhow::Result<()> {
+    use custody_core::RowWrite;
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let outbox = PgOutbox::new(pool.clone());
+    let ttl = Duration::from_secs(10);
+    let mut tx = pool.begin().await?;
+    let pos = outbox.enqueue(&mut tx, &msg("orders", "a", 1)).await?;
+    tx.commit().await?;
+
+    let t0 = Utc::now();
+    assert_eq!(outbox.acquire_leases("old", ttl, t0).await?, ALL.to_vec());
+    let mut batch = outbox.fetch_batch(&ALL, 10, t0).await?;
+    outbox.assign_sequences("old", &mut batch, t0).await?;
+    assert_eq!(batch.len(), 1);
+    // "old" stalls past its lease; "new" takes every partition
+    let t1 = t0 + chrono::Duration::seconds(11);
+    assert_eq!(outbox.acquire_leases("new", ttl, t1).await?, ALL.to_vec());
+
+    let retry_at = t1 + chrono::Duration::minutes(5);
+    assert_eq!(
+        outbox
+            .record_failure("old", pos, "late failure", retry_at, t1)
+            .await?,
+        RowWrite::Fenced
+    );
+    assert_eq!(
+        outbox
+            .dead_letter("old", pos, "late dead letter", t1)
+            .await?,
+        RowWrite::Fenced
+    );
+    let (status, attempts, dead, rows): (i16, i32, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT status FROM custody_outbox WHERE position = $1),
+                (SELECT attempts FROM custody_outbox WHERE position = $1),
+                (SELECT count(*) FROM custody_dead_letter),
+                (SELECT count(*) FROM custody_outbox)",
+    )
+    .bind(pos)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        (status, attempts, dead, rows),
+        (0, 0, 0, 1),
+        "nothing written"
+    );
+    assert_eq!(outbox.fetch_batch(&ALL, 10, t1).await?.len(), 1);
+
+    // the holder's own writes go through
+    assert_eq!(
+        outbox
+            .record_failure("new", pos, "failure", retry_at, t1)
+            .await?,
+        RowWrite::Written
+    );
+    assert_eq!(
+        outbox.dead_letter("new", pos, "poison", t1).await?,
+        RowWrite::Written
+    );
+    assert_eq!(
+        outbox.dead_letter("new", pos, "poison", t1).await?,
+        RowWrite::NotPending
+    );
+    Ok(())
+}
+
+/// Issue 11, scenario 2 (b): a parked message holds back every other pending
+/// message of its key, also one at a lower position that committed later
+/// (rows written without the key locks, e.g. before them). On main the
+/// parking check only held back higher positions, and T_a's row went out
+/// ahead of T_b's parked one.
+#[tokio::test]
+async fn a_parked_message_holds_back_a_lower_position_of_its_key() -> anyhow::Result<()> {
+    let Some((_db, pool)) = db().await? else {
+        return Ok(());
+    };
+    let outbox = PgOutbox::new(pool.clone()).with_key_locks(false);
+    let mut t_a = pool.begin().await?;
+    outbox.enqueue(&mut t_a, &msg("orders", "K", 1)).await?;
+    let mut t_b = pool.begin().await?;
+    let b = outbox.enqueue(&mut t_b, &msg("orders", "K", 2)).await?;
+    let other = outbox.enqueue(&mut t_b, &msg("orders", "L", 3)).await?;
+    t_b.commit().await?;
+
+    let now = Utc::now();
+    outbox
+        .acquire_leases("r", Duration::from_secs(600), now)
+        .await?;
+    let parked = outbox
+        .record_failure("r", b, "refused", now + chrono::Duration::minutes(5), now)
+        .await?;
+    assert_eq!(parked, custody_core::RowWrite::Written);
+    t_a.commit().await?;
+
+    let batch = outbox.fetch_batch(&ALL, 100, now).await?;
+    assert_eq!(
+        positions(&batch),
+        vec![other],
+        "K waits for its parked message"
+    );
     Ok(())
 }

@@ -59,7 +59,16 @@ async fn pending_rows_are_never_pruned() -> anyhow::Result<()> {
     let pending = enqueue(&outbox, &pool, &["a", "b", "c"]).await?;
     // a parked pending row (failed once) is still pending
     outbox
-        .record_failure(pending[0], "down", Utc::now() + chrono::Duration::hours(1))
+        .acquire_leases("r", Duration::from_secs(600), Utc::now())
+        .await?;
+    let _ = outbox
+        .record_failure(
+            "r",
+            pending[0],
+            "down",
+            Utc::now() + chrono::Duration::hours(1),
+            Utc::now(),
+        )
         .await?;
     let far_future = Utc::now() + chrono::Duration::days(365);
     assert_eq!(outbox.prune(&ALL, far_future, 1000).await?, 0);
@@ -79,7 +88,9 @@ async fn old_published_and_dead_rows_go_in_batches_newer_ones_stay() -> anyhow::
     let pending = enqueue(&outbox, &pool, &["d"]).await?;
     publish(&outbox, &old, hours_ago(48)).await?;
     publish(&outbox, &recent, Utc::now()).await?;
-    outbox.dead_letter(dead[0], "poison", Utc::now()).await?;
+    let _ = outbox
+        .dead_letter("r", dead[0], "poison", Utc::now())
+        .await?;
 
     let cutoff = hours_ago(24);
     assert_eq!(outbox.prune(&ALL, cutoff, 4).await?, 4);

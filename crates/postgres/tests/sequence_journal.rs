@@ -117,9 +117,12 @@ async fn numbers_outlive_a_relay_that_dies_before_marking() -> anyhow::Result<()
     let (failed, rest) = again.split_at(1);
     let (part1, part2) = rest.split_at(20);
     assert_eq!(r2.mark_published("r2", &acks(part1), t1).await?, 20);
-    r2.record_failure(failed[0].position, "refused", t1).await?;
+    let _ = r2
+        .record_failure("r2", failed[0].position, "refused", t1, t1)
+        .await?;
     assert_eq!(r2.mark_published("r2", &acks(part2), t1).await?, 19);
-    r2.dead_letter(failed[0].position, "refused for good", t1)
+    let _ = r2
+        .dead_letter("r2", failed[0].position, "refused for good", t1)
         .await?;
     let after = stored(&pool).await?;
     for (id, seq) in &given {
@@ -175,7 +178,9 @@ async fn a_redriven_dead_letter_gets_a_new_number_while_its_journal_row_remains(
     assert_eq!(seqs, vec![Some(1), Some(2), Some(3)]);
     // the second one is dead-lettered; nothing is marked, so the journal row
     // still holds all three numbers
-    outbox.dead_letter(batch[1].position, "bad", t0).await?;
+    let _ = outbox
+        .dead_letter("r1", batch[1].position, "bad", t0)
+        .await?;
     assert_eq!(journal_rows(&pool).await?, 1);
     let dead = custody_postgres::dead_letter_rows(&pool).await?;
     assert_eq!(dead.len(), 1);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use custody_core::{
     Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig, Clock, Error, OutboxRecord,
-    OutboxStore, PublishAck, Publisher, Result, Sequence, SystemClock,
+    OutboxStore, PublishAck, Publisher, Result, RowWrite, Sequence, SystemClock,
 };
 use futures::StreamExt;
 use rand::rngs::StdRng;
@@ -120,6 +120,9 @@ pub struct Relay<S, P, C = SystemClock> {
     producer: Option<Option<String>>,
     /// When a step last found messages (picks the idle wait).
     last_busy: Option<DateTime<Utc>>,
+    /// Another process's instance and heartbeat, when the store refused this
+    /// relay's id because of them (see [`Relay::id_in_use`]).
+    id_holder: Option<(String, DateTime<Utc>)>,
     stats: RelayStats,
 }
 
@@ -152,6 +155,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P, SystemClock> {
             last_success: None,
             producer: None,
             last_busy: None,
+            id_holder: None,
             stats: RelayStats::default(),
         }
     }
@@ -174,6 +178,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
             last_success: self.last_success,
             producer: self.producer,
             last_busy: self.last_busy,
+            id_holder: self.id_holder,
             stats: self.stats,
         }
     }
@@ -255,6 +260,38 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         Ok(self.stats)
     }
 
+    /// The store refused this relay's id: another process's heartbeat holds
+    /// it. That process may have crashed (its heartbeat goes stale after the
+    /// lease ttl, and the id is free), so the first refusal is retryable;
+    /// once the holder's heartbeat has moved while we waited, it is alive
+    /// and the refusal is terminal: `run` returns it.
+    fn id_in_use(&mut self, e: Error) -> Error {
+        let Error::RelayIdInUse {
+            relay,
+            other,
+            heartbeat_at,
+            ..
+        } = e
+        else {
+            return e;
+        };
+        let live = match &self.id_holder {
+            Some((seen, at)) => *seen == other && *at != heartbeat_at,
+            None => false,
+        };
+        if !live {
+            warn!(relay = %relay, other = %other, %heartbeat_at,
+                "relay id in use by another process; waiting to see whether it is alive");
+            self.id_holder = Some((other.clone(), heartbeat_at));
+        }
+        Error::RelayIdInUse {
+            relay,
+            other,
+            heartbeat_at,
+            live,
+        }
+    }
+
     fn idle_wait(&self) -> Duration {
         match self.breaker.state() {
             BreakerState::Open { until } => (until - self.clock.now())
@@ -285,10 +322,17 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
     pub async fn step(&mut self) -> Result<usize> {
         let now = self.clock.now();
         if self.lease_renew_at.is_none_or(|t| now >= t) {
-            self.partitions = self
+            self.partitions = match self
                 .store
                 .acquire_leases(&self.id, self.config.lease_ttl, now)
-                .await?;
+                .await
+            {
+                Ok(held) => {
+                    self.id_holder = None;
+                    held
+                }
+                Err(e) => return Err(self.id_in_use(e)),
+            };
             // renew at a third of the ttl so one slow round does not lose them
             self.lease_renew_at = Some(after(now, self.config.lease_ttl / 3));
             metrics::gauge!(m::RELAY_PARTITIONS_HELD, "relay" => self.id.clone())
@@ -589,9 +633,11 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
                 } else {
                     let delay = self.config.backoff.delay(attempts, &mut self.rng);
                     let retry_at = after(now, delay);
-                    self.store
-                        .record_failure(rec.position, &err.to_string(), retry_at)
+                    let done = self
+                        .store
+                        .record_failure(&self.id, rec.position, &err.to_string(), retry_at, now)
                         .await?;
+                    self.fenced(done, &rec);
                 }
             } else {
                 // Nothing in the batch got through: the transport is down. The
@@ -609,9 +655,32 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         reason: &str,
         now: DateTime<Utc>,
     ) -> Result<()> {
-        self.store.dead_letter(rec.position, reason, now).await?;
-        self.stats.dead_lettered += 1;
-        metrics::counter!(m::RELAY_DEAD_LETTERED_TOTAL).increment(1);
+        let done = self
+            .store
+            .dead_letter(&self.id, rec.position, reason, now)
+            .await?;
+        if done == RowWrite::Written {
+            self.stats.dead_lettered += 1;
+            metrics::counter!(m::RELAY_DEAD_LETTERED_TOTAL).increment(1);
+        }
+        self.fenced(done, rec);
         Ok(())
+    }
+
+    /// A write about `rec` the store fenced off: the partition's lease is
+    /// gone (its new holder decides about the row), so renew before the next
+    /// batch. Not an error.
+    fn fenced(&mut self, done: RowWrite, rec: &OutboxRecord) {
+        match done {
+            RowWrite::Written => {}
+            RowWrite::Fenced => {
+                warn!(relay = %self.id, message_id = %rec.message.id, partition = rec.partition,
+                    "lease lost: the failure of this message is left to the partition's new holder; renewing");
+                self.lease_renew_at = None;
+            }
+            RowWrite::NotPending => {
+                debug!(relay = %self.id, message_id = %rec.message.id, "row no longer pending; nothing to record");
+            }
+        }
     }
 }

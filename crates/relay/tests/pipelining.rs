@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custody_core::{ManualClock, Message, OutboxRecord, OutboxStore, PublishAck, Result};
+use custody_core::{ManualClock, Message, OutboxRecord, OutboxStore, PublishAck, Result, RowWrite};
 use custody_relay::{Relay, RelayConfig};
 use custody_testkit::memory::{MemoryBroker, MemoryOutbox, RowStatus};
 use uuid::Uuid;
@@ -58,15 +58,25 @@ impl OutboxStore for SlowMark {
 
     async fn record_failure(
         &self,
+        relay: &str,
         position: i64,
         error: &str,
         retry_at: DateTime<Utc>,
-    ) -> Result<()> {
-        self.0.record_failure(position, error, retry_at).await
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
+        self.0
+            .record_failure(relay, position, error, retry_at, now)
+            .await
     }
 
-    async fn dead_letter(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        self.0.dead_letter(position, error, now).await
+    async fn dead_letter(
+        &self,
+        relay: &str,
+        position: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
+        self.0.dead_letter(relay, position, error, now).await
     }
 
     async fn wait_for_new(&self, timeout: Duration) {

@@ -229,13 +229,22 @@ async fn producer_side_dead_letter_is_not_missing() -> anyhow::Result<()> {
         .bind(m.id.to_string())
         .fetch_one(&a)
         .await?;
-    custody_core::OutboxStore::dead_letter(
+    custody_core::OutboxStore::acquire_leases(
         &outbox,
+        "r",
+        std::time::Duration::from_secs(600),
+        Utc::now(),
+    )
+    .await?;
+    let dead = custody_core::OutboxStore::dead_letter(
+        &outbox,
+        "r",
         pos,
         "publish failed permanently: test",
         Utc::now(),
     )
     .await?;
+    assert_eq!(dead, custody_core::RowWrite::Written);
     let to = Utc::now() + chrono::Duration::minutes(1);
     let r = reconcile(
         &outbox,

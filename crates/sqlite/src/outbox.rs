@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
-use custody_core::{partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result};
+use custody_core::{
+    partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result, RowWrite,
+};
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, OnceCell};
 use tokio::time::Instant;
@@ -35,9 +37,14 @@ const INSERT_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 /// No visibility guard: SQLite runs one write transaction at a time and holds
 /// the write lock from its first write to its commit, so a row can never
 /// commit below a position a reader has already seen (positions become
-/// visible in commit order). The NOT EXISTS leaves out every message whose
-/// key has a parked message (`retry_at > now`) at the same or a lower
-/// position; other keys flow.
+/// visible in commit order). This is also what keeps each key in commit
+/// order: two transactions that enqueue the same key are serialized from the
+/// first insert to the commit by that single write lock, so position order
+/// is commit order (PostgreSQL needs the key's advisory lock for the same).
+///
+/// The NOT EXISTS leaves out every message whose key has a parked message
+/// (`retry_at > now`), whatever its position: nothing of a key overtakes its
+/// parked message; other keys flow.
 const FETCH_BATCH: &str = concat!(
     "SELECT ",
     outbox_columns!(),
@@ -49,7 +56,7 @@ const FETCH_BATCH: &str = concat!(
            SELECT 1 FROM custody_outbox AS p \
            WHERE p.status = 0 AND p.retry_at IS NOT NULL \
              AND p.partition = o.partition AND p.msg_key = o.msg_key \
-             AND p.position <= o.position AND p.retry_at > ?2) \
+             AND p.retry_at > ?2) \
      ORDER BY o.position \
      LIMIT ?3"
 );
@@ -65,9 +72,20 @@ const MARK_PUBLISHED: &str = "UPDATE custody_outbox \
        AND custody_outbox.partition IN (SELECT partition FROM custody_relay_lease \
                          WHERE owner = ?2 AND expires_at > ?3)";
 
+/// Fenced like MARK_PUBLISHED: only a pending row of a partition whose
+/// unexpired lease `?4` holds at `?5`.
 const RECORD_FAILURE: &str = "UPDATE custody_outbox \
      SET attempts = attempts + 1, last_error = ?2, retry_at = ?3 \
-     WHERE position = ?1 AND status = 0";
+     WHERE position = ?1 AND status = 0 \
+       AND partition IN (SELECT partition FROM custody_relay_lease \
+                         WHERE owner = ?4 AND expires_at > ?5)";
+
+/// Whether the row at `?1` is in a partition `?2` leases at `?3`; no row
+/// when the row is gone. Tells a fenced write from one whose row is no
+/// longer pending.
+const LEASED_ROW: &str = "SELECT partition IN (SELECT partition FROM custody_relay_lease \
+                         WHERE owner = ?2 AND expires_at > ?3), status \
+     FROM custody_outbox WHERE position = ?1";
 
 const SELECT_ROW: &str = concat!(
     "SELECT ",
@@ -229,6 +247,17 @@ pub struct SqliteOutbox {
     signal: Arc<Signal>,
     /// The producer id, read once (it never changes).
     producer: Arc<OnceCell<String>>,
+    /// This process's relay instance token (see [`SqliteOutbox::with_instance`]).
+    instance: Arc<str>,
+}
+
+/// This process's relay instance token: random, the same for every
+/// [`SqliteOutbox`] of the process, different in every process.
+fn process_instance() -> Arc<str> {
+    static TOKEN: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    TOKEN
+        .get_or_init(|| Arc::from(Uuid::now_v7().simple().to_string()))
+        .clone()
 }
 
 impl SqliteOutbox {
@@ -240,7 +269,19 @@ impl SqliteOutbox {
             partitions: DEFAULT_PARTITIONS,
             signal: Arc::new(Signal::default()),
             producer: Arc::new(OnceCell::new()),
+            instance: process_instance(),
         }
+    }
+
+    /// Use `token` as this handle's relay instance token instead of the
+    /// process's (a random one per process). The token is stored with a
+    /// relay's heartbeat: [`OutboxStore::acquire_leases`] refuses a relay id
+    /// whose live heartbeat carries another token
+    /// ([`Error::RelayIdInUse`]). Tests use it to play two processes.
+    #[must_use]
+    pub fn with_instance(mut self, token: impl Into<String>) -> Self {
+        self.instance = Arc::from(token.into());
+        self
     }
 
     /// Use `n` partitions (at least 1). Every producer and relay of one
@@ -371,20 +412,45 @@ impl SqliteOutbox {
 
     /// Move the pending row at `position` to the dead-letter table; a
     /// numbered row leaves a pending skip marker with its number.
-    async fn dead_letter_row(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
+    ///
+    /// Fenced when `relay` is given: only a row of a partition `relay`
+    /// still leases is moved (checked under the write lock, so the lease
+    /// cannot change hands before the commit).
+    async fn dead_letter_row(
+        &self,
+        relay: Option<&str>,
+        position: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
         const OP: &str = "dead-letter outbox message";
         let mut tx = self
             .pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err(OP))?;
+        if let Some(relay) = relay {
+            let state: Option<(bool, i64)> = sqlx::query_as(LEASED_ROW)
+                .bind(position)
+                .bind(relay)
+                .bind(to_ms(now))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err(OP))?;
+            match state {
+                None => return Ok(RowWrite::NotPending),
+                Some((false, _)) => return Ok(RowWrite::Fenced),
+                Some((true, status)) if status != 0 => return Ok(RowWrite::NotPending),
+                Some((true, _)) => {}
+            }
+        }
         let row = sqlx::query(SELECT_ROW)
             .bind(position)
             .fetch_optional(&mut *tx)
             .await
             .map_err(map_err(OP))?;
         let Some(row) = row else {
-            return Ok(());
+            return Ok(RowWrite::NotPending);
         };
         let row = OutboxRow::decode(&row).map_err(map_err(OP))?;
         // Before the row leaves status 0 (the statement's condition).
@@ -411,7 +477,7 @@ impl SqliteOutbox {
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;
-        sqlx::query(DEAD_LETTER_MARK)
+        let marked = sqlx::query(DEAD_LETTER_MARK)
             .bind(position)
             .bind(error)
             .execute(&mut *tx)
@@ -421,7 +487,11 @@ impl SqliteOutbox {
         if marker.rows_affected() > 0 {
             self.signal.wake();
         }
-        Ok(())
+        Ok(if marked.rows_affected() > 0 {
+            RowWrite::Written
+        } else {
+            RowWrite::NotPending
+        })
     }
 }
 
@@ -482,15 +552,40 @@ impl OutboxStore for SqliteOutbox {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err(OP))?;
-        sqlx::query(
-            "INSERT INTO custody_relay_member (relay, heartbeat_at) VALUES (?1, ?2) \
-             ON CONFLICT (relay) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        // The heartbeat, refused (no row written) while the id's heartbeat
+        // is live and carries another process's token (NULL: from before
+        // migration 0006).
+        let beat = sqlx::query(
+            "INSERT INTO custody_relay_member (relay, heartbeat_at, instance) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (relay) DO UPDATE \
+             SET heartbeat_at = excluded.heartbeat_at, instance = excluded.instance \
+             WHERE custody_relay_member.instance IS NULL \
+                OR custody_relay_member.instance = excluded.instance \
+                OR custody_relay_member.heartbeat_at < ?4",
         )
         .bind(relay)
         .bind(now_ms)
+        .bind(&*self.instance)
+        .bind(now_ms.saturating_sub(ttl_ms))
         .execute(&mut *tx)
         .await
         .map_err(map_err(OP))?;
+        if beat.rows_affected() == 0 {
+            let (other, heartbeat_ms): (Option<String>, i64) = sqlx::query_as(
+                "SELECT instance, heartbeat_at FROM custody_relay_member WHERE relay = ?1",
+            )
+            .bind(relay)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err(OP))?;
+            return Err(Error::RelayIdInUse {
+                relay: relay.to_owned(),
+                other: other.unwrap_or_default(),
+                heartbeat_at: DateTime::<Utc>::from_timestamp_millis(heartbeat_ms)
+                    .unwrap_or(DateTime::<Utc>::MIN_UTC),
+                live: false,
+            });
+        }
         sqlx::query("DELETE FROM custody_relay_member WHERE heartbeat_at < ?1")
             .bind(now_ms.saturating_sub(ttl_ms))
             .execute(&mut *tx)
@@ -589,15 +684,21 @@ impl OutboxStore for SqliteOutbox {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(map_err(OP))?;
+        // Only what this process holds: a refused duplicate of a live
+        // relay's id must not release that relay's leases.
         sqlx::query(
-            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = ?1",
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = ?1 \
+             AND NOT EXISTS (SELECT 1 FROM custody_relay_member \
+                             WHERE relay = ?1 AND instance IS NOT ?2)",
         )
         .bind(relay)
+        .bind(&*self.instance)
         .execute(&mut *tx)
         .await
         .map_err(map_err(OP))?;
-        sqlx::query("DELETE FROM custody_relay_member WHERE relay = ?1")
+        sqlx::query("DELETE FROM custody_relay_member WHERE relay = ?1 AND instance = ?2")
             .bind(relay)
+            .bind(&*self.instance)
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;
@@ -642,7 +743,11 @@ impl OutboxStore for SqliteOutbox {
                         bad.reason
                     );
                     tracing::warn!(position = row.position, %error, "dead-lettering damaged outbox row");
-                    self.dead_letter_row(row.position, &error, now).await?;
+                    // Unfenced: fetch_batch does not know the relay. Nobody
+                    // can publish the row, and `status = 0` lets one relay move it.
+                    let _ = self
+                        .dead_letter_row(None, row.position, &error, now)
+                        .await?;
                 }
             }
         }
@@ -835,22 +940,47 @@ impl OutboxStore for SqliteOutbox {
 
     async fn record_failure(
         &self,
+        relay: &str,
         position: i64,
         error: &str,
         retry_at: DateTime<Utc>,
-    ) -> Result<()> {
-        sqlx::query(RECORD_FAILURE)
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
+        const OP: &str = "record publish failure";
+        let done = sqlx::query(RECORD_FAILURE)
             .bind(position)
             .bind(error)
             .bind(to_ms(retry_at))
+            .bind(relay)
+            .bind(to_ms(now))
             .execute(&self.pool)
             .await
-            .map_err(map_err("record publish failure"))?;
-        Ok(())
+            .map_err(map_err(OP))?;
+        if done.rows_affected() > 0 {
+            return Ok(RowWrite::Written);
+        }
+        let state: Option<(bool, i64)> = sqlx::query_as(LEASED_ROW)
+            .bind(position)
+            .bind(relay)
+            .bind(to_ms(now))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err(OP))?;
+        Ok(match state {
+            Some((false, _)) => RowWrite::Fenced,
+            _ => RowWrite::NotPending,
+        })
     }
 
-    async fn dead_letter(&self, position: i64, error: &str, now: DateTime<Utc>) -> Result<()> {
-        self.dead_letter_row(position, error, now).await
+    async fn dead_letter(
+        &self,
+        relay: &str,
+        position: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
+        self.dead_letter_row(Some(relay), position, error, now)
+            .await
     }
 
     async fn prune(

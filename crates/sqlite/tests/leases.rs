@@ -112,3 +112,34 @@ async fn mark_published_is_fenced_by_the_lease() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Issue 11, "Also": two processes with one relay id on one SQLite file.
+/// The second is refused while the first's heartbeat is live, cannot release
+/// the first's leases, and gets the id once the first's heartbeat is stale.
+#[tokio::test]
+async fn a_second_process_with_the_same_relay_id_is_refused() -> anyhow::Result<()> {
+    let (_dir, pool) = db().await?;
+    let p1 = SqliteOutbox::new(pool.clone()).with_instance("process-1");
+    let p2 = SqliteOutbox::new(pool.clone()).with_instance("process-2");
+    let all: Vec<u32> = (0..p1.partitions()).collect();
+    let t0 = Utc::now();
+    assert_eq!(p1.acquire_leases("r", TTL, t0).await?, all);
+    match p2.acquire_leases("r", TTL, t0).await {
+        Err(custody_core::Error::RelayIdInUse {
+            ref relay,
+            ref other,
+            live,
+            ..
+        }) => assert_eq!(
+            (relay.as_str(), other.as_str(), live),
+            ("r", "process-1", false)
+        ),
+        other => panic!("expected RelayIdInUse, got {other:?}"),
+    }
+    p2.release_leases("r").await?;
+    assert_eq!(p1.acquire_leases("r", TTL, t0).await?, all);
+    let later = t0 + chrono::Duration::seconds(60);
+    assert_eq!(p2.acquire_leases("r", TTL, later).await?, all);
+    assert!(p1.acquire_leases("r", TTL, later).await.is_err());
+    Ok(())
+}

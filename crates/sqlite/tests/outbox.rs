@@ -111,8 +111,12 @@ async fn parked_key_holds_back_only_its_own_key() -> anyhow::Result<()> {
     let now = Utc::now();
     let retry_at = now + chrono::Duration::seconds(60);
     outbox
-        .record_failure(pos[0], "broker said no", retry_at)
+        .acquire_leases("r", std::time::Duration::from_secs(600), now)
         .await?;
+    let parked = outbox
+        .record_failure("r", pos[0], "broker said no", retry_at, now)
+        .await?;
+    assert_eq!(parked, custody_core::RowWrite::Written);
 
     let ids = |batch: Vec<custody_core::OutboxRecord>| -> Vec<uuid::Uuid> {
         batch.into_iter().map(|r| r.message.id).collect()
@@ -129,9 +133,10 @@ async fn parked_key_holds_back_only_its_own_key() -> anyhow::Result<()> {
     assert_eq!(later[0].attempts, 1);
     assert_eq!(ids(later), vec![a1.id, a2.id, b1.id]);
 
-    outbox
-        .dead_letter(pos[0], "poison: broker rejects it for good", now)
+    let dead = outbox
+        .dead_letter("r", pos[0], "poison: broker rejects it for good", now)
         .await?;
+    assert_eq!(dead, custody_core::RowWrite::Written);
     assert_eq!(
         ids(outbox.fetch_batch(&parts, 10, now).await?),
         vec![a2.id, b1.id],
@@ -285,5 +290,70 @@ async fn enqueue_refuses_nul_and_control_characters() -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     assert_eq!(n, 0);
+    Ok(())
+}
+
+/// Issue 11, scenario 7: a relay that lost its lease can neither park nor
+/// dead-letter a row of that partition (nor write a skip marker); the new
+/// holder still sees it pending and unparked.
+#[tokio::test]
+async fn a_relay_that_lost_its_lease_cannot_park_or_dead_letter() -> anyhow::Result<()> {
+    use custody_core::RowWrite;
+    let (_dir, pool) = db().await?;
+    let outbox = SqliteOutbox::new(pool.clone());
+    let parts = all_partitions(outbox.partitions());
+    let ttl = std::time::Duration::from_secs(10);
+    let m = msg("t", "a", 1);
+    let mut tx = pool.begin().await?;
+    let pos = outbox.enqueue(&mut tx, &m).await?;
+    tx.commit().await?;
+
+    let t0 = Utc::now();
+    assert_eq!(outbox.acquire_leases("old", ttl, t0).await?, parts);
+    let batch = outbox.fetch_batch(&parts, 10, t0).await?;
+    assert_eq!(batch.len(), 1);
+    // "old" stalls past its lease; "new" takes every partition
+    let t1 = t0 + chrono::Duration::seconds(11);
+    assert_eq!(outbox.acquire_leases("new", ttl, t1).await?, parts);
+
+    let retry_at = t1 + chrono::Duration::minutes(5);
+    assert_eq!(
+        outbox
+            .record_failure("old", pos, "late failure", retry_at, t1)
+            .await?,
+        RowWrite::Fenced
+    );
+    assert_eq!(
+        outbox
+            .dead_letter("old", pos, "late dead letter", t1)
+            .await?,
+        RowWrite::Fenced
+    );
+    let (status, attempts, dead, rows): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT status FROM custody_outbox WHERE position = ?1),
+                (SELECT attempts FROM custody_outbox WHERE position = ?1),
+                (SELECT COUNT(*) FROM custody_dead_letter),
+                (SELECT COUNT(*) FROM custody_outbox)",
+    )
+    .bind(pos)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        (status, attempts, dead, rows),
+        (0, 0, 0, 1),
+        "nothing written"
+    );
+    let batch = outbox.fetch_batch(&parts, 10, t1).await?;
+    assert_eq!(batch.len(), 1, "the new holder publishes it, unparked");
+
+    // the holder's own writes go through
+    assert_eq!(
+        outbox.dead_letter("new", pos, "poison", t1).await?,
+        RowWrite::Written
+    );
+    assert_eq!(
+        outbox.dead_letter("new", pos, "poison", t1).await?,
+        RowWrite::NotPending
+    );
     Ok(())
 }

@@ -235,8 +235,8 @@ async fn dead_letter_of_a_numbered_row_leaves_a_skip_marker() -> anyhow::Result<
     outbox.assign_sequences("a", &mut batch, t0).await?;
     assert_eq!(batch[0].sequence, Some(1));
 
-    outbox
-        .dead_letter(position, "broker rejects it: too large", t0)
+    let _ = outbox
+        .dead_letter("a", position, "broker rejects it: too large", t0)
         .await?;
     let batch = outbox.fetch_batch(&all, 100, t0).await?;
     assert_eq!(batch.len(), 1, "the marker, pending");
@@ -264,8 +264,8 @@ async fn dead_letter_of_a_numbered_row_leaves_a_skip_marker() -> anyhow::Result<
     mm.validate()?;
 
     // A marker that is itself dead-lettered leaves none.
-    outbox
-        .dead_letter(marker.position, "still failing", t0)
+    let _ = outbox
+        .dead_letter("a", marker.position, "still failing", t0)
         .await?;
     assert!(outbox.fetch_batch(&all, 100, t0).await?.is_empty());
     let dead = dead_letter_rows(&pool).await?;
@@ -298,7 +298,7 @@ async fn dead_letter_of_a_numbered_row_leaves_a_skip_marker() -> anyhow::Result<
     let mut tx = pool.begin().await?;
     let pos_u = outbox.enqueue(&mut tx, &u).await?;
     tx.commit().await?;
-    outbox.dead_letter(pos_u, "bad", t0).await?;
+    let _ = outbox.dead_letter("a", pos_u, "bad", t0).await?;
     let batch = outbox.fetch_batch(&all, 100, t0).await?;
     assert_eq!(batch.len(), 1, "only the republished original");
     assert_eq!(batch[0].message.id, m.id);

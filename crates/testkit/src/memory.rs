@@ -4,8 +4,10 @@
 //!
 //! They follow the contracts of the real backends (the SQLite outbox, the
 //! NATS subscriber) rather than anything convenient: leases with a fair
-//! share and expiry, fenced marking, per-key parking, a visibility guard for
-//! uncommitted rows, publish deduplication by message id, redelivery of
+//! share and expiry, fenced marking, failure recording and dead-lettering,
+//! per-key parking, PostgreSQL's visibility (positions at insert, visible at
+//! commit, commits in any order, no visibility guard) with the key locks of
+//! `PgOutbox::enqueue`, publish deduplication by message id, redelivery of
 //! everything not acknowledged after a subscriber restart.
 //!
 //! Faults that stand for a crash make the operation *hang*: the test drops the
@@ -31,7 +33,7 @@ use chrono::{DateTime, Utc};
 use custody_core::Attempt;
 use custody_core::{
     partition_for, DeadLetter, Delivery, Error, InboxOutcome, InboxStore, Malformed, Message,
-    OutboxRecord, OutboxStore, PublishAck, Publisher, Result, Subscriber,
+    OutboxRecord, OutboxStore, PublishAck, Publisher, Result, RowWrite, Subscriber,
 };
 use uuid::Uuid;
 
@@ -70,62 +72,72 @@ struct Row {
     status: RowStatus,
     retry_at: Option<DateTime<Utc>>,
     error: Option<String>,
+    /// Order of the commit among all commits (0 while uncommitted).
+    committed_as: u64,
+}
+
+/// A producer transaction of the model: waiting for its key's lock (no row
+/// yet), or holding it with its row inserted.
+#[derive(Debug)]
+enum OpenTx {
+    Waiting(Message),
+    Inserted(i64),
 }
 
 #[derive(Debug, Default)]
 struct OutboxState {
     next_position: i64,
+    commits: u64,
     rows: BTreeMap<i64, Row>,
+    /// open producer transactions by id (ids increase: FIFO among waiters)
+    txs: BTreeMap<u64, (String, OpenTx)>,
+    next_tx: u64,
+    /// key → the transaction holding its lock
+    key_locks: HashMap<String, u64>,
     /// partition → (owner, expires_at)
     leases: HashMap<u32, (String, DateTime<Utc>)>,
     /// relay → last heartbeat
     members: HashMap<String, DateTime<Utc>>,
     down: bool,
-    /// (position, relay, reason)
+    /// (position, reason)
     dead: Vec<(i64, String)>,
 }
 
 /// An outbox in memory: [`OutboxStore`] for the relay, plus the producer's
 /// side (`enqueue`, `begin_enqueue`) and read access for assertions.
+///
+/// It models PostgreSQL's visibility as the relay meets it: a row gets its
+/// position at insert and becomes visible at its commit; transactions commit
+/// in any order, so a lower position can become visible after a higher one;
+/// the relay reads pending rows by their state (no transaction-id guard).
+/// And it models the key lock of `PgOutbox::enqueue` (a transaction-scoped
+/// advisory lock on the key, taken before the insert): a transaction that
+/// enqueues a key another open transaction holds waits, without a row, until
+/// that one commits or rolls back, and only then inserts. Without the key
+/// locks ([`MemoryOutbox::without_key_locks`]) a key's transactions can
+/// commit out of position order, as on PostgreSQL without them.
 #[derive(Debug, Clone)]
 pub struct MemoryOutbox {
     partitions: u32,
+    key_locks: bool,
     state: Arc<Mutex<OutboxState>>,
 }
 
-/// A producer transaction that inserted one outbox row and has not
-/// committed: the row holds its position but no reader may see it or
-/// anything after it in its partition.
+/// An open producer transaction that enqueues one message: either waiting
+/// for its key's lock, or with its row inserted (holding a position, not
+/// visible) until [`MemoryOutbox::commit`] or [`MemoryOutbox::rollback`].
 #[derive(Debug)]
 pub struct UncommittedRow {
-    position: i64,
+    tx: u64,
 }
 
-impl MemoryOutbox {
-    /// An empty outbox with `partitions` partitions.
-    pub fn new(partitions: u32) -> Self {
-        MemoryOutbox {
-            partitions: partitions.max(1),
-            state: Arc::default(),
-        }
-    }
-
-    /// Insert and commit `msg`; returns its position.
-    pub fn enqueue(&self, msg: Message) -> i64 {
-        let row = self.begin_enqueue(msg);
-        let position = row.position;
-        self.commit(row);
-        position
-    }
-
-    /// Insert `msg` in a transaction that commits later ([`MemoryOutbox::commit`])
-    /// or rolls back ([`MemoryOutbox::rollback`]).
-    pub fn begin_enqueue(&self, msg: Message) -> UncommittedRow {
-        let mut s = lock(&self.state);
-        s.next_position += 1;
-        let position = s.next_position;
-        let partition = partition_for(&msg.key, self.partitions);
-        s.rows.insert(
+impl OutboxState {
+    /// Insert `msg` for transaction `tx`: the row takes the next position.
+    fn insert(&mut self, partitions: u32, tx: u64, msg: Message) -> i64 {
+        self.next_position += 1;
+        let position = self.next_position;
+        let partition = partition_for(&msg.key, partitions);
+        self.rows.insert(
             position,
             Row {
                 record: OutboxRecord {
@@ -139,21 +151,142 @@ impl MemoryOutbox {
                 status: RowStatus::Uncommitted,
                 retry_at: None,
                 error: None,
+                committed_as: 0,
             },
         );
-        UncommittedRow { position }
+        let key = self
+            .txs
+            .get(&tx)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_default();
+        self.txs.insert(tx, (key, OpenTx::Inserted(position)));
+        position
     }
 
-    /// Commit a row from [`MemoryOutbox::begin_enqueue`].
-    pub fn commit(&self, row: UncommittedRow) {
-        if let Some(r) = lock(&self.state).rows.get_mut(&row.position) {
-            r.status = RowStatus::Pending;
+    /// Transaction `tx` ended: release its key's lock and let the first
+    /// transaction waiting for that key take it and insert.
+    fn release(&mut self, partitions: u32, tx: u64) {
+        let Some((key, _)) = self.txs.remove(&tx) else {
+            return;
+        };
+        if self.key_locks.get(&key) != Some(&tx) {
+            return;
+        }
+        self.key_locks.remove(&key);
+        let next = self
+            .txs
+            .iter()
+            .find(|(_, (k, t))| *k == key && matches!(t, OpenTx::Waiting(_)))
+            .map(|(id, _)| *id);
+        if let Some(next) = next {
+            self.key_locks.insert(key, next);
+            if let Some((_, OpenTx::Waiting(msg))) = self.txs.get(&next) {
+                let msg = msg.clone();
+                self.insert(partitions, next, msg);
+            }
+        }
+    }
+}
+
+impl MemoryOutbox {
+    /// An empty outbox with `partitions` partitions, taking key locks.
+    pub fn new(partitions: u32) -> Self {
+        MemoryOutbox {
+            partitions: partitions.max(1),
+            key_locks: true,
+            state: Arc::default(),
         }
     }
 
-    /// Roll back a row from [`MemoryOutbox::begin_enqueue`]: it never existed.
-    pub fn rollback(&self, row: UncommittedRow) {
-        lock(&self.state).rows.remove(&row.position);
+    /// Enqueue without key locks (what `PgOutbox::with_key_locks(false)`
+    /// does): transactions of one key may then commit out of position
+    /// order. For tests that show what the locks prevent.
+    pub fn without_key_locks(mut self) -> Self {
+        self.key_locks = false;
+        self
+    }
+
+    /// Insert and commit `msg`; returns its position. Its key must not be
+    /// locked by an open transaction (it would wait): use
+    /// [`MemoryOutbox::begin_enqueue`] then.
+    pub fn enqueue(&self, msg: Message) -> i64 {
+        let row = self.begin_enqueue(msg);
+        let position = self.position(&row).unwrap_or_default();
+        let _ = self.commit(row);
+        position
+    }
+
+    /// Begin a transaction that enqueues `msg`, to be committed later
+    /// ([`MemoryOutbox::commit`]) or rolled back ([`MemoryOutbox::rollback`]).
+    /// With key locks, it waits (no row yet) while another open transaction
+    /// holds `msg`'s key ([`MemoryOutbox::is_waiting`]).
+    pub fn begin_enqueue(&self, msg: Message) -> UncommittedRow {
+        let mut s = lock(&self.state);
+        s.next_tx += 1;
+        let tx = s.next_tx;
+        let key = msg.key.clone();
+        if self.key_locks && s.key_locks.contains_key(&key) {
+            s.txs.insert(tx, (key, OpenTx::Waiting(msg)));
+        } else {
+            if self.key_locks {
+                s.key_locks.insert(key.clone(), tx);
+            }
+            s.txs.insert(tx, (key, OpenTx::Waiting(msg.clone())));
+            s.insert(self.partitions, tx, msg);
+        }
+        UncommittedRow { tx }
+    }
+
+    /// Whether `row`'s transaction still waits for its key's lock (it can
+    /// neither commit nor roll back yet in this model; it inserts when the
+    /// holder ends).
+    pub fn is_waiting(&self, row: &UncommittedRow) -> bool {
+        matches!(
+            lock(&self.state).txs.get(&row.tx),
+            Some((_, OpenTx::Waiting(_)))
+        )
+    }
+
+    /// The position of `row`'s insert, once it has one.
+    pub fn position(&self, row: &UncommittedRow) -> Option<i64> {
+        match lock(&self.state).txs.get(&row.tx) {
+            Some((_, OpenTx::Inserted(p))) => Some(*p),
+            _ => None,
+        }
+    }
+
+    /// Commit a transaction from [`MemoryOutbox::begin_enqueue`]: its row
+    /// becomes visible, its key lock passes on. A transaction still waiting
+    /// for its key cannot commit: it is handed back.
+    pub fn commit(&self, row: UncommittedRow) -> std::result::Result<(), UncommittedRow> {
+        let mut s = lock(&self.state);
+        let position = match s.txs.get(&row.tx) {
+            Some((_, OpenTx::Inserted(p))) => *p,
+            Some((_, OpenTx::Waiting(_))) => return Err(row),
+            None => return Ok(()),
+        };
+        s.commits += 1;
+        let order = s.commits;
+        if let Some(r) = s.rows.get_mut(&position) {
+            r.status = RowStatus::Pending;
+            r.committed_as = order;
+        }
+        s.release(self.partitions, row.tx);
+        Ok(())
+    }
+
+    /// Roll back a transaction from [`MemoryOutbox::begin_enqueue`]: its
+    /// row never existed. A transaction still waiting is handed back.
+    pub fn rollback(&self, row: UncommittedRow) -> std::result::Result<(), UncommittedRow> {
+        let mut s = lock(&self.state);
+        let position = match s.txs.get(&row.tx) {
+            Some((_, OpenTx::Inserted(p))) => *p,
+            Some((_, OpenTx::Waiting(_))) => return Err(row),
+            None => return Ok(()),
+        };
+        s.rows.remove(&position);
+        s.release(self.partitions, row.tx);
+        Ok(())
     }
 
     /// Make every operation fail with a retryable error (database down).
@@ -170,14 +303,17 @@ impl MemoryOutbox {
             .count()
     }
 
-    /// Every committed message, in position (commit) order.
+    /// Every committed message, in commit order (which is not position
+    /// order: transactions commit in any order).
     pub fn committed(&self) -> Vec<Message> {
-        lock(&self.state)
+        let s = lock(&self.state);
+        let mut rows: Vec<&Row> = s
             .rows
             .values()
             .filter(|r| r.status != RowStatus::Uncommitted)
-            .map(|r| r.record.message.clone())
-            .collect()
+            .collect();
+        rows.sort_by_key(|r| r.committed_as);
+        rows.into_iter().map(|r| r.record.message.clone()).collect()
     }
 
     /// Status of the row holding message `id`.
@@ -187,6 +323,15 @@ impl MemoryOutbox {
             .values()
             .find(|r| r.record.message.id == id)
             .map(|r| r.status)
+    }
+
+    /// Failed attempts recorded for the row holding message `id`.
+    pub fn attempts(&self, id: Uuid) -> Option<u32> {
+        lock(&self.state)
+            .rows
+            .values()
+            .find(|r| r.record.message.id == id)
+            .map(|r| r.record.attempts)
     }
 
     /// Messages the relay dead-lettered, with the reason.
@@ -206,6 +351,19 @@ impl MemoryOutbox {
             .filter(|(_, (_, exp))| *exp > now)
             .map(|(p, (o, _))| (*p, o.clone()))
             .collect()
+    }
+}
+
+impl OutboxState {
+    /// The fence of the relay's writes: whether `relay` holds an unexpired
+    /// lease on the row at `position`'s partition, and the row's status.
+    fn fence(&self, relay: &str, position: i64, now: DateTime<Utc>) -> Option<(bool, RowStatus)> {
+        let row = self.rows.get(&position)?;
+        let leased = self
+            .leases
+            .get(&row.record.partition)
+            .is_some_and(|(o, exp)| o == relay && *exp > now);
+        Some((leased, row.status))
     }
 }
 
@@ -262,6 +420,10 @@ impl OutboxStore for MemoryOutbox {
         Ok(())
     }
 
+    // PostgreSQL's visibility without a guard: committed pending rows by
+    // state, in position order; uncommitted rows are invisible and hold
+    // nothing back. A parked row holds back every other row of its key,
+    // whatever the positions.
     async fn fetch_batch(
         &self,
         partitions: &[u32],
@@ -273,30 +435,20 @@ impl OutboxStore for MemoryOutbox {
             return Err(unavailable("memory", "fetch outbox batch"));
         }
         let wanted: HashSet<u32> = partitions.iter().copied().collect();
-        // the visibility guard: nothing at or after an uncommitted row of the same partition
-        let mut blocked_partitions: HashSet<u32> = HashSet::new();
-        let mut parked_keys: HashSet<(u32, String)> = HashSet::new();
-        let mut out = Vec::new();
-        for row in s.rows.values() {
-            let p = row.record.partition;
-            if !wanted.contains(&p) || blocked_partitions.contains(&p) {
-                continue;
-            }
-            match row.status {
-                RowStatus::Uncommitted => {
-                    blocked_partitions.insert(p);
-                }
-                RowStatus::Pending => {
-                    let key = (p, row.record.message.key.clone());
-                    if row.retry_at.is_some_and(|t| t > now) {
-                        parked_keys.insert(key);
-                    } else if !parked_keys.contains(&key) && out.len() < limit {
-                        out.push(row.record.clone());
-                    }
-                }
-                RowStatus::Published | RowStatus::Dead => {}
-            }
-        }
+        let parked_keys: HashSet<(u32, &str)> = s
+            .rows
+            .values()
+            .filter(|r| r.status == RowStatus::Pending && r.retry_at.is_some_and(|t| t > now))
+            .map(|r| (r.record.partition, r.record.message.key.as_str()))
+            .collect();
+        let out = s
+            .rows
+            .values()
+            .filter(|r| r.status == RowStatus::Pending && wanted.contains(&r.record.partition))
+            .filter(|r| !parked_keys.contains(&(r.record.partition, r.record.message.key.as_str())))
+            .take(limit)
+            .map(|r| r.record.clone())
+            .collect();
         Ok(out)
     }
 
@@ -330,40 +482,54 @@ impl OutboxStore for MemoryOutbox {
 
     async fn record_failure(
         &self,
+        relay: &str,
         position: i64,
         error: &str,
         retry_at: DateTime<Utc>,
-    ) -> Result<()> {
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
         let mut s = lock(&self.state);
         if s.down {
             return Err(unavailable("memory", "record publish failure"));
         }
-        if let Some(r) = s.rows.get_mut(&position) {
-            if r.status == RowStatus::Pending {
-                r.record.attempts += 1;
-                r.retry_at = Some(retry_at);
-                r.error = Some(error.to_owned());
+        match s.fence(relay, position, now) {
+            None => Ok(RowWrite::NotPending),
+            Some((false, _)) => Ok(RowWrite::Fenced),
+            Some((true, status)) if status != RowStatus::Pending => Ok(RowWrite::NotPending),
+            Some((true, _)) => {
+                if let Some(r) = s.rows.get_mut(&position) {
+                    r.record.attempts += 1;
+                    r.retry_at = Some(retry_at);
+                    r.error = Some(error.to_owned());
+                }
+                Ok(RowWrite::Written)
             }
         }
-        Ok(())
     }
 
-    async fn dead_letter(&self, position: i64, error: &str, _now: DateTime<Utc>) -> Result<()> {
+    async fn dead_letter(
+        &self,
+        relay: &str,
+        position: i64,
+        error: &str,
+        now: DateTime<Utc>,
+    ) -> Result<RowWrite> {
         let mut s = lock(&self.state);
         if s.down {
             return Err(unavailable("memory", "dead-letter"));
         }
-        let hit = match s.rows.get_mut(&position) {
-            Some(r) if r.status == RowStatus::Pending => {
-                r.status = RowStatus::Dead;
-                true
+        match s.fence(relay, position, now) {
+            None => Ok(RowWrite::NotPending),
+            Some((false, _)) => Ok(RowWrite::Fenced),
+            Some((true, status)) if status != RowStatus::Pending => Ok(RowWrite::NotPending),
+            Some((true, _)) => {
+                if let Some(r) = s.rows.get_mut(&position) {
+                    r.status = RowStatus::Dead;
+                }
+                s.dead.push((position, error.to_owned()));
+                Ok(RowWrite::Written)
             }
-            _ => false,
-        };
-        if hit {
-            s.dead.push((position, error.to_owned()));
         }
-        Ok(())
     }
 
     async fn wait_for_new(&self, timeout: Duration) {

@@ -98,6 +98,14 @@ pub struct BenchArgs {
     /// library's default.
     #[arg(long, value_name = "MS")]
     pub notify_interval_ms: Option<u64>,
+    /// `outbox`: the producers enqueue without the per-key advisory locks
+    /// (`PgOutbox::with_key_locks(false)`). **For measurement only**: it
+    /// shows what the locks cost; without them a key's messages can reach
+    /// consumers out of commit order (docs/SEQUENCES.md, "Order per key").
+    /// Every run also measures producer commits with and without the locks
+    /// side by side.
+    #[arg(long)]
+    pub no_key_locks: bool,
     /// The consumer's `consumer.poison-after` (default 3; 0 turns poison
     /// detection and its statements off), to measure what it costs.
     #[arg(long, value_name = "N")]
@@ -1120,6 +1128,7 @@ mod tests {
             postgres: String::new(),
             no_sequence_numbers: false,
             notify_interval_ms: None,
+            no_key_locks: false,
             poison_after: None,
         };
         let mut r = Report::new(&args);

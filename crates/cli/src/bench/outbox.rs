@@ -131,8 +131,12 @@ async fn measure(
     // What the outbox adds to a producer's commit, without relay or consumer
     // running: the outbox insert (five indexes), then NOTIFY (a commit of a
     // notifying transaction takes a cluster-wide lock). Rows are deleted after.
-    for notify in [false, true] {
-        let outbox = producer_outbox(args, &a).with_notify(notify);
+    // Then the same with and without the per-key advisory locks: their cost
+    // as a same-run ratio (docs/BENCHMARKS.md).
+    for (notify, key_locks) in [(false, true), (false, false), (true, true), (true, false)] {
+        let outbox = producer_outbox(args, &a)
+            .with_notify(notify)
+            .with_key_locks(key_locks);
         let op = {
             let (a, data) = (a.clone(), data.clone());
             move |i| {
@@ -154,7 +158,12 @@ async fn measure(
                 }
             }
         };
-        let what = if notify { "NOTIFY on" } else { "NOTIFY off" };
+        let what = match (notify, key_locks) {
+            (false, true) => "NOTIFY off",
+            (false, false) => "NOTIFY off, no key locks",
+            (true, true) => "NOTIFY on",
+            (true, false) => "NOTIFY on, no key locks",
+        };
         timed_rate(
             report,
             producers,
@@ -355,7 +364,7 @@ impl Handler<TimedTx<Transaction<'static, Postgres>>> for PgLedger {
 /// The producers' outbox: the library's NOTIFY interval unless
 /// `--notify-interval-ms` says otherwise.
 fn producer_outbox(args: &BenchArgs, pool: &PgPool) -> PgOutbox {
-    let outbox = PgOutbox::new(pool.clone());
+    let outbox = PgOutbox::new(pool.clone()).with_key_locks(!args.no_key_locks);
     match args.notify_interval_ms {
         Some(ms) => outbox.with_notify_interval(Duration::from_millis(ms)),
         None => outbox,

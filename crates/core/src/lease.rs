@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::{InboxStore, Result};
+use crate::{Error, InboxStore, Result};
 
 /// A lease held on one consumer name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,4 +71,50 @@ pub trait ConsumerLeaseStore: InboxStore {
         tx: &mut Self::Tx,
         lease: &ConsumerLease,
     ) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// The fence failed: another instance holds the consumer's lease now
+/// (what [`ConsumerLeaseStore::check_consumer_lease`] returns as the source
+/// of its non-retryable error).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "consumer {consumer:?}: this instance ({holder}) held its lease at epoch {epoch}, but {current}; \
+     it must stop consuming (another instance took over, most likely after this one stalled past the lease's ttl)"
+)]
+pub struct LeaseLost {
+    consumer: String,
+    holder: String,
+    epoch: i64,
+    current: String,
+}
+
+impl LeaseLost {
+    /// Compare `lease` with the lease row a store read (`None`: no row;
+    /// `Some((None, epoch))`: released): `Ok` when `lease` is still the
+    /// current one, else the non-retryable store error for `backend`.
+    pub fn check(
+        backend: &'static str,
+        lease: &ConsumerLease,
+        row: Option<(Option<String>, i64)>,
+    ) -> Result<()> {
+        let current = match row {
+            Some((Some(holder), epoch)) if epoch == lease.epoch && holder == lease.holder => {
+                return Ok(())
+            }
+            Some((Some(holder), epoch)) => format!("{holder} holds it at epoch {epoch}"),
+            Some((None, epoch)) => format!("it was released at epoch {epoch}"),
+            None => "there is no lease row for it".to_owned(),
+        };
+        Err(Error::store(
+            backend,
+            "check consumer lease",
+            false,
+            LeaseLost {
+                consumer: lease.consumer.clone(),
+                holder: lease.holder.clone(),
+                epoch: lease.epoch,
+                current,
+            },
+        ))
+    }
 }

@@ -38,7 +38,7 @@ mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
-pub use lease::{ConsumerLease, ConsumerLeaseStore};
+pub use lease::{ConsumerLease, ConsumerLeaseStore, LeaseLost};
 pub use message::{
     escape_text, headers, is_json_content_type, storable_text, Message, MessageBuilder,
     MessageKind, CONTENT_TYPE_JSON,

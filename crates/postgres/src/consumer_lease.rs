@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custody_core::{ConsumerLease, ConsumerLeaseStore, Error, Result};
+use custody_core::{ConsumerLease, ConsumerLeaseStore, LeaseLost, Result};
 
 use crate::error::db;
 use crate::PgInbox;
@@ -38,19 +38,6 @@ WHERE consumer = $1 AND holder = $2 AND epoch = $3";
 // commits is committed before the next holder starts.
 const CHECK: &str = "\
 SELECT holder, epoch FROM custody_consumer_lease WHERE consumer = $1 FOR SHARE";
-
-/// The fence failed: another instance holds the consumer's lease now.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "consumer {consumer:?}: this instance ({holder}) held its lease at epoch {epoch}, but {current}; \
-     it must stop consuming (another instance took over, most likely after this one stalled past the lease's ttl)"
-)]
-pub struct LeaseLost {
-    consumer: String,
-    holder: String,
-    epoch: i64,
-    current: String,
-}
 
 fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(ttl)
@@ -116,24 +103,6 @@ impl ConsumerLeaseStore for PgInbox {
             .fetch_optional(&mut **tx)
             .await
             .map_err(db("check consumer lease"))?;
-        let current = match row {
-            Some((Some(holder), epoch)) if epoch == lease.epoch && holder == lease.holder => {
-                return Ok(())
-            }
-            Some((Some(holder), epoch)) => format!("{holder} holds it at epoch {epoch}"),
-            Some((None, epoch)) => format!("it was released at epoch {epoch}"),
-            None => "there is no lease row for it".to_owned(),
-        };
-        Err(Error::store(
-            "postgres",
-            "check consumer lease",
-            false,
-            LeaseLost {
-                consumer: lease.consumer.clone(),
-                holder: lease.holder.clone(),
-                epoch: lease.epoch,
-                current,
-            },
-        ))
+        LeaseLost::check("postgres", lease, row)
     }
 }

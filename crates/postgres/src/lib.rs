@@ -49,7 +49,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
-pub use consumer_lease::LeaseLost;
+pub use custody_core::LeaseLost;
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::{dead_letters, PgInbox};
 pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};

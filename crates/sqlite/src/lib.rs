@@ -51,6 +51,7 @@
 
 mod admin;
 mod check;
+mod consumer_lease;
 mod error;
 mod history;
 mod inbox;

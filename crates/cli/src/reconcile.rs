@@ -331,7 +331,7 @@ async fn run_once(
 
 /// `custody reconcile`.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
-    // never create or migrate what is checked (DESIGN.md invariant 8)
+    // never create or migrate what is checked (docs/ARCHITECTURE.md invariant 8)
     let producer = match &args.producer {
         Some(url) => Some(Db::open_existing("producer database", url).await?),
         None => None,

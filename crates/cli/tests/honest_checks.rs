@@ -1,4 +1,4 @@
-//! Checks that never say OK about nothing (issue 11, scenario 9; DESIGN.md
+//! Checks that never say OK about nothing (issue 11, scenario 9; docs/ARCHITECTURE.md
 //! invariant 8), through the real `custody` binary: `reconcile`, `trace`
 //! and `dlq` never create or migrate what they are pointed at; a missing
 //! SQLite file, a PostgreSQL database without custody's tables, a topic or

@@ -316,7 +316,7 @@ impl ReconcileReport {
 
     /// Neither side had a message of the topic in the range (nothing sent,
     /// processed, dead-lettered or being redriven): the check proves
-    /// nothing, and must not be reported as OK (DESIGN.md invariant 8).
+    /// nothing, and must not be reported as OK (docs/ARCHITECTURE.md invariant 8).
     pub fn compared_nothing(&self) -> bool {
         self.sent == 0
             && self.processed == 0

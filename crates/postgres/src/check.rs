@@ -1,7 +1,7 @@
 //! Read-only checks for the operator commands (`custody reconcile`, `trace`,
 //! `dlq`): is this custody's database, with its schema up to date, and has it
 //! ever seen a topic or a consumer name? None of them creates or changes
-//! anything: a check never writes to what it checks (DESIGN.md invariant 8).
+//! anything: a check never writes to what it checks (docs/ARCHITECTURE.md invariant 8).
 
 use custody_core::{Error, Result};
 use sqlx::migrate::Migrator;

@@ -22,7 +22,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Invariant 5 of DESIGN.md (no skipped commits): positions come from an
+//! Invariant 5 of docs/ARCHITECTURE.md (no skipped commits): positions come from an
 //! identity column assigned at insert, so a reader that keeps a cursor must
 //! not go past a row whose transaction is still running. The embedded
 //! subscriber only takes rows with `txid < pg_snapshot_xmin(pg_current_snapshot())`

@@ -11,7 +11,7 @@
 //! The outbox models PostgreSQL's visibility (positions at insert, visible at
 //! commit, no visibility guard) and `PgOutbox`'s key locks.
 //!
-//! After draining, DESIGN.md's invariants must hold: every committed message
+//! After draining, docs/ARCHITECTURE.md's invariants must hold: every committed message
 //! applied exactly once, per key in commit order, nothing rolled back
 //! applied, nothing dead-lettered except the message-specific bad input.
 

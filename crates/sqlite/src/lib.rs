@@ -46,7 +46,7 @@
 //! from the transaction's first write until its commit, so outbox positions
 //! (assigned at insert) become visible in commit order. Readers can use
 //! `WHERE position > last` without the visibility guard PostgreSQL needs
-//! (DESIGN.md invariant 5).
+//! (docs/ARCHITECTURE.md invariant 5).
 #![forbid(unsafe_code)]
 
 mod admin;

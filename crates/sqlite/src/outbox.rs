@@ -735,7 +735,7 @@ impl OutboxStore for SqliteOutbox {
                     message,
                 }),
                 // A damaged row can never be published; keep it from
-                // blocking its key forever (DESIGN.md invariant 6).
+                // blocking its key forever (docs/ARCHITECTURE.md invariant 6).
                 Err(bad) => {
                     let error = format!(
                         "outbox row cannot be read, so it was not published: {}; \

@@ -1,6 +1,6 @@
 //! `custody bench SCENARIO`: throughput and latency of custody's pipelines,
 //! each measured in the same run, on the same machine, against the ceiling
-//! it is compared with (see DESIGN.md, "Measuring").
+//! it is compared with (see docs/ARCHITECTURE.md, "Measuring").
 //!
 //! Every run gets fresh PostgreSQL databases (`custody_bench_<random>`,
 //! dropped at the end), its own JetStream stream (deleted at the end) and

@@ -37,7 +37,7 @@ pub fn require_services() -> bool {
 fn unavailable<T>(service: &str, detail: &str) -> anyhow::Result<Option<T>> {
     if require_services() {
         anyhow::bail!(
-            "{service} is required (CUSTODY_REQUIRE_SERVICES=1) but unreachable: {detail}. Start it (see docs/ARCHITECTURE.md, "Services for development and CI", or .ci/run)"
+            "{service} is required (CUSTODY_REQUIRE_SERVICES=1) but unreachable: {detail}. Start it (see docs/ARCHITECTURE.md, section Services for development and CI, or .ci/run)"
         );
     }
     eprintln!("SKIP: {service} unreachable ({detail}); set CUSTODY_REQUIRE_SERVICES=1 to make this a failure");

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let _ = custody_core::duration_serde::parse(text);
     if let Ok(table) = text.parse::<toml::Table>() {
-        let _ = toml::Value::Table(table.clone()).try_into::<custody_relay::RelayConfig>();
-        let _ = toml::Value::Table(table).try_into::<custody_relay::ConsumerConfig>();
+        let _ = toml::Value::Table(table.clone()).try_into::<custody_engine::RelayConfig>();
+        let _ = toml::Value::Table(table).try_into::<custody_engine::ConsumerConfig>();
     }
 });

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use custody::postgres::{PgInbox, PgOutbox};
-use custody::sqlite::{EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+use custody::sqlite::{SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
 use custody::{Consumer, ConsumerConfig, Handler, HandlerError, InboxOutcome, InboxStore, Message};
 use sqlx::Connection;
 
@@ -98,7 +98,7 @@ async fn sqlite_pipeline(dir: &Dir) -> anyhow::Result<(String, String)> {
         .enqueue_batch(&mut tx, &steps(20)?)
         .await?;
     tx.commit().await?;
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
     let mut cfg = ConsumerConfig::new("billing");
     cfg.fetch_wait = Duration::from_millis(20);
     let mut c = Consumer::new(SqliteInbox::new(b.clone()), sub, Apply, cfg);

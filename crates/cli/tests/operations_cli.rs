@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use custody::sqlite::{EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+use custody::sqlite::{SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
 use custody::{Consumer, ConsumerConfig, Handler, HandlerError, Message};
 
 struct Apply;
@@ -36,7 +36,7 @@ fn custody(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
 }
 
 async fn consume(a: &sqlx::SqlitePool, b: &sqlx::SqlitePool) -> anyhow::Result<()> {
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
     let mut cfg = ConsumerConfig::new("billing");
     cfg.fetch_wait = Duration::from_millis(20);
     let mut c = Consumer::new(SqliteInbox::new(b.clone()), sub, Apply, cfg);

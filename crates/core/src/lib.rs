@@ -4,7 +4,7 @@
 //! This crate has no database and no broker in it. Backends (`custody-sqlite`,
 //! `custody-postgres`) implement [`OutboxStore`] and [`InboxStore`];
 //! transports (`custody-nats`, the embedded log readers) implement
-//! [`Publisher`] and [`Subscriber`]; the engines in `custody-relay` are generic
+//! [`Publisher`] and [`Subscriber`]; the engines in `custody-engine` are generic
 //! over them.
 //!
 //! ```

@@ -11,7 +11,7 @@
 //! `postgres`, `nats`.
 //!
 //! ```
-//! use custody::sqlite::{connect, migrate, EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+//! use custody::sqlite::{connect, migrate, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
 //! use custody::{Consumer, ConsumerConfig, Handler, HandlerError, Message};
 //!
 //! // The billing service applies OrderPlaced to its ledger, inside the inbox transaction.
@@ -52,7 +52,7 @@
 //! tx.commit().await?;
 //!
 //! // Service B: read A's log (embedded transport, no broker), apply through the inbox.
-//! let sub = EmbeddedSubscriber::new(orders.clone(), "billing", &["orders".to_owned()]).await?;
+//! let sub = SqliteEmbeddedSubscriber::new(orders.clone(), "billing", &["orders".to_owned()]).await?;
 //! let mut consumer = Consumer::new(SqliteInbox::new(billing.clone()), sub, Billing, ConsumerConfig::new("billing"));
 //! consumer.run_once().await?;
 //! assert_eq!(consumer.stats().processed, 1);
@@ -62,7 +62,7 @@
 #![forbid(unsafe_code)]
 
 pub use custody_core::*;
-pub use custody_relay::{
+pub use custody_engine::{
     live, metric_definitions, reconcile, CancellationToken, Consumer, ConsumerConfig,
     ConsumerStats, FencedInbox, LeaseConfig, LeasedConsumer, Relay, RelayConfig, RelayStats,
 };

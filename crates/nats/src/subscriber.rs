@@ -78,7 +78,7 @@ impl NatsAckToken {
 ///
 /// One subscriber per durable may be active at a time: the durable is
 /// restarted under any other. Several instances of a consumer share it
-/// through a lease (`custody_relay::LeasedConsumer`, docs/OPERATIONS.md).
+/// through a lease (`custody_engine::LeasedConsumer`, docs/OPERATIONS.md).
 pub struct NatsSubscriber {
     client: async_nats::Client,
     js: async_nats::jetstream::Context,

@@ -71,7 +71,7 @@ pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
 pub use inbox::SqliteInbox;
 pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
-pub use subscriber::EmbeddedSubscriber;
+pub use subscriber::SqliteEmbeddedSubscriber;
 
 use error::map_err;
 

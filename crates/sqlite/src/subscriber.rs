@@ -23,7 +23,7 @@ const DEFAULT_POLL: Duration = Duration::from_millis(50);
 /// time, in position order (see the crate docs). Delivery is at least once:
 /// rows fetched but not acknowledged come again after a restart.
 #[derive(Debug)]
-pub struct EmbeddedSubscriber {
+pub struct SqliteEmbeddedSubscriber {
     pool: SqlitePool,
     subscription: String,
     /// JSON array of topics; `None` reads every topic.
@@ -48,7 +48,7 @@ const READ_TOPICS: &str = concat!(
      ORDER BY position LIMIT ?2"
 );
 
-impl EmbeddedSubscriber {
+impl SqliteEmbeddedSubscriber {
     /// A reader of `topics` (every topic if empty) in the outbox on `pool`
     /// (the producer's database), starting after the stored checkpoint of
     /// `subscription` (from the beginning if it has none).
@@ -61,7 +61,7 @@ impl EmbeddedSubscriber {
                 custody_core::Error::Config(format!("topics do not serialize to JSON: {e}"))
             })?)
         };
-        Ok(EmbeddedSubscriber {
+        Ok(SqliteEmbeddedSubscriber {
             pool,
             subscription: subscription.to_owned(),
             topics,
@@ -108,7 +108,7 @@ impl EmbeddedSubscriber {
     }
 }
 
-impl Subscriber for EmbeddedSubscriber {
+impl Subscriber for SqliteEmbeddedSubscriber {
     /// The outbox position of the delivered row.
     type Token = i64;
 

@@ -1,7 +1,7 @@
 //! `reconcile --live` on SQLite files: the producer's numbering read back
 //! (`SentHistory::sequence_heads`, `numbered`), the consumer's numbers above
 //! its floors (`ProcessedHistory::numbers_above_floor`), the live engine
-//! (`custody_relay::live::reconcile_live`) over both, and inbox retention
+//! (`custody_engine::live::reconcile_live`) over both, and inbox retention
 //! that keeps the rows a gap check needs.
 mod common;
 
@@ -14,7 +14,7 @@ use custody_core::{
     partition_for, InboxOutcome, InboxStore, Message, NumberedRow, OutboxRecord, OutboxStore,
     PartitionProgress, ProcessedHistory, PublishAck, SentHistory, Sequence, SequenceHead,
 };
-use custody_relay::live::{reconcile_live, LiveReport};
+use custody_engine::live::{reconcile_live, LiveReport};
 use custody_sqlite::{SqliteInbox, SqliteOutbox};
 use sqlx::SqlitePool;
 use uuid::Uuid;
@@ -43,7 +43,7 @@ fn keys_in(partition: u32, n: usize) -> Vec<String> {
 }
 
 /// What the relay does with a batch: fetch under the lease, number, stamp
-/// (crates/relay/src/relay.rs `number`). Returns the stamped records.
+/// (crates/engine/src/relay.rs `number`). Returns the stamped records.
 async fn number_pending(
     outbox: &SqliteOutbox,
     at: DateTime<Utc>,
@@ -510,11 +510,11 @@ fn a_forged_huge_number_does_not_spin_the_live_check() -> anyhow::Result<()> {
     let p = &report.partitions[0].progress;
     assert_eq!((p.floor, p.high, p.holes), (0, FORGED, FORGED - 2));
     // the first LIST_LIMIT missing numbers are listed, in order: 2, 3, …
-    assert_eq!(report.missing.len(), custody_relay::live::LIST_LIMIT);
+    assert_eq!(report.missing.len(), custody_engine::live::LIST_LIMIT);
     assert_eq!(report.missing[0].seq, 2);
     assert_eq!(
         report.missing.last().map(|m| m.seq),
-        Some(custody_relay::live::LIST_LIMIT as u64 + 1)
+        Some(custody_engine::live::LIST_LIMIT as u64 + 1)
     );
     assert_eq!(report.in_flight, 0);
     Ok(())

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use common::{all_partitions, db, msg};
 use custody_core::{Message, OutboxStore, Subscriber};
-use custody_sqlite::{dead_letters, EmbeddedSubscriber, SqliteOutbox};
+use custody_sqlite::{dead_letters, SqliteEmbeddedSubscriber, SqliteOutbox};
 
 #[tokio::test]
 async fn rollback_leaves_no_message_and_commit_exactly_one() -> anyhow::Result<()> {
@@ -23,7 +23,8 @@ async fn rollback_leaves_no_message_and_commit_exactly_one() -> anyhow::Result<(
         .fetch_batch(&parts, 100, Utc::now())
         .await?
         .is_empty());
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "r", &["orders".to_owned()]).await?;
+    let mut reader =
+        SqliteEmbeddedSubscriber::new(pool.clone(), "r", &["orders".to_owned()]).await?;
     assert!(reader
         .fetch(10, Duration::from_millis(100))
         .await?

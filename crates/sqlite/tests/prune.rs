@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::{all_partitions, db, msg};
 use custody_core::{partition_for, OutboxStore, PublishAck, Subscriber};
-use custody_sqlite::{set_checkpoint, EmbeddedSubscriber, SqliteOutbox};
+use custody_sqlite::{set_checkpoint, SqliteEmbeddedSubscriber, SqliteOutbox};
 use sqlx::SqlitePool;
 
 async fn enqueue(
@@ -153,7 +153,7 @@ async fn rows_an_embedded_reader_has_not_read_are_kept() -> anyhow::Result<()> {
     publish(&outbox, &rows, hours_ago(48)).await?;
 
     // a real reader reads and acknowledges the first two
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "slow", &[]).await?;
+    let mut reader = SqliteEmbeddedSubscriber::new(pool.clone(), "slow", &[]).await?;
     let got = reader.fetch(2, Duration::from_secs(1)).await?;
     assert_eq!(
         got.iter().map(|d| d.token).collect::<Vec<_>>(),

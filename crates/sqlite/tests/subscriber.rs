@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use common::{db, msg};
 use custody_core::{Message, Subscriber};
-use custody_sqlite::{checkpoint, set_checkpoint, EmbeddedSubscriber, SqliteOutbox};
+use custody_sqlite::{checkpoint, set_checkpoint, SqliteEmbeddedSubscriber, SqliteOutbox};
 
 const SHORT: Duration = Duration::from_millis(100);
 
@@ -33,7 +33,7 @@ async fn reads_in_order_and_resumes_after_the_checkpoint() -> anyhow::Result<()>
     let positions = produce(&outbox, &msgs).await?;
     let want: Vec<&Message> = msgs.iter().filter(|m| m.topic == "orders").collect();
 
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "projector", &orders()).await?;
+    let mut reader = SqliteEmbeddedSubscriber::new(pool.clone(), "projector", &orders()).await?;
     let first = reader.fetch(3, SHORT).await?;
     assert_eq!(first.len(), 3);
     let got: Vec<&Message> = first
@@ -56,7 +56,7 @@ async fn reads_in_order_and_resumes_after_the_checkpoint() -> anyhow::Result<()>
 
     // "Restart": the unacknowledged third message comes again, then the rest.
     drop(reader);
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "projector", &orders()).await?;
+    let mut reader = SqliteEmbeddedSubscriber::new(pool.clone(), "projector", &orders()).await?;
     let again = reader.fetch(10, SHORT).await?;
     let got: Vec<&Message> = again
         .iter()
@@ -66,12 +66,12 @@ async fn reads_in_order_and_resumes_after_the_checkpoint() -> anyhow::Result<()>
     assert!(reader.fetch(10, SHORT).await?.is_empty());
 
     // An empty topic list reads every topic; another subscription has its own checkpoint.
-    let mut everything = EmbeddedSubscriber::new(pool.clone(), "audit", &[]).await?;
+    let mut everything = SqliteEmbeddedSubscriber::new(pool.clone(), "audit", &[]).await?;
     assert_eq!(everything.fetch(100, SHORT).await?.len(), msgs.len());
 
     // Operators rewind.
     set_checkpoint(&pool, "projector", 0).await?;
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "projector", &orders()).await?;
+    let mut reader = SqliteEmbeddedSubscriber::new(pool.clone(), "projector", &orders()).await?;
     assert_eq!(reader.fetch(100, SHORT).await?.len(), want.len());
     Ok(())
 }
@@ -87,7 +87,7 @@ async fn corrupted_headers_come_back_malformed() -> anyhow::Result<()> {
         .execute(&pool)
         .await?;
 
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "r", &orders()).await?;
+    let mut reader = SqliteEmbeddedSubscriber::new(pool.clone(), "r", &orders()).await?;
     let got = reader.fetch(10, SHORT).await?;
     assert_eq!(got.len(), 2, "a damaged row does not fail the fetch");
     let bad = got[0]
@@ -108,7 +108,7 @@ async fn fetch_waits_and_wakes_on_commit() -> anyhow::Result<()> {
     let (_dir, pool) = db().await?;
     let outbox = SqliteOutbox::new(pool.clone());
     // A poll interval far longer than the test: only the commit can wake it.
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "r", &orders())
+    let mut reader = SqliteEmbeddedSubscriber::new(pool.clone(), "r", &orders())
         .await?
         .with_poll_interval(Duration::from_secs(30))
         .with_outbox(&outbox);
@@ -148,7 +148,7 @@ async fn fetch_waits_and_wakes_on_commit() -> anyhow::Result<()> {
 async fn fetch_polls_without_an_outbox_in_process() -> anyhow::Result<()> {
     let (_dir, pool) = db().await?;
     let outbox = SqliteOutbox::new(pool.clone());
-    let mut reader = EmbeddedSubscriber::new(pool.clone(), "r", &orders())
+    let mut reader = SqliteEmbeddedSubscriber::new(pool.clone(), "r", &orders())
         .await?
         .with_poll_interval(Duration::from_millis(20));
     let producer = {

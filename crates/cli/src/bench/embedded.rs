@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+use custody::sqlite::{self, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
 use custody::{CancellationToken, Consumer, Handler, HandlerError, Message};
 use sqlx::{Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
@@ -90,7 +90,7 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
     let stamps = Stamps::new()?;
     let cancel = CancellationToken::new();
     let outbox = SqliteOutbox::new(a.clone());
-    let sub = EmbeddedSubscriber::new(a.clone(), "bench", &["orders".to_owned()])
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "bench", &["orders".to_owned()])
         .await?
         .with_outbox(&outbox);
     let inbox = TimedInbox {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use custody::nats::{NatsSubscriber, StreamSpec};
 use custody::postgres::{self, PgInbox, PgOutbox};
-use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
+use custody::sqlite::{self, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
 use custody::{
     Consumer, ConsumerConfig, Handler, HandlerError, LeaseConfig, LeasedConsumer, Message,
     CONTENT_TYPE_JSON,
@@ -247,7 +247,7 @@ pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            let sub = EmbeddedSubscriber::new(a.clone(), CONSUMER, &["orders".to_owned()])
+            let sub = SqliteEmbeddedSubscriber::new(a.clone(), CONSUMER, &["orders".to_owned()])
                 .await?
                 .with_poll_interval(Duration::from_millis(20));
             let handler = ChaosBilling::new(

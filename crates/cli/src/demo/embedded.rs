@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use custody::sqlite::{self, EmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
+use custody::sqlite::{self, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
 use custody::{Consumer, ConsumerConfig};
 use sqlx::{Connection, Row, SqlitePool};
 use uuid::Uuid;
@@ -259,7 +259,7 @@ pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
         },
     )
     .await?;
-    let sub = EmbeddedSubscriber::new(a.clone(), SUBSCRIPTION, &["orders".to_owned()])
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), SUBSCRIPTION, &["orders".to_owned()])
         .await?
         .with_poll_interval(Duration::from_millis(20));
     let handler = SqliteBilling {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use custody_core::{Error, ManualClock, Message};
+use custody_engine::{Relay, RelayConfig};
 use custody_postgres::PgOutbox;
-use custody_relay::{Relay, RelayConfig};
 use custody_testkit::memory::MemoryBroker;
 
 #[tokio::test]

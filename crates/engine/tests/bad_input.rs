@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use common::{env, step_message, Env, Recorder};
 use custody_core::{Publisher, Stage};
+use custody_engine::{Consumer, ConsumerConfig};
 use custody_nats::{encode_headers, NatsPublisher, NatsSubscriber};
 use custody_postgres::PgInbox;
-use custody_relay::{Consumer, ConsumerConfig};
 use sqlx::Row;
 
 type PgConsumer = Consumer<PgInbox, NatsSubscriber, Recorder>;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use custody_core::ReconcileQuery;
-use custody_relay::reconcile::{reconcile, Progress};
+use custody_engine::reconcile::{reconcile, Progress};
 use custody_sqlite::SqliteInbox;
 
 const N: i64 = 1_000_000;

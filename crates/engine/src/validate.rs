@@ -5,7 +5,7 @@
 //! listed in docs/CONFIG.md.
 //!
 //! ```
-//! use custody_relay::{ConsumerConfig, RelayConfig};
+//! use custody_engine::{ConsumerConfig, RelayConfig};
 //! let mut relay = RelayConfig::default();
 //! assert!(relay.validate().is_ok());
 //! relay.batch_size = 0;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use custody_core::{ManualClock, Message, OutboxRecord, OutboxStore, PublishAck, Result, RowWrite};
-use custody_relay::{Relay, RelayConfig};
+use custody_engine::{Relay, RelayConfig};
 use custody_testkit::memory::{MemoryBroker, MemoryOutbox, RowStatus};
 use uuid::Uuid;
 

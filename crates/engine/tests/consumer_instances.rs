@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::{env, Step};
 use custody_core::{Handler, HandlerError, Message, Publisher};
+use custody_engine::{CancellationToken, ConsumerConfig, LeaseConfig, LeasedConsumer};
 use custody_nats::{NatsPublisher, NatsSubscriber, SubscriberOptions};
 use custody_postgres::PgInbox;
-use custody_relay::{CancellationToken, ConsumerConfig, LeaseConfig, LeasedConsumer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::{Postgres, Transaction};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use custody_core::{Handler, HandlerError, InboxStore, Message, Publisher};
-use custody_relay::{Consumer, ConsumerConfig};
+use custody_engine::{Consumer, ConsumerConfig};
 use custody_testkit::memory::{MemoryBroker, MemoryInbox, MemoryTx};
 use uuid::Uuid;
 

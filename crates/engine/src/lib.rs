@@ -1,4 +1,4 @@
-//! custody-relay: the engines that move messages, generic over the store and
+//! custody-engine: the engines that move messages, generic over the store and
 //! transport traits of `custody-core`.
 //!
 //! - [`Relay`] moves committed outbox messages to a [`Publisher`]: in order
@@ -14,7 +14,7 @@
 //!   differ).
 //!
 //! ```
-//! use custody_relay::{RelayConfig, ConsumerConfig};
+//! use custody_engine::{RelayConfig, ConsumerConfig};
 //! let relay = RelayConfig::default();
 //! assert_eq!(relay.batch_size, 500);
 //! let consumer = ConsumerConfig::new("billing");

@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use common::step_message;
 use custody_core::{Error, ManualClock, Message, PublishAck, Publisher};
-use custody_relay::{Relay, RelayConfig};
+use custody_engine::{Relay, RelayConfig};
 use custody_sqlite::SqliteOutbox;
 use sqlx::SqlitePool;
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use custody_core::{Handler, HandlerError, ManualClock, Message};
-use custody_relay::{Consumer, ConsumerConfig, Relay, RelayConfig};
+use custody_engine::{Consumer, ConsumerConfig, Relay, RelayConfig};
 use custody_testkit::memory::{
     MemoryBroker, MemoryInbox, MemoryOutbox, MemorySubscriber, MemoryTx, UncommittedRow,
 };

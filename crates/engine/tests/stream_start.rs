@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{SubsecRound, Utc};
 use common::Recorder;
 use custody_core::{InboxOutcome, InboxStore, Message, PartitionProgress, Sequence};
-use custody_relay::{Consumer, ConsumerConfig};
+use custody_engine::{Consumer, ConsumerConfig};
 use custody_sqlite::SqliteInbox;
 use custody_testkit::memory::MemoryBroker;
 

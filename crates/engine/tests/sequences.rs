@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use common::{env, step_message, Env, Recorder};
 use custody_core::{Error, Message, PartitionProgress, PublishAck, Publisher, SentHistory};
+use custody_engine::live::reconcile_live;
+use custody_engine::{Consumer, ConsumerConfig, Relay, RelayConfig};
 use custody_nats::{NatsPublisher, NatsSubscriber};
 use custody_postgres::{PgInbox, PgOutbox};
-use custody_relay::live::reconcile_live;
-use custody_relay::{Consumer, ConsumerConfig, Relay, RelayConfig};
 use uuid::Uuid;
 
 impl Env {
@@ -88,7 +88,7 @@ async fn consume_until<F>(
     mut done: F,
 ) -> anyhow::Result<()>
 where
-    F: FnMut(&custody_relay::ConsumerStats) -> bool,
+    F: FnMut(&custody_engine::ConsumerStats) -> bool,
 {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !done(c.stats()) && Instant::now() < deadline {

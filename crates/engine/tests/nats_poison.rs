@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::{env, step_message, verdict, Recorder};
 use custody_core::Publisher;
+use custody_engine::{Consumer, ConsumerConfig};
 use custody_nats::NatsPublisher;
 use custody_postgres::PgInbox;
-use custody_relay::{Consumer, ConsumerConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 async fn raw_hpub(url: &str, subject: &str, headers: &[u8], payload: &[u8]) -> anyhow::Result<()> {

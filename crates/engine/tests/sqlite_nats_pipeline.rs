@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::{step_message, verdict, CrashAfterPublish, Recorder, EFFECTS_SQLITE};
 use custody_core::Message;
+use custody_engine::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
 use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec};
-use custody_relay::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
 use custody_sqlite::{SqliteInbox, SqliteOutbox};
 use sqlx::Row;
 

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::{step_message, Recorder, EFFECTS_SQLITE};
 use custody_core::{Message, ReconcileQuery, ReconcileReport, SentHistory, CONTENT_TYPE_JSON};
-use custody_relay::reconcile::{reconcile, Progress};
-use custody_relay::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
-use custody_sqlite::{EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+use custody_engine::reconcile::{reconcile, Progress};
+use custody_engine::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
+use custody_sqlite::{SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
@@ -68,8 +68,8 @@ async fn lose_sqlite(b: &SqlitePool, ids: &[Uuid]) -> anyhow::Result<()> {
 async fn embedded_consumer(
     a: &SqlitePool,
     b: &SqlitePool,
-) -> anyhow::Result<Consumer<SqliteInbox, EmbeddedSubscriber, Recorder>> {
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()])
+) -> anyhow::Result<Consumer<SqliteInbox, SqliteEmbeddedSubscriber, Recorder>> {
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()])
         .await?
         .with_poll_interval(Duration::from_millis(10));
     let mut cfg = ConsumerConfig::new("billing");

@@ -15,8 +15,8 @@ use common::{step_message, EFFECTS_PG, EFFECTS_SQLITE};
 use custody_core::{
     Error, Handler, HandlerError, InboxStore, Message, MessageStatus, PublishAck, Publisher, Stage,
 };
-use custody_relay::{Consumer, ConsumerConfig, Relay, RelayConfig};
-use custody_sqlite::{EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+use custody_engine::{Consumer, ConsumerConfig, Relay, RelayConfig};
+use custody_sqlite::{SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
 use sqlx::SqlitePool;
 use uuid::Uuid;
 
@@ -210,7 +210,7 @@ async fn trace_shows_each_stage() -> anyhow::Result<()> {
         .is_some_and(|e| e.contains("refused")));
 
     // the consumer (embedded transport) processes `ok`, dead-letters `unknown`
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
     let mut c = Consumer::new(
         SqliteInbox::new(b.clone()),
         sub,
@@ -246,11 +246,11 @@ async fn redriven_consumer_dead_letter_is_processed_exactly_once() -> anyhow::Re
 
     let handler = Fixable::default();
     // the third message fails for real: the ledger is broken while it arrives
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
     let mut c = Consumer::new(SqliteInbox::new(b.clone()), sub, handler.clone(), config());
     let mut cfg1 = config();
     cfg1.batch_size = 2;
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
     let mut first = Consumer::new(SqliteInbox::new(b.clone()), sub, handler.clone(), cfg1);
     first.run_once().await?; // 1, 2
     handler.broken.store(true, Ordering::SeqCst);
@@ -264,7 +264,7 @@ async fn redriven_consumer_dead_letter_is_processed_exactly_once() -> anyhow::Re
 
     // a redelivery alone does not help: the inbox skips it
     custody_sqlite::set_checkpoint(&a, "billing", 0).await?;
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
     let mut again = Consumer::new(SqliteInbox::new(b.clone()), sub, handler.clone(), config());
     while again.run_once().await? > 0 {}
     assert_eq!(again.stats().processed, 0);
@@ -303,7 +303,7 @@ async fn redriven_consumer_dead_letter_is_processed_exactly_once() -> anyhow::Re
     let out = custody_sqlite::redrive(&b, &seqs, Utc::now()).await?;
     assert_eq!(out.skipped.len(), 1);
     custody_sqlite::set_checkpoint(&a, "billing", 0).await?;
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &["steps".to_owned()]).await?;
     let mut third = Consumer::new(SqliteInbox::new(b.clone()), sub, handler.clone(), config());
     while third.run_once().await? > 0 {}
     assert_eq!(third.stats().processed, 0);
@@ -417,7 +417,7 @@ async fn inbox_pruning_keeps_recent_rows_and_dead_letters() -> anyhow::Result<()
 
     // the consumer engine prunes on its interval with its retention
     let a = sqlite(&dir, "a.db").await?;
-    let sub = EmbeddedSubscriber::new(a.clone(), "billing", &[]).await?;
+    let sub = SqliteEmbeddedSubscriber::new(a.clone(), "billing", &[]).await?;
     let mut cfg = config();
     cfg.inbox_retention = Duration::from_secs(3600);
     let mut c = Consumer::new(inbox.clone(), sub, Fixable::default(), cfg);

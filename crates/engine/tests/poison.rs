@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::{env, step_message, Recorder, Step};
 use custody_core::{Handler, HandlerError, Message, Publisher};
+use custody_engine::{Consumer, ConsumerConfig};
 use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec, SubscriberOptions};
 use custody_postgres::PgInbox;
-use custody_relay::{Consumer, ConsumerConfig};
 use sqlx::Row;
 
 /// Set in the child: the consumer's database, NATS, the stream name.

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{step_message, verdict, Recorder, EFFECTS_SQLITE};
 use custody_core::{Message, CONTENT_TYPE_JSON};
-use custody_relay::{CancellationToken, Consumer, ConsumerConfig};
-use custody_sqlite::{EmbeddedSubscriber, SqliteInbox, SqliteOutbox};
+use custody_engine::{CancellationToken, Consumer, ConsumerConfig};
+use custody_sqlite::{SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
 use sqlx::{Row, SqlitePool};
 
 struct Pair {
@@ -46,8 +46,8 @@ async fn effects(b: &SqlitePool) -> anyhow::Result<Vec<(String, String, i64)>> {
 async fn consumer(
     p: &Pair,
     handler: Recorder,
-) -> anyhow::Result<Consumer<SqliteInbox, EmbeddedSubscriber, Recorder>> {
-    let sub = EmbeddedSubscriber::new(p.a.clone(), "billing", &["steps".to_owned()])
+) -> anyhow::Result<Consumer<SqliteInbox, SqliteEmbeddedSubscriber, Recorder>> {
+    let sub = SqliteEmbeddedSubscriber::new(p.a.clone(), "billing", &["steps".to_owned()])
         .await?
         .with_poll_interval(Duration::from_millis(10));
     let mut cfg = ConsumerConfig::new("billing");

@@ -150,7 +150,7 @@ pub struct RelayArgs {
     /// Relay id in the lease table (default: random). Unique per live relay.
     #[arg(long)]
     pub id: Option<String>,
-    /// Serve Prometheus metrics (`custody_engine_*`) on this address, at any path
+    /// Serve Prometheus metrics (`custody_relay_*`) on this address, at any path
     /// (e.g. `127.0.0.1:9464`, then `curl 127.0.0.1:9464/metrics`).
     #[arg(long, env = "CUSTODY_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

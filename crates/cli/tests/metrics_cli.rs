@@ -88,7 +88,7 @@ async fn relay_serves_its_metrics() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let body = loop {
         if let Ok(body) = scrape(&addr).await {
-            if sample(&body, "custody_engine_published_total").is_some_and(|v| v >= 3.0) {
+            if sample(&body, "custody_relay_published_total").is_some_and(|v| v >= 3.0) {
                 break body;
             }
         }
@@ -100,7 +100,7 @@ async fn relay_serves_its_metrics() -> anyhow::Result<()> {
     };
     assert!(body.contains("200 OK"), "{body}");
     assert_eq!(
-        sample(&body, "custody_engine_partitions_held"),
+        sample(&body, "custody_relay_partitions_held"),
         Some(16.0),
         "{body}"
     );

@@ -2,17 +2,17 @@
 //! Libraries only emit; the binary installs an exporter.
 
 /// Messages the relay published and marked (label: `relay`).
-pub const RELAY_PUBLISHED_TOTAL: &str = "custody_engine_published_total";
+pub const RELAY_PUBLISHED_TOTAL: &str = "custody_relay_published_total";
 /// Failed publish attempts (label: `retryable`).
-pub const RELAY_PUBLISH_FAILURES_TOTAL: &str = "custody_engine_publish_failures_total";
+pub const RELAY_PUBLISH_FAILURES_TOTAL: &str = "custody_relay_publish_failures_total";
 /// Messages the relay moved to the dead-letter table.
-pub const RELAY_DEAD_LETTERED_TOTAL: &str = "custody_engine_dead_lettered_total";
+pub const RELAY_DEAD_LETTERED_TOTAL: &str = "custody_relay_dead_lettered_total";
 /// Outbox rows pruned after their retention.
-pub const RELAY_PRUNED_TOTAL: &str = "custody_engine_pruned_total";
+pub const RELAY_PRUNED_TOTAL: &str = "custody_relay_pruned_total";
 /// Partitions the relay holds.
-pub const RELAY_PARTITIONS_HELD: &str = "custody_engine_partitions_held";
+pub const RELAY_PARTITIONS_HELD: &str = "custody_relay_partitions_held";
 /// 1 when the relay's circuit breaker is open.
-pub const RELAY_BREAKER_OPEN: &str = "custody_engine_breaker_open";
+pub const RELAY_BREAKER_OPEN: &str = "custody_relay_breaker_open";
 /// Messages a consumer processed (label: `consumer`).
 pub const CONSUMER_PROCESSED_TOTAL: &str = "custody_consumer_processed_total";
 /// Redeliveries recognised by the inbox and skipped (label: `consumer`).

@@ -15,7 +15,7 @@ use custody::{CancellationToken, Consumer, Handler, HandlerError, Message, Relay
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::services::{delete_stream, run_tag, with_databases};
+use custody_scenario::services::{delete_stream, run_tag, with_databases};
 
 use super::cpu::CpuMeter;
 

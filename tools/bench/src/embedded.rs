@@ -35,8 +35,10 @@ impl Drop for TempDir {
 }
 
 pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("custody-bench-{}", crate::services::run_tag())));
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "custody-bench-{}",
+        custody_scenario::services::run_tag()
+    )));
     std::fs::create_dir_all(&dir.0)?;
     let a_path = dir.0.join("a.db").to_string_lossy().into_owned();
     let b_path = dir.0.join("b.db").to_string_lossy().into_owned();

@@ -845,6 +845,27 @@ pub(crate) fn warm_up(n: u64) -> u64 {
     (n / 10).clamp(1, 1000)
 }
 
+/// Warm up with `op` (`warm_up(n)` calls, the progress bar labelled
+/// `warm`), then [`timed_rate`] of `n` calls: a ceiling's rate.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn warmed_rate<F, Fut>(
+    report: &mut Report,
+    producers: usize,
+    n: u64,
+    warm: &str,
+    what: &str,
+    name: &str,
+    op: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let w = warm_up(n);
+    drive(producers, w, None, &bar(w, warm), op.clone()).await?;
+    timed_rate(report, producers, n, what, name, op).await
+}
+
 /// [`drive`] `op` for `n` messages as fast as `producers` producers go,
 /// with a progress bar saying `what`; reports and returns the rate as `name`.
 pub(crate) async fn timed_rate<F, Fut>(

@@ -17,13 +17,13 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser};
 use custody::nats::StreamSpec;
 use custody::{postgres, sqlite};
 use custody_scenario::chaos::BAD_HEADER;
 use custody_scenario::report::{Observed, Report};
 use custody_scenario::services::{run_tag, seed_or_now, Databases};
-use custody_scenario::{embedded, pg_nats, Worker, WorkerArgs};
+use custody_scenario::{embedded, pg_nats, Internal, Worker};
 use custody_testkit::{FaultProxy, NatsServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,24 +44,9 @@ struct Cli {
     worker: Option<Internal>,
 }
 
-#[derive(Debug, Subcommand)]
-enum Internal {
-    /// Internal: a process of the run (producer, relay or consumer), started and killed by `custody-chaos`.
-    #[command(hide = true)]
-    Worker(WorkerArgs),
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    custody_scenario::process::main_with(async move {
-        match cli.worker {
-            Some(Internal::Worker(args)) => {
-                custody_scenario::run_worker(args).await?;
-                Ok(ExitCode::SUCCESS)
-            }
-            None => run(cli.args).await,
-        }
-    })
+    custody_scenario::tool_main(cli.worker, run(cli.args))
 }
 
 /// `custody chaos` options.

@@ -11,8 +11,8 @@ mod pg_nats;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
-use custody_scenario::WorkerArgs;
+use clap::{Args, Parser};
+use custody_scenario::Internal;
 
 // the allocator the demo ran with inside the `custody` binary
 #[global_allocator]
@@ -28,24 +28,9 @@ struct Cli {
     worker: Option<Internal>,
 }
 
-#[derive(Debug, Subcommand)]
-enum Internal {
-    /// Internal: a process of the demo (consumer or relay), started and killed by `custody-demo`.
-    #[command(hide = true)]
-    Worker(WorkerArgs),
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    custody_scenario::process::main_with(async move {
-        match cli.worker {
-            Some(Internal::Worker(args)) => {
-                custody_scenario::run_worker(args).await?;
-                Ok(ExitCode::SUCCESS)
-            }
-            None => run(cli.args).await,
-        }
-    })
+    custody_scenario::tool_main(cli.worker, run(cli.args))
 }
 
 /// `custody-demo` options.

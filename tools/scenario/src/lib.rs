@@ -19,9 +19,10 @@ pub mod report;
 pub mod services;
 
 use std::future::Future;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use custody::Message;
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
@@ -84,6 +85,32 @@ pub struct WorkerArgs {
     /// Consumer: probability that a handler attempt fails transiently.
     #[arg(long, default_value_t = 0.0)]
     pub flaky: f64,
+}
+
+/// The hidden subcommand of a tool that starts worker processes:
+/// `<tool> worker --role …` (see [`Worker::spawn`]).
+#[derive(Debug, Subcommand)]
+pub enum Internal {
+    /// Internal: a process of the run (producer, relay or consumer), started and killed by the tool itself.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// A tool's `main`: the worker process if `internal` says so, else the
+/// tool's own run (see [`process::main_with`]).
+pub fn tool_main<F>(internal: Option<Internal>, run: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<ExitCode>>,
+{
+    process::main_with(async move {
+        match internal {
+            Some(Internal::Worker(args)) => {
+                run_worker(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            None => run.await,
+        }
+    })
 }
 
 /// Run one worker process (any role) until SIGTERM / SIGKILL.

@@ -39,7 +39,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Measure a pipeline against its ceilings on this machine (docs/BENCHMARKS.md).
 #[derive(Debug, Parser)]
-#[command(name = "custody-bench", version, about, long_about = None)]
+#[command(name = "custody-bench", version, long_about = None)]
 struct Cli {
     #[command(flatten)]
     args: BenchArgs,

@@ -36,7 +36,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Run producer, relays and consumer as processes under load, inject faults from a seed, and check nothing broke.
 #[derive(Debug, Parser)]
-#[command(name = "custody-chaos", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(name = "custody-chaos", version, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
     args: ChaosArgs,

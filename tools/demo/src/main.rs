@@ -20,7 +20,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Run two services (orders → billing) with injected faults and prove nothing was lost.
 #[derive(Debug, Parser)]
-#[command(name = "custody-demo", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(name = "custody-demo", version, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(flatten)]
     args: DemoArgs,

@@ -1,14 +1,13 @@
-//! The `custody` command line: `demo`, `migrate`, `relay`, `dlq`, `reconcile`, `trace`.
+//! The `custody` command line, the operations tool: `migrate`, `relay`,
+//! `dlq`, `reconcile`, `trace`. The development tools (`demo`, `chaos`,
+//! `bench`) are separate binaries under tools/ that `custody` forwards to.
 #![forbid(unsafe_code)]
 
-mod bench;
-mod chaos;
 mod config;
-mod demo;
 mod dlq;
 mod ops;
 mod reconcile;
-mod services;
+mod tools;
 mod trace;
 
 use std::path::PathBuf;
@@ -35,8 +34,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run two services (orders → billing) with injected faults and prove nothing was lost.
-    Demo(demo::DemoArgs),
+    /// Run two services (orders → billing) with injected faults and prove nothing was lost (separate tool: custody-demo).
+    #[command(disable_help_flag = true)]
+    Demo(tools::ToolArgs),
     /// Create or upgrade custody's tables in a database.
     Migrate(ops::MigrateArgs),
     /// Move committed outbox messages to NATS JetStream until stopped (SIGINT/SIGTERM).
@@ -47,13 +47,12 @@ enum Command {
     Reconcile(reconcile::ReconcileArgs),
     /// One message's timeline across the databases given: enqueued, published, processed, dead.
     Trace(trace::TraceArgs),
-    /// Measure a pipeline against its ceilings on this machine (docs/BENCHMARKS.md).
-    Bench(bench::BenchArgs),
-    /// Run producer, relays and consumer as processes under load, inject faults from a seed, and check nothing broke.
-    Chaos(chaos::ChaosArgs),
-    /// Internal: a process of the demo (consumer or relay), started and killed by `custody demo`.
-    #[command(hide = true)]
-    DemoWorker(demo::WorkerArgs),
+    /// Measure a pipeline against its ceilings on this machine (separate tool: custody-bench).
+    #[command(disable_help_flag = true)]
+    Bench(tools::ToolArgs),
+    /// Run producer, relays and consumer as processes under load, inject faults from a seed, and check nothing broke (separate tool: custody-chaos).
+    #[command(disable_help_flag = true)]
+    Chaos(tools::ToolArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -79,18 +78,6 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Demo(args) => {
-                init_tracing("error");
-                demo::run(args).await
-            }
-            Command::Chaos(args) => {
-                init_tracing("error");
-                chaos::run(args).await
-            }
-            Command::DemoWorker(args) => {
-                init_tracing("error");
-                demo::worker(args).await
-            }
             Command::Migrate(args) => {
                 init_tracing("info");
                 ops::migrate(args).await
@@ -112,10 +99,10 @@ fn main() -> std::process::ExitCode {
                 init_tracing("warn");
                 trace::run(args).await
             }
-            Command::Bench(args) => {
-                init_tracing("error");
-                bench::run(args).await
-            }
+            // the development tools are their own binaries (tools/)
+            Command::Demo(args) => Ok(tools::forward("demo", args)),
+            Command::Chaos(args) => Ok(tools::forward("chaos", args)),
+            Command::Bench(args) => Ok(tools::forward("bench", args)),
         }
     });
     match result {

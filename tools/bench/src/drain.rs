@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::cpu::CpuMeter;
 use super::outbox::{message, KEYS, RAW_WINDOWS};
-use crate::services::{delete_stream, run_tag, with_databases};
+use custody_scenario::services::{delete_stream, run_tag, with_databases};
 
 use super::{
     bar, key_of, pg_pool, phase_limit, raw_jetstream, BenchArgs, Report, RssSampler, Target,

@@ -1,50 +1,31 @@
-//! `custody demo`: an order service A and a billing service B with separate
-//! databases, real faults injected while messages flow, and a report computed
-//! by comparing A's and B's databases.
+//! The scenario the development tools share (`custody-demo`, `custody-chaos`,
+//! `custody-bench`; none of them ships in the `custody` binary): an order
+//! service A and a billing service B with separate databases — their schemas,
+//! the producer, the billing handler, the report that compares A's and B's
+//! databases — and the worker processes (roles) a tool starts and kills.
+//!
+//! Each tool re-executes itself as `<tool> worker --role …` (hidden) and
+//! hands the arguments to [`run_worker`], so demo and chaos share every role
+//! without importing each other.
+#![forbid(unsafe_code)]
 
-pub(crate) mod billing;
-pub(crate) mod embedded;
-pub(crate) mod pg_nats;
-pub(crate) mod producer;
-pub(crate) mod report;
+pub mod billing;
+pub mod chaos;
+pub mod embedded;
+pub mod pg_nats;
+pub mod process;
+pub mod producer;
+pub mod report;
+pub mod services;
 
 use std::future::Future;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use custody::Message;
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
-
-/// `custody demo` options.
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// Orders service A commits (each an order row + an OrderPlaced event).
-    #[arg(long, default_value_t = 3000)]
-    pub messages: u64,
-    /// Customers (ordering keys) the orders are spread over.
-    #[arg(long, default_value_t = 50)]
-    pub customers: u64,
-    /// Seed for the workload and fault schedule (printed, so a run can be replayed).
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Keep the databases in this directory instead of a temporary one.
-    #[arg(long)]
-    pub dir: Option<std::path::PathBuf>,
-    /// Run on PostgreSQL (A and B get their own fresh databases on this server) ...
-    #[arg(long, requires = "nats")]
-    pub postgres: Option<String>,
-    /// ... with NATS JetStream as the transport.
-    #[arg(long, requires = "postgres")]
-    pub nats: Option<String>,
-    /// Print the report as JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// Give up waiting for the pipeline to drain after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
-    pub timeout: Duration,
-}
 
 /// Role of a demo worker process.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -65,7 +46,7 @@ pub enum Role {
     ChaosConsumePg,
 }
 
-/// `custody demo-worker` options (internal).
+/// `<tool> worker` options (internal).
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
     /// What this process does.
@@ -106,46 +87,41 @@ pub struct WorkerArgs {
     pub flaky: f64,
 }
 
-/// Run the demo.
-pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let seed = crate::services::seed_or_now(args.seed);
-    if args.messages < 10 {
-        anyhow::bail!(
-            "--messages must be at least 10 (got {}) so every fault has messages to hit",
-            args.messages
-        );
-    }
-    if args.customers == 0 {
-        anyhow::bail!("--customers must be at least 1");
-    }
-    let report = match (&args.postgres, &args.nats) {
-        (Some(pg), Some(nats)) => pg_nats::run(&args, seed, pg, nats).await?,
-        _ => embedded::run(&args, seed).await?,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        report.print();
-    }
-    Ok(if report.ok() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
+/// The hidden subcommand of a tool that starts worker processes:
+/// `<tool> worker --role …` (see [`Worker::spawn`]).
+#[derive(Debug, Subcommand)]
+pub enum Internal {
+    /// Internal: a process of the run (producer, relay or consumer), started and killed by the tool itself.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// A tool's `main`: the worker process if `internal` says so, else the
+/// tool's own run (see [`process::main_with`]).
+pub fn tool_main<F>(internal: Option<Internal>, run: F) -> ExitCode
+where
+    F: Future<Output = anyhow::Result<ExitCode>>,
+{
+    process::main_with(async move {
+        match internal {
+            Some(Internal::Worker(args)) => {
+                run_worker(args).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+            None => run.await,
+        }
     })
 }
 
-/// Run one demo worker process until SIGTERM / SIGKILL.
-pub async fn worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+/// Run one worker process (any role) until SIGTERM / SIGKILL.
+pub async fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     match args.role {
-        Role::ConsumeEmbedded => embedded::consume(&args).await?,
-        Role::RelayPg => pg_nats::relay(&args).await?,
-        Role::ConsumePg => pg_nats::consume(&args).await?,
-        Role::ProduceSqlite | Role::ProducePg => crate::chaos::worker::produce(&args).await?,
-        Role::ChaosConsumeEmbedded | Role::ChaosConsumePg => {
-            crate::chaos::worker::consume(&args).await?
-        }
+        Role::ConsumeEmbedded => embedded::consume(&args).await,
+        Role::RelayPg => pg_nats::relay(&args).await,
+        Role::ConsumePg => pg_nats::consume(&args).await,
+        Role::ProduceSqlite | Role::ProducePg => chaos::produce(&args).await,
+        Role::ChaosConsumeEmbedded | Role::ChaosConsumePg => chaos::consume(&args).await,
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// A child process of the demo that can be killed for real.
@@ -156,12 +132,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Start `custody demo-worker <args>`.
+    /// Start `<this tool> worker <args>` (the tool re-executes itself).
     pub fn spawn(args: Vec<String>) -> anyhow::Result<Worker> {
         Self::spawn_inner(args, None)
     }
 
-    /// Start `custody demo-worker <args>` with its stderr appended to `log`.
+    /// Start `<this tool> worker <args>` with its stderr appended to `log`.
     pub fn spawn_logged(args: Vec<String>, log: std::path::PathBuf) -> anyhow::Result<Worker> {
         Self::spawn_inner(args, Some(log))
     }
@@ -178,7 +154,7 @@ impl Worker {
             None => std::process::Stdio::inherit(),
         };
         let child = tokio::process::Command::new(exe)
-            .arg("demo-worker")
+            .arg("worker")
             .args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -219,6 +195,7 @@ impl Worker {
 pub struct Workload {
     rng: rand::rngs::StdRng,
     customers: u64,
+    /// Orders the producer commits.
     pub total: u64,
 }
 
@@ -226,12 +203,18 @@ pub struct Workload {
 pub enum Step {
     /// An order row and its OrderPlaced event, committed — or rolled back,
     /// and then B must never see it.
-    Order { customer: String, roll_back: bool },
+    Order {
+        /// The customer (message key).
+        customer: String,
+        /// Roll the transaction back instead of committing it.
+        roll_back: bool,
+    },
     /// A message committed on its own (a bad one B has to dead-letter).
     Event(Message),
 }
 
 impl Workload {
+    /// The workload of `total` orders over `customers` keys, for `seed`.
     pub fn new(seed: u64, total: u64, customers: u64) -> Self {
         use rand::SeedableRng;
         Workload {
@@ -241,6 +224,7 @@ impl Workload {
         }
     }
 
+    /// The `i`-th transaction (0-based).
     pub fn step(&mut self, i: u64) -> anyhow::Result<Step> {
         use rand::Rng;
         let customer = format!("customer-{:03}", self.rng.gen_range(0..self.customers));
@@ -271,8 +255,11 @@ impl Workload {
 /// The OrderPlaced payload.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct OrderPlaced {
+    /// The order (A's `orders` row, B's ledger entry).
     pub order_id: uuid::Uuid,
+    /// The customer: the message key.
     pub customer: String,
+    /// Derived from the order id.
     pub amount_cents: i64,
     /// 1, 2, 3, ... per customer, in A's commit order.
     pub seq: i64,
@@ -297,12 +284,16 @@ impl OrderPlaced {
 
 /// Progress and fault log shared by the demo variants.
 pub struct Run {
+    /// When the run started.
     pub started: Instant,
+    /// The faults injected so far, each with its time since the start.
     pub faults: Vec<String>,
+    /// Progress on stderr (hidden when stderr is not a terminal).
     pub bar: ProgressBar,
 }
 
 impl Run {
+    /// A run of `total` orders, starting now.
     pub fn new(total: u64) -> Run {
         let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
             ProgressBar::new(total)
@@ -322,6 +313,7 @@ impl Run {
         }
     }
 
+    /// Record an injected fault (printed at once and kept for the report).
     pub fn fault(&mut self, what: String) {
         let line = format!("+{:>5.1}s  {what}", self.started.elapsed().as_secs_f64());
         self.bar.println(format!("fault {line}"));

@@ -39,6 +39,7 @@ fn invoice(msg: &Message, o: &OrderPlaced) -> Result<Message, HandlerError> {
 
 /// Billing on SQLite.
 pub struct SqliteBilling {
+    /// B's outbox (InvoiceIssued is derived into it).
     pub outbox: custody::sqlite::SqliteOutbox,
 }
 
@@ -66,6 +67,7 @@ impl Handler<sqlx::Transaction<'static, sqlx::Sqlite>> for SqliteBilling {
 
 /// Billing on PostgreSQL.
 pub struct PgBilling {
+    /// B's outbox (InvoiceIssued is derived into it).
     pub outbox: custody::postgres::PgOutbox,
 }
 

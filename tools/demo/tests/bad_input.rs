@@ -1,5 +1,5 @@
-//! Issue 11, scenario 1 through the real `custody` binary: the demo's
-//! billing consumer process (`custody demo-worker --role consume-pg`, NATS →
+//! Issue 11, scenario 1 through the real `custody-demo` binary: the demo's
+//! billing consumer process (`custody-demo worker --role consume-pg`, NATS →
 //! PostgreSQL) is fed bytes published straight onto its subject with
 //! async-nats — NUL bytes percent-encoded in the producer stamp, the key and
 //! the topic, a `text/plain` message with a JSON body — and must dead-letter
@@ -53,7 +53,7 @@ async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on() -
     };
     let b = custody::postgres::connect(&db.url).await?;
     custody::postgres::migrate(&b).await?;
-    // the demo's billing table (crates/cli/src/demo/billing.rs, B_SCHEMA_PG)
+    // the demo's billing table (tools/scenario/src/billing.rs, B_SCHEMA_PG)
     sqlx::query(
         "CREATE TABLE ledger (entry BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
          order_id UUID NOT NULL, customer TEXT NOT NULL, amount_cents BIGINT NOT NULL, \
@@ -113,8 +113,8 @@ async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on() -
     .await?;
 
     let mut worker = Worker(
-        Command::new(env!("CARGO_BIN_EXE_custody"))
-            .args(["demo-worker", "--role", "consume-pg", "--a", "unused"])
+        Command::new(env!("CARGO_BIN_EXE_custody-demo"))
+            .args(["worker", "--role", "consume-pg", "--a", "unused"])
             .args(["--b", &db.url, "--nats", &nats, "--stream"])
             .args([spec.name.as_str(), "--prefix", spec.subject_prefix.as_str()])
             .env("CUSTODY_LOG", "warn")

@@ -15,13 +15,13 @@ use custody::{CancellationToken, Consumer, Handler, HandlerError, Message, Relay
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::services::{delete_stream, run_tag, with_databases};
+use custody_scenario::services::{delete_stream, run_tag, with_databases};
 
 use super::cpu::CpuMeter;
 
 use super::{
-    bar, drive, key_of, pg_pool, pipeline_phases, raw_jetstream, timed_rate, warm_up, BenchArgs,
-    Report, Stamps, Target, TimedInbox, TimedTx,
+    key_of, pg_pool, pipeline_phases, raw_jetstream, timed_rate, warmed_rate, BenchArgs, Report,
+    Stamps, Target, TimedInbox, TimedTx,
 };
 
 /// Ordering keys the messages are spread over.
@@ -109,19 +109,11 @@ async fn measure(
             async move { commit_row(&a, "orders_ceiling", i, &data).await }
         }
     };
-    let warm = warm_up(n);
-    drive(
-        producers,
-        warm,
-        None,
-        &bar(warm, "ceiling (a): warm-up"),
-        op.clone(),
-    )
-    .await?;
-    let ceiling_a = timed_rate(
+    let ceiling_a = warmed_rate(
         report,
         producers,
         n,
+        "ceiling (a): warm-up",
         "ceiling (a): PostgreSQL commits, business row only",
         &format!("ceiling (a): PostgreSQL business-row commits, {producers} producers"),
         op,

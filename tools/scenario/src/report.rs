@@ -1,4 +1,4 @@
-//! The demo's report, computed only from what A's and B's databases hold.
+//! The report of a demo or chaos run, computed only from what A's and B's databases hold.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -29,33 +29,53 @@ pub struct Observed {
 /// One dead letter in the report.
 #[derive(Debug, Serialize)]
 pub struct DeadEntry {
+    /// The dead letter's message id, if it had one.
     pub message_id: Option<Uuid>,
+    /// Why it was dead-lettered.
     pub reason: String,
 }
 
 /// The demo's verdict.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// The backends and transport of the run.
     pub mode: String,
+    /// The seed of the workload and the fault schedule.
     pub seed: u64,
+    /// The faults injected, in order.
     pub faults: Vec<String>,
+    /// Messages committed in A's outbox (topic `orders`).
     pub sent: u64,
+    /// Orders A committed.
     pub orders_committed: u64,
+    /// Transactions A rolled back (B must never see them).
     pub rolled_back: u64,
+    /// Messages B settled in its inbox.
     pub processed: u64,
+    /// Redeliveries B's inbox recognised and did not apply again.
     pub duplicates_suppressed: u64,
+    /// What B dead-lettered, and why.
     pub dead_lettered: Vec<DeadEntry>,
+    /// InvoiceIssued events B derived into its own outbox.
     pub invoices_derived: u64,
+    /// Messages A committed that B neither processed nor dead-lettered.
     pub lost: u64,
+    /// Their ids.
     pub lost_ids: Vec<Uuid>,
+    /// Ledger entries for orders A never committed.
     pub phantoms: u64,
+    /// Orders B applied more than once.
     pub duplicate_effects: u64,
+    /// Ledger entries out of A's order within a customer.
     pub order_violations: u64,
     /// Numbered partitions B saw and the gaps left in their numbering
     /// (missing numbers below the highest seen); none on the embedded transport.
     pub sequence_partitions: Option<u64>,
+    /// See `sequence_partitions`.
     pub sequence_gaps: Option<u64>,
+    /// Wall time of the run.
     pub elapsed_secs: f64,
+    /// Messages settled per second.
     pub messages_per_sec: f64,
 }
 

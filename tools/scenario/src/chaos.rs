@@ -1,5 +1,5 @@
-//! The processes `custody chaos` starts and kills: the producer (service A)
-//! and the flaky billing consumer (service B).
+//! The processes chaos starts and kills: the producer (service A) and the
+//! flaky billing consumer (service B).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use custody::nats::{NatsSubscriber, StreamSpec};
 use custody::postgres::{self, PgInbox, PgOutbox};
-use custody::sqlite::{self, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
+use custody::sqlite::{self, SqliteInbox, SqliteOutbox};
 use custody::{
     Consumer, ConsumerConfig, Handler, HandlerError, LeaseConfig, LeasedConsumer, Message,
     CONTENT_TYPE_JSON,
@@ -18,9 +18,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-use crate::demo::billing::{PgBilling, SqliteBilling};
-use crate::demo::producer::{produce_pg, produce_sqlite};
-use crate::demo::{Role, Step, WorkerArgs};
+use crate::billing::{PgBilling, SqliteBilling};
+use crate::producer::{produce_pg, produce_sqlite};
+use crate::{Role, Step, WorkerArgs};
 
 /// Header that marks the producer's deliberately bad messages, with the kind
 /// of badness: the harness checks that each of them is dead-lettered.
@@ -121,7 +121,7 @@ pub async fn produce(args: &WorkerArgs) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / args.rate.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let cancel = crate::ops::shutdown_token();
+    let cancel = crate::process::shutdown_token();
     match args.role {
         Role::ProducePg => {
             let a = postgres::connect(&args.a).await?;
@@ -204,7 +204,7 @@ pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
     cfg.fetch_wait = Duration::from_millis(200);
     cfg.batch_size = 50;
     cfg.backoff.max = Duration::from_secs(1);
-    let cancel = crate::ops::shutdown_token();
+    let cancel = crate::process::shutdown_token();
     match args.role {
         Role::ChaosConsumePg => {
             let b = postgres::connect(&args.b)
@@ -238,18 +238,7 @@ pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
                 .await?;
         }
         _ => {
-            let a = sqlite::connect(&args.a).await?;
-            let b = sqlite::connect_with(
-                &args.b,
-                SqliteSettings {
-                    busy_timeout: Duration::from_millis(200),
-                    ..SqliteSettings::default()
-                },
-            )
-            .await?;
-            let sub = SqliteEmbeddedSubscriber::new(a.clone(), CONSUMER, &["orders".to_owned()])
-                .await?
-                .with_poll_interval(Duration::from_millis(20));
+            let (b, sub) = crate::embedded::consumer_side(args, CONSUMER).await?;
             let handler = ChaosBilling::new(
                 SqliteBilling {
                     outbox: SqliteOutbox::new(b.clone()),

@@ -1,13 +1,13 @@
-//! The fault-injection suite, bounded: `custody chaos --duration 45s` on
+//! The fault-injection suite, bounded: `custody-chaos --duration 45s` on
 //! embedded SQLite and on PostgreSQL + a private NATS JetStream server, with
 //! the relay(s), the consumer and the producer as processes that get killed.
-//! Longer soaks: `custody chaos --duration 30m [--postgres URL]`.
+//! Longer soaks: `custody-chaos --duration 30m [--postgres URL]`.
 
 use std::process::Command;
 
 fn run_chaos(extra: &[&str], seed: &str) -> anyhow::Result<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_custody"))
-        .args(["chaos", "--duration", "45s", "--seed", seed, "--rate", "40"])
+    let out = Command::new(env!("CARGO_BIN_EXE_custody-chaos"))
+        .args(["--duration", "45s", "--seed", seed, "--rate", "40"])
         .args(extra)
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,4 +1,5 @@
-//! `custody chaos`: the producer, the relay(s) and the consumer as separate
+//! `custody-chaos` (also reachable as `custody chaos` when installed beside
+//! `custody`): the producer, the relay(s) and the consumer as separate
 //! processes of this binary under a steady load, with faults injected at
 //! random times from a printed seed: `kill -9` of any of them, a restart of
 //! the NATS server, network cuts between relay and broker and between
@@ -8,8 +9,7 @@
 //! published straight onto the subject). At the end both databases are compared (the demo's
 //! report) and the run fails if anything was lost, applied twice, reordered,
 //! a bad input was not dead-lettered, a good one was, or a process panicked.
-
-pub mod worker;
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -17,53 +17,69 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, Parser};
 use custody::nats::StreamSpec;
-use custody::postgres;
-use custody::sqlite;
+use custody::{postgres, sqlite};
+use custody_scenario::chaos::BAD_HEADER;
+use custody_scenario::report::{Observed, Report};
+use custody_scenario::services::{run_tag, seed_or_now, Databases};
+use custody_scenario::{embedded, pg_nats, Internal, Worker};
 use custody_testkit::{FaultProxy, NatsServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::{PgPool, Row, SqlitePool};
 use uuid::Uuid;
 
-use crate::demo::billing::{A_SCHEMA_PG, A_SCHEMA_SQLITE, B_SCHEMA_PG, B_SCHEMA_SQLITE};
-use crate::demo::report::{Observed, Report};
-use crate::demo::Worker;
-use crate::services::{run_tag, seed_or_now, Databases};
-use worker::BAD_HEADER;
+// the allocator the processes ran with inside the `custody` binary
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Run producer, relays and consumer as processes under load, inject faults from a seed, and check nothing broke.
+#[derive(Debug, Parser)]
+#[command(name = "custody-chaos", version, long_about = None, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    args: ChaosArgs,
+    #[command(subcommand)]
+    worker: Option<Internal>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    custody_scenario::tool_main(cli.worker, run(cli.args))
+}
 
 /// `custody chaos` options.
 #[derive(Debug, Clone, Args)]
-pub struct ChaosArgs {
+pub(crate) struct ChaosArgs {
     /// How long to inject faults under load (then the pipeline drains).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// Seed of the fault schedule and the workload (printed, so a run can be replayed).
     #[arg(long)]
-    pub seed: Option<u64>,
+    pub(crate) seed: Option<u64>,
     /// Producer transactions per second.
     #[arg(long, default_value_t = 50)]
-    pub rate: u64,
+    pub(crate) rate: u64,
     /// Run on this PostgreSQL server (fresh databases for A and B) with a
     /// private NATS JetStream server; default: embedded SQLite.
     #[arg(long)]
-    pub postgres: Option<String>,
+    pub(crate) postgres: Option<String>,
     /// Relay processes (PostgreSQL mode; the embedded transport has no relay).
     #[arg(long, default_value_t = 2)]
-    pub relays: usize,
+    pub(crate) relays: usize,
     /// Customers (ordering keys).
     #[arg(long, default_value_t = 20)]
-    pub customers: u64,
+    pub(crate) customers: u64,
     /// Share of handler attempts that fail transiently.
     #[arg(long, default_value_t = 0.3)]
-    pub flaky: f64,
+    pub(crate) flaky: f64,
     /// Give up waiting for the pipeline to drain after this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "180s")]
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// Keep databases (SQLite) and process logs in this directory.
     #[arg(long)]
-    pub dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -231,8 +247,8 @@ impl Env {
 
     async fn observe(&self) -> anyhow::Result<Observed> {
         let mut obs = match self {
-            Env::Sqlite { a, b, .. } => crate::demo::embedded::observe(a, b).await?,
-            Env::Pg { a, b, .. } => crate::demo::pg_nats::observe(a, b).await?,
+            Env::Sqlite { a, b, .. } => embedded::observe(a, b).await?,
+            Env::Pg { a, b, .. } => pg_nats::observe(a, b).await?,
         };
         // the relay dead-letters in A's database (e.g. a payload the broker refuses)
         let relay_dead = match self {
@@ -521,8 +537,7 @@ impl Harness {
                     format!("held for {down:.1?} (consumer retries with backoff)"),
                 );
                 if let Env::Sqlite { b_path, .. } = &self.env {
-                    let lock =
-                        tokio::spawn(crate::demo::embedded::lock_database(b_path.clone(), down));
+                    let lock = tokio::spawn(embedded::lock_database(b_path.clone(), down));
                     self.wait(down).await?;
                     lock.await??;
                 }
@@ -545,8 +560,8 @@ fn scan_panics(logs: &[PathBuf]) -> Vec<String> {
     out
 }
 
-/// Run `custody chaos`.
-pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
+/// Run `custody-chaos`.
+pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let seed = seed_or_now(args.seed);
     if args.rate == 0 {
         anyhow::bail!("--rate must be at least 1 transaction per second");
@@ -593,14 +608,9 @@ async fn run_in(
     };
     let (env, mode, producer_args, consumer_args, relay_args) = match &args.postgres {
         None => {
-            let a_path = crate::demo::embedded::fresh_db(dir, "orders.db")?;
-            let b_path = crate::demo::embedded::fresh_db(dir, "billing.db")?;
-            let a = sqlite::connect(&a_path).await?;
-            let b = sqlite::connect(&b_path).await?;
-            sqlite::migrate(&a).await?;
-            sqlite::migrate(&b).await?;
-            sqlx::query(A_SCHEMA_SQLITE).execute(&a).await?;
-            sqlx::query(B_SCHEMA_SQLITE).execute(&b).await?;
+            let a_path = embedded::fresh_db(dir, "orders.db")?;
+            let b_path = embedded::fresh_db(dir, "billing.db")?;
+            let (a, b) = embedded::setup(&a_path, &b_path).await?;
             let ab = |mut v: Vec<String>| {
                 v.extend(["--a".into(), a_path.clone(), "--b".into(), b_path.clone()]);
                 v
@@ -636,12 +646,7 @@ async fn run_in(
             let prefix = format!("custody_chaos_{tag}");
             // drop the databases again if the rest of the setup fails
             let setup = async {
-                let a = postgres::connect(&a_url).await?;
-                let b = postgres::connect(&b_url).await?;
-                postgres::migrate(&a).await?;
-                postgres::migrate(&b).await?;
-                sqlx::query(A_SCHEMA_PG).execute(&a).await?;
-                sqlx::query(B_SCHEMA_PG).execute(&b).await?;
+                let (a, b) = pg_nats::setup(&a_url, &b_url).await?;
                 let Some(nats) = NatsServer::start().await? else {
                     anyhow::bail!("custody chaos --postgres needs a nats-server binary (it starts its own JetStream server)");
                 };

@@ -15,8 +15,7 @@ use uuid::Uuid;
 
 use super::outbox::{message, KEYS};
 use super::{
-    bar, drive, key_of, pipeline_phases, timed_rate, warm_up, BenchArgs, Report, Stamps, Target,
-    TimedInbox, TimedTx,
+    key_of, pipeline_phases, warmed_rate, BenchArgs, Report, Stamps, Target, TimedInbox, TimedTx,
 };
 
 const ORDERS: &str = "CREATE TABLE IF NOT EXISTS {T} (
@@ -35,8 +34,10 @@ impl Drop for TempDir {
 }
 
 pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
-    let dir =
-        TempDir(std::env::temp_dir().join(format!("custody-bench-{}", crate::services::run_tag())));
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "custody-bench-{}",
+        custody_scenario::services::run_tag()
+    )));
     std::fs::create_dir_all(&dir.0)?;
     let a_path = dir.0.join("a.db").to_string_lossy().into_owned();
     let b_path = dir.0.join("b.db").to_string_lossy().into_owned();
@@ -67,19 +68,11 @@ pub async fn run(args: &BenchArgs, report: &mut Report) -> anyhow::Result<()> {
             async move { commit_row(&a, "orders_ceiling", i, &data).await }
         }
     };
-    let warm = warm_up(n);
-    drive(
-        producers,
-        warm,
-        None,
-        &bar(warm, "ceiling: warm-up"),
-        op.clone(),
-    )
-    .await?;
-    let ceiling = timed_rate(
+    let ceiling = warmed_rate(
         report,
         producers,
         n,
+        "ceiling: warm-up",
         "ceiling: SQLite commits, business row only",
         &format!("ceiling: SQLite business-row commits, {producers} producers"),
         op,

@@ -1,20 +1,20 @@
 //! The demo on embedded SQLite: A's outbox is the log B reads (no broker).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use custody::sqlite::{self, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox, SqliteSettings};
-use custody::{Consumer, ConsumerConfig};
-use sqlx::{Connection, Row, SqlitePool};
+use custody::sqlite::{self, SqliteOutbox};
+use custody_scenario::embedded::{
+    fresh_db, lock_database, observe, processed, setup, SUBSCRIPTION,
+};
+use custody_scenario::producer::produce_sqlite;
+use custody_scenario::report::Report;
+use custody_scenario::{Run, Step, Worker, Workload};
+use sqlx::SqlitePool;
 use uuid::Uuid;
 
-use super::billing::{SqliteBilling, A_SCHEMA_SQLITE, B_SCHEMA_SQLITE};
-use super::producer::produce_sqlite;
-use super::report::{Observed, Report};
-use super::{DemoArgs, Run, Step, Worker, WorkerArgs, Workload};
-
-const SUBSCRIPTION: &str = "billing";
+use crate::DemoArgs;
 
 /// Where the demo keeps its two databases.
 struct Dir {
@@ -30,17 +30,7 @@ impl Drop for Dir {
     }
 }
 
-pub(crate) fn fresh_db(dir: &Path, name: &str) -> anyhow::Result<String> {
-    for suffix in ["", "-wal", "-shm"] {
-        let p = dir.join(format!("{name}{suffix}"));
-        if p.exists() {
-            std::fs::remove_file(&p)
-                .with_context(|| format!("cannot remove old {}", p.display()))?;
-        }
-    }
-    Ok(dir.join(name).to_string_lossy().into_owned())
-}
-
+/// Run the demo on embedded SQLite.
 pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
     let dir = match &args.dir {
         Some(d) => {
@@ -62,12 +52,7 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
     };
     let a_path = fresh_db(&dir.path, "orders.db")?;
     let b_path = fresh_db(&dir.path, "billing.db")?;
-    let a = sqlite::connect(&a_path).await?;
-    let b = sqlite::connect(&b_path).await?;
-    sqlite::migrate(&a).await?;
-    sqlite::migrate(&b).await?;
-    sqlx::query(A_SCHEMA_SQLITE).execute(&a).await?;
-    sqlx::query(B_SCHEMA_SQLITE).execute(&b).await?;
+    let (a, b) = setup(&a_path, &b_path).await?;
     let outbox = SqliteOutbox::new(a.clone());
 
     eprintln!(
@@ -148,24 +133,6 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
     ))
 }
 
-/// Hold B's write lock for `d`: B is "down" for writers.
-pub(crate) async fn lock_database(path: String, d: Duration) -> anyhow::Result<()> {
-    let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{path}")).await?;
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut c).await?;
-    tokio::time::sleep(d).await;
-    sqlx::query("ROLLBACK").execute(&mut c).await?;
-    Ok(())
-}
-
-/// Messages B has settled (processed or dead-lettered with an id).
-async fn processed(b: &SqlitePool) -> anyhow::Result<u64> {
-    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM custody_inbox WHERE consumer = ?")
-        .bind(SUBSCRIPTION)
-        .fetch_one(b)
-        .await?;
-    Ok(n as u64)
-}
-
 /// One producer transaction, retried up to five times (e.g. on a busy
 /// database).
 async fn produce(
@@ -191,84 +158,4 @@ async fn produce(
             Err(e) => return Err(e),
         }
     }
-}
-
-fn uuid_of(s: &str) -> anyhow::Result<Uuid> {
-    Uuid::parse_str(s).with_context(|| format!("bad uuid {s:?} in a demo table"))
-}
-
-pub(crate) async fn observe(a: &SqlitePool, b: &SqlitePool) -> anyhow::Result<Observed> {
-    let mut obs = Observed::default();
-    for r in sqlx::query(
-        "SELECT id, message_type FROM custody_outbox WHERE topic = 'orders' ORDER BY position",
-    )
-    .fetch_all(a)
-    .await?
-    {
-        obs.a_outbox
-            .push((uuid_of(&r.try_get::<String, _>(0)?)?, r.try_get(1)?));
-    }
-    for r in sqlx::query("SELECT order_id, customer, seq FROM orders")
-        .fetch_all(a)
-        .await?
-    {
-        obs.a_orders.push((
-            uuid_of(&r.try_get::<String, _>(0)?)?,
-            r.try_get(1)?,
-            r.try_get(2)?,
-        ));
-    }
-    for r in sqlx::query("SELECT order_id, customer, seq FROM ledger ORDER BY entry")
-        .fetch_all(b)
-        .await?
-    {
-        obs.b_ledger.push((
-            uuid_of(&r.try_get::<String, _>(0)?)?,
-            r.try_get(1)?,
-            r.try_get(2)?,
-        ));
-    }
-    for r in sqlx::query("SELECT message_id, duplicates FROM custody_inbox WHERE consumer = ?")
-        .bind(SUBSCRIPTION)
-        .fetch_all(b)
-        .await?
-    {
-        obs.b_inbox
-            .push((uuid_of(&r.try_get::<String, _>(0)?)?, r.try_get(1)?));
-    }
-    for d in sqlite::dead_letters(b).await? {
-        obs.b_dead.push((d.message_id, d.error));
-    }
-    let inv: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM custody_outbox WHERE topic = 'invoices'")
-            .fetch_one(b)
-            .await?;
-    obs.b_invoices = inv as u64;
-    Ok(obs)
-}
-
-/// The billing consumer process (embedded transport).
-pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
-    let a = sqlite::connect(&args.a).await?;
-    // a short busy timeout so a locked B shows up as "unavailable" and is retried
-    let b = sqlite::connect_with(
-        &args.b,
-        SqliteSettings {
-            busy_timeout: Duration::from_millis(200),
-            ..SqliteSettings::default()
-        },
-    )
-    .await?;
-    let sub = SqliteEmbeddedSubscriber::new(a.clone(), SUBSCRIPTION, &["orders".to_owned()])
-        .await?
-        .with_poll_interval(Duration::from_millis(20));
-    let handler = SqliteBilling {
-        outbox: SqliteOutbox::new(b.clone()),
-    };
-    let mut cfg = ConsumerConfig::new(SUBSCRIPTION);
-    cfg.batch_size = 50;
-    Consumer::new(SqliteInbox::new(b), sub, handler, cfg)
-        .run(crate::ops::shutdown_token())
-        .await?;
-    Ok(())
 }

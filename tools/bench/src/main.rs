@@ -1,10 +1,12 @@
-//! `custody bench SCENARIO`: throughput and latency of custody's pipelines,
+//! `custody-bench SCENARIO` (also reachable as `custody bench SCENARIO` when
+//! installed beside `custody`): throughput and latency of custody's pipelines,
 //! each measured in the same run, on the same machine, against the ceiling
 //! it is compared with (see docs/ARCHITECTURE.md, "Measuring").
 //!
 //! Every run gets fresh PostgreSQL databases (`custody_bench_<random>`,
 //! dropped at the end), its own JetStream stream (deleted at the end) and
 //! SQLite files in a temporary directory.
+#![forbid(unsafe_code)]
 
 mod cpu;
 mod drain;
@@ -20,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use clap::{Args, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use custody::ConsumerConfig;
 use custody::{DeadLetter, InboxOutcome, InboxStore, Message};
 use hdrhistogram::Histogram;
@@ -29,9 +31,28 @@ use serde::Serialize;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+// The relay and the consumer allocate and free many small buffers per message
+// (rows, headers, envelopes); glibc's malloc took 30 % of the relay's CPU in a
+// profile of `bench relay-drain` (malloc_consolidate, _int_free, …).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Measure a pipeline against its ceilings on this machine (docs/BENCHMARKS.md).
+#[derive(Debug, Parser)]
+#[command(name = "custody-bench", version, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    custody_scenario::process::main_with(run(cli.args))
+}
+
 /// Which benchmark to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// PostgreSQL outbox → relay → NATS JetStream → PostgreSQL inbox.
     Outbox,
     /// SQLite outbox → embedded transport → SQLite inbox.
@@ -58,46 +79,46 @@ impl Scenario {
 
 /// `custody bench` options.
 #[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// The scenario to run.
     #[arg(value_enum)]
-    pub scenario: Scenario,
+    pub(crate) scenario: Scenario,
     /// The small size (each scenario well under a minute) instead of the full one.
     #[arg(long)]
-    pub quick: bool,
+    pub(crate) quick: bool,
     /// Concurrent producers (each commits one transaction at a time).
     #[arg(long, default_value_t = 8)]
-    pub producers: usize,
+    pub(crate) producers: usize,
     /// Messages per measured phase (default: per scenario and size; for
     /// relay-drain the backlog size, 1,000,000 full).
     #[arg(long)]
-    pub messages: Option<u64>,
+    pub(crate) messages: Option<u64>,
     /// Offered rate (msg/s) of the latency phase of `outbox` and
     /// `outbox-embedded`, instead of half the run's own saturated end-to-end
     /// rate: compares latency across builds at one load.
     #[arg(long)]
-    pub load_rate: Option<f64>,
+    pub(crate) load_rate: Option<f64>,
     /// Payload size of each message (and of each business row's data).
     #[arg(long, default_value_t = 256)]
-    pub payload_bytes: usize,
+    pub(crate) payload_bytes: usize,
     /// Where to write the JSON results (default `target/bench/<scenario>.json`).
     #[arg(long)]
-    pub json: Option<PathBuf>,
+    pub(crate) json: Option<PathBuf>,
     /// NATS server.
     #[arg(long, default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
+    pub(crate) nats: String,
     /// PostgreSQL server; the benchmark creates and drops its own databases on it.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/test")]
-    pub postgres: String,
+    pub(crate) postgres: String,
     /// Run the relay without sequence numbering (`relay.sequence-numbers = false`), to
     /// measure what numbering costs (docs/SEQUENCES.md).
     #[arg(long)]
-    pub no_sequence_numbers: bool,
+    pub(crate) no_sequence_numbers: bool,
     /// `outbox`: how often, at most, the producers' enqueues send NOTIFY
     /// (`PgOutbox::with_notify_interval`; 0 = every enqueue), instead of the
     /// library's default.
     #[arg(long, value_name = "MS")]
-    pub notify_interval_ms: Option<u64>,
+    pub(crate) notify_interval_ms: Option<u64>,
     /// `outbox`: the producers enqueue without the per-key advisory locks
     /// (`PgOutbox::with_key_locks(false)`). **For measurement only**: it
     /// shows what the locks cost; without them a key's messages can reach
@@ -105,16 +126,16 @@ pub struct BenchArgs {
     /// Every run also measures producer commits with and without the locks
     /// side by side.
     #[arg(long)]
-    pub no_key_locks: bool,
+    pub(crate) no_key_locks: bool,
     /// The consumer's `consumer.poison-after` (default 3; 0 turns poison
     /// detection and its statements off), to measure what it costs.
     #[arg(long, value_name = "N")]
-    pub poison_after: Option<u32>,
+    pub(crate) poison_after: Option<u32>,
 }
 
 impl BenchArgs {
     /// The consumer settings a scenario runs with.
-    pub fn consumer_config(&self) -> ConsumerConfig {
+    pub(crate) fn consumer_config(&self) -> ConsumerConfig {
         let mut cfg = ConsumerConfig::new("bench");
         if let Some(n) = self.poison_after {
             cfg.poison_after = n;
@@ -126,14 +147,14 @@ impl BenchArgs {
 impl BenchArgs {
     /// `--messages`, or the scenario's default for the chosen size.
     /// The relay settings a scenario runs with.
-    pub fn relay_config(&self) -> custody::RelayConfig {
+    pub(crate) fn relay_config(&self) -> custody::RelayConfig {
         custody::RelayConfig {
             sequence_numbers: !self.no_sequence_numbers,
             ..custody::RelayConfig::default()
         }
     }
 
-    pub fn messages_or(&self, quick: u64, full: u64) -> u64 {
+    pub(crate) fn messages_or(&self, quick: u64, full: u64) -> u64 {
         self.messages
             .unwrap_or(if self.quick { quick } else { full })
             .max(1)
@@ -149,7 +170,7 @@ impl BenchArgs {
 }
 
 /// Run a benchmark, print its table and write its JSON.
-pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
+pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.producers == 0 {
         anyhow::bail!("--producers must be at least 1");
     }
@@ -190,11 +211,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 /// Where the figures were taken.
 #[derive(Debug, Clone, Serialize)]
-pub struct Machine {
-    pub cpus: usize,
-    pub cpu_model: String,
-    pub memory_mib: u64,
-    pub kernel: String,
+pub(crate) struct Machine {
+    pub(crate) cpus: usize,
+    pub(crate) cpu_model: String,
+    pub(crate) memory_mib: u64,
+    pub(crate) kernel: String,
 }
 
 impl Machine {
@@ -227,27 +248,27 @@ impl Machine {
 
 /// A throughput figure.
 #[derive(Debug, Clone, Serialize)]
-pub struct Rate {
-    pub name: String,
-    pub messages: u64,
-    pub seconds: f64,
-    pub per_second: f64,
+pub(crate) struct Rate {
+    pub(crate) name: String,
+    pub(crate) messages: u64,
+    pub(crate) seconds: f64,
+    pub(crate) per_second: f64,
 }
 
 /// A latency distribution, in milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Latency {
-    pub name: String,
-    pub count: u64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
-    pub max_ms: f64,
+pub(crate) struct Latency {
+    pub(crate) name: String,
+    pub(crate) count: u64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) p999_ms: f64,
+    pub(crate) max_ms: f64,
 }
 
 impl Latency {
     /// Summarise a histogram of microseconds.
-    pub fn from_micros(name: &str, h: &Histogram<u64>) -> Latency {
+    pub(crate) fn from_micros(name: &str, h: &Histogram<u64>) -> Latency {
         let ms = |us: u64| us as f64 / 1000.0;
         Latency {
             name: name.to_owned(),
@@ -263,7 +284,7 @@ impl Latency {
 /// What a figure is held to.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Target {
+pub(crate) enum Target {
     /// The ratio must be at least this.
     RatioAtLeast(f64),
     /// The value (ms) must be at most this.
@@ -291,48 +312,48 @@ impl Target {
 }
 
 /// `value / ceiling`, or `None` when the ceiling is not a positive number.
-pub fn ratio(value: f64, ceiling: f64) -> Option<f64> {
+pub(crate) fn ratio(value: f64, ceiling: f64) -> Option<f64> {
     (ceiling.is_finite() && ceiling > 0.0 && value.is_finite()).then(|| value / ceiling)
 }
 
 /// A figure compared with its ceiling (or checked against a target).
 #[derive(Debug, Clone, Serialize)]
-pub struct Comparison {
-    pub name: String,
-    pub value: f64,
-    pub unit: String,
-    pub ceiling_name: Option<String>,
-    pub ceiling: Option<f64>,
-    pub ratio: Option<f64>,
-    pub target: Option<Target>,
-    pub met: Option<bool>,
+pub(crate) struct Comparison {
+    pub(crate) name: String,
+    pub(crate) value: f64,
+    pub(crate) unit: String,
+    pub(crate) ceiling_name: Option<String>,
+    pub(crate) ceiling: Option<f64>,
+    pub(crate) ratio: Option<f64>,
+    pub(crate) target: Option<Target>,
+    pub(crate) met: Option<bool>,
 }
 
 /// Everything one `custody bench` run measured.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub scenario: String,
-    pub size: String,
-    pub started: DateTime<Utc>,
-    pub finished: DateTime<Utc>,
-    pub command: String,
-    pub machine: Machine,
-    pub parameters: serde_json::Map<String, serde_json::Value>,
-    pub throughput: Vec<Rate>,
-    pub latency: Vec<Latency>,
-    pub comparisons: Vec<Comparison>,
+pub(crate) struct Report {
+    pub(crate) scenario: String,
+    pub(crate) size: String,
+    pub(crate) started: DateTime<Utc>,
+    pub(crate) finished: DateTime<Utc>,
+    pub(crate) command: String,
+    pub(crate) machine: Machine,
+    pub(crate) parameters: serde_json::Map<String, serde_json::Value>,
+    pub(crate) throughput: Vec<Rate>,
+    pub(crate) latency: Vec<Latency>,
+    pub(crate) comparisons: Vec<Comparison>,
     /// CPU time per message of measured phases, by process group.
-    pub cpu: Vec<CpuFigure>,
-    pub notes: Vec<String>,
+    pub(crate) cpu: Vec<CpuFigure>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// The CPU a phase used, for `messages` messages.
 #[derive(Debug, Clone, Serialize)]
-pub struct CpuFigure {
-    pub name: String,
-    pub messages: u64,
+pub(crate) struct CpuFigure {
+    pub(crate) name: String,
+    pub(crate) messages: u64,
     #[serde(flatten)]
-    pub used: cpu::CpuUse,
+    pub(crate) used: cpu::CpuUse,
 }
 
 impl Report {
@@ -357,12 +378,12 @@ impl Report {
     }
 
     /// Record a parameter of the run.
-    pub fn param(&mut self, name: &str, value: impl Into<serde_json::Value>) {
+    pub(crate) fn param(&mut self, name: &str, value: impl Into<serde_json::Value>) {
         self.parameters.insert(name.to_owned(), value.into());
     }
 
     /// Record a throughput figure and return its rate.
-    pub fn rate(&mut self, name: &str, messages: u64, elapsed: Duration) -> f64 {
+    pub(crate) fn rate(&mut self, name: &str, messages: u64, elapsed: Duration) -> f64 {
         let seconds = elapsed.as_secs_f64();
         let per_second = if seconds > 0.0 {
             messages as f64 / seconds
@@ -379,12 +400,12 @@ impl Report {
     }
 
     /// Record a latency distribution.
-    pub fn latency(&mut self, l: Latency) {
+    pub(crate) fn latency(&mut self, l: Latency) {
         self.latency.push(l);
     }
 
     /// Compare `value` with `ceiling` and check the ratio against `target`.
-    pub fn compare(
+    pub(crate) fn compare(
         &mut self,
         name: &str,
         value: f64,
@@ -407,7 +428,7 @@ impl Report {
 
     /// Record the CPU a phase of `messages` messages used (nothing when
     /// /proc could not be read).
-    pub fn cpu(&mut self, name: &str, used: Option<cpu::CpuUse>, messages: u64) {
+    pub(crate) fn cpu(&mut self, name: &str, used: Option<cpu::CpuUse>, messages: u64) {
         match used {
             Some(used) => self.cpu.push(CpuFigure {
                 name: name.to_owned(),
@@ -419,12 +440,12 @@ impl Report {
     }
 
     /// Add a note (what bounds a figure, what was measured how).
-    pub fn note(&mut self, n: impl Into<String>) {
+    pub(crate) fn note(&mut self, n: impl Into<String>) {
         self.notes.push(n.into());
     }
 
     /// The human-readable tables.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(
@@ -542,7 +563,7 @@ fn fmt_value(v: f64, unit: &str) -> String {
 /// Commit and processing instants of messages, matched by id. Whichever
 /// side comes second records `processed - committed` (0 if the consumer's
 /// commit returned before the producer's did).
-pub struct Stamps {
+pub(crate) struct Stamps {
     inner: Mutex<StampsInner>,
 }
 
@@ -562,7 +583,7 @@ enum Side {
 }
 
 impl Stamps {
-    pub fn new() -> anyhow::Result<Arc<Stamps>> {
+    pub(crate) fn new() -> anyhow::Result<Arc<Stamps>> {
         Ok(Arc::new(Stamps {
             inner: Mutex::new(StampsInner {
                 open: HashMap::new(),
@@ -579,7 +600,7 @@ impl Stamps {
     }
 
     /// The producer's transaction carrying `id` has committed.
-    pub fn committed(&self, id: Uuid) {
+    pub(crate) fn committed(&self, id: Uuid) {
         let now = Instant::now();
         let mut g = self.lock();
         match g.open.remove(&id) {
@@ -592,7 +613,7 @@ impl Stamps {
 
     /// The consumer's inbox has recorded `id` (its transaction is still
     /// open). Counted only when the producer's commit came first.
-    pub fn received(&self, id: Uuid) {
+    pub(crate) fn received(&self, id: Uuid) {
         let now = Instant::now();
         let mut g = self.lock();
         if let Some(Side::Committed(at)) = g.open.get(&id) {
@@ -603,7 +624,7 @@ impl Stamps {
     }
 
     /// The consumer's transaction applying `id` has committed.
-    pub fn processed(&self, id: Uuid) {
+    pub(crate) fn processed(&self, id: Uuid) {
         let now = Instant::now();
         let mut g = self.lock();
         g.processed += 1;
@@ -621,37 +642,37 @@ impl Stamps {
     }
 
     /// Messages processed so far and when the last one was.
-    pub fn progress(&self) -> (u64, Option<Instant>) {
+    pub(crate) fn progress(&self) -> (u64, Option<Instant>) {
         let g = self.lock();
         (g.processed, g.last_processed)
     }
 
     /// The commit→processed histogram (µs).
     #[cfg(test)]
-    pub fn histogram(&self) -> Histogram<u64> {
+    pub(crate) fn histogram(&self) -> Histogram<u64> {
         self.lock().hist.clone()
     }
 
     /// Start a new histogram (next phase); returns the old one.
-    pub fn take_histogram(&self) -> anyhow::Result<Histogram<u64>> {
+    pub(crate) fn take_histogram(&self) -> anyhow::Result<Histogram<u64>> {
         let fresh = new_histogram()?;
         Ok(std::mem::replace(&mut self.lock().hist, fresh))
     }
 
     /// Start a new commit → received histogram; returns the old one.
-    pub fn take_received(&self) -> anyhow::Result<Histogram<u64>> {
+    pub(crate) fn take_received(&self) -> anyhow::Result<Histogram<u64>> {
         let fresh = new_histogram()?;
         Ok(std::mem::replace(&mut self.lock().received, fresh))
     }
 }
 
 /// A histogram of 1 µs .. 10 min at 3 significant digits.
-pub fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 600_000_000, 3).context("histogram bounds")
 }
 
 /// Wait until `stamps` counts `n` processed messages, or fail after `limit`.
-pub async fn wait_processed(
+pub(crate) async fn wait_processed(
     stamps: &Stamps,
     n: u64,
     limit: Duration,
@@ -677,15 +698,15 @@ pub async fn wait_processed(
 /// An inbox that tells [`Stamps`] when a message's transaction has
 /// committed (after `commit` returns, so the figure includes the commit).
 #[derive(Clone)]
-pub struct TimedInbox<I> {
-    pub inner: I,
-    pub stamps: Arc<Stamps>,
+pub(crate) struct TimedInbox<I> {
+    pub(crate) inner: I,
+    pub(crate) stamps: Arc<Stamps>,
 }
 
 /// The transaction of a [`TimedInbox`]: the backend's, plus the ids of the
 /// new messages it applies (several with the consumer's group commit).
-pub struct TimedTx<T> {
-    pub tx: T,
+pub(crate) struct TimedTx<T> {
+    pub(crate) tx: T,
     ids: Vec<Uuid>,
 }
 
@@ -783,7 +804,7 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
 /// one call at a time. With `rate` (messages/s over all producers) calls
 /// are paced open-loop: call `i` starts no earlier than `start + i / rate`.
 /// Returns the time from the start until the last call returned.
-pub async fn drive<F, Fut>(
+pub(crate) async fn drive<F, Fut>(
     producers: usize,
     total: u64,
     rate: Option<f64>,
@@ -820,13 +841,34 @@ where
 }
 
 /// Messages of the warm-up before a measured phase (not reported).
-pub fn warm_up(n: u64) -> u64 {
+pub(crate) fn warm_up(n: u64) -> u64 {
     (n / 10).clamp(1, 1000)
+}
+
+/// Warm up with `op` (`warm_up(n)` calls, the progress bar labelled
+/// `warm`), then [`timed_rate`] of `n` calls: a ceiling's rate.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn warmed_rate<F, Fut>(
+    report: &mut Report,
+    producers: usize,
+    n: u64,
+    warm: &str,
+    what: &str,
+    name: &str,
+    op: F,
+) -> anyhow::Result<f64>
+where
+    F: Fn(u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let w = warm_up(n);
+    drive(producers, w, None, &bar(w, warm), op.clone()).await?;
+    timed_rate(report, producers, n, what, name, op).await
 }
 
 /// [`drive`] `op` for `n` messages as fast as `producers` producers go,
 /// with a progress bar saying `what`; reports and returns the rate as `name`.
-pub async fn timed_rate<F, Fut>(
+pub(crate) async fn timed_rate<F, Fut>(
     report: &mut Report,
     producers: usize,
     n: u64,
@@ -847,17 +889,17 @@ where
 }
 
 /// What [`pipeline_phases`] measured.
-pub struct Phases {
+pub(crate) struct Phases {
     /// End-to-end rate, saturated (msg/s).
-    pub e2e: f64,
+    pub(crate) e2e: f64,
     /// Producer commit rate while the pipeline ran, saturated (msg/s).
-    pub commits: f64,
+    pub(crate) commits: f64,
     /// p99 commit→processed at 50% of `e2e` (ms).
-    pub half_load_p99_ms: f64,
+    pub(crate) half_load_p99_ms: f64,
 }
 
 /// How long a phase may take before the run is declared stuck.
-pub fn phase_limit(args: &BenchArgs) -> Duration {
+pub(crate) fn phase_limit(args: &BenchArgs) -> Duration {
     Duration::from_secs(if args.quick { 120 } else { 900 })
 }
 
@@ -871,7 +913,7 @@ pub fn phase_limit(args: &BenchArgs) -> Duration {
 ///    commit; end to end = n ÷ (first commit started → last processed);
 /// 3. 50% load: paced open-loop at half the saturated end-to-end rate for
 ///    5 s (quick) or 30 s, to show latency under normal load.
-pub async fn pipeline_phases<F, Fut>(
+pub(crate) async fn pipeline_phases<F, Fut>(
     args: &BenchArgs,
     report: &mut Report,
     label: &str,
@@ -955,7 +997,7 @@ where
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn bar(len: u64, what: &str) -> ProgressBar {
+pub(crate) fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressBar::new(len)
     } else {
@@ -973,7 +1015,7 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// The ordering key of message `i` (`keys` distinct keys).
-pub fn key_of(i: u64, keys: u64) -> String {
+pub(crate) fn key_of(i: u64, keys: u64) -> String {
     format!("key-{:04}", i % keys.max(1))
 }
 
@@ -981,19 +1023,24 @@ pub fn key_of(i: u64, keys: u64) -> String {
 // Services
 
 /// A pool of at most `max` connections to `url`.
-pub async fn pg_pool(url: &str, max: u32) -> anyhow::Result<sqlx::PgPool> {
+pub(crate) async fn pg_pool(url: &str, max: u32) -> anyhow::Result<sqlx::PgPool> {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(max.max(1))
         .acquire_timeout(Duration::from_secs(30))
         .connect(url)
         .await
-        .with_context(|| format!("cannot connect to {}", crate::ops::redact(url)))
+        .with_context(|| {
+            format!(
+                "cannot connect to {}",
+                custody_scenario::process::redact(url)
+            )
+        })
 }
 
 /// Raw async-nats JetStream publish-with-ack: `total` messages of the same
 /// headers and payload as custody sends, at most `window` PubAcks
 /// outstanding. Returns the elapsed time.
-pub async fn raw_jetstream(
+pub(crate) async fn raw_jetstream(
     client: &async_nats::Client,
     subject: &str,
     template: &Message,
@@ -1030,7 +1077,7 @@ pub async fn raw_jetstream(
 // Memory
 
 /// This process's resident set size in MiB (VmRSS), if readable.
-pub fn rss_mib() -> Option<f64> {
+pub(crate) fn rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     status_kib(&s, "VmRSS:").map(|k| k as f64 / 1024.0)
 }
@@ -1043,14 +1090,14 @@ fn status_kib(text: &str, field: &str) -> Option<u64> {
 }
 
 /// Samples [`rss_mib`] every 100 ms until stopped; keeps the maximum.
-pub struct RssSampler {
+pub(crate) struct RssSampler {
     max: Arc<Mutex<f64>>,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl RssSampler {
-    pub fn start() -> RssSampler {
+    pub(crate) fn start() -> RssSampler {
         let max = Arc::new(Mutex::new(rss_mib().unwrap_or(0.0)));
         let stop = tokio_util::sync::CancellationToken::new();
         let (m, s) = (max.clone(), stop.clone());
@@ -1070,7 +1117,7 @@ impl RssSampler {
     }
 
     /// Stop sampling; the maximum seen (MiB).
-    pub async fn stop(self) -> f64 {
+    pub(crate) async fn stop(self) -> f64 {
         self.stop.cancel();
         let _ = self.task.await;
         let max = *self.max.lock().unwrap_or_else(|e| e.into_inner());

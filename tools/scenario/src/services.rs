@@ -1,4 +1,4 @@
-//! Throwaway resources of one `demo`, `bench` or `chaos` run on the real
+//! Throwaway resources of one demo, bench or chaos run on the real
 //! services: fresh PostgreSQL databases and a JetStream stream, removed at
 //! the end whatever happened.
 
@@ -54,7 +54,7 @@ impl Databases {
         let mut c = sqlx::PgConnection::connect(server).await.with_context(|| {
             format!(
                 "cannot connect to PostgreSQL at {}",
-                crate::ops::redact(server)
+                crate::process::redact(server)
             )
         })?;
         let mut dbs = Databases {

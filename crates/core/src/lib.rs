@@ -43,7 +43,7 @@ pub use message::{
     escape_text, headers, is_json_content_type, storable_text, Message, MessageBuilder,
     MessageKind, CONTENT_TYPE_JSON,
 };
-pub use partition::partition_for;
+pub use partition::{fair_share, partition_for, plan_leases, LeasePlan};
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
 pub use reconcile::{
     IdDigest, IdRange, NumberedRow, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,

@@ -52,7 +52,7 @@ pub use reconcile::{
 pub use sequence::{AcceptedGap, Compaction, GapAcceptance, GapRange, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
-    Attempt, DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord,
-    OutboxStore, Redrive, RowWrite,
+    keep_numbered, Attempt, DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore,
+    OutboxRecord, OutboxStore, Redrive, RowWrite,
 };
 pub use transport::{Delivery, Malformed, PublishAck, Publisher, Subscriber};

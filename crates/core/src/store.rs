@@ -25,6 +25,36 @@ pub struct OutboxRecord {
     pub message: Message,
 }
 
+/// The end of every [`OutboxStore::assign_sequences`]: give each unnumbered
+/// record of `records` the number `given(position)` the store stored for it,
+/// and remove those it numbered none (their partition's lease is gone, or
+/// the row was numbered or published meanwhile: not this relay's to
+/// publish now). Records already numbered stay as they are. Returns how
+/// many were removed.
+pub fn keep_numbered(
+    relay: &str,
+    records: &mut Vec<OutboxRecord>,
+    given: impl Fn(i64) -> Option<u64>,
+) -> usize {
+    let before = records.len();
+    records.retain_mut(|r| {
+        if r.sequence.is_some() {
+            return true;
+        }
+        r.sequence = given(r.position).filter(|seq| *seq > 0);
+        r.sequence.is_some()
+    });
+    let dropped = before - records.len();
+    if dropped > 0 {
+        tracing::debug!(
+            relay,
+            dropped,
+            "unnumbered rows of partitions no longer leased (or no longer pending) left to their new holder"
+        );
+    }
+    dropped
+}
+
 /// The relay's view of an outbox: leases on partitions, the next publishable
 /// batch, and the outcome of each publish.
 ///
@@ -443,6 +473,27 @@ pub struct Redrive {
     pub seq: i64,
     /// The message as it was dead-lettered.
     pub message: Message,
+}
+
+impl Redrive {
+    /// Read the redrive-queue rows `(seq, envelope JSON)` a store fetched
+    /// for [`InboxStore::redrives`]: the readable ones, and the sequences of
+    /// rows whose envelope does not read (`custody dlq redrive` checked it,
+    /// so a hand-edited row), logged here, which the store drops.
+    pub fn read_queue(rows: Vec<(i64, String)>) -> (Vec<Redrive>, Vec<i64>) {
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for (seq, envelope) in rows {
+            match serde_json::from_str::<Message>(&envelope) {
+                Ok(message) => out.push(Redrive { seq, message }),
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "redrive row has an unreadable envelope; dropping it");
+                    unreadable.push(seq);
+                }
+            }
+        }
+        (out, unreadable)
+    }
 }
 
 /// Why a handler did not apply a message.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
 use custody_core::{
-    partition_for, plan_leases, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result,
-    RowWrite,
+    keep_numbered, partition_for, plan_leases, Error, Message, OutboxRecord, OutboxStore,
+    PublishAck, Result, RowWrite,
 };
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -1217,28 +1217,11 @@ impl OutboxStore for PgOutbox {
             .map_err(db(OP))?
             .into_iter()
             .collect();
-        let before = records.len();
-        records.retain_mut(|r| {
-            if r.sequence.is_some() {
-                return true;
-            }
-            match numbers.get(&r.position) {
-                Some(seq) => {
-                    r.sequence = u64::try_from(*seq).ok();
-                    true
-                }
-                // the partition's lease is lost (fenced), or the row was
-                // numbered or published meanwhile: not ours to publish now
-                None => false,
-            }
+        keep_numbered(relay, records, |position| {
+            numbers
+                .get(&position)
+                .and_then(|seq| u64::try_from(*seq).ok())
         });
-        if records.len() < before {
-            tracing::debug!(
-                relay,
-                dropped = before - records.len(),
-                "rows of partitions no longer leased are left to their new holder"
-            );
-        }
         Ok(())
     }
 

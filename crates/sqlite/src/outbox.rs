@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
 use custody_core::{
-    partition_for, plan_leases, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result,
-    RowWrite,
+    keep_numbered, partition_for, plan_leases, Error, Message, OutboxRecord, OutboxStore,
+    PublishAck, Result, RowWrite,
 };
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, OnceCell};
@@ -887,26 +887,7 @@ impl OutboxStore for SqliteOutbox {
             }
         }
         tx.commit().await.map_err(map_err(OP))?;
-        let before = records.len();
-        records.retain_mut(|r| {
-            if r.sequence.is_some() {
-                return true;
-            }
-            match given.get(&r.position) {
-                Some(&seq) if seq > 0 => {
-                    r.sequence = Some(seq);
-                    true
-                }
-                _ => false,
-            }
-        });
-        if records.len() < before {
-            tracing::debug!(
-                relay,
-                dropped = before - records.len(),
-                "unnumbered rows of partitions no longer leased (or no longer pending) left out"
-            );
-        }
+        keep_numbered(relay, records, |position| given.get(&position).copied());
         Ok(())
     }
 

@@ -43,7 +43,7 @@ pub use message::{
     escape_text, headers, is_json_content_type, storable_text, Message, MessageBuilder,
     MessageKind, CONTENT_TYPE_JSON,
 };
-pub use partition::partition_for;
+pub use partition::{fair_share, partition_for, plan_leases, LeasePlan};
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
 pub use reconcile::{
     IdDigest, IdRange, NumberedRow, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
@@ -52,7 +52,7 @@ pub use reconcile::{
 pub use sequence::{AcceptedGap, Compaction, GapAcceptance, GapRange, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{
-    Attempt, DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore, OutboxRecord,
-    OutboxStore, Redrive, RowWrite,
+    keep_numbered, Attempt, DeadLetter, Handler, HandlerError, InboxOutcome, InboxStore,
+    OutboxRecord, OutboxStore, Redrive, RowWrite,
 };
 pub use transport::{Delivery, Malformed, PublishAck, Publisher, Subscriber};

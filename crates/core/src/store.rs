@@ -25,10 +25,44 @@ pub struct OutboxRecord {
     pub message: Message,
 }
 
+/// The end of every [`OutboxStore::assign_sequences`]: give each unnumbered
+/// record of `records` the number `given(position)` the store stored for it,
+/// and remove those it numbered none (their partition's lease is gone, or
+/// the row was numbered or published meanwhile: not this relay's to
+/// publish now). Records already numbered stay as they are. Returns how
+/// many were removed.
+pub fn keep_numbered(
+    relay: &str,
+    records: &mut Vec<OutboxRecord>,
+    given: impl Fn(i64) -> Option<u64>,
+) -> usize {
+    let before = records.len();
+    records.retain_mut(|r| {
+        if r.sequence.is_some() {
+            return true;
+        }
+        r.sequence = given(r.position).filter(|seq| *seq > 0);
+        r.sequence.is_some()
+    });
+    let dropped = before - records.len();
+    if dropped > 0 {
+        tracing::debug!(
+            relay,
+            dropped,
+            "unnumbered rows of partitions no longer leased (or no longer pending) left to their new holder"
+        );
+    }
+    dropped
+}
+
 /// The relay's view of an outbox: leases on partitions, the next publishable
 /// batch, and the outcome of each publish.
 ///
-/// Implementations: `custody_sqlite::SqliteOutbox`, `custody_postgres::PgOutbox`.
+/// Implementations: `custody_sqlite::SqliteOutbox`, `custody_postgres::PgOutbox`,
+/// `custody_testkit::memory::MemoryOutbox`. Every capability is a required
+/// method except [`OutboxStore::fetch_batch_excluding`], whose provided body
+/// is correct for every store (only less efficient); the fair-share decision
+/// of [`OutboxStore::acquire_leases`] is [`crate::plan_leases`].
 pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// Number of partitions keys are hashed into.
     fn partitions(&self) -> u32;
@@ -95,11 +129,10 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     }
 
     /// This outbox's producer id, the first part of every `(producer,
-    /// partition, sequence)` stamp (see [`crate::sequence`]). Stores that
-    /// return `None` (the default) publish unnumbered messages.
-    fn producer_id(&self) -> impl Future<Output = Result<Option<String>>> + Send {
-        async { Ok(None) }
-    }
+    /// partition, sequence)` stamp (see [`crate::sequence`]). A store that
+    /// returns `None` publishes unnumbered messages (the relay then never
+    /// calls [`OutboxStore::assign_sequences`]); say so in its docs.
+    fn producer_id(&self) -> impl Future<Output = Result<Option<String>>> + Send;
 
     /// Number every record of `records` that has no sequence yet with the
     /// next numbers of its partition, in position order, and store the
@@ -107,16 +140,13 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
     /// partition's next number, under `relay`'s lease). Records of
     /// partitions `relay` no longer leases are removed from `records`: a
     /// relay that lost a lease must not number (or publish) that
-    /// partition's new messages. The default numbers nothing.
+    /// partition's new messages.
     fn assign_sequences(
         &self,
         relay: &str,
         records: &mut Vec<OutboxRecord>,
         now: DateTime<Utc>,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let _ = (relay, records, now);
-        async { Ok(()) }
-    }
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Mark messages published after the transport's durable ack, keeping
     /// each ack's [`PublishAck::reference`] (stream and sequence) for
@@ -170,12 +200,7 @@ pub trait OutboxStore: Clone + Send + Sync + 'static {
         partitions: &[u32],
         older_than: DateTime<Utc>,
         limit: usize,
-    ) -> impl Future<Output = Result<u64>> + Send {
-        async move {
-            let _ = (partitions, older_than, limit);
-            Ok(0)
-        }
-    }
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     /// Resolve when new messages may have been committed, or after `timeout`.
     /// (PostgreSQL: LISTEN/NOTIFY; SQLite: an in-process signal.)
@@ -246,6 +271,13 @@ pub enum InboxOutcome {
 }
 
 /// A consumer's idempotent inbox, in the consumer's own database.
+///
+/// Every capability the consumer engine uses is a required method: an
+/// implementation that cannot provide one (the memory model keeps no
+/// sequence floors) writes down what it does instead, so a new backend
+/// never compiles while silently not pruning, compacting or redriving. The
+/// one provided method, [`InboxStore::record_all`], is correct for every
+/// store, only slower.
 ///
 /// The consumer engine opens a transaction, records the message id, runs the
 /// handler in the same transaction and commits: the effect and the inbox row
@@ -344,15 +376,12 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
     /// Up to `limit` messages an operator sent back to `consumer` from its
     /// dead letters (`custody dlq redrive`), oldest first. Their inbox rows
     /// were deleted by the redrive, so [`InboxStore::record`] sees them as
-    /// new. The default has no redrive queue.
+    /// new.
     fn redrives(
         &self,
         consumer: &str,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<Redrive>>> + Send {
-        let _ = (consumer, limit);
-        async { Ok(Vec::new()) }
-    }
+    ) -> impl Future<Output = Result<Vec<Redrive>>> + Send;
 
     /// Remove redrive `seq` from the queue inside `tx` (the handler's
     /// transaction), so the message is handed to the handler exactly once.
@@ -364,17 +393,11 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
         &self,
         tx: &mut Self::Tx,
         seq: i64,
-    ) -> impl Future<Output = Result<()>> + Send {
-        let _ = (tx, seq);
-        async { Ok(()) }
-    }
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Remove redrive `seq` in a transaction of its own (after the message
     /// was dead-lettered again).
-    fn drop_redrive(&self, seq: i64) -> impl Future<Output = Result<()>> + Send {
-        let _ = seq;
-        async { Ok(()) }
-    }
+    fn drop_redrive(&self, seq: i64) -> impl Future<Output = Result<()>> + Send;
 
     /// Delete at most `limit` of `consumer`'s inbox rows recorded before
     /// `older_than`, in one short transaction, keeping rows of messages
@@ -382,52 +405,37 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
     /// skipped). Returns how many were deleted. Rows older than the
     /// transport's redelivery horizon are no longer needed for dedupe;
     /// reconciliation needs them for its window, so the retention must
-    /// cover it. The default deletes nothing.
+    /// cover it.
     fn prune(
         &self,
         consumer: &str,
         older_than: DateTime<Utc>,
         limit: usize,
-    ) -> impl Future<Output = Result<u64>> + Send {
-        let _ = (consumer, older_than, limit);
-        async { Ok(0) }
-    }
+    ) -> impl Future<Output = Result<u64>> + Send;
 
     /// `consumer`'s progress through every producer partition it has seen
     /// numbered messages of (see [`crate::sequence`]): floor, highest
-    /// sequence, holes. The default knows no numbering.
+    /// sequence, holes. An inbox that keeps no sequence floors returns
+    /// none (and says so in its docs).
     fn progress(
         &self,
         consumer: &str,
-    ) -> impl Future<Output = Result<Vec<crate::PartitionProgress>>> + Send {
-        let _ = consumer;
-        async { Ok(Vec::new()) }
-    }
+    ) -> impl Future<Output = Result<Vec<crate::PartitionProgress>>> + Send;
 
     /// Raise `consumer`'s floor of one producer partition past numbers that
     /// will never arrive (see [`crate::sequence::plan_acceptance`] for what
     /// is refused), in one transaction with an audit record of who, when,
     /// which numbers and why (`custody_gap_accepted`). A message whose
     /// number was accepted and that arrives after all is not dropped: the
-    /// inbox dead-letters it (its id was never recorded). Backends without
-    /// sequence floors refuse with an error.
+    /// inbox dead-letters it (its id was never recorded). An inbox without
+    /// sequence floors refuses with a non-retryable error
+    /// ([`crate::Error::store`]) that says so.
     fn accept_gap(
         &self,
         consumer: &str,
         gap: &crate::GapAcceptance,
         now: DateTime<Utc>,
-    ) -> impl Future<Output = Result<crate::AcceptedGap>> + Send {
-        let _ = (gap, now);
-        let consumer = consumer.to_owned();
-        async move {
-            Err(crate::Error::store(
-                "inbox",
-                "accept gap",
-                false,
-                format!("the inbox of consumer {consumer:?} keeps no sequence floors: there is no gap to accept (use a SQLite or PostgreSQL inbox)"),
-            ))
-        }
-    }
+    ) -> impl Future<Output = Result<crate::AcceptedGap>> + Send;
 
     /// Fold `consumer`'s inbox rows into its per-partition floors: move each
     /// floor up over the run of recorded sequences above it (reading at most
@@ -436,16 +444,14 @@ pub trait InboxStore: Clone + Send + Sync + 'static {
     /// reconciliation window stay for `custody reconcile`). Each partition
     /// in one short transaction. Dedupe stays exact:
     /// [`InboxStore::record`] reports a numbered message at or below the
-    /// floor as a duplicate. The default compacts nothing.
+    /// floor as a duplicate. An inbox without sequence floors has nothing
+    /// to fold and returns an empty [`crate::Compaction`].
     fn compact(
         &self,
         consumer: &str,
         keep_after: DateTime<Utc>,
         limit: usize,
-    ) -> impl Future<Output = Result<crate::Compaction>> + Send {
-        let _ = (consumer, keep_after, limit);
-        async { Ok(crate::Compaction::default()) }
-    }
+    ) -> impl Future<Output = Result<crate::Compaction>> + Send;
 }
 
 /// What earlier consumer runs left of a message's handler attempts (see
@@ -467,6 +473,27 @@ pub struct Redrive {
     pub seq: i64,
     /// The message as it was dead-lettered.
     pub message: Message,
+}
+
+impl Redrive {
+    /// Read the redrive-queue rows `(seq, envelope JSON)` a store fetched
+    /// for [`InboxStore::redrives`]: the readable ones, and the sequences of
+    /// rows whose envelope does not read (`custody dlq redrive` checked it,
+    /// so a hand-edited row), logged here, which the store drops.
+    pub fn read_queue(rows: Vec<(i64, String)>) -> (Vec<Redrive>, Vec<i64>) {
+        let mut out = Vec::with_capacity(rows.len());
+        let mut unreadable = Vec::new();
+        for (seq, envelope) in rows {
+            match serde_json::from_str::<Message>(&envelope) {
+                Ok(message) => out.push(Redrive { seq, message }),
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "redrive row has an unreadable envelope; dropping it");
+                    unreadable.push(seq);
+                }
+            }
+        }
+        (out, unreadable)
+    }
 }
 
 /// Why a handler did not apply a message.

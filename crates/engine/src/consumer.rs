@@ -171,11 +171,21 @@ pub struct ConsumerStats {
     pub compacted: u64,
 }
 
+/// How one message was settled (counted, then acknowledged).
 enum Settled {
     Processed,
     Skipped,
     Duplicate,
     DeadLettered,
+}
+
+/// How the single-message path (`Consumer::process`) ended.
+enum Processed {
+    /// Settled: count it and acknowledge it.
+    Settled(Settled),
+    /// Cancelled while waiting out a transient failure, before it was
+    /// settled: leave it unacknowledged (it is redelivered).
+    Cancelled,
 }
 
 impl Settled {
@@ -526,19 +536,24 @@ where
                 Sequence::unstamp(&mut r.message);
                 info!(consumer = %self.config.name, message_id = %r.message.id, "processing redriven message");
                 let span = tracing::info_span!("redrive", message_id = %r.message.id, topic = %r.message.topic);
-                let settled = self
+                let settled = match self
                     .process(&r.message, Some(r.seq), cancel)
                     .instrument(span)
-                    .await?;
-                match settled {
-                    None => return Ok(total),
-                    Some(s) => {
-                        total += 1;
-                        self.stats.redriven += 1;
-                        metrics::counter!(m::CONSUMER_REDRIVEN_TOTAL, "consumer" => self.config.name.clone()).increment(1);
-                        self.count(s);
-                    }
+                    .await?
+                {
+                    Processed::Cancelled => return Ok(total),
+                    Processed::Settled(s) => s,
+                };
+                if let Settled::DeadLettered = settled {
+                    // dead again: the new dead letter (and its inbox row) are
+                    // stored; take it off the queue. Should this fail, the next
+                    // drain finds the inbox row and settles it as a duplicate.
+                    self.inbox.drop_redrive(r.seq).await?;
                 }
+                total += 1;
+                self.stats.redriven += 1;
+                metrics::counter!(m::CONSUMER_REDRIVEN_TOTAL, "consumer" => self.config.name.clone()).increment(1);
+                self.count(settled);
             }
         }
     }
@@ -781,9 +796,8 @@ where
             Ok(msg) => {
                 let span = tracing::info_span!("consume", message_id = %msg.id, topic = %msg.topic, r#type = %msg.message_type);
                 match self.process(&msg, None, cancel).instrument(span).await? {
-                    Some(s) => s,
-                    // cancelled while waiting out a transient failure: leave it unacked
-                    None => return Ok(()),
+                    Processed::Settled(s) => s,
+                    Processed::Cancelled => return Ok(()),
                 }
             }
             Err(bad) => {
@@ -799,30 +813,17 @@ where
         Ok(())
     }
 
-    /// Apply one message (`redrive`: its seq in the redrive queue).
-    /// `Ok(None)` = cancelled before it was settled.
+    /// Apply one message alone (`redrive`: its seq in the redrive queue,
+    /// taken off in the handler's transaction): retry transient failures
+    /// with backoff, wait out the inbox store, dead-letter what can never
+    /// be applied. A redrive dead-lettered again stays queued: the caller
+    /// drops it.
     async fn process(
         &mut self,
         msg: &Message,
         redrive: Option<i64>,
         cancel: &CancellationToken,
-    ) -> Result<Option<Settled>> {
-        let settled = self.process_inner(msg, redrive, cancel).await?;
-        if let (Some(Settled::DeadLettered), Some(seq)) = (&settled, redrive) {
-            // dead again: the new dead letter (and its inbox row) are
-            // stored; take it off the queue. Should this fail, the next
-            // drain finds the inbox row and settles it as a duplicate.
-            self.inbox.drop_redrive(seq).await?;
-        }
-        Ok(settled)
-    }
-
-    async fn process_inner(
-        &mut self,
-        msg: &Message,
-        redrive: Option<i64>,
-        cancel: &CancellationToken,
-    ) -> Result<Option<Settled>> {
+    ) -> Result<Processed> {
         let mut handler_attempt = 0u32;
         let mut store_attempt = 0u32;
         loop {
@@ -832,7 +833,7 @@ where
                     if outcome == InboxOutcome::Duplicate {
                         debug!(message_id = %msg.id, "duplicate skipped");
                     }
-                    return Ok(Some(Settled::of(outcome, msg)));
+                    return Ok(Processed::Settled(Settled::of(outcome, msg)));
                 }
                 Ok(Applied::Failed(_, e)) => e,
                 Ok(Applied::Poison(crashes)) => {
@@ -842,7 +843,7 @@ where
                     );
                     self.dead_letter_message(msg, &reason, crashes, "poison", cancel)
                         .await?;
-                    return Ok(Some(Settled::DeadLettered));
+                    return Ok(Processed::Settled(Settled::DeadLettered));
                 }
                 Ok(Applied::Suspect(_)) => {
                     return Err(custody_core::Error::store(
@@ -859,7 +860,7 @@ where
                     warn!(consumer = %self.config.name, error = %e, ?delay, "inbox store unavailable; retrying");
                     if !self.sleep(delay, cancel).await {
                         self.forget_attempts(msg.id).await;
-                        return Ok(None);
+                        return Ok(Processed::Cancelled);
                     }
                     continue;
                 }
@@ -871,7 +872,7 @@ where
                     );
                     self.dead_letter_message(msg, &reason, handler_attempt + 1, "rejected", cancel)
                         .await?;
-                    return Ok(Some(Settled::DeadLettered));
+                    return Ok(Processed::Settled(Settled::DeadLettered));
                 }
                 Err(e) => return Err(e),
             };
@@ -890,7 +891,7 @@ where
                             cancel,
                         )
                         .await?;
-                        return Ok(Some(Settled::DeadLettered));
+                        return Ok(Processed::Settled(Settled::DeadLettered));
                     }
                     self.stats.retries += 1;
                     metrics::counter!(m::CONSUMER_RETRIES_TOTAL, "consumer" => self.config.name.clone()).increment(1);
@@ -898,7 +899,7 @@ where
                     debug!(message_id = %msg.id, error = %e, ?delay, "transient handler error; retrying");
                     if !self.sleep(delay, cancel).await {
                         self.forget_attempts(msg.id).await;
-                        return Ok(None);
+                        return Ok(Processed::Cancelled);
                     }
                 }
                 HandlerError::UnknownType(t) => {
@@ -914,7 +915,7 @@ where
                         cancel,
                     )
                     .await?;
-                    return Ok(Some(Settled::DeadLettered));
+                    return Ok(Processed::Settled(Settled::DeadLettered));
                 }
                 e => {
                     let inner = match &e {
@@ -930,7 +931,7 @@ where
                         cancel,
                     )
                     .await?;
-                    return Ok(Some(Settled::DeadLettered));
+                    return Ok(Processed::Settled(Settled::DeadLettered));
                 }
             }
         }

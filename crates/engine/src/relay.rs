@@ -97,6 +97,25 @@ pub struct RelayStats {
     pub pruned: u64,
 }
 
+/// The producer id a relay stamps its records with (see
+/// [`custody_core::sequence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ProducerId {
+    /// Not read from the store yet (read before the first batch is numbered).
+    Unknown,
+    /// Nothing is numbered: the store keeps no producer id, or
+    /// [`RelayConfig::sequence_numbers`] is off.
+    Anonymous,
+    /// Records are numbered and stamped with this id.
+    Known(String),
+}
+
+impl From<Option<String>> for ProducerId {
+    fn from(id: Option<String>) -> Self {
+        id.map_or(ProducerId::Anonymous, ProducerId::Known)
+    }
+}
+
 /// Moves committed outbox messages to a transport.
 ///
 /// One relay holds a set of partitions through leases; within a partition it
@@ -115,9 +134,8 @@ pub struct Relay<S, P, C = SystemClock> {
     lease_renew_at: Option<DateTime<Utc>>,
     prune_at: Option<DateTime<Utc>>,
     last_success: Option<DateTime<Utc>>,
-    /// The store's producer id once read (`Some(None)`: nothing is numbered,
-    /// because the store does not number or `sequence_numbers` is off).
-    producer: Option<Option<String>>,
+    /// The producer id the relay stamps records with, once read.
+    producer: ProducerId,
     /// When a step last found messages (picks the idle wait).
     last_busy: Option<DateTime<Utc>>,
     /// Another process's instance and heartbeat, when the store refused this
@@ -153,7 +171,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P, SystemClock> {
             lease_renew_at: None,
             prune_at: None,
             last_success: None,
-            producer: None,
+            producer: ProducerId::Unknown,
             last_busy: None,
             id_holder: None,
             stats: RelayStats::default(),
@@ -451,13 +469,12 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         if batch.is_empty() {
             return Ok(());
         }
-        if self.producer.is_none() {
-            // `Some(None)` when numbering is off: nothing is numbered
-            self.producer = Some(if self.config.sequence_numbers {
-                self.store.producer_id().await?
+        if self.producer == ProducerId::Unknown {
+            self.producer = if self.config.sequence_numbers {
+                ProducerId::from(self.store.producer_id().await?)
             } else {
-                None
-            });
+                ProducerId::Anonymous
+            };
         }
         if self.number_batch(batch, now).await? {
             // some partition's lease is gone: renew before the next batch
@@ -474,7 +491,7 @@ impl<S: OutboxStore, P: Publisher, C: Clock> Relay<S, P, C> {
         batch: &mut Vec<OutboxRecord>,
         now: DateTime<Utc>,
     ) -> Result<bool> {
-        let Some(Some(producer)) = &self.producer else {
+        let ProducerId::Known(producer) = &self.producer else {
             return Ok(false);
         };
         if batch.is_empty() {

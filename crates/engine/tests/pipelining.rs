@@ -79,6 +79,28 @@ impl OutboxStore for SlowMark {
         self.0.dead_letter(relay, position, error, now).await
     }
 
+    async fn producer_id(&self) -> Result<Option<String>> {
+        self.0.producer_id().await
+    }
+
+    async fn assign_sequences(
+        &self,
+        relay: &str,
+        records: &mut Vec<OutboxRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        self.0.assign_sequences(relay, records, now).await
+    }
+
+    async fn prune(
+        &self,
+        partitions: &[u32],
+        older_than: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64> {
+        self.0.prune(partitions, older_than, limit).await
+    }
+
     async fn wait_for_new(&self, timeout: Duration) {
         self.0.wait_for_new(timeout).await
     }

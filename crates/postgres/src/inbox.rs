@@ -381,16 +381,9 @@ impl InboxStore for PgInbox {
         .fetch_all(&self.pool)
         .await
         .map_err(db(OP))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (seq, envelope) in rows {
-            match serde_json::from_str::<Message>(&envelope) {
-                Ok(message) => out.push(Redrive { seq, message }),
-                Err(e) => {
-                    // `dlq redrive` checked it; a hand-edited row is dropped, loudly.
-                    tracing::error!(seq, error = %e, "redrive row has an unreadable envelope; dropping it");
-                    self.drop_redrive(seq).await?;
-                }
-            }
+        let (out, unreadable) = Redrive::read_queue(rows);
+        for seq in unreadable {
+            self.drop_redrive(seq).await?;
         }
         Ok(out)
     }

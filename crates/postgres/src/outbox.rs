@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
 use custody_core::{
-    partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result, RowWrite,
+    keep_numbered, partition_for, plan_leases, Error, Message, OutboxRecord, OutboxStore,
+    PublishAck, Result, RowWrite,
 };
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
@@ -1047,10 +1048,9 @@ impl OutboxStore for PgOutbox {
             .fetch_one(&mut *tx)
             .await
             .map_err(db(OP))?;
-        let live = live.max(1);
-        let share = (i64::from(p) + live - 1) / live;
+        let live = u64::try_from(live).unwrap_or(0);
 
-        let mut held: Vec<i32> = sqlx::query_scalar(
+        let held: Vec<i32> = sqlx::query_scalar(
             "UPDATE custody_relay_lease SET expires_at = $2
              WHERE owner = $1 AND partition >= 0 AND partition < $3
              RETURNING partition",
@@ -1061,13 +1061,21 @@ impl OutboxStore for PgOutbox {
         .fetch_all(&mut *tx)
         .await
         .map_err(db(OP))?;
-        held.sort_unstable();
+        let held: Vec<u32> = held
+            .into_iter()
+            .filter_map(|p| u32::try_from(p).ok())
+            .collect();
+        // The fair share (custody_core::plan_leases); the claim of free rows
+        // is the SQL below, lowest first, as the plan says.
+        let plan = plan_leases(self.partitions, live, &held);
 
-        let held_count = i64::try_from(held.len()).unwrap_or(i64::MAX);
-        if held_count > share {
-            // give back the highest ones
-            let keep = usize::try_from(share).unwrap_or(held.len());
-            let release = held.split_off(keep);
+        let mut claimed = Vec::new();
+        if !plan.release.is_empty() {
+            let release: Vec<i32> = plan
+                .release
+                .iter()
+                .filter_map(|p| i32::try_from(*p).ok())
+                .collect();
             sqlx::query(
                 "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL
                  WHERE partition = ANY($1) AND owner = $2",
@@ -1077,8 +1085,8 @@ impl OutboxStore for PgOutbox {
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
-        } else if held_count < share {
-            let claimed: Vec<i32> = sqlx::query_scalar(
+        } else if plan.claim > 0 {
+            let rows: Vec<i32> = sqlx::query_scalar(
                 "UPDATE custody_relay_lease SET owner = $1, expires_at = $2
                  WHERE partition IN (
                      SELECT partition FROM custody_relay_lease
@@ -1093,20 +1101,17 @@ impl OutboxStore for PgOutbox {
             .bind(expires)
             .bind(p)
             .bind(now)
-            .bind(share - held_count)
+            .bind(i64::try_from(plan.claim).unwrap_or(i64::MAX))
             .fetch_all(&mut *tx)
             .await
             .map_err(db(OP))?;
-            held.extend(claimed);
+            claimed = rows
+                .into_iter()
+                .filter_map(|p| u32::try_from(p).ok())
+                .collect();
         }
         tx.commit().await.map_err(db(OP))?;
-
-        let mut out: Vec<u32> = held
-            .into_iter()
-            .filter_map(|p| u32::try_from(p).ok())
-            .collect();
-        out.sort_unstable();
-        Ok(out)
+        Ok(plan.held_after(&claimed))
     }
 
     async fn release_leases(&self, relay: &str) -> Result<()> {
@@ -1212,28 +1217,11 @@ impl OutboxStore for PgOutbox {
             .map_err(db(OP))?
             .into_iter()
             .collect();
-        let before = records.len();
-        records.retain_mut(|r| {
-            if r.sequence.is_some() {
-                return true;
-            }
-            match numbers.get(&r.position) {
-                Some(seq) => {
-                    r.sequence = u64::try_from(*seq).ok();
-                    true
-                }
-                // the partition's lease is lost (fenced), or the row was
-                // numbered or published meanwhile: not ours to publish now
-                None => false,
-            }
+        keep_numbered(relay, records, |position| {
+            numbers
+                .get(&position)
+                .and_then(|seq| u64::try_from(*seq).ok())
         });
-        if records.len() < before {
-            tracing::debug!(
-                relay,
-                dropped = before - records.len(),
-                "rows of partitions no longer leased are left to their new holder"
-            );
-        }
         Ok(())
     }
 

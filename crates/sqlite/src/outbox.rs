@@ -8,7 +8,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use custody_core::sequence::{SKIPPED_HEADER, SKIP_TYPE};
 use custody_core::{
-    partition_for, Error, Message, OutboxRecord, OutboxStore, PublishAck, Result, RowWrite,
+    keep_numbered, partition_for, plan_leases, Error, Message, OutboxRecord, OutboxStore,
+    PublishAck, Result, RowWrite,
 };
 use sqlx::{Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{Notify, OnceCell};
@@ -613,8 +614,7 @@ impl OutboxStore for SqliteOutbox {
             .fetch_one(&mut *tx)
             .await
             .map_err(map_err(OP))?;
-        let live = u32::try_from(live.max(1)).unwrap_or(u32::MAX);
-        let share = usize::try_from(self.partitions.div_ceil(live)).unwrap_or(usize::MAX);
+        let live = u64::try_from(live).unwrap_or(0);
 
         let rows = sqlx::query(
             "SELECT partition, owner, expires_at FROM custody_relay_lease \
@@ -628,6 +628,9 @@ impl OutboxStore for SqliteOutbox {
         let mut free = Vec::new();
         for row in &rows {
             let partition: i64 = row.try_get("partition").map_err(map_err(OP))?;
+            let Ok(partition) = u32::try_from(partition) else {
+                continue;
+            };
             let owner: Option<String> = row.try_get("owner").map_err(map_err(OP))?;
             let expires_at: Option<i64> = row.try_get("expires_at").map_err(map_err(OP))?;
             match owner {
@@ -636,16 +639,11 @@ impl OutboxStore for SqliteOutbox {
                 _ => free.push(partition),
             }
         }
-        // Above the fair share: give back the highest partitions.
-        let release: Vec<i64> = if held.len() > share {
-            held.split_off(share)
-        } else {
-            Vec::new()
-        };
-        // Below it: claim the lowest free or expired ones.
-        let want = share.saturating_sub(held.len());
-        held.extend(free.into_iter().take(want));
-        held.sort_unstable();
+        // The fair share (custody_core::plan_leases): keep the lowest held
+        // up to the share, give back the rest, claim the lowest free ones.
+        let plan = plan_leases(self.partitions, live, &held);
+        let release = plan.release.clone();
+        let held = plan.held_after(&plan.claims(&free));
 
         if !release.is_empty() {
             sqlx::query(
@@ -671,10 +669,7 @@ impl OutboxStore for SqliteOutbox {
             .map_err(map_err(OP))?;
         }
         tx.commit().await.map_err(map_err(OP))?;
-        Ok(held
-            .into_iter()
-            .filter_map(|p| u32::try_from(p).ok())
-            .collect())
+        Ok(held)
     }
 
     async fn release_leases(&self, relay: &str) -> Result<()> {
@@ -892,26 +887,7 @@ impl OutboxStore for SqliteOutbox {
             }
         }
         tx.commit().await.map_err(map_err(OP))?;
-        let before = records.len();
-        records.retain_mut(|r| {
-            if r.sequence.is_some() {
-                return true;
-            }
-            match given.get(&r.position) {
-                Some(&seq) if seq > 0 => {
-                    r.sequence = Some(seq);
-                    true
-                }
-                _ => false,
-            }
-        });
-        if records.len() < before {
-            tracing::debug!(
-                relay,
-                dropped = before - records.len(),
-                "unnumbered rows of partitions no longer leased (or no longer pending) left out"
-            );
-        }
+        keep_numbered(relay, records, |position| given.get(&position).copied());
         Ok(())
     }
 

@@ -30,11 +30,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custody_core::Attempt;
 use custody_core::{
-    partition_for, DeadLetter, Delivery, Error, InboxOutcome, InboxStore, Malformed, Message,
-    OutboxRecord, OutboxStore, PublishAck, Publisher, Result, RowWrite, Subscriber,
+    partition_for, plan_leases, DeadLetter, Delivery, Error, InboxOutcome, InboxStore, Malformed,
+    Message, OutboxRecord, OutboxStore, PublishAck, Publisher, Result, RowWrite, Subscriber,
 };
+use custody_core::{AcceptedGap, Attempt, Compaction, GapAcceptance, PartitionProgress, Redrive};
 use uuid::Uuid;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,6 +74,9 @@ struct Row {
     error: Option<String>,
     /// Order of the commit among all commits (0 while uncommitted).
     committed_as: u64,
+    /// When the relay marked it published or dead-lettered it (what
+    /// [`OutboxStore::prune`] ages rows by).
+    done_at: Option<DateTime<Utc>>,
 }
 
 /// A producer transaction of the model: waiting for its key's lock (no row
@@ -99,8 +102,8 @@ struct OutboxState {
     /// relay → last heartbeat
     members: HashMap<String, DateTime<Utc>>,
     down: bool,
-    /// (position, reason)
-    dead: Vec<(i64, String)>,
+    /// (message id, reason): kept when the row is pruned, like a dead-letter table
+    dead: Vec<(Uuid, String)>,
 }
 
 /// An outbox in memory: [`OutboxStore`] for the relay, plus the producer's
@@ -152,6 +155,7 @@ impl OutboxState {
                 retry_at: None,
                 error: None,
                 committed_as: 0,
+                done_at: None,
             },
         );
         let key = self
@@ -336,11 +340,7 @@ impl MemoryOutbox {
 
     /// Messages the relay dead-lettered, with the reason.
     pub fn dead_letters(&self) -> Vec<(Uuid, String)> {
-        let s = lock(&self.state);
-        s.dead
-            .iter()
-            .filter_map(|(p, e)| s.rows.get(p).map(|r| (r.record.message.id, e.clone())))
-            .collect()
+        lock(&self.state).dead.clone()
     }
 
     /// Current lease holders: partition → relay.
@@ -385,8 +385,7 @@ impl OutboxStore for MemoryOutbox {
         let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(10));
         s.members.insert(relay.to_owned(), now);
         s.members.retain(|_, hb| *hb >= now - ttl);
-        let live = u32::try_from(s.members.len().max(1)).unwrap_or(u32::MAX);
-        let share = self.partitions.div_ceil(live) as usize;
+        let live = u64::try_from(s.members.len()).unwrap_or(u64::MAX);
         let mut held = Vec::new();
         let mut free = Vec::new();
         for p in 0..self.partitions {
@@ -396,14 +395,9 @@ impl OutboxStore for MemoryOutbox {
                 _ => free.push(p),
             }
         }
-        let release = if held.len() > share {
-            held.split_off(share)
-        } else {
-            Vec::new()
-        };
-        let want = share.saturating_sub(held.len());
-        held.extend(free.into_iter().take(want));
-        held.sort_unstable();
+        let plan = plan_leases(self.partitions, live, &held);
+        let release = plan.release.clone();
+        let held = plan.held_after(&plan.claims(&free));
         for p in release {
             s.leases.remove(&p);
         }
@@ -473,6 +467,7 @@ impl OutboxStore for MemoryOutbox {
             if let Some(r) = s.rows.get_mut(pos) {
                 if r.status == RowStatus::Pending && owned.contains(&r.record.partition) {
                     r.status = RowStatus::Published;
+                    r.done_at = Some(now);
                     n += 1;
                 }
             }
@@ -523,13 +518,75 @@ impl OutboxStore for MemoryOutbox {
             Some((false, _)) => Ok(RowWrite::Fenced),
             Some((true, status)) if status != RowStatus::Pending => Ok(RowWrite::NotPending),
             Some((true, _)) => {
-                if let Some(r) = s.rows.get_mut(&position) {
-                    r.status = RowStatus::Dead;
-                }
-                s.dead.push((position, error.to_owned()));
+                let Some(r) = s.rows.get_mut(&position) else {
+                    return Ok(RowWrite::NotPending);
+                };
+                r.status = RowStatus::Dead;
+                r.done_at = Some(now);
+                let id = r.record.message.id;
+                s.dead.push((id, error.to_owned()));
                 Ok(RowWrite::Written)
             }
         }
+    }
+
+    /// The memory outbox publishes unnumbered messages: it keeps no
+    /// producer id.
+    async fn producer_id(&self) -> Result<Option<String>> {
+        if lock(&self.state).down {
+            return Err(unavailable("memory", "read producer id"));
+        }
+        Ok(None)
+    }
+
+    /// Numbers nothing (see [`MemoryOutbox::producer_id`]), but keeps the
+    /// fence of the contract: records of partitions `relay` no longer leases
+    /// are removed.
+    async fn assign_sequences(
+        &self,
+        relay: &str,
+        records: &mut Vec<OutboxRecord>,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "assign sequences"));
+        }
+        records.retain(|r| {
+            s.leases
+                .get(&r.partition)
+                .is_some_and(|(o, exp)| o == relay && *exp > now)
+        });
+        Ok(())
+    }
+
+    /// Deletes published and dead-lettered rows of `partitions` marked
+    /// before `older_than`, lowest positions first (there are no embedded
+    /// readers to wait for). Dead letters stay readable through
+    /// [`MemoryOutbox::dead_letters`].
+    async fn prune(
+        &self,
+        partitions: &[u32],
+        older_than: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "prune outbox"));
+        }
+        let doomed: Vec<i64> = s
+            .rows
+            .values()
+            .filter(|r| matches!(r.status, RowStatus::Published | RowStatus::Dead))
+            .filter(|r| partitions.contains(&r.record.partition))
+            .filter(|r| r.done_at.is_some_and(|t| t < older_than))
+            .take(limit)
+            .map(|r| r.record.position)
+            .collect();
+        for p in &doomed {
+            s.rows.remove(p);
+        }
+        Ok(u64::try_from(doomed.len()).unwrap_or(u64::MAX))
     }
 
     async fn wait_for_new(&self, timeout: Duration) {
@@ -826,10 +883,20 @@ struct Started {
     crashes: u32,
 }
 
+/// An inbox row: when it was recorded and the duplicates seen since.
+#[derive(Debug, Clone, Copy)]
+struct InboxRow {
+    recorded_at: DateTime<Utc>,
+    duplicates: u64,
+}
+
 #[derive(Debug, Default)]
 struct InboxState {
-    /// (consumer, id) → duplicates seen
-    inbox: HashMap<(String, Uuid), u64>,
+    /// (consumer, id) → its inbox row
+    inbox: HashMap<(String, Uuid), InboxRow>,
+    /// the redrive queue: seq → (consumer, message)
+    redrives: BTreeMap<i64, (String, Message)>,
+    next_redrive: i64,
     effects: Vec<Effect>,
     dead: Vec<DeadLetter>,
     down: bool,
@@ -850,7 +917,8 @@ pub struct MemoryInbox {
 #[derive(Debug, Default)]
 pub struct MemoryTx {
     finished: Vec<(String, Uuid)>,
-    inbox: Vec<(String, Uuid)>,
+    inbox: Vec<((String, Uuid), DateTime<Utc>)>,
+    redrives_finished: Vec<i64>,
     duplicates: Vec<(String, Uuid)>,
     effects: Vec<Effect>,
 }
@@ -898,8 +966,30 @@ impl MemoryInbox {
             .inbox
             .iter()
             .filter(|((c, _), _)| c == consumer)
-            .map(|(_, d)| *d)
+            .map(|(_, row)| row.duplicates)
             .sum()
+    }
+
+    /// What `custody dlq redrive` does to a dead letter of `consumer`: queue
+    /// `message` for it and delete its inbox row, so
+    /// [`InboxStore::redrives`] hands it to the consumer as new. Returns the
+    /// queue sequence.
+    pub fn redrive(&self, consumer: &str, message: Message) -> i64 {
+        let mut s = lock(&self.state);
+        s.next_redrive += 1;
+        let seq = s.next_redrive;
+        s.inbox.remove(&(consumer.to_owned(), message.id));
+        s.redrives.insert(seq, (consumer.to_owned(), message));
+        seq
+    }
+
+    /// Redrives queued for `consumer` and not yet taken.
+    pub fn queued_redrives(&self, consumer: &str) -> usize {
+        lock(&self.state)
+            .redrives
+            .values()
+            .filter(|(c, _)| c == consumer)
+            .count()
     }
 
     /// Whether `consumer` has an inbox row for `id`.
@@ -925,18 +1015,23 @@ impl InboxStore for MemoryInbox {
         tx: &mut MemoryTx,
         consumer: &str,
         message: &Message,
-        _now: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<InboxOutcome> {
         let s = lock(&self.state);
         if s.down {
             return Err(unavailable("memory", "record in inbox"));
         }
         let k = (consumer.to_owned(), message.id);
-        if s.inbox.contains_key(&k) || tx.inbox.contains(&k) {
+        // While a redrive of the message is queued (and not taken in this
+        // transaction), only the redrive itself is new.
+        let redrive_queued = s.redrives.iter().any(|(seq, (c, m))| {
+            c == consumer && m.id == message.id && !tx.redrives_finished.contains(seq)
+        });
+        if s.inbox.contains_key(&k) || tx.inbox.iter().any(|(t, _)| *t == k) || redrive_queued {
             tx.duplicates.push(k);
             Ok(InboxOutcome::Duplicate)
         } else {
-            tx.inbox.push(k);
+            tx.inbox.push((k, now));
             Ok(InboxOutcome::New)
         }
     }
@@ -953,11 +1048,22 @@ impl InboxStore for MemoryInbox {
             hang().await;
         }
         let mut s = lock(&self.state);
-        for k in tx.inbox {
-            s.inbox.insert(k, 0);
+        for (k, recorded_at) in tx.inbox {
+            s.inbox.insert(
+                k,
+                InboxRow {
+                    recorded_at,
+                    duplicates: 0,
+                },
+            );
         }
         for k in tx.duplicates {
-            *s.inbox.entry(k).or_insert(0) += 1;
+            if let Some(row) = s.inbox.get_mut(&k) {
+                row.duplicates += 1;
+            }
+        }
+        for seq in tx.redrives_finished {
+            s.redrives.remove(&seq);
         }
         s.effects.extend(tx.effects);
         for k in tx.finished {
@@ -1030,9 +1136,115 @@ impl InboxStore for MemoryInbox {
             return Err(unavailable("memory", "store dead letter"));
         }
         if let Some(id) = dead.message_id {
-            s.inbox.entry((consumer.to_owned(), id)).or_insert(0);
+            s.inbox
+                .entry((consumer.to_owned(), id))
+                .or_insert(InboxRow {
+                    recorded_at: dead.dead_at,
+                    duplicates: 0,
+                });
         }
         s.dead.push(dead.clone());
         Ok(())
+    }
+
+    async fn redrives(&self, consumer: &str, limit: usize) -> Result<Vec<Redrive>> {
+        let s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "read redrive queue"));
+        }
+        Ok(s.redrives
+            .iter()
+            .filter(|(_, (c, _))| c == consumer)
+            .take(limit)
+            .map(|(seq, (_, message))| Redrive {
+                seq: *seq,
+                message: message.clone(),
+            })
+            .collect())
+    }
+
+    async fn finish_redrive(&self, tx: &mut MemoryTx, seq: i64) -> Result<()> {
+        if lock(&self.state).down {
+            return Err(unavailable("memory", "finish redrive"));
+        }
+        tx.redrives_finished.push(seq);
+        Ok(())
+    }
+
+    async fn drop_redrive(&self, seq: i64) -> Result<()> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "drop redrive"));
+        }
+        s.redrives.remove(&seq);
+        Ok(())
+    }
+
+    /// Deletes `consumer`'s rows recorded before `older_than`, oldest first,
+    /// keeping the rows of messages that still have a dead letter.
+    async fn prune(&self, consumer: &str, older_than: DateTime<Utc>, limit: usize) -> Result<u64> {
+        let mut s = lock(&self.state);
+        if s.down {
+            return Err(unavailable("memory", "prune inbox"));
+        }
+        let origin = format!("consumer:{consumer}");
+        let dead: HashSet<Uuid> = s
+            .dead
+            .iter()
+            .filter(|d| d.origin == origin)
+            .filter_map(|d| d.message_id)
+            .collect();
+        let mut doomed: Vec<(DateTime<Utc>, Uuid)> = s
+            .inbox
+            .iter()
+            .filter(|((c, id), row)| {
+                c == consumer && row.recorded_at < older_than && !dead.contains(id)
+            })
+            .map(|((_, id), row)| (row.recorded_at, *id))
+            .collect();
+        doomed.sort_unstable();
+        doomed.truncate(limit);
+        for (_, id) in &doomed {
+            s.inbox.remove(&(consumer.to_owned(), *id));
+        }
+        Ok(u64::try_from(doomed.len()).unwrap_or(u64::MAX))
+    }
+
+    /// The memory inbox keeps no sequence floors (the memory outbox numbers
+    /// nothing): no partition has progress.
+    async fn progress(&self, _consumer: &str) -> Result<Vec<PartitionProgress>> {
+        if lock(&self.state).down {
+            return Err(unavailable("memory", "read progress"));
+        }
+        Ok(Vec::new())
+    }
+
+    /// Refused: the memory inbox keeps no sequence floors.
+    async fn accept_gap(
+        &self,
+        consumer: &str,
+        _gap: &GapAcceptance,
+        _now: DateTime<Utc>,
+    ) -> Result<AcceptedGap> {
+        Err(Error::store(
+            "memory",
+            "accept gap",
+            false,
+            format!("the memory inbox of consumer {consumer:?} keeps no sequence floors: there is no gap to accept"),
+        ))
+    }
+
+    /// Nothing to fold: the memory inbox keeps no sequence floors (dedupe is
+    /// by id only; [`InboxStore::prune`] ages rows out).
+    async fn compact(
+        &self,
+        _consumer: &str,
+        _keep_after: DateTime<Utc>,
+        _limit: usize,
+    ) -> Result<Compaction> {
+        if lock(&self.state).down {
+            return Err(unavailable("memory", "compact inbox"));
+        }
+        Ok(Compaction::default())
     }
 }

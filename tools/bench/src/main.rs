@@ -795,6 +795,53 @@ impl<I: InboxStore> InboxStore for TimedInbox<I> {
     async fn dead_letter(&self, consumer: &str, dead: &DeadLetter) -> custody::Result<()> {
         self.inner.dead_letter(consumer, dead).await
     }
+
+    async fn redrives(
+        &self,
+        consumer: &str,
+        limit: usize,
+    ) -> custody::Result<Vec<custody::Redrive>> {
+        self.inner.redrives(consumer, limit).await
+    }
+
+    async fn finish_redrive(&self, tx: &mut Self::Tx, seq: i64) -> custody::Result<()> {
+        self.inner.finish_redrive(&mut tx.tx, seq).await
+    }
+
+    async fn drop_redrive(&self, seq: i64) -> custody::Result<()> {
+        self.inner.drop_redrive(seq).await
+    }
+
+    async fn prune(
+        &self,
+        consumer: &str,
+        older_than: DateTime<Utc>,
+        limit: usize,
+    ) -> custody::Result<u64> {
+        self.inner.prune(consumer, older_than, limit).await
+    }
+
+    async fn progress(&self, consumer: &str) -> custody::Result<Vec<custody::PartitionProgress>> {
+        self.inner.progress(consumer).await
+    }
+
+    async fn accept_gap(
+        &self,
+        consumer: &str,
+        gap: &custody::GapAcceptance,
+        now: DateTime<Utc>,
+    ) -> custody::Result<custody::AcceptedGap> {
+        self.inner.accept_gap(consumer, gap, now).await
+    }
+
+    async fn compact(
+        &self,
+        consumer: &str,
+        keep_after: DateTime<Utc>,
+        limit: usize,
+    ) -> custody::Result<custody::Compaction> {
+        self.inner.compact(consumer, keep_after, limit).await
+    }
 }
 
 // ---------------------------------------------------------------------------

@@ -24,20 +24,28 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod clock;
 mod error;
+pub mod history;
 pub mod lease;
 mod message;
 mod partition;
 mod policy;
-pub mod reconcile;
 pub mod sequence;
 mod status;
 mod store;
 mod transport;
 
+pub use admin::{
+    redact_url, Access, Admin, BoxFuture, Driver, RedriveOutcome, RedriveStep, RedriveTarget,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
+pub use history::{
+    DynProcessedHistory, DynSentHistory, IdDigest, IdRange, NumberedRow, ProcessedHistory,
+    ReconcileQuery, ReconcileReport, SentHistory, SequenceHead,
+};
 pub use lease::{ConsumerLease, ConsumerLeaseStore, LeaseLost};
 pub use message::{
     escape_text, headers, is_json_content_type, storable_text, Message, MessageBuilder,
@@ -45,10 +53,6 @@ pub use message::{
 };
 pub use partition::partition_for;
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
-pub use reconcile::{
-    IdDigest, IdRange, NumberedRow, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
-    SequenceHead,
-};
 pub use sequence::{AcceptedGap, Compaction, GapAcceptance, GapRange, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{

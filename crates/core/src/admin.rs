@@ -190,6 +190,50 @@ pub fn redrive_target<'a>(
     }
 }
 
+/// The verdict of a schema check (`check_schema` of each backend), from
+/// what the database holds: whether it has custody's tables at all
+/// (`tables_present`), the migrations it has applied (`applied`: version,
+/// success) and the ones this build needs (`expected`). `mistake` names
+/// what a user mistypes for this backend (`path`, `database name`), `given`
+/// what they gave (`path`, `URL`). Migrations the database has and this
+/// build does not know are tolerated (a newer custody, or the
+/// application's own).
+pub fn schema_verdict(
+    tables_present: bool,
+    applied: &[(i64, bool)],
+    expected: impl IntoIterator<Item = i64>,
+    mistake: &str,
+    given: &str,
+) -> Result<()> {
+    if !tables_present {
+        return Err(Error::Config(format!(
+            "this database has no custody tables: it is not a custody database (a mistyped \
+             {mistake}?), or custody was never set up in it. Check the {given}; `custody migrate \
+             --db …` creates the tables in a database meant to hold them"
+        )));
+    }
+    if let Some((v, _)) = applied.iter().find(|(_, ok)| !ok) {
+        return Err(Error::Config(format!(
+            "custody migration {v} failed partway in this database; run `custody migrate --db …` \
+             again (it reports what went wrong)"
+        )));
+    }
+    let missing: Vec<String> = expected
+        .into_iter()
+        .filter(|v| !applied.iter().any(|(a, _)| a == v))
+        .map(|v| v.to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "custody's tables in this database are older than this custody (migrations {} not \
+         applied); run `custody migrate --db …` first (stop or upgrade the services using it as \
+         docs/OPERATIONS.md says)",
+        missing.join(", ")
+    )))
+}
+
 /// How a command opens a database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -281,6 +325,17 @@ mod tests {
         );
         assert_eq!(redact_url("nonsense"), "nonsense");
         assert_eq!(redact_url("sqlite://a/b.db"), "sqlite://a/b.db");
+    }
+
+    #[test]
+    fn schema_verdicts() {
+        let no_tables = schema_verdict(false, &[], [1], "path", "path");
+        assert!(matches!(no_tables, Err(Error::Config(t)) if t.contains("has no custody tables")));
+        let failed = schema_verdict(true, &[(1, true), (2, false)], [1, 2], "path", "path");
+        assert!(matches!(failed, Err(Error::Config(t)) if t.contains("migration 2 failed")));
+        let old = schema_verdict(true, &[(1, true)], [1, 2, 3], "path", "path");
+        assert!(matches!(old, Err(Error::Config(t)) if t.contains("migrations 2, 3 not applied")));
+        assert!(schema_verdict(true, &[(1, true), (9, true)], [1], "path", "path").is_ok());
     }
 
     #[test]

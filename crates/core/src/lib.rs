@@ -5,7 +5,9 @@
 //! `custody-postgres`) implement [`OutboxStore`] and [`InboxStore`];
 //! transports (`custody-nats`, the embedded log readers) implement
 //! [`Publisher`] and [`Subscriber`]; the engines in `custody-engine` are generic
-//! over them.
+//! over them. Operations over a database (dead letters, trace, checkpoints,
+//! reconcile history) go through one `dyn` port, [`Admin`], which each
+//! backend provides with a [`Driver`] that opens it by URL ([`admin`]).
 //!
 //! ```
 //! use custody_core::{Message, MessageKind};

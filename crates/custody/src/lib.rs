@@ -8,7 +8,11 @@
 //! exactly-once effect.
 //!
 //! Backends and transports are cargo features: `sqlite` (default),
-//! `postgres`, `nats`.
+//! `postgres`, `nats`. The backends compiled in form a registry by URL
+//! scheme ([`drivers`]): [`open_admin`] opens any of them for the operations
+//! port ([`Admin`]: dead letters, trace, checkpoints, reconcile history) and
+//! [`run_relay`] runs the relay on any of them, so callers never match on a
+//! backend. A new backend is one crate with a `DRIVER` and one line in each.
 //!
 //! ```
 //! use custody::sqlite::{connect, migrate, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};

@@ -218,6 +218,10 @@ pub trait ProcessedHistory: Send + Sync {
     ) -> impl Future<Output = Result<Vec<(u64, DateTime<Utc>)>>> + Send;
 }
 
+/// A producer's id and its last number per (topic, partition):
+/// [`SentHistory::sequence_heads`].
+pub type ProducerHeads = Option<(String, Vec<SequenceHead>)>;
+
 /// [`SentHistory`] in a form usable as `dyn` (boxed futures): what the
 /// operations port ([`crate::admin::Admin::sent`]) hands out, so the CLI
 /// and the server reconcile any backend without naming its type. Every
@@ -234,7 +238,7 @@ pub trait DynSentHistory: Send + Sync {
     /// [`SentHistory::republish`].
     fn republish<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, Result<u64>>;
     /// [`SentHistory::sequence_heads`].
-    fn sequence_heads(&self) -> BoxFuture<'_, Result<Option<(String, Vec<SequenceHead>)>>>;
+    fn sequence_heads(&self) -> BoxFuture<'_, Result<ProducerHeads>>;
     /// [`SentHistory::numbered`].
     fn numbered<'a>(
         &'a self,
@@ -258,7 +262,7 @@ impl<T: SentHistory> DynSentHistory for T {
     fn republish<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, Result<u64>> {
         Box::pin(SentHistory::republish(self, ids))
     }
-    fn sequence_heads(&self) -> BoxFuture<'_, Result<Option<(String, Vec<SequenceHead>)>>> {
+    fn sequence_heads(&self) -> BoxFuture<'_, Result<ProducerHeads>> {
         Box::pin(SentHistory::sequence_heads(self))
     }
     fn numbered<'a>(
@@ -272,37 +276,30 @@ impl<T: SentHistory> DynSentHistory for T {
 }
 
 impl SentHistory for dyn DynSentHistory + '_ {
-    fn sent_ids(
-        &self,
-        topic: &str,
-        range: IdRange,
-    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send {
-        async move { DynSentHistory::sent_ids(self, topic, range).await }
+    async fn sent_ids(&self, topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
+        DynSentHistory::sent_ids(self, topic, range).await
     }
-    fn sent_dead(
-        &self,
-        topic: &str,
-        range: IdRange,
-    ) -> impl Future<Output = Result<Vec<(Uuid, String)>>> + Send {
-        async move { DynSentHistory::sent_dead(self, topic, range).await }
+    async fn sent_dead(&self, topic: &str, range: IdRange) -> Result<Vec<(Uuid, String)>> {
+        DynSentHistory::sent_dead(self, topic, range).await
     }
-    fn republish(&self, ids: &[Uuid]) -> impl Future<Output = Result<u64>> + Send {
-        async move { DynSentHistory::republish(self, ids).await }
+    async fn republish(&self, ids: &[Uuid]) -> Result<u64> {
+        DynSentHistory::republish(self, ids).await
     }
-    fn sequence_heads(
-        &self,
-    ) -> impl Future<Output = Result<Option<(String, Vec<SequenceHead>)>>> + Send {
-        async move { DynSentHistory::sequence_heads(self).await }
+    async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
+        DynSentHistory::sequence_heads(self).await
     }
-    fn numbered(
+    async fn numbered(
         &self,
         topic: &str,
         partition: u32,
         seqs: &[u64],
-    ) -> impl Future<Output = Result<Vec<NumberedRow>>> + Send {
-        async move { DynSentHistory::numbered(self, topic, partition, seqs).await }
+    ) -> Result<Vec<NumberedRow>> {
+        DynSentHistory::numbered(self, topic, partition, seqs).await
     }
 }
+
+/// A number a consumer recorded and when: [`ProcessedHistory::numbers_above_floor`].
+pub type RecordedNumber = (u64, DateTime<Utc>);
 
 /// [`ProcessedHistory`] in a form usable as `dyn`; see [`DynSentHistory`].
 pub trait DynProcessedHistory: Send + Sync {
@@ -338,7 +335,7 @@ pub trait DynProcessedHistory: Send + Sync {
         consumer: &'a str,
         progress: &'a crate::PartitionProgress,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, DateTime<Utc>)>>>;
+    ) -> BoxFuture<'a, Result<Vec<RecordedNumber>>>;
 }
 
 impl<T: ProcessedHistory> DynProcessedHistory for T {
@@ -381,7 +378,7 @@ impl<T: ProcessedHistory> DynProcessedHistory for T {
         consumer: &'a str,
         progress: &'a crate::PartitionProgress,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<(u64, DateTime<Utc>)>>> {
+    ) -> BoxFuture<'a, Result<Vec<RecordedNumber>>> {
         Box::pin(ProcessedHistory::numbers_above_floor(
             self, consumer, progress, limit,
         ))
@@ -389,43 +386,35 @@ impl<T: ProcessedHistory> DynProcessedHistory for T {
 }
 
 impl ProcessedHistory for dyn DynProcessedHistory + '_ {
-    fn processed_ids(
+    async fn processed_ids(
         &self,
         consumer: &str,
         topic: &str,
         range: IdRange,
-    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send {
-        async move { DynProcessedHistory::processed_ids(self, consumer, topic, range).await }
+    ) -> Result<Vec<Uuid>> {
+        DynProcessedHistory::processed_ids(self, consumer, topic, range).await
     }
-    fn processed_dead(
+    async fn processed_dead(
         &self,
         consumer: &str,
         topic: &str,
         range: IdRange,
-    ) -> impl Future<Output = Result<Vec<(Uuid, String)>>> + Send {
-        async move { DynProcessedHistory::processed_dead(self, consumer, topic, range).await }
+    ) -> Result<Vec<(Uuid, String)>> {
+        DynProcessedHistory::processed_dead(self, consumer, topic, range).await
     }
-    fn redriving(
-        &self,
-        consumer: &str,
-        topic: &str,
-        range: IdRange,
-    ) -> impl Future<Output = Result<Vec<Uuid>>> + Send {
-        async move { DynProcessedHistory::redriving(self, consumer, topic, range).await }
+    async fn redriving(&self, consumer: &str, topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
+        DynProcessedHistory::redriving(self, consumer, topic, range).await
     }
-    fn sequence_progress(
-        &self,
-        consumer: &str,
-    ) -> impl Future<Output = Result<Vec<crate::PartitionProgress>>> + Send {
-        async move { DynProcessedHistory::sequence_progress(self, consumer).await }
+    async fn sequence_progress(&self, consumer: &str) -> Result<Vec<crate::PartitionProgress>> {
+        DynProcessedHistory::sequence_progress(self, consumer).await
     }
-    fn numbers_above_floor(
+    async fn numbers_above_floor(
         &self,
         consumer: &str,
         progress: &crate::PartitionProgress,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<(u64, DateTime<Utc>)>>> + Send {
-        async move { DynProcessedHistory::numbers_above_floor(self, consumer, progress, limit).await }
+    ) -> Result<Vec<(u64, DateTime<Utc>)>> {
+        DynProcessedHistory::numbers_above_floor(self, consumer, progress, limit).await
     }
 }
 

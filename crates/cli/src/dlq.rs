@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
-use custody::{DeadLetter, Message};
+use custody::{Admin, DeadLetter, Message};
 use uuid::Uuid;
 
-use crate::ops::{redact, Db};
+use crate::ops::{consumers_hint, open_existing, redact, topics_hint};
 use crate::reconcile::parse_time;
 
 /// `custody dlq`.
@@ -141,14 +141,14 @@ impl Filter {
 /// Open `url` as it is (never created or migrated) and check that the
 /// filter's names are ones it has seen: a mistyped `--topic` or
 /// `--consumer` would otherwise list nothing and look like "no dead letters".
-async fn open(url: &str, filter: &Filter) -> anyhow::Result<Db> {
-    let db = Db::open_existing("database", url).await?;
+async fn open(url: &str, filter: &Filter) -> anyhow::Result<Box<dyn Admin>> {
+    let db = open_existing("database", url).await?;
     if let Some(topic) = &filter.topic {
         if !db.topic_seen(topic).await? {
             anyhow::bail!(
                 "topic {topic:?} was never seen in {}{}; check --topic",
                 redact(url),
-                db.topics_hint().await
+                topics_hint(db.as_ref()).await
             );
         }
     }
@@ -157,18 +157,11 @@ async fn open(url: &str, filter: &Filter) -> anyhow::Result<Db> {
             anyhow::bail!(
                 "consumer {name:?} has never recorded a message in {}{}; check --consumer (a consumer's name, or `relay` for the relay's dead letters)",
                 redact(url),
-                db.consumers_hint().await
+                consumers_hint(db.as_ref()).await
             );
         }
     }
     Ok(db)
-}
-
-async fn rows(db: &Db) -> anyhow::Result<Vec<(i64, DeadLetter)>> {
-    Ok(match db {
-        Db::Sqlite(pool) => custody::sqlite::dead_letter_rows(pool).await?,
-        Db::Postgres(pool) => custody::postgres::dead_letter_rows(pool).await?,
-    })
 }
 
 /// Select by ids (`uuid` or `#seq`), else by filters; `None` = selector error.
@@ -238,7 +231,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
             filter,
             json: as_json,
         } => {
-            let all = rows(&open(&db, &filter).await?).await?;
+            let all = open(&db, &filter).await?.dead_letters().await?;
             let sel = select(&all, &[], &filter)?;
             for (seq, d) in &sel {
                 if as_json {
@@ -257,7 +250,7 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
             db,
             json: as_json,
         } => {
-            let all = rows(&open(&db, &Filter::default()).await?).await?;
+            let all = open(&db, &Filter::default()).await?.dead_letters().await?;
             let sel = select(&all, std::slice::from_ref(&id), &Filter::default())?;
             for (seq, d) in sel {
                 let envelope: Option<serde_json::Value> = d
@@ -311,7 +304,7 @@ async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
         );
     }
     let db = open(&b.db, &b.filter).await?;
-    let all = rows(&db).await?;
+    let all = db.dead_letters().await?;
     let sel = select(&all, &b.ids, &b.filter)?;
     if sel.is_empty() {
         println!("no dead letter matches; nothing to {verb}");
@@ -347,24 +340,15 @@ async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
     }
     let seqs: Vec<i64> = sel.iter().map(|(s, _)| *s).collect();
     if !redrive {
-        let n = match &db {
-            Db::Sqlite(pool) => custody::sqlite::purge(pool, &seqs).await?,
-            Db::Postgres(pool) => custody::postgres::purge(pool, &seqs).await?,
-        };
+        let n = db.purge(&seqs).await?;
         println!("purged {n} dead letter(s)");
         return Ok(ExitCode::SUCCESS);
     }
-    let now = Utc::now();
-    let (to_consumer, to_relay, skipped) = match &db {
-        Db::Sqlite(pool) => {
-            let o = custody::sqlite::redrive(pool, &seqs, now).await?;
-            (o.to_consumer, o.to_relay, o.skipped)
-        }
-        Db::Postgres(pool) => {
-            let o = custody::postgres::redrive(pool, &seqs, now).await?;
-            (o.to_consumer, o.to_relay, o.skipped)
-        }
-    };
+    let custody::RedriveOutcome {
+        to_consumer,
+        to_relay,
+        skipped,
+    } = db.redrive(&seqs, Utc::now()).await?;
     println!(
         "redriven: {to_consumer} back to their consumer (processed at its next redrive check, once), {to_relay} back to pending for the relay"
     );

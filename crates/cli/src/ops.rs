@@ -5,85 +5,43 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use clap::Args;
-use custody::{CancellationToken, Relay};
+use custody::{Access, Admin, CancellationToken};
+
+/// A URL without its password, for messages (one behaviour everywhere).
+pub use custody::redact_url as redact;
 
 use crate::config::Config;
 
-/// A database given by URL: connected and migrated ([`Db::open`], for the
-/// commands that run the pipeline) or connected and checked ([`Db::open_existing`],
-/// for the commands that inspect it).
-pub enum Db {
-    /// `sqlite://…` or a file path.
-    Sqlite(sqlx::SqlitePool),
-    /// `postgres://…` / `postgresql://…`.
-    Postgres(sqlx::PgPool),
+/// Open the custody database at `url` as it is, for the commands that
+/// inspect it (`reconcile`, `trace`, `dlq`): never created, migrated or
+/// written to by the opening, whichever backend the URL names (the registry
+/// in `custody::drivers`). A mistyped path or database name, a database
+/// without custody's tables or a URL no backend accepts is an error naming
+/// it; `role` names the database in the error ("consumer database").
+pub async fn open_existing(role: &str, url: &str) -> anyhow::Result<Box<dyn Admin>> {
+    custody::open_admin(url, Access::Existing)
+        .await
+        .map_err(|e| anyhow::anyhow!("{role} {}: {}", redact(url), config_text(&e)))
 }
 
-impl Db {
-    /// Connect and migrate; anything that is not a PostgreSQL URL is a SQLite path.
-    pub async fn open(url: &str) -> anyhow::Result<Db> {
-        Ok(if is_postgres(url) {
-            let pool = custody::postgres::connect(url).await?;
-            custody::postgres::migrate(&pool).await?;
-            Db::Postgres(pool)
-        } else {
-            let pool = custody::sqlite::connect(url).await?;
-            custody::sqlite::migrate(&pool).await?;
-            Db::Sqlite(pool)
-        })
-    }
+/// ` (topics there: a, b)` for an error message, or what to say when
+/// there are none.
+pub async fn topics_hint(db: &dyn Admin) -> String {
+    hint(
+        db.topics(NAMES_SHOWN).await,
+        "topics",
+        "no message of any topic",
+    )
+}
 
-    /// Connect to an existing custody database and check its schema, never
-    /// creating or migrating anything (`reconcile`, `trace`, `dlq`): a
-    /// mistyped path or database name, or a database without custody's
-    /// tables, is an error naming it, and nothing is written to it.
-    /// `role` names the database in the error ("consumer database").
-    pub async fn open_existing(role: &str, url: &str) -> anyhow::Result<Db> {
-        let opened = if is_postgres(url) {
-            custody::postgres::open_existing(url)
-                .await
-                .map(Db::Postgres)
-        } else {
-            custody::sqlite::open_existing(url).await.map(Db::Sqlite)
-        };
-        opened.map_err(|e| anyhow::anyhow!("{role} {}: {}", redact(url), config_text(&e)))
-    }
-
-    /// Whether `topic` appears anywhere in this database.
-    pub async fn topic_seen(&self, topic: &str) -> anyhow::Result<bool> {
-        Ok(match self {
-            Db::Sqlite(pool) => custody::sqlite::topic_seen(pool, topic).await?,
-            Db::Postgres(pool) => custody::postgres::topic_seen(pool, topic).await?,
-        })
-    }
-
-    /// Whether consumer `name` has recorded anything in this database.
-    pub async fn consumer_seen(&self, name: &str) -> anyhow::Result<bool> {
-        Ok(match self {
-            Db::Sqlite(pool) => custody::sqlite::consumer_seen(pool, name).await?,
-            Db::Postgres(pool) => custody::postgres::consumer_seen(pool, name).await?,
-        })
-    }
-
-    /// ` (topics there: a, b)` for an error message, or what to say when
-    /// there are none.
-    pub async fn topics_hint(&self) -> String {
-        let found = match self {
-            Db::Sqlite(pool) => custody::sqlite::topics(pool, NAMES_SHOWN).await,
-            Db::Postgres(pool) => custody::postgres::topics(pool, NAMES_SHOWN).await,
-        };
-        hint(found, "topics", "no message of any topic")
-    }
-
-    /// ` (consumers there: a, b)` for an error message, or what to say when
-    /// there are none.
-    pub async fn consumers_hint(&self) -> String {
-        let found = match self {
-            Db::Sqlite(pool) => custody::sqlite::consumers(pool, NAMES_SHOWN).await,
-            Db::Postgres(pool) => custody::postgres::consumers(pool, NAMES_SHOWN).await,
-        };
-        hint(found, "consumers", "no consumer has recorded anything")
-    }
+/// ` (consumers there: a, b)` for an error message, or what to say when
+/// there are none.
+pub async fn consumers_hint(db: &dyn Admin) -> String {
+    hint(
+        db.consumers(NAMES_SHOWN).await,
+        "consumers",
+        "no consumer has recorded anything",
+    )
 }
 
 /// Names listed in an error about a name never seen.
@@ -105,10 +63,6 @@ fn hint(found: custody::Result<Vec<String>>, what: &str, none: &str) -> String {
     }
 }
 
-fn is_postgres(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
 /// An error's text without the "configuration: " its display adds when
 /// the problem is what the user pointed at.
 pub fn config_text(e: &custody::Error) -> String {
@@ -127,7 +81,9 @@ pub struct MigrateArgs {
 }
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    Db::open(&args.db).await?;
+    custody::open_admin(&args.db, Access::Migrate)
+        .await
+        .map_err(|e| anyhow::anyhow!("database {}: {}", redact(&args.db), config_text(&e)))?;
     println!("custody tables are up to date in {}", redact(&args.db));
     Ok(ExitCode::SUCCESS)
 }
@@ -175,26 +131,7 @@ pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     custody::nats::ensure_stream(&client, &spec).await?;
     let publisher = custody::nats::NatsPublisher::new(client, &spec);
     let cancel = shutdown_token();
-    let stats = match Db::open(&args.db).await? {
-        Db::Sqlite(pool) => {
-            let mut r = Relay::new(
-                custody::sqlite::SqliteOutbox::new(pool),
-                publisher,
-                cfg.relay,
-            );
-            if let Some(id) = args.id {
-                r = r.with_id(id);
-            }
-            r.run(cancel).await?
-        }
-        Db::Postgres(pool) => {
-            let mut r = Relay::new(custody::postgres::PgOutbox::new(pool), publisher, cfg.relay);
-            if let Some(id) = args.id {
-                r = r.with_id(id);
-            }
-            r.run(cancel).await?
-        }
-    };
+    let stats = custody::run_relay(&args.db, publisher, cfg.relay, args.id, cancel).await?;
     println!(
         "relay stopped: published {}, dead-lettered {}, failed attempts {}",
         stats.published, stats.dead_lettered, stats.failures
@@ -229,18 +166,4 @@ pub fn shutdown_token() -> CancellationToken {
         t.cancel();
     });
     token
-}
-
-/// A URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
 }

@@ -8,15 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::Args;
-use custody::reconcile::{export_report, reconcile, IdRange, Progress};
-use custody::{
-    NumberedRow, PartitionProgress, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
-    SequenceHead,
-};
+use custody::reconcile::{export_report, reconcile, Progress};
+use custody::{Admin, ReconcileQuery, ReconcileReport};
 use indicatif::{ProgressBar, ProgressStyle};
 use uuid::Uuid;
 
-use crate::ops::{redact, shutdown_token, Db};
+use crate::ops::{consumers_hint, open_existing, redact, shutdown_token, topics_hint};
 
 mod live;
 
@@ -99,145 +96,20 @@ pub struct ReconcileArgs {
     pub accepted_by: Option<String>,
 }
 
-/// The producer's side, whichever backend.
-pub enum Producer {
-    /// SQLite outbox.
-    Sqlite(custody::sqlite::SqliteOutbox),
-    /// PostgreSQL outbox.
-    Postgres(custody::postgres::PgOutbox),
-}
-
-/// The consumer's side, whichever backend.
-pub enum ConsumerDb {
-    /// SQLite inbox.
-    Sqlite(custody::sqlite::SqliteInbox),
-    /// PostgreSQL inbox.
-    Postgres(custody::postgres::PgInbox),
-}
-
-impl SentHistory for Producer {
-    async fn sent_ids(&self, topic: &str, range: IdRange) -> custody::Result<Vec<Uuid>> {
-        match self {
-            Producer::Sqlite(o) => o.sent_ids(topic, range).await,
-            Producer::Postgres(o) => o.sent_ids(topic, range).await,
-        }
-    }
-    async fn sent_dead(&self, topic: &str, range: IdRange) -> custody::Result<Vec<(Uuid, String)>> {
-        match self {
-            Producer::Sqlite(o) => o.sent_dead(topic, range).await,
-            Producer::Postgres(o) => o.sent_dead(topic, range).await,
-        }
-    }
-    async fn republish(&self, ids: &[Uuid]) -> custody::Result<u64> {
-        match self {
-            Producer::Sqlite(o) => o.republish(ids).await,
-            Producer::Postgres(o) => o.republish(ids).await,
-        }
-    }
-    async fn sequence_heads(&self) -> custody::Result<Option<(String, Vec<SequenceHead>)>> {
-        match self {
-            Producer::Sqlite(o) => o.sequence_heads().await,
-            Producer::Postgres(o) => o.sequence_heads().await,
-        }
-    }
-    async fn numbered(
-        &self,
-        topic: &str,
-        partition: u32,
-        seqs: &[u64],
-    ) -> custody::Result<Vec<NumberedRow>> {
-        match self {
-            Producer::Sqlite(o) => o.numbered(topic, partition, seqs).await,
-            Producer::Postgres(o) => o.numbered(topic, partition, seqs).await,
-        }
-    }
-}
-
-impl ProcessedHistory for ConsumerDb {
-    async fn processed_ids(
-        &self,
-        consumer: &str,
-        topic: &str,
-        range: IdRange,
-    ) -> custody::Result<Vec<Uuid>> {
-        match self {
-            ConsumerDb::Sqlite(i) => i.processed_ids(consumer, topic, range).await,
-            ConsumerDb::Postgres(i) => i.processed_ids(consumer, topic, range).await,
-        }
-    }
-    async fn processed_dead(
-        &self,
-        consumer: &str,
-        topic: &str,
-        range: IdRange,
-    ) -> custody::Result<Vec<(Uuid, String)>> {
-        match self {
-            ConsumerDb::Sqlite(i) => i.processed_dead(consumer, topic, range).await,
-            ConsumerDb::Postgres(i) => i.processed_dead(consumer, topic, range).await,
-        }
-    }
-    async fn redriving(
-        &self,
-        consumer: &str,
-        topic: &str,
-        range: IdRange,
-    ) -> custody::Result<Vec<Uuid>> {
-        match self {
-            ConsumerDb::Sqlite(i) => i.redriving(consumer, topic, range).await,
-            ConsumerDb::Postgres(i) => i.redriving(consumer, topic, range).await,
-        }
-    }
-    async fn sequence_progress(&self, consumer: &str) -> custody::Result<Vec<PartitionProgress>> {
-        match self {
-            ConsumerDb::Sqlite(i) => i.sequence_progress(consumer).await,
-            ConsumerDb::Postgres(i) => i.sequence_progress(consumer).await,
-        }
-    }
-    async fn numbers_above_floor(
-        &self,
-        consumer: &str,
-        p: &PartitionProgress,
-        limit: usize,
-    ) -> custody::Result<Vec<(u64, DateTime<Utc>)>> {
-        match self {
-            ConsumerDb::Sqlite(i) => i.numbers_above_floor(consumer, p, limit).await,
-            ConsumerDb::Postgres(i) => i.numbers_above_floor(consumer, p, limit).await,
-        }
-    }
-}
-
-impl Producer {
-    fn of(db: Db) -> Producer {
-        match db {
-            Db::Sqlite(pool) => Producer::Sqlite(custody::sqlite::SqliteOutbox::new(pool)),
-            Db::Postgres(pool) => Producer::Postgres(custody::postgres::PgOutbox::new(pool)),
-        }
-    }
-}
-
-impl ConsumerDb {
-    fn of(db: Db) -> ConsumerDb {
-        match db {
-            Db::Sqlite(pool) => ConsumerDb::Sqlite(custody::sqlite::SqliteInbox::new(pool)),
-            Db::Postgres(pool) => ConsumerDb::Postgres(custody::postgres::PgInbox::new(pool)),
-        }
-    }
-}
-
 /// The names given must be ones the databases have seen: a mistyped
 /// `--consumer-name` or `--topic` compares nothing with nothing, and must
 /// not come out as OK.
 async fn check_names(
     args: &ReconcileArgs,
-    producer: Option<&Db>,
-    consumer: &Db,
+    producer: Option<&dyn Admin>,
+    consumer: &dyn Admin,
 ) -> anyhow::Result<()> {
     if !consumer.consumer_seen(&args.consumer_name).await? {
         anyhow::bail!(
             "consumer {:?} has never recorded a message in consumer database {}{}; check --consumer-name (the consumer's ConsumerConfig::name) and --consumer. A consumer that has processed nothing yet has nothing to reconcile",
             args.consumer_name,
             redact(&args.consumer),
-            consumer.consumers_hint().await
+            consumers_hint(consumer).await
         );
     }
     if args.live {
@@ -256,7 +128,7 @@ async fn check_names(
     }
     let (hint, where_) = match (producer, &args.producer) {
         (Some(p), Some(url)) => (
-            p.topics_hint().await,
+            topics_hint(p).await,
             format!(
                 "producer database {} nor in consumer database {}",
                 redact(url),
@@ -264,7 +136,7 @@ async fn check_names(
             ),
         ),
         _ => (
-            consumer.topics_hint().await,
+            topics_hint(consumer).await,
             format!("consumer database {}", redact(&args.consumer)),
         ),
     };
@@ -313,8 +185,8 @@ fn progress_bar(json: bool) -> ProgressBar {
 }
 
 async fn run_once(
-    producer: &Producer,
-    consumer: &ConsumerDb,
+    producer: &dyn Admin,
+    consumer: &dyn Admin,
     q: &ReconcileQuery,
     json: bool,
 ) -> anyhow::Result<ReconcileReport> {
@@ -324,7 +196,7 @@ async fn run_once(
         b.set_message(format!("{} ids read: {}", p.phase, p.rows));
         b.set_position((p.fraction * 1000.0) as u64);
     };
-    let r = reconcile(producer, consumer, q, &progress).await;
+    let r = reconcile(producer.sent(), consumer.processed(), q, &progress).await;
     bar.finish_and_clear();
     Ok(r?)
 }
@@ -333,18 +205,18 @@ async fn run_once(
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     // never create or migrate what is checked (docs/ARCHITECTURE.md invariant 8)
     let producer = match &args.producer {
-        Some(url) => Some(Db::open_existing("producer database", url).await?),
+        Some(url) => Some(open_existing("producer database", url).await?),
         None => None,
     };
-    let consumer = Db::open_existing("consumer database", &args.consumer).await?;
-    check_names(&args, producer.as_ref(), &consumer).await?;
-    let producer = producer.map(Producer::of);
-    let consumer = ConsumerDb::of(consumer);
+    let consumer = open_existing("consumer database", &args.consumer).await?;
+    let consumer = consumer.as_ref();
+    check_names(&args, producer.as_deref(), consumer).await?;
     if let (Some(addr), Some(_)) = (args.metrics_addr, args.watch) {
         crate::ops::serve_metrics(addr)?;
     }
     if args.live {
         if consumer
+            .processed()
             .sequence_progress(&args.consumer_name)
             .await?
             .is_empty()
@@ -356,13 +228,13 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
                 redact(&args.consumer)
             );
         }
-        return live::run(&args, producer.as_ref(), &consumer).await;
+        return live::run(&args, producer.as_deref(), consumer).await;
     }
-    let (Some(producer), Some(topic)) = (producer, args.topic.clone()) else {
+    let (Some(producer), Some(topic)) = (producer.as_deref(), args.topic.clone()) else {
         anyhow::bail!("--producer and --topic are required (or use --live)");
     };
     if let Some(every) = args.watch {
-        return watch(&args, &topic, &producer, &consumer, every).await;
+        return watch(&args, &topic, producer, consumer, every).await;
     }
     let (from, to) = range(&args)?;
     let q = ReconcileQuery {
@@ -372,7 +244,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
         to,
         window: args.window,
     };
-    let report = run_once(&producer, &consumer, &q, args.json).await?;
+    let report = run_once(producer, consumer, &q, args.json).await?;
     if !args.repair || report.missing.is_empty() {
         print(&report, &args, args.json);
         return Ok(exit_code(&report));
@@ -382,14 +254,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     }
     let what = match &args.embedded_subscription {
         Some(sub) => {
-            let at = match &producer {
-                Producer::Sqlite(o) => {
-                    custody::sqlite::rewind_checkpoint(o.pool(), sub, &report.missing).await?
-                }
-                Producer::Postgres(o) => {
-                    custody::postgres::rewind_checkpoint(o.pool(), sub, &report.missing).await?
-                }
-            };
+            let at = producer.rewind_checkpoint(sub, &report.missing).await?;
             match at {
                 Some(p) => format!(
                     "rewound subscription {sub:?} to position {p}; (re)start its consumer: it delivers the rest again and its inbox skips what it has"
@@ -400,7 +265,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
             }
         }
         None => {
-            let n = producer.republish(&report.missing).await?;
+            let n = producer.sent().republish(&report.missing).await?;
             format!(
                 "put {n} of {} missing messages back to pending; a running relay republishes them (others are still pending or were pruned)",
                 report.missing.len()
@@ -417,7 +282,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + args.repair_wait;
     let after = loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let r = run_once(&producer, &consumer, &q, true).await?;
+        let r = run_once(producer, consumer, &q, true).await?;
         if r.missing.is_empty() || tokio::time::Instant::now() >= deadline {
             break r;
         }
@@ -474,8 +339,8 @@ fn left_out_note(r: &ReconcileReport, args: &ReconcileArgs) -> Option<String> {
 async fn watch(
     args: &ReconcileArgs,
     topic: &str,
-    producer: &Producer,
-    consumer: &ConsumerDb,
+    producer: &dyn Admin,
+    consumer: &dyn Admin,
     every: Duration,
 ) -> anyhow::Result<ExitCode> {
     range(args)?; // a bad --from / --to stops here, not at every round

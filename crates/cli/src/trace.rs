@@ -7,7 +7,7 @@ use clap::Args;
 use custody::{MessageStatus, Stage};
 use uuid::Uuid;
 
-use crate::ops::{redact, Db};
+use crate::ops::{open_existing, redact};
 
 /// `custody trace`.
 #[derive(Debug, Args)]
@@ -26,12 +26,10 @@ pub struct TraceArgs {
 /// The status of `id` in one database (opened as it is: never created or
 /// migrated).
 pub async fn status_in(url: &str, id: Uuid) -> anyhow::Result<MessageStatus> {
-    let db = Db::open_existing("database", url).await?;
-    let status = match db {
-        Db::Sqlite(pool) => custody::sqlite::status(&pool, id).await,
-        Db::Postgres(pool) => custody::postgres::status(&pool, id).await,
-    };
-    status.map_err(|e| anyhow::anyhow!("cannot read {}: {e}", redact(url)))
+    let db = open_existing("database", url).await?;
+    db.status(id)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", redact(url)))
 }
 
 /// `custody trace`.

@@ -5,7 +5,9 @@
 //! `custody-postgres`) implement [`OutboxStore`] and [`InboxStore`];
 //! transports (`custody-nats`, the embedded log readers) implement
 //! [`Publisher`] and [`Subscriber`]; the engines in `custody-engine` are generic
-//! over them.
+//! over them. Operations over a database (dead letters, trace, checkpoints,
+//! reconcile history) go through one `dyn` port, [`Admin`], which each
+//! backend provides with a [`Driver`] that opens it by URL ([`admin`]).
 //!
 //! ```
 //! use custody_core::{Message, MessageKind};
@@ -24,20 +26,28 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod admin;
 mod clock;
 mod error;
+pub mod history;
 pub mod lease;
 mod message;
 mod partition;
 mod policy;
-pub mod reconcile;
 pub mod sequence;
 mod status;
 mod store;
 mod transport;
 
+pub use admin::{
+    redact_url, Access, Admin, BoxFuture, Driver, RedriveOutcome, RedriveStep, RedriveTarget,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{BoxError, Error, Result};
+pub use history::{
+    DynProcessedHistory, DynSentHistory, IdDigest, IdRange, NumberedRow, ProcessedHistory,
+    ReconcileQuery, ReconcileReport, SentHistory, SequenceHead,
+};
 pub use lease::{ConsumerLease, ConsumerLeaseStore, LeaseLost};
 pub use message::{
     escape_text, headers, is_json_content_type, storable_text, Message, MessageBuilder,
@@ -45,10 +55,6 @@ pub use message::{
 };
 pub use partition::{fair_share, partition_for, plan_leases, LeasePlan};
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
-pub use reconcile::{
-    IdDigest, IdRange, NumberedRow, ProcessedHistory, ReconcileQuery, ReconcileReport, SentHistory,
-    SequenceHead,
-};
 pub use sequence::{AcceptedGap, Compaction, GapAcceptance, GapRange, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{

@@ -8,7 +8,11 @@
 //! exactly-once effect.
 //!
 //! Backends and transports are cargo features: `sqlite` (default),
-//! `postgres`, `nats`.
+//! `postgres`, `nats`. The backends compiled in form a registry by URL
+//! scheme ([`drivers`]): [`open_admin`] opens any of them for the operations
+//! port ([`Admin`]: dead letters, trace, checkpoints, reconcile history) and
+//! [`run_relay`] runs the relay on any of them, so callers never match on a
+//! backend. A new backend is one crate with a `DRIVER` and one line in each.
 //!
 //! ```
 //! use custody::sqlite::{connect, migrate, SqliteEmbeddedSubscriber, SqliteInbox, SqliteOutbox};
@@ -66,6 +70,84 @@ pub use custody_engine::{
     live, metric_definitions, reconcile, CancellationToken, Consumer, ConsumerConfig,
     ConsumerStats, FencedInbox, LeaseConfig, LeasedConsumer, Relay, RelayConfig, RelayStats,
 };
+
+/// The backends compiled into this build (cargo features), in the order a
+/// URL is matched against them: the registry behind [`open_admin`].
+/// Adding a backend = one line here.
+pub fn drivers() -> Vec<&'static Driver> {
+    vec![
+        #[cfg(feature = "postgres")]
+        &custody_postgres::DRIVER,
+        #[cfg(feature = "sqlite")]
+        &custody_sqlite::DRIVER,
+    ]
+}
+
+/// Open the custody database at `url` (any backend compiled in) for the
+/// operations port. With [`Access::Existing`] nothing is created, migrated
+/// or written by the opening; an unknown URL form is an error naming the
+/// accepted ones.
+pub async fn open_admin(url: &str, access: Access) -> Result<Box<dyn Admin>> {
+    admin::open(&drivers(), url, access).await
+}
+
+/// Run a relay on the outbox at `url` (connected and migrated), whichever
+/// backend compiled in holds it, publishing through `publisher` until
+/// `cancel`. `id`: the relay's id in the lease table (default: random).
+/// The relay is generic over the store, so each backend has one line here.
+pub async fn run_relay<P: Publisher>(
+    url: &str,
+    publisher: P,
+    config: RelayConfig,
+    id: Option<String>,
+    cancel: CancellationToken,
+) -> Result<RelayStats> {
+    async fn go<S: OutboxStore, P: Publisher>(
+        store: S,
+        publisher: P,
+        config: RelayConfig,
+        id: Option<String>,
+        cancel: CancellationToken,
+    ) -> Result<RelayStats> {
+        let mut relay = Relay::new(store, publisher, config);
+        if let Some(id) = id {
+            relay = relay.with_id(id);
+        }
+        relay.run(cancel).await
+    }
+    let driver = admin::driver_for(&drivers(), url)?;
+    #[cfg(feature = "postgres")]
+    if driver.name == custody_postgres::DRIVER.name {
+        let pool = custody_postgres::connect(url).await?;
+        custody_postgres::migrate(&pool).await?;
+        return go(
+            custody_postgres::PgOutbox::new(pool),
+            publisher,
+            config,
+            id,
+            cancel,
+        )
+        .await;
+    }
+    #[cfg(feature = "sqlite")]
+    if driver.name == custody_sqlite::DRIVER.name {
+        let pool = custody_sqlite::connect(url).await?;
+        custody_sqlite::migrate(&pool).await?;
+        return go(
+            custody_sqlite::SqliteOutbox::new(pool),
+            publisher,
+            config,
+            id,
+            cancel,
+        )
+        .await;
+    }
+    let _ = (publisher, config, id, cancel);
+    Err(Error::Config(format!(
+        "backend {} has no relay in this build",
+        driver.name
+    )))
+}
 
 /// SQLite backend: outbox, inbox, dead letters and the embedded transport.
 #[cfg(feature = "sqlite")]

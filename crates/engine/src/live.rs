@@ -117,8 +117,8 @@ pub async fn reconcile_live<S, P>(
     now: DateTime<Utc>,
 ) -> Result<LiveReport>
 where
-    S: SentHistory,
-    P: ProcessedHistory,
+    S: SentHistory + ?Sized,
+    P: ProcessedHistory + ?Sized,
 {
     let stale_before = crate::before(now, grace).unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut progress = processed.sequence_progress(consumer).await?;

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
-pub use custody_core::reconcile::*;
+pub use custody_core::history::*;
 use custody_core::{Error, Result};
 use tracing::warn;
 use uuid::Uuid;
@@ -127,7 +127,7 @@ fn at_ms(ms: i64) -> DateTime<Utc> {
 /// retentions). Left out = sent at or after `to` (up to a day later), not
 /// checked: a report that [compared nothing](ReconcileReport::compared_nothing)
 /// can say why.
-pub async fn reconcile<S: SentHistory, P: ProcessedHistory>(
+pub async fn reconcile<S: SentHistory + ?Sized, P: ProcessedHistory + ?Sized>(
     sent: &S,
     processed: &P,
     query: &ReconcileQuery,
@@ -309,6 +309,12 @@ mod tests {
         async fn republish(&self, _ids: &[Uuid]) -> Result<u64> {
             Ok(0)
         }
+        async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
+            Ok(None)
+        }
+        async fn numbered(&self, _t: &str, _p: u32, _seqs: &[u64]) -> Result<Vec<NumberedRow>> {
+            Ok(Vec::new())
+        }
     }
 
     impl ProcessedHistory for Processed {
@@ -324,6 +330,20 @@ mod tests {
             Ok(Vec::new())
         }
         async fn redriving(&self, _c: &str, _t: &str, _range: IdRange) -> Result<Vec<Uuid>> {
+            Ok(Vec::new())
+        }
+        async fn sequence_progress(
+            &self,
+            _c: &str,
+        ) -> Result<Vec<custody_core::PartitionProgress>> {
+            Ok(Vec::new())
+        }
+        async fn numbers_above_floor(
+            &self,
+            _c: &str,
+            _p: &custody_core::PartitionProgress,
+            _limit: usize,
+        ) -> Result<Vec<(u64, DateTime<Utc>)>> {
             Ok(Vec::new())
         }
     }

@@ -3,7 +3,8 @@
 //! ever seen a topic or a consumer name? None of them creates or changes
 //! anything: a check never writes to what it checks (docs/ARCHITECTURE.md invariant 8).
 
-use custody_core::{Error, Result};
+use custody_core::admin::schema_verdict;
+use custody_core::Result;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
@@ -61,7 +62,7 @@ ORDER BY 1 LIMIT $1";
 /// Check that `pool`'s database holds custody's tables with every migration
 /// of this build applied, without applying any.
 ///
-/// Errors ([`Error::Config`]) say which case it is and what to do: no
+/// Errors ([`custody_core::Error::Config`]) say which case it is and what to do: no
 /// custody tables at all (a wrong database, or one never set up with
 /// `custody migrate`), an older schema, or a migration that failed midway.
 /// Other migrations in sqlx's table (the application's own, or a newer
@@ -71,38 +72,21 @@ pub async fn check_schema(pool: &PgPool) -> Result<()> {
         .fetch_one(pool)
         .await
         .map_err(db("check schema"))?;
-    if !migrations || !outbox {
-        return Err(Error::Config(
-            "this database has no custody tables: it is not a custody database (a mistyped \
-             database name?), or custody was never set up in it. Check the URL; `custody migrate \
-             --db …` creates the tables in a database meant to hold them"
-                .into(),
-        ));
-    }
-    let applied: Vec<(i64, bool)> = sqlx::query_as(APPLIED)
-        .fetch_all(pool)
-        .await
-        .map_err(db("check schema"))?;
-    if let Some((v, _)) = applied.iter().find(|(_, ok)| !ok) {
-        return Err(Error::Config(format!(
-            "migration {v} failed partway in this database; run `custody migrate --db …` again \
-             (it reports what went wrong)"
-        )));
-    }
-    let missing: Vec<String> = MIGRATOR
-        .iter()
-        .map(|m| m.version)
-        .filter(|v| !applied.iter().any(|(a, _)| a == v))
-        .map(|v| v.to_string())
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(Error::Config(format!(
-        "custody's tables in this database are older than this custody (migrations {} not \
-         applied); run `custody migrate --db …` first (docs/OPERATIONS.md, upgrades)",
-        missing.join(", ")
-    )))
+    let applied: Vec<(i64, bool)> = if migrations {
+        sqlx::query_as(APPLIED)
+            .fetch_all(pool)
+            .await
+            .map_err(db("check schema"))?
+    } else {
+        Vec::new()
+    };
+    schema_verdict(
+        migrations && outbox,
+        &applied,
+        MIGRATOR.iter().map(|m| m.version),
+        "database name",
+        "URL",
+    )
 }
 
 /// Whether `topic` appears anywhere in this database: outbox rows, numbers

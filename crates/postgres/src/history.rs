@@ -3,10 +3,13 @@
 //! See docs/OPERATIONS.md.
 
 use chrono::{DateTime, Utc};
+use custody_core::admin::{
+    redrive_target, RedriveOutcome, RedriveStep, RedriveTarget, SKIP_NO_SUCH, SKIP_OUTBOX_ROW_GONE,
+};
 use custody_core::{
-    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, Message, MessageStatus,
-    NumberedRow, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo, Result,
-    SentHistory, SequenceHead,
+    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, MessageStatus, NumberedRow,
+    PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo, Result, SentHistory,
+    SequenceHead,
 };
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -372,66 +375,50 @@ pub async fn dead_letter_rows(pool: &PgPool) -> Result<Vec<(i64, DeadLetter)>> {
         .map_err(db(OP))
 }
 
-/// What [`redrive`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RedriveOutcome {
-    /// Consumer dead letters queued for their consumer again.
-    pub to_consumer: u64,
-    /// Relay dead letters put back to pending in the outbox.
-    pub to_relay: u64,
-    /// Dead letters left in place, with the reason.
-    pub skipped: Vec<(i64, String)>,
-}
-
-/// Send dead letters `seqs` back, each in its own transaction:
+/// Send dead letters `seqs` back, each in its own transaction, as
+/// [`redrive_target`] decides:
 ///
 /// - a consumer's (`consumer:<name>`): its stored envelope goes to
-///   `custody_redrive`, and the dead letter and the consumer's inbox row
-///   are deleted; the consumer engine processes it once through the inbox;
+///   `custody_redrive`, the dead letter is deleted and the consumer's inbox
+///   row marked; the consumer engine processes it once through the inbox;
 /// - the relay's: the outbox row goes back to pending (attempts 0, marked as
 ///   a republish) and the dead letter is deleted.
 ///
 /// A dead letter without an envelope (a malformed message) or whose outbox
 /// row was pruned is skipped, with the reason.
 pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<RedriveOutcome> {
-    const OP: &str = "redrive dead letter";
     let mut out = RedriveOutcome::default();
     for &seq in seqs {
-        let mut tx = pool.begin().await.map_err(db(OP))?;
-        // FOR UPDATE: two operators redriving the same letter queue it once.
-        let row = sqlx::query(
-            "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = $1 FOR UPDATE",
-        )
-        .bind(seq)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db(OP))?;
-        let Some(row) = row else {
-            out.skipped.push((
-                seq,
-                "no such dead letter (already redriven or purged)".into(),
-            ));
-            continue;
-        };
-        let id: Option<Uuid> = row.try_get("message_id").map_err(db(OP))?;
-        let origin: String = row.try_get("origin").map_err(db(OP))?;
-        let topic: String = row.try_get("topic").map_err(db(OP))?;
-        let envelope: Option<String> = row.try_get("envelope").map_err(db(OP))?;
-        if let Some(consumer) = origin.strip_prefix("consumer:") {
-            let (Some(id), Some(envelope)) = (id, envelope) else {
-                out.skipped.push((
-                    seq,
-                    "malformed message without a readable envelope: nothing to redrive; fix the producer and purge it".into(),
-                ));
-                continue;
-            };
-            if serde_json::from_str::<Message>(&envelope).is_err() {
-                out.skipped.push((
-                    seq,
-                    "stored envelope is not a readable message; purge it".into(),
-                ));
-                continue;
-            }
+        out.add(seq, redrive_one(pool, seq, now).await?);
+    }
+    Ok(out)
+}
+
+async fn redrive_one(pool: &PgPool, seq: i64, now: DateTime<Utc>) -> Result<RedriveStep> {
+    const OP: &str = "redrive dead letter";
+    let mut tx = pool.begin().await.map_err(db(OP))?;
+    // FOR UPDATE: two operators redriving the same letter queue it once.
+    let row = sqlx::query(
+        "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = $1 FOR UPDATE",
+    )
+    .bind(seq)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db(OP))?;
+    let Some(row) = row else {
+        return Ok(RedriveStep::Skipped(SKIP_NO_SUCH));
+    };
+    let id: Option<Uuid> = row.try_get("message_id").map_err(db(OP))?;
+    let origin: String = row.try_get("origin").map_err(db(OP))?;
+    let topic: String = row.try_get("topic").map_err(db(OP))?;
+    let envelope: Option<String> = row.try_get("envelope").map_err(db(OP))?;
+    let step = match redrive_target(&origin, id, envelope.as_deref()) {
+        RedriveTarget::Skip(why) => return Ok(RedriveStep::Skipped(why)),
+        RedriveTarget::Consumer {
+            consumer,
+            id,
+            envelope,
+        } => {
             sqlx::query(
                 "INSERT INTO custody_redrive (consumer, message_id, topic, envelope, redriven_at)
                  VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, message_id) DO NOTHING",
@@ -439,7 +426,7 @@ pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<
             .bind(consumer)
             .bind(id)
             .bind(&topic)
-            .bind(&envelope)
+            .bind(envelope)
             .bind(now)
             .execute(&mut *tx)
             .await
@@ -455,8 +442,9 @@ pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<
             .execute(&mut *tx)
             .await
             .map_err(db(OP))?;
-            out.to_consumer += 1;
-        } else {
+            RedriveStep::ToConsumer
+        }
+        RedriveTarget::Relay { id } => {
             // seq = NULL: the skip marker left in its place accounted for
             // its old number; the relay gives it a new one
             // (and out of the sequence journal, whose entry would give it
@@ -480,26 +468,22 @@ pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<
             .await
             .map_err(db(OP))?;
             if reset == 0 {
-                out.skipped.push((
-                    seq,
-                    "its outbox row is gone (pruned) or no longer dead; re-enqueue the message from the envelope `custody dlq show` prints".into(),
-                ));
-                continue;
+                return Ok(RedriveStep::Skipped(SKIP_OUTBOX_ROW_GONE));
             }
             sqlx::query("SELECT pg_notify('custody_outbox', '')")
                 .execute(&mut *tx)
                 .await
                 .map_err(db(OP))?;
-            out.to_relay += 1;
+            RedriveStep::ToRelay
         }
-        sqlx::query("DELETE FROM custody_dead_letter WHERE seq = $1")
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(OP))?;
-        tx.commit().await.map_err(db(OP))?;
-    }
-    Ok(out)
+    };
+    sqlx::query("DELETE FROM custody_dead_letter WHERE seq = $1")
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(db(OP))?;
+    tx.commit().await.map_err(db(OP))?;
+    Ok(step)
 }
 
 /// Delete dead letters `seqs`. A consumer's inbox row stays, so a late

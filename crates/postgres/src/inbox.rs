@@ -724,10 +724,3 @@ bump AS (
     WHERE w.consumer = $1 AND w.producer = g.producer AND w.topic = g.topic
       AND w.producer_partition = g.producer_partition)
 SELECT count(*) FROM gone";
-
-/// Every dead letter in this database (relay's and consumers'), oldest first.
-/// [`crate::dead_letter_rows`] without the sequence numbers.
-pub async fn dead_letters(pool: &PgPool) -> Result<Vec<DeadLetter>> {
-    let rows = crate::dead_letter_rows(pool).await?;
-    Ok(rows.into_iter().map(|(_, dead)| dead).collect())
-}

@@ -33,6 +33,7 @@
 //! call, so it needs no guard and does not wait for transactions in flight.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod check;
 mod consumer_lease;
 mod error;
@@ -48,10 +49,11 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub use admin::{dead_letters, PgAdmin, DRIVER};
 pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
-pub use custody_core::LeaseLost;
-pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
-pub use inbox::{dead_letters, PgInbox};
+pub use custody_core::{LeaseLost, RedriveOutcome};
+pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
+pub use inbox::PgInbox;
 pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};
 pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};
 
@@ -68,7 +70,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// first connection is made at once, so a wrong URL or a server that is down
 /// is reported here, naming the URL (without its password).
 pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
-    let shown = redact_url(url);
+    let shown = custody_core::redact_url(url);
     let options: PgConnectOptions = url.parse().map_err(|e| {
         custody_core::Error::Config(format!(
             "{shown} is not a PostgreSQL URL ({e}); expected postgres://user:password@host:port/database"
@@ -130,38 +132,4 @@ pub async fn migrate(pool: &PgPool) -> custody_core::Result<()> {
         sqlx::migrate::MigrateError::Execute(e) => map_err("migrate", e),
         other => custody_core::Error::store("postgres", "migrate", false, other),
     })
-}
-
-/// `url` with the password replaced by `***`, for error messages.
-fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn redacts_password_only() {
-        assert_eq!(
-            redact_url("postgres://app:s3cr@t@db:5432/shop?sslmode=require"),
-            "postgres://app:***@db:5432/shop?sslmode=require"
-        );
-        assert_eq!(
-            redact_url("postgres://postgres@127.0.0.1/test"),
-            "postgres://postgres@127.0.0.1/test"
-        );
-        assert_eq!(redact_url("nonsense"), "nonsense");
-    }
 }

@@ -3,7 +3,8 @@
 //! ever seen a topic or a consumer name? None of them creates or changes
 //! anything: a check never writes to what it checks (docs/ARCHITECTURE.md invariant 8).
 
-use custody_core::{Error, Result};
+use custody_core::admin::schema_verdict;
+use custody_core::Result;
 use sqlx::migrate::Migrator;
 use sqlx::SqlitePool;
 
@@ -61,7 +62,7 @@ ORDER BY 1 LIMIT ?1";
 /// Check that `pool` holds custody's tables with every migration of this
 /// build applied, without applying any.
 ///
-/// Errors ([`Error::Config`]) say which case it is and what to do: no
+/// Errors ([`custody_core::Error::Config`]) say which case it is and what to do: no
 /// custody tables at all (a wrong file, or one never set up with
 /// `custody migrate`), an older schema, or a migration that failed midway.
 /// Migrations the database has and this build does not know are tolerated
@@ -75,39 +76,21 @@ pub async fn check_schema(pool: &SqlitePool) -> Result<()> {
         .fetch_one(pool)
         .await
         .map_err(map_err("check schema"))?;
-    if has_table == 0 || has_outbox == 0 {
-        return Err(Error::Config(
-            "this database has no custody tables: it is not a custody database (a mistyped path?), \
-             or custody was never set up in it. Check the path; `custody migrate --db …` creates \
-             the tables in a database meant to hold them"
-                .into(),
-        ));
-    }
-    let applied: Vec<(i64, bool)> = sqlx::query_as(APPLIED)
-        .fetch_all(pool)
-        .await
-        .map_err(map_err("check schema"))?;
-    if let Some((v, _)) = applied.iter().find(|(_, ok)| !ok) {
-        return Err(Error::Config(format!(
-            "custody migration {v} failed partway in this database; run `custody migrate --db …` \
-             again (it reports what went wrong)"
-        )));
-    }
-    let missing: Vec<i64> = MIGRATOR
-        .iter()
-        .map(|m| m.version)
-        .filter(|v| !applied.iter().any(|(a, _)| a == v))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let list: Vec<String> = missing.iter().map(i64::to_string).collect();
-    Err(Error::Config(format!(
-        "custody's tables in this database are older than this custody (migrations {} not applied); \
-         run `custody migrate --db …` first (stop or upgrade the services using it as \
-         docs/OPERATIONS.md says)",
-        list.join(", ")
-    )))
+    let applied: Vec<(i64, bool)> = if has_table == 0 {
+        Vec::new()
+    } else {
+        sqlx::query_as(APPLIED)
+            .fetch_all(pool)
+            .await
+            .map_err(map_err("check schema"))?
+    };
+    schema_verdict(
+        has_table != 0 && has_outbox != 0,
+        &applied,
+        MIGRATOR.iter().map(|m| m.version),
+        "path",
+        "path",
+    )
 }
 
 /// Whether `topic` appears anywhere in this database: outbox rows, numbers

@@ -3,10 +3,13 @@
 //! See docs/OPERATIONS.md.
 
 use chrono::{DateTime, Utc};
+use custody_core::admin::{
+    redrive_target, RedriveOutcome, RedriveStep, RedriveTarget, SKIP_NO_SUCH, SKIP_OUTBOX_ROW_GONE,
+};
 use custody_core::{
-    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, Message, MessageStatus,
-    NumberedRow, PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo, Result,
-    SentHistory, SequenceHead,
+    ConsumerSide, DeadLetter, DeadLetterInfo, IdRange, InboxStore, MessageStatus, NumberedRow,
+    PartitionProgress, ProcessedHistory, ProducerSide, RedriveInfo, Result, SentHistory,
+    SequenceHead,
 };
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
@@ -417,18 +420,8 @@ pub async fn dead_letter_rows(pool: &SqlitePool) -> Result<Vec<(i64, DeadLetter)
         .map_err(map_err(OP))
 }
 
-/// What [`redrive`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RedriveOutcome {
-    /// Consumer dead letters queued for their consumer again.
-    pub to_consumer: u64,
-    /// Relay dead letters put back to pending in the outbox.
-    pub to_relay: u64,
-    /// Dead letters left in place, with the reason.
-    pub skipped: Vec<(i64, String)>,
-}
-
-/// Send dead letters `seqs` back, each in its own transaction:
+/// Send dead letters `seqs` back, each in its own transaction, as
+/// [`redrive_target`] decides:
 ///
 /// - a consumer's (`consumer:<name>`): its stored envelope goes to
 ///   `custody_redrive`, and the dead letter and the consumer's inbox row
@@ -447,46 +440,42 @@ pub async fn redrive(
     seqs: &[i64],
     now: DateTime<Utc>,
 ) -> Result<RedriveOutcome> {
-    const OP: &str = "redrive dead letter";
     let mut out = RedriveOutcome::default();
     for &seq in seqs {
-        let mut tx = pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err(OP))?;
-        let row = sqlx::query(
-            "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = ?1",
-        )
-        .bind(seq)
-        .fetch_optional(&mut *tx)
+        out.add(seq, redrive_one(pool, seq, now).await?);
+    }
+    Ok(out)
+}
+
+async fn redrive_one(pool: &SqlitePool, seq: i64, now: DateTime<Utc>) -> Result<RedriveStep> {
+    const OP: &str = "redrive dead letter";
+    let mut tx = pool
+        .begin_with("BEGIN IMMEDIATE")
         .await
         .map_err(map_err(OP))?;
-        let Some(row) = row else {
-            out.skipped.push((
-                seq,
-                "no such dead letter (already redriven or purged)".into(),
-            ));
-            continue;
-        };
-        let id: Option<String> = row.try_get("message_id").map_err(map_err(OP))?;
-        let origin: String = row.try_get("origin").map_err(map_err(OP))?;
-        let topic: String = row.try_get("topic").map_err(map_err(OP))?;
-        let envelope: Option<String> = row.try_get("envelope").map_err(map_err(OP))?;
-        if let Some(consumer) = origin.strip_prefix("consumer:") {
-            let (Some(id), Some(envelope)) = (id, envelope) else {
-                out.skipped.push((
-                    seq,
-                    "malformed message without a readable envelope: nothing to redrive; fix the producer and purge it".into(),
-                ));
-                continue;
-            };
-            if serde_json::from_str::<Message>(&envelope).is_err() {
-                out.skipped.push((
-                    seq,
-                    "stored envelope is not a readable message; purge it".into(),
-                ));
-                continue;
-            }
+    let row = sqlx::query(
+        "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = ?1",
+    )
+    .bind(seq)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(map_err(OP))?;
+    let Some(row) = row else {
+        return Ok(RedriveStep::Skipped(SKIP_NO_SUCH));
+    };
+    let id: Option<String> = row.try_get("message_id").map_err(map_err(OP))?;
+    let origin: String = row.try_get("origin").map_err(map_err(OP))?;
+    let topic: String = row.try_get("topic").map_err(map_err(OP))?;
+    let envelope: Option<String> = row.try_get("envelope").map_err(map_err(OP))?;
+    let id = id.and_then(|s| Uuid::parse_str(&s).ok());
+    let step = match redrive_target(&origin, id, envelope.as_deref()) {
+        RedriveTarget::Skip(why) => return Ok(RedriveStep::Skipped(why)),
+        RedriveTarget::Consumer {
+            consumer,
+            id,
+            envelope,
+        } => {
+            let id = text(&id);
             sqlx::query(
                 "INSERT INTO custody_redrive (consumer, message_id, topic, envelope, redriven_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (consumer, message_id) DO NOTHING",
@@ -494,7 +483,7 @@ pub async fn redrive(
             .bind(consumer)
             .bind(&id)
             .bind(&topic)
-            .bind(&envelope)
+            .bind(envelope)
             .bind(to_ms(now))
             .execute(&mut *tx)
             .await
@@ -521,8 +510,9 @@ pub async fn redrive(
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;
-            out.to_consumer += 1;
-        } else {
+            RedriveStep::ToConsumer
+        }
+        RedriveTarget::Relay { id } => {
             // seq = NULL: the skip marker left in its place accounted for its
             // old number; the relay gives it a new one.
             let reset = sqlx::query(
@@ -530,27 +520,23 @@ pub async fn redrive(
                  last_error = NULL, republish = republish + 1, seq = NULL \
                  WHERE id = ?1 AND status = 2",
             )
-            .bind(id.as_deref())
+            .bind(id.as_ref().map(text))
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;
             if reset.rows_affected() == 0 {
-                out.skipped.push((
-                    seq,
-                    "its outbox row is gone (pruned) or no longer dead; re-enqueue the message from the envelope `custody dlq show` prints".into(),
-                ));
-                continue;
+                return Ok(RedriveStep::Skipped(SKIP_OUTBOX_ROW_GONE));
             }
-            out.to_relay += 1;
+            RedriveStep::ToRelay
         }
-        sqlx::query("DELETE FROM custody_dead_letter WHERE seq = ?1")
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-        tx.commit().await.map_err(map_err(OP))?;
-    }
-    Ok(out)
+    };
+    sqlx::query("DELETE FROM custody_dead_letter WHERE seq = ?1")
+        .bind(seq)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err(OP))?;
+    tx.commit().await.map_err(map_err(OP))?;
+    Ok(step)
 }
 
 /// Delete dead letters `seqs`. A consumer's inbox row stays, so a late

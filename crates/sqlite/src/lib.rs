@@ -66,9 +66,10 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
-pub use admin::{checkpoint, dead_letters, set_checkpoint};
+pub use admin::{checkpoint, dead_letters, set_checkpoint, SqliteAdmin, DRIVER};
 pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
-pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status, RedriveOutcome};
+pub use custody_core::RedriveOutcome;
+pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
 pub use inbox::SqliteInbox;
 pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
 pub use subscriber::SqliteEmbeddedSubscriber;

@@ -6,18 +6,18 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::Utc;
 use custody::live::{export_live, reconcile_live, LiveReport};
-use custody::{GapAcceptance, GapRange, InboxStore, ProcessedHistory, SentHistory};
+use custody::{Admin, GapAcceptance, GapRange};
 
-use super::{esc, every_round, write_atomically, ConsumerDb, Producer, ReconcileArgs};
+use super::{esc, every_round, write_atomically, ReconcileArgs};
 
 async fn check(
     args: &ReconcileArgs,
-    producer: Option<&Producer>,
-    consumer: &ConsumerDb,
+    producer: Option<&dyn Admin>,
+    consumer: &dyn Admin,
 ) -> anyhow::Result<LiveReport> {
     Ok(reconcile_live(
-        producer,
-        consumer,
+        producer.map(|p| p.sent()),
+        consumer.processed(),
         &args.consumer_name,
         args.grace,
         Utc::now(),
@@ -29,8 +29,8 @@ async fn check(
 /// every `--watch` interval.
 pub async fn run(
     args: &ReconcileArgs,
-    producer: Option<&Producer>,
-    consumer: &ConsumerDb,
+    producer: Option<&dyn Admin>,
+    consumer: &dyn Admin,
 ) -> anyhow::Result<ExitCode> {
     if let Some(every) = args.watch {
         return watch(args, producer, consumer, every).await;
@@ -57,7 +57,7 @@ pub async fn run(
     if !args.json {
         print(&report, false);
     }
-    let n = producer.republish(&ids).await?;
+    let n = producer.sent().republish(&ids).await?;
     let what = format!(
         "put {n} of {} missing messages back to pending; a running relay republishes them under their old numbers",
         report.missing.len()
@@ -111,7 +111,7 @@ pub async fn run(
 /// `--accept [PRODUCER/]TOPIC/PARTITION/FIRST-LAST|N|start`: parse, find the
 /// producer when not named (the one the consumer has that partition of),
 /// raise the floor with an audit record, print what was accepted.
-async fn accept(args: &ReconcileArgs, spec: &str, consumer: &ConsumerDb) -> anyhow::Result<()> {
+async fn accept(args: &ReconcileArgs, spec: &str, consumer: &dyn Admin) -> anyhow::Result<()> {
     let parts: Vec<&str> = spec.split('/').collect();
     let (producer, topic, partition, range) = match parts.as_slice() {
         [t, p, r] => (None, *t, *p, *r),
@@ -142,7 +142,10 @@ async fn accept(args: &ReconcileArgs, spec: &str, consumer: &ConsumerDb) -> anyh
     let producer = match producer {
         Some(p) => p.to_owned(),
         None => {
-            let progress = consumer.sequence_progress(&args.consumer_name).await?;
+            let progress = consumer
+                .processed()
+                .sequence_progress(&args.consumer_name)
+                .await?;
             let mut ids: Vec<String> = progress
                 .into_iter()
                 .filter(|p| p.topic == topic && p.partition == partition)
@@ -180,11 +183,10 @@ async fn accept(args: &ReconcileArgs, spec: &str, consumer: &ConsumerDb) -> anyh
         reason: args.reason.clone().unwrap_or_default(),
     };
     let now = Utc::now();
-    let done = match consumer {
-        ConsumerDb::Sqlite(i) => i.accept_gap(&args.consumer_name, &gap, now).await,
-        ConsumerDb::Postgres(i) => i.accept_gap(&args.consumer_name, &gap, now).await,
-    }
-    .with_context(|| format!("accept {spec}"))?;
+    let done = consumer
+        .accept_gap(&args.consumer_name, &gap, now)
+        .await
+        .with_context(|| format!("accept {spec}"))?;
     let line = format!(
         "accepted as lost: {} number(s) {} of producer {} {}/{} (floor {} -> {}), by {:?}: {:?}",
         done.count(),
@@ -208,8 +210,8 @@ async fn accept(args: &ReconcileArgs, spec: &str, consumer: &ConsumerDb) -> anyh
 
 async fn watch(
     args: &ReconcileArgs,
-    producer: Option<&Producer>,
-    consumer: &ConsumerDb,
+    producer: Option<&dyn Admin>,
+    consumer: &dyn Admin,
     every: Duration,
 ) -> anyhow::Result<ExitCode> {
     every_round(every, || async {

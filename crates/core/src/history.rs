@@ -1,4 +1,6 @@
-//! Balancing controls: what a producer sent against what a consumer processed.
+//! The history ports of reconciliation (what a producer sent, what a
+//! consumer processed) and the id arithmetic both sides share. The
+//! reconciliation itself is `custody_engine::reconcile`.
 //!
 //! Windows are defined by the **message id**: a UUIDv7 carries its creation
 //! time (unix milliseconds) in its first 48 bits, so the producer's outbox and
@@ -21,6 +23,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::admin::BoxFuture;
 use crate::Result;
 
 /// The 64-bit value an id contributes to a digest: a fixed, portable mix of
@@ -133,9 +136,7 @@ pub trait SentHistory: Send + Sync {
     /// not number messages.
     fn sequence_heads(
         &self,
-    ) -> impl Future<Output = Result<Option<(String, Vec<SequenceHead>)>>> + Send {
-        async { Ok(None) }
-    }
+    ) -> impl Future<Output = Result<Option<(String, Vec<SequenceHead>)>>> + Send;
 
     /// The outbox rows holding numbers `seqs` of `topic` in `partition`
     /// (a number can have two: a relay dead letter and its skip marker).
@@ -144,10 +145,7 @@ pub trait SentHistory: Send + Sync {
         topic: &str,
         partition: u32,
         seqs: &[u64],
-    ) -> impl Future<Output = Result<Vec<NumberedRow>>> + Send {
-        let _ = (topic, partition, seqs);
-        async { Ok(Vec::new()) }
-    }
+    ) -> impl Future<Output = Result<Vec<NumberedRow>>> + Send;
 }
 
 /// The last number a producer gave in one topic and partition.
@@ -204,14 +202,11 @@ pub trait ProcessedHistory: Send + Sync {
     ) -> impl Future<Output = Result<Vec<Uuid>>> + Send;
 
     /// `consumer`'s floors and gaps per numbered (producer, topic,
-    /// partition); see [`crate::InboxStore::progress`]. Default: none.
+    /// partition); see [`crate::InboxStore::progress`].
     fn sequence_progress(
         &self,
         consumer: &str,
-    ) -> impl Future<Output = Result<Vec<crate::PartitionProgress>>> + Send {
-        let _ = consumer;
-        async { Ok(Vec::new()) }
-    }
+    ) -> impl Future<Output = Result<Vec<crate::PartitionProgress>>> + Send;
 
     /// The numbers `consumer` recorded above `progress`'s floor, in order,
     /// each with when it was recorded, at most `limit`.
@@ -220,9 +215,206 @@ pub trait ProcessedHistory: Send + Sync {
         consumer: &str,
         progress: &crate::PartitionProgress,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<(u64, DateTime<Utc>)>>> + Send {
-        let _ = (consumer, progress, limit);
-        async { Ok(Vec::new()) }
+    ) -> impl Future<Output = Result<Vec<(u64, DateTime<Utc>)>>> + Send;
+}
+
+/// A producer's id and its last number per (topic, partition):
+/// [`SentHistory::sequence_heads`].
+pub type ProducerHeads = Option<(String, Vec<SequenceHead>)>;
+
+/// [`SentHistory`] in a form usable as `dyn` (boxed futures): what the
+/// operations port ([`crate::admin::Admin::sent`]) hands out, so the CLI
+/// and the server reconcile any backend without naming its type. Every
+/// [`SentHistory`] is one; `dyn DynSentHistory` is a [`SentHistory`] again.
+pub trait DynSentHistory: Send + Sync {
+    /// [`SentHistory::sent_ids`].
+    fn sent_ids<'a>(&'a self, topic: &'a str, range: IdRange) -> BoxFuture<'a, Result<Vec<Uuid>>>;
+    /// [`SentHistory::sent_dead`].
+    fn sent_dead<'a>(
+        &'a self,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<(Uuid, String)>>>;
+    /// [`SentHistory::republish`].
+    fn republish<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, Result<u64>>;
+    /// [`SentHistory::sequence_heads`].
+    fn sequence_heads(&self) -> BoxFuture<'_, Result<ProducerHeads>>;
+    /// [`SentHistory::numbered`].
+    fn numbered<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        seqs: &'a [u64],
+    ) -> BoxFuture<'a, Result<Vec<NumberedRow>>>;
+}
+
+impl<T: SentHistory> DynSentHistory for T {
+    fn sent_ids<'a>(&'a self, topic: &'a str, range: IdRange) -> BoxFuture<'a, Result<Vec<Uuid>>> {
+        Box::pin(SentHistory::sent_ids(self, topic, range))
+    }
+    fn sent_dead<'a>(
+        &'a self,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<(Uuid, String)>>> {
+        Box::pin(SentHistory::sent_dead(self, topic, range))
+    }
+    fn republish<'a>(&'a self, ids: &'a [Uuid]) -> BoxFuture<'a, Result<u64>> {
+        Box::pin(SentHistory::republish(self, ids))
+    }
+    fn sequence_heads(&self) -> BoxFuture<'_, Result<ProducerHeads>> {
+        Box::pin(SentHistory::sequence_heads(self))
+    }
+    fn numbered<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: u32,
+        seqs: &'a [u64],
+    ) -> BoxFuture<'a, Result<Vec<NumberedRow>>> {
+        Box::pin(SentHistory::numbered(self, topic, partition, seqs))
+    }
+}
+
+impl SentHistory for dyn DynSentHistory + '_ {
+    async fn sent_ids(&self, topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
+        DynSentHistory::sent_ids(self, topic, range).await
+    }
+    async fn sent_dead(&self, topic: &str, range: IdRange) -> Result<Vec<(Uuid, String)>> {
+        DynSentHistory::sent_dead(self, topic, range).await
+    }
+    async fn republish(&self, ids: &[Uuid]) -> Result<u64> {
+        DynSentHistory::republish(self, ids).await
+    }
+    async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
+        DynSentHistory::sequence_heads(self).await
+    }
+    async fn numbered(
+        &self,
+        topic: &str,
+        partition: u32,
+        seqs: &[u64],
+    ) -> Result<Vec<NumberedRow>> {
+        DynSentHistory::numbered(self, topic, partition, seqs).await
+    }
+}
+
+/// A number a consumer recorded and when: [`ProcessedHistory::numbers_above_floor`].
+pub type RecordedNumber = (u64, DateTime<Utc>);
+
+/// [`ProcessedHistory`] in a form usable as `dyn`; see [`DynSentHistory`].
+pub trait DynProcessedHistory: Send + Sync {
+    /// [`ProcessedHistory::processed_ids`].
+    fn processed_ids<'a>(
+        &'a self,
+        consumer: &'a str,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>>>;
+    /// [`ProcessedHistory::processed_dead`].
+    fn processed_dead<'a>(
+        &'a self,
+        consumer: &'a str,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<(Uuid, String)>>>;
+    /// [`ProcessedHistory::redriving`].
+    fn redriving<'a>(
+        &'a self,
+        consumer: &'a str,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>>>;
+    /// [`ProcessedHistory::sequence_progress`].
+    fn sequence_progress<'a>(
+        &'a self,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::PartitionProgress>>>;
+    /// [`ProcessedHistory::numbers_above_floor`].
+    fn numbers_above_floor<'a>(
+        &'a self,
+        consumer: &'a str,
+        progress: &'a crate::PartitionProgress,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<RecordedNumber>>>;
+}
+
+impl<T: ProcessedHistory> DynProcessedHistory for T {
+    fn processed_ids<'a>(
+        &'a self,
+        consumer: &'a str,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>>> {
+        Box::pin(ProcessedHistory::processed_ids(
+            self, consumer, topic, range,
+        ))
+    }
+    fn processed_dead<'a>(
+        &'a self,
+        consumer: &'a str,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<(Uuid, String)>>> {
+        Box::pin(ProcessedHistory::processed_dead(
+            self, consumer, topic, range,
+        ))
+    }
+    fn redriving<'a>(
+        &'a self,
+        consumer: &'a str,
+        topic: &'a str,
+        range: IdRange,
+    ) -> BoxFuture<'a, Result<Vec<Uuid>>> {
+        Box::pin(ProcessedHistory::redriving(self, consumer, topic, range))
+    }
+    fn sequence_progress<'a>(
+        &'a self,
+        consumer: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<crate::PartitionProgress>>> {
+        Box::pin(ProcessedHistory::sequence_progress(self, consumer))
+    }
+    fn numbers_above_floor<'a>(
+        &'a self,
+        consumer: &'a str,
+        progress: &'a crate::PartitionProgress,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<RecordedNumber>>> {
+        Box::pin(ProcessedHistory::numbers_above_floor(
+            self, consumer, progress, limit,
+        ))
+    }
+}
+
+impl ProcessedHistory for dyn DynProcessedHistory + '_ {
+    async fn processed_ids(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+    ) -> Result<Vec<Uuid>> {
+        DynProcessedHistory::processed_ids(self, consumer, topic, range).await
+    }
+    async fn processed_dead(
+        &self,
+        consumer: &str,
+        topic: &str,
+        range: IdRange,
+    ) -> Result<Vec<(Uuid, String)>> {
+        DynProcessedHistory::processed_dead(self, consumer, topic, range).await
+    }
+    async fn redriving(&self, consumer: &str, topic: &str, range: IdRange) -> Result<Vec<Uuid>> {
+        DynProcessedHistory::redriving(self, consumer, topic, range).await
+    }
+    async fn sequence_progress(&self, consumer: &str) -> Result<Vec<crate::PartitionProgress>> {
+        DynProcessedHistory::sequence_progress(self, consumer).await
+    }
+    async fn numbers_above_floor(
+        &self,
+        consumer: &str,
+        progress: &crate::PartitionProgress,
+        limit: usize,
+    ) -> Result<Vec<(u64, DateTime<Utc>)>> {
+        DynProcessedHistory::numbers_above_floor(self, consumer, progress, limit).await
     }
 }
 

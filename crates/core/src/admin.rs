@@ -1,0 +1,397 @@
+//! The operations port: what an operator (the `custody` command, the
+//! server) does to a custody database, whichever backend holds it, and the
+//! registry that turns a database URL into that backend.
+//!
+//! - [`Admin`]: dead letters (list, redrive, purge), message status
+//!   (`trace`), embedded-reader checkpoints, the names a database has seen,
+//!   gap acceptance and the history both sides of a reconciliation read.
+//!   It is `dyn`-compatible (methods return [`BoxFuture`]s), so callers hold
+//!   a `Box<dyn Admin>` and never match on a backend.
+//! - [`Driver`]: one per backend crate (`custody_sqlite::DRIVER`,
+//!   `custody_postgres::DRIVER`), naming the URL forms it accepts and
+//!   opening a database for reading ([`Access::Existing`]: never creates or
+//!   migrates anything) or for writing ([`Access::Migrate`]). The `custody`
+//!   facade collects the drivers of the backends compiled in
+//!   (`custody::drivers()`), as sqlx's `Any` driver does.
+//!
+//! What a redrive does to each kind of dead letter is decided once, here
+//! ([`redrive_target`]); backends run the SQL.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::history::{DynProcessedHistory, DynSentHistory};
+use crate::sequence::{AcceptedGap, GapAcceptance};
+use crate::{DeadLetter, Error, MessageStatus, Result};
+
+/// A boxed, sendable future: the return type of `dyn`-compatible async methods.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A dead letter with its sequence number in the dead-letter table (the
+/// handle `redrive` and `purge` take, `#<seq>` in the CLI).
+pub type NumberedDeadLetter = (i64, DeadLetter);
+
+/// Operations over one custody database. Implemented once per backend
+/// (`custody_sqlite::SqliteAdmin`, `custody_postgres::PgAdmin`); obtained
+/// from a URL through a [`Driver`].
+pub trait Admin: Send + Sync {
+    /// The backend's name (`sqlite`, `postgres`), for messages.
+    fn backend(&self) -> &'static str;
+
+    /// Every dead letter (the relay's and consumers'), oldest first, with its
+    /// sequence number.
+    fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<NumberedDeadLetter>>>;
+
+    /// Send dead letters `seqs` back, each in its own transaction, as
+    /// [`redrive_target`] decides: a consumer's to that consumer's redrive
+    /// queue (processed once through its inbox), the relay's back to
+    /// pending in the outbox. What cannot be redriven is skipped, with why.
+    fn redrive<'a>(
+        &'a self,
+        seqs: &'a [i64],
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<RedriveOutcome>>;
+
+    /// Delete dead letters `seqs`; a consumer's inbox row stays, so a late
+    /// redelivery is still skipped. Returns how many were deleted.
+    fn purge<'a>(&'a self, seqs: &'a [i64]) -> BoxFuture<'a, Result<u64>>;
+
+    /// Everything this database knows about message `id`.
+    fn status(&self, id: Uuid) -> BoxFuture<'_, Result<MessageStatus>>;
+
+    /// The stored checkpoint of embedded reader `subscription`, or `None`.
+    fn checkpoint<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<Option<i64>>>;
+
+    /// Move the checkpoint of `subscription` back to just before the
+    /// earliest outbox row of `ids` (never forward); the new position, or
+    /// `None` when nothing needed rewinding. Stop the consumer first.
+    fn rewind_checkpoint<'a>(
+        &'a self,
+        subscription: &'a str,
+        ids: &'a [Uuid],
+    ) -> BoxFuture<'a, Result<Option<i64>>>;
+
+    /// Whether `topic` appears anywhere in this database.
+    fn topic_seen<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<bool>>;
+
+    /// Whether consumer `name` has recorded anything in this database.
+    fn consumer_seen<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool>>;
+
+    /// Up to `limit` topics this database knows, sorted.
+    fn topics(&self, limit: u32) -> BoxFuture<'_, Result<Vec<String>>>;
+
+    /// Up to `limit` consumer names this database knows, sorted.
+    fn consumers(&self, limit: u32) -> BoxFuture<'_, Result<Vec<String>>>;
+
+    /// Raise `consumer`'s floor past numbers that will never arrive, with an
+    /// audit record ([`crate::InboxStore::accept_gap`]).
+    fn accept_gap<'a>(
+        &'a self,
+        consumer: &'a str,
+        gap: &'a GapAcceptance,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<AcceptedGap>>;
+
+    /// This database as a producer: its outbox's history.
+    fn sent(&self) -> &dyn DynSentHistory;
+
+    /// This database as a consumer's: its inbox's history.
+    fn processed(&self) -> &dyn DynProcessedHistory;
+}
+
+/// What [`Admin::redrive`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveOutcome {
+    /// Consumer dead letters queued for their consumer again.
+    pub to_consumer: u64,
+    /// Relay dead letters put back to pending in the outbox.
+    pub to_relay: u64,
+    /// Dead letters left in place, with the reason.
+    pub skipped: Vec<(i64, String)>,
+}
+
+impl RedriveOutcome {
+    /// Count what the redrive of dead letter `seq` did.
+    pub fn add(&mut self, seq: i64, step: RedriveStep) {
+        match step {
+            RedriveStep::ToConsumer => self.to_consumer += 1,
+            RedriveStep::ToRelay => self.to_relay += 1,
+            RedriveStep::Skipped(why) => self.skipped.push((seq, why.to_owned())),
+        }
+    }
+}
+
+/// What the redrive of one dead letter did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedriveStep {
+    /// Queued for its consumer again.
+    ToConsumer,
+    /// Its outbox row is pending again.
+    ToRelay,
+    /// Left in place, for this reason.
+    Skipped(&'static str),
+}
+
+/// Why a dead letter named by its sequence number was not redriven.
+pub const SKIP_NO_SUCH: &str = "no such dead letter (already redriven or purged)";
+/// Why a relay dead letter whose outbox row is gone was not redriven.
+pub const SKIP_OUTBOX_ROW_GONE: &str = "its outbox row is gone (pruned) or no longer dead; re-enqueue the message from the envelope `custody dlq show` prints";
+const SKIP_NO_ENVELOPE: &str = "malformed message without a readable envelope: nothing to redrive; fix the producer and purge it";
+const SKIP_UNREADABLE: &str = "stored envelope is not a readable message; purge it";
+
+/// Where a dead letter goes when redriven, decided from its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedriveTarget<'a> {
+    /// A consumer's (`consumer:<name>`) with a readable envelope: to that
+    /// consumer's redrive queue; its inbox row is marked so the next record
+    /// counts as new once.
+    Consumer {
+        /// The consumer's name.
+        consumer: &'a str,
+        /// The message id.
+        id: Uuid,
+        /// The stored envelope (JSON of a [`crate::Message`]).
+        envelope: &'a str,
+    },
+    /// The relay's: the outbox row `id` goes back to pending (attempts 0,
+    /// marked as a republish, its number cleared: the skip marker left in
+    /// its place accounted for the old one). `None`: no id, nothing to reset.
+    Relay {
+        /// The message id.
+        id: Option<Uuid>,
+    },
+    /// Not redriven, for this reason.
+    Skip(&'static str),
+}
+
+/// Decide what redriving a dead letter of `origin` (`relay` or
+/// `consumer:<name>`) with message `id` and stored `envelope` does.
+pub fn redrive_target<'a>(
+    origin: &'a str,
+    id: Option<Uuid>,
+    envelope: Option<&'a str>,
+) -> RedriveTarget<'a> {
+    let Some(consumer) = origin.strip_prefix("consumer:") else {
+        return RedriveTarget::Relay { id };
+    };
+    let (Some(id), Some(envelope)) = (id, envelope) else {
+        return RedriveTarget::Skip(SKIP_NO_ENVELOPE);
+    };
+    if serde_json::from_str::<crate::Message>(envelope).is_err() {
+        return RedriveTarget::Skip(SKIP_UNREADABLE);
+    }
+    RedriveTarget::Consumer {
+        consumer,
+        id,
+        envelope,
+    }
+}
+
+/// The verdict of a schema check (`check_schema` of each backend), from
+/// what the database holds: whether it has custody's tables at all
+/// (`tables_present`), the migrations it has applied (`applied`: version,
+/// success) and the ones this build needs (`expected`). `mistake` names
+/// what a user mistypes for this backend (`path`, `database name`), `given`
+/// what they gave (`path`, `URL`). Migrations the database has and this
+/// build does not know are tolerated (a newer custody, or the
+/// application's own).
+pub fn schema_verdict(
+    tables_present: bool,
+    applied: &[(i64, bool)],
+    expected: impl IntoIterator<Item = i64>,
+    mistake: &str,
+    given: &str,
+) -> Result<()> {
+    if !tables_present {
+        return Err(Error::Config(format!(
+            "this database has no custody tables: it is not a custody database (a mistyped \
+             {mistake}?), or custody was never set up in it. Check the {given}; `custody migrate \
+             --db …` creates the tables in a database meant to hold them"
+        )));
+    }
+    if let Some((v, _)) = applied.iter().find(|(_, ok)| !ok) {
+        return Err(Error::Config(format!(
+            "custody migration {v} failed partway in this database; run `custody migrate --db …` \
+             again (it reports what went wrong)"
+        )));
+    }
+    let missing: Vec<String> = expected
+        .into_iter()
+        .filter(|v| !applied.iter().any(|(a, _)| a == v))
+        .map(|v| v.to_string())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "custody's tables in this database are older than this custody (migrations {} not \
+         applied); run `custody migrate --db …` first (stop or upgrade the services using it as \
+         docs/OPERATIONS.md says)",
+        missing.join(", ")
+    )))
+}
+
+/// How a command opens a database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// An existing custody database, as it is: never created, migrated or
+    /// written to by the opening (`dlq`, `trace`, `reconcile`). A missing
+    /// file or database, or one without custody's current tables, is an
+    /// error naming it.
+    Existing,
+    /// Connect, creating a SQLite file if missing, and migrate (`migrate`,
+    /// the relay).
+    Migrate,
+}
+
+/// Opens a database of one backend: `url` in, a boxed [`Admin`] out.
+pub type OpenFn = for<'a> fn(&'a str, Access) -> BoxFuture<'a, Result<Box<dyn Admin>>>;
+
+/// One backend's entry in the registry by URL scheme.
+#[derive(Debug, Clone, Copy)]
+pub struct Driver {
+    /// The backend's name (`sqlite`, `postgres`).
+    pub name: &'static str,
+    /// The URL forms it accepts, for messages (`postgres://user:password@host:port/database`).
+    pub forms: &'static [&'static str],
+    /// Whether `url` is one of this backend's.
+    pub accepts: fn(&str) -> bool,
+    /// Open `url` with the given access.
+    pub open: OpenFn,
+}
+
+/// The driver in `drivers` that accepts `url`, or an error naming every
+/// accepted form.
+pub fn driver_for<'d>(drivers: &[&'d Driver], url: &str) -> Result<&'d Driver> {
+    drivers
+        .iter()
+        .copied()
+        .find(|d| (d.accepts)(url))
+        .ok_or_else(|| {
+            let forms: Vec<&str> = drivers
+                .iter()
+                .flat_map(|d| d.forms.iter().copied())
+                .collect();
+            Error::Config(format!(
+                "{} is not a database URL this custody understands; accepted: {}",
+                redact_url(url),
+                if forms.is_empty() {
+                    "none (no backend compiled in)".to_owned()
+                } else {
+                    forms.join(", ")
+                }
+            ))
+        })
+}
+
+/// Open `url` with the driver of `drivers` that accepts it.
+pub async fn open(drivers: &[&Driver], url: &str, access: Access) -> Result<Box<dyn Admin>> {
+    (driver_for(drivers, url)?.open)(url, access).await
+}
+
+/// `url` with its password replaced by `***` and everything else kept, for
+/// messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password_only() {
+        assert_eq!(
+            redact_url("postgres://app:s3cr@t@db:5432/shop?sslmode=require"),
+            "postgres://app:***@db:5432/shop?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/test"),
+            "postgres://postgres@127.0.0.1/test"
+        );
+        assert_eq!(redact_url("nonsense"), "nonsense");
+        assert_eq!(redact_url("sqlite://a/b.db"), "sqlite://a/b.db");
+    }
+
+    #[test]
+    fn schema_verdicts() {
+        let no_tables = schema_verdict(false, &[], [1], "path", "path");
+        assert!(matches!(no_tables, Err(Error::Config(t)) if t.contains("has no custody tables")));
+        let failed = schema_verdict(true, &[(1, true), (2, false)], [1, 2], "path", "path");
+        assert!(matches!(failed, Err(Error::Config(t)) if t.contains("migration 2 failed")));
+        let old = schema_verdict(true, &[(1, true)], [1, 2, 3], "path", "path");
+        assert!(matches!(old, Err(Error::Config(t)) if t.contains("migrations 2, 3 not applied")));
+        assert!(schema_verdict(true, &[(1, true), (9, true)], [1], "path", "path").is_ok());
+    }
+
+    #[test]
+    fn redrive_targets() {
+        let id = Uuid::nil();
+        assert_eq!(
+            redrive_target("relay", Some(id), None),
+            RedriveTarget::Relay { id: Some(id) }
+        );
+        assert_eq!(
+            redrive_target("consumer:b", None, None),
+            RedriveTarget::Skip(SKIP_NO_ENVELOPE)
+        );
+        assert_eq!(
+            redrive_target("consumer:b", Some(id), Some("{")),
+            RedriveTarget::Skip(SKIP_UNREADABLE)
+        );
+        let msg = crate::Message::builder("t", "k", "T")
+            .json(&1)
+            .and_then(|b| b.build());
+        let Ok(msg) = msg else {
+            panic!("message builds")
+        };
+        let Ok(env) = serde_json::to_string(&msg) else {
+            panic!("envelope serializes")
+        };
+        assert_eq!(
+            redrive_target("consumer:b", Some(msg.id), Some(&env)),
+            RedriveTarget::Consumer {
+                consumer: "b",
+                id: msg.id,
+                envelope: &env
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_scheme_names_the_accepted_forms() {
+        fn never(_: &str) -> bool {
+            false
+        }
+        fn open(_: &str, _: Access) -> BoxFuture<'_, Result<Box<dyn Admin>>> {
+            Box::pin(async { Err(Error::Config("unused".into())) })
+        }
+        let d = Driver {
+            name: "x",
+            forms: &["x://host/db"],
+            accepts: never,
+            open,
+        };
+        let Err(e) = driver_for(&[&d], "mysql://u:pw@h/db") else {
+            panic!("mysql:// is not accepted")
+        };
+        let text = e.to_string();
+        assert!(text.contains("x://host/db"), "{text}");
+        assert!(text.contains("mysql://u:***@h/db"), "{text}");
+        assert!(!text.contains("pw"), "{text}");
+    }
+}

@@ -195,7 +195,7 @@ async fn two_relays_share_one_outbox_10k_messages_100_keys_in_order() -> anyhow:
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let owners: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT owner, COUNT(*) FROM custody_engine_lease WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
+            "SELECT owner, COUNT(*) FROM custody_relay_lease WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
         )
         .fetch_all(&e.a)
         .await?;

@@ -352,7 +352,7 @@ const FETCH_BATCH_EXCLUDING: &str = fetch_pending!("  AND o.position <> ALL($4)\
 const MARK_PUBLISHED: &str = concat!(
     "\
 WITH cfg AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true) AS s),
-lease AS (SELECT partition FROM custody_engine_lease WHERE owner = $1 AND expires_at > $3),
+lease AS (SELECT partition FROM custody_relay_lease WHERE owner = $1 AND expires_at > $3),
 upd AS (
     UPDATE custody_outbox o
     SET status = 1, published_at = $3, publish_ref = a.ref, seq = COALESCE(o.seq, (",
@@ -384,7 +384,7 @@ SELECT count(*) FROM upd"
 // MARK_PUBLISHED), so the journal row can go once the rest is marked.
 const RECORD_FAILURE: &str = concat!(
     "WITH lease AS (
-    SELECT l.partition FROM custody_engine_lease l
+    SELECT l.partition FROM custody_relay_lease l
     WHERE l.owner = $4 AND l.expires_at > $5
       AND l.partition = (SELECT partition FROM custody_outbox WHERE position = $1)
     FOR SHARE),
@@ -404,7 +404,7 @@ SELECT EXISTS (SELECT 1 FROM upd) AS written,
 // commit; see RECORD_FAILURE) the lease of row $1's partition if relay $2
 // holds it unexpired at $3. No row: fenced, or the row is gone.
 const LEASE_OF_ROW: &str = "\
-SELECT l.partition FROM custody_engine_lease l
+SELECT l.partition FROM custody_relay_lease l
 WHERE l.owner = $2 AND l.expires_at > $3
   AND l.partition = (SELECT partition FROM custody_outbox WHERE position = $1)
 FOR SHARE";
@@ -443,7 +443,7 @@ RETURNING ",
 const ASSIGN_SEQUENCES: &str = concat!(
     "\
 WITH lease AS (
-    SELECT partition FROM custody_engine_lease
+    SELECT partition FROM custody_relay_lease
     WHERE owner = $1 AND expires_at > $4 AND partition = ANY($3)
     FOR UPDATE),
 cand AS MATERIALIZED (
@@ -481,7 +481,7 @@ SELECT k.pos, k.seq FROM known k WHERE k.pos IN (SELECT position FROM cand)"
 const SWEEP_JOURNAL: &str = "\
 DELETE FROM custody_sequence_block b
 WHERE b.partition IN (
-      SELECT partition FROM custody_engine_lease WHERE owner = $1 AND expires_at > $2)
+      SELECT partition FROM custody_relay_lease WHERE owner = $1 AND expires_at > $2)
   AND NOT EXISTS (
       SELECT 1 FROM unnest(b.positions) AS u(pos)
       JOIN custody_outbox o ON o.position = u.pos
@@ -491,11 +491,11 @@ WHERE b.partition IN (
 // refused (no row written) while the id's heartbeat is live (not older than
 // $4) and carries another token. NULL: a heartbeat from before migration 0009.
 const HEARTBEAT: &str = "\
-INSERT INTO custody_engine_member (relay, heartbeat_at, instance) VALUES ($1, $2, $3)
+INSERT INTO custody_relay_member (relay, heartbeat_at, instance) VALUES ($1, $2, $3)
 ON CONFLICT (relay) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, instance = EXCLUDED.instance
-WHERE custody_engine_member.instance IS NULL
-   OR custody_engine_member.instance = EXCLUDED.instance
-   OR custody_engine_member.heartbeat_at < $4";
+WHERE custody_relay_member.instance IS NULL
+   OR custody_relay_member.instance = EXCLUDED.instance
+   OR custody_relay_member.heartbeat_at < $4";
 
 // A skip marker in place of a numbered message the relay dead-lettered
 // (see custody_core::sequence): pending, same partition and number.
@@ -999,7 +999,7 @@ impl OutboxStore for PgOutbox {
             .map_err(db(OP))?;
         if beat.rows_affected() == 0 {
             let (other, heartbeat_at): (Option<String>, DateTime<Utc>) = sqlx::query_as(
-                "SELECT instance, heartbeat_at FROM custody_engine_member WHERE relay = $1",
+                "SELECT instance, heartbeat_at FROM custody_relay_member WHERE relay = $1",
             )
             .bind(relay)
             .fetch_one(&mut *tx)
@@ -1013,8 +1013,8 @@ impl OutboxStore for PgOutbox {
             });
         }
         sqlx::query(
-            "DELETE FROM custody_engine_member WHERE relay IN (
-                 SELECT relay FROM custody_engine_member
+            "DELETE FROM custody_relay_member WHERE relay IN (
+                 SELECT relay FROM custody_relay_member
                  WHERE heartbeat_at < $1 AND relay <> $2
                  FOR UPDATE SKIP LOCKED)",
         )
@@ -1025,7 +1025,7 @@ impl OutboxStore for PgOutbox {
         .map_err(db(OP))?;
 
         let existing: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM custody_engine_lease WHERE partition >= 0 AND partition < $1",
+            "SELECT count(*) FROM custody_relay_lease WHERE partition >= 0 AND partition < $1",
         )
         .bind(p)
         .fetch_one(&mut *tx)
@@ -1033,7 +1033,7 @@ impl OutboxStore for PgOutbox {
         .map_err(db(OP))?;
         if existing < i64::from(p) {
             sqlx::query(
-                "INSERT INTO custody_engine_lease (partition)
+                "INSERT INTO custody_relay_lease (partition)
                  SELECT g FROM generate_series(0, $1 - 1) AS g ORDER BY g
                  ON CONFLICT (partition) DO NOTHING",
             )
@@ -1043,7 +1043,7 @@ impl OutboxStore for PgOutbox {
             .map_err(db(OP))?;
         }
 
-        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM custody_engine_member")
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM custody_relay_member")
             .fetch_one(&mut *tx)
             .await
             .map_err(db(OP))?;
@@ -1051,7 +1051,7 @@ impl OutboxStore for PgOutbox {
         let share = (i64::from(p) + live - 1) / live;
 
         let mut held: Vec<i32> = sqlx::query_scalar(
-            "UPDATE custody_engine_lease SET expires_at = $2
+            "UPDATE custody_relay_lease SET expires_at = $2
              WHERE owner = $1 AND partition >= 0 AND partition < $3
              RETURNING partition",
         )
@@ -1069,7 +1069,7 @@ impl OutboxStore for PgOutbox {
             let keep = usize::try_from(share).unwrap_or(held.len());
             let release = held.split_off(keep);
             sqlx::query(
-                "UPDATE custody_engine_lease SET owner = NULL, expires_at = NULL
+                "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL
                  WHERE partition = ANY($1) AND owner = $2",
             )
             .bind(&release)
@@ -1079,9 +1079,9 @@ impl OutboxStore for PgOutbox {
             .map_err(db(OP))?;
         } else if held_count < share {
             let claimed: Vec<i32> = sqlx::query_scalar(
-                "UPDATE custody_engine_lease SET owner = $1, expires_at = $2
+                "UPDATE custody_relay_lease SET owner = $1, expires_at = $2
                  WHERE partition IN (
-                     SELECT partition FROM custody_engine_lease
+                     SELECT partition FROM custody_relay_lease
                      WHERE partition >= 0 AND partition < $3
                        AND (owner IS NULL OR expires_at IS NULL OR expires_at <= $4)
                      ORDER BY partition
@@ -1115,9 +1115,9 @@ impl OutboxStore for PgOutbox {
         // Only what this process holds: a refused duplicate of a live
         // relay's id must not release that relay's leases.
         sqlx::query(
-            "UPDATE custody_engine_lease SET owner = NULL, expires_at = NULL
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL
              WHERE owner = $1 AND NOT EXISTS (
-                 SELECT 1 FROM custody_engine_member
+                 SELECT 1 FROM custody_relay_member
                  WHERE relay = $1 AND instance IS DISTINCT FROM $2)",
         )
         .bind(relay)
@@ -1125,7 +1125,7 @@ impl OutboxStore for PgOutbox {
         .execute(&mut *tx)
         .await
         .map_err(db(OP))?;
-        sqlx::query("DELETE FROM custody_engine_member WHERE relay = $1 AND instance = $2")
+        sqlx::query("DELETE FROM custody_relay_member WHERE relay = $1 AND instance = $2")
             .bind(relay)
             .bind(&*self.instance)
             .execute(&mut *tx)

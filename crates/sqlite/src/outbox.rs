@@ -69,7 +69,7 @@ const MARK_PUBLISHED: &str = "UPDATE custody_outbox \
      FROM (SELECT json_extract(value, '$[0]') AS pos, json_extract(value, '$[1]') AS ref \
            FROM json_each(?1)) AS a \
      WHERE custody_outbox.position = a.pos AND custody_outbox.status = 0 \
-       AND custody_outbox.partition IN (SELECT partition FROM custody_engine_lease \
+       AND custody_outbox.partition IN (SELECT partition FROM custody_relay_lease \
                          WHERE owner = ?2 AND expires_at > ?3)";
 
 /// Fenced like MARK_PUBLISHED: only a pending row of a partition whose
@@ -77,13 +77,13 @@ const MARK_PUBLISHED: &str = "UPDATE custody_outbox \
 const RECORD_FAILURE: &str = "UPDATE custody_outbox \
      SET attempts = attempts + 1, last_error = ?2, retry_at = ?3 \
      WHERE position = ?1 AND status = 0 \
-       AND partition IN (SELECT partition FROM custody_engine_lease \
+       AND partition IN (SELECT partition FROM custody_relay_lease \
                          WHERE owner = ?4 AND expires_at > ?5)";
 
 /// Whether the row at `?1` is in a partition `?2` leases at `?3`; no row
 /// when the row is gone. Tells a fenced write from one whose row is no
 /// longer pending.
-const LEASED_ROW: &str = "SELECT partition IN (SELECT partition FROM custody_engine_lease \
+const LEASED_ROW: &str = "SELECT partition IN (SELECT partition FROM custody_relay_lease \
                          WHERE owner = ?2 AND expires_at > ?3), status \
      FROM custody_outbox WHERE position = ?1";
 
@@ -118,7 +118,7 @@ const INSERT_SKIP_MARKER: &str = "INSERT INTO custody_outbox \
 /// `BEGIN IMMEDIATE` transaction: SQLite's single write lock is held from
 /// here to the commit, so no other relay can take the lease, number rows or
 /// move a `next_seq` in between.
-const LEASED: &str = "SELECT partition FROM custody_engine_lease \
+const LEASED: &str = "SELECT partition FROM custody_relay_lease \
      WHERE owner = ?2 AND expires_at > ?3 AND partition IN (SELECT value FROM json_each(?1))";
 
 /// Step 1b: the next numbers of the leased partitions' topics (a missing
@@ -556,12 +556,12 @@ impl OutboxStore for SqliteOutbox {
         // is live and carries another process's token (NULL: from before
         // migration 0006).
         let beat = sqlx::query(
-            "INSERT INTO custody_engine_member (relay, heartbeat_at, instance) VALUES (?1, ?2, ?3) \
+            "INSERT INTO custody_relay_member (relay, heartbeat_at, instance) VALUES (?1, ?2, ?3) \
              ON CONFLICT (relay) DO UPDATE \
              SET heartbeat_at = excluded.heartbeat_at, instance = excluded.instance \
-             WHERE custody_engine_member.instance IS NULL \
-                OR custody_engine_member.instance = excluded.instance \
-                OR custody_engine_member.heartbeat_at < ?4",
+             WHERE custody_relay_member.instance IS NULL \
+                OR custody_relay_member.instance = excluded.instance \
+                OR custody_relay_member.heartbeat_at < ?4",
         )
         .bind(relay)
         .bind(now_ms)
@@ -572,7 +572,7 @@ impl OutboxStore for SqliteOutbox {
         .map_err(map_err(OP))?;
         if beat.rows_affected() == 0 {
             let (other, heartbeat_ms): (Option<String>, i64) = sqlx::query_as(
-                "SELECT instance, heartbeat_at FROM custody_engine_member WHERE relay = ?1",
+                "SELECT instance, heartbeat_at FROM custody_relay_member WHERE relay = ?1",
             )
             .bind(relay)
             .fetch_one(&mut *tx)
@@ -586,14 +586,14 @@ impl OutboxStore for SqliteOutbox {
                 live: false,
             });
         }
-        sqlx::query("DELETE FROM custody_engine_member WHERE heartbeat_at < ?1")
+        sqlx::query("DELETE FROM custody_relay_member WHERE heartbeat_at < ?1")
             .bind(now_ms.saturating_sub(ttl_ms))
             .execute(&mut *tx)
             .await
             .map_err(map_err(OP))?;
         sqlx::query(
             "WITH RECURSIVE s(p) AS (SELECT 0 UNION ALL SELECT p + 1 FROM s WHERE p + 1 < ?1) \
-             INSERT OR IGNORE INTO custody_engine_lease (partition) SELECT p FROM s",
+             INSERT OR IGNORE INTO custody_relay_lease (partition) SELECT p FROM s",
         )
         .bind(p)
         .execute(&mut *tx)
@@ -601,7 +601,7 @@ impl OutboxStore for SqliteOutbox {
         .map_err(map_err(OP))?;
         // Leases on partitions beyond the configured count are dropped.
         sqlx::query(
-            "UPDATE custody_engine_lease SET owner = NULL, expires_at = NULL \
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL \
              WHERE owner = ?1 AND partition >= ?2",
         )
         .bind(relay)
@@ -609,7 +609,7 @@ impl OutboxStore for SqliteOutbox {
         .execute(&mut *tx)
         .await
         .map_err(map_err(OP))?;
-        let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM custody_engine_member")
+        let live: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM custody_relay_member")
             .fetch_one(&mut *tx)
             .await
             .map_err(map_err(OP))?;
@@ -617,7 +617,7 @@ impl OutboxStore for SqliteOutbox {
         let share = usize::try_from(self.partitions.div_ceil(live)).unwrap_or(usize::MAX);
 
         let rows = sqlx::query(
-            "SELECT partition, owner, expires_at FROM custody_engine_lease \
+            "SELECT partition, owner, expires_at FROM custody_relay_lease \
              WHERE partition < ?1 ORDER BY partition",
         )
         .bind(p)
@@ -649,7 +649,7 @@ impl OutboxStore for SqliteOutbox {
 
         if !release.is_empty() {
             sqlx::query(
-                "UPDATE custody_engine_lease SET owner = NULL, expires_at = NULL \
+                "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL \
                  WHERE owner = ?2 AND partition IN (SELECT value FROM json_each(?1))",
             )
             .bind(json_list(&release))
@@ -660,7 +660,7 @@ impl OutboxStore for SqliteOutbox {
         }
         if !held.is_empty() {
             sqlx::query(
-                "UPDATE custody_engine_lease SET owner = ?2, expires_at = ?3 \
+                "UPDATE custody_relay_lease SET owner = ?2, expires_at = ?3 \
                  WHERE partition IN (SELECT value FROM json_each(?1))",
             )
             .bind(json_list(&held))
@@ -687,8 +687,8 @@ impl OutboxStore for SqliteOutbox {
         // Only what this process holds: a refused duplicate of a live
         // relay's id must not release that relay's leases.
         sqlx::query(
-            "UPDATE custody_engine_lease SET owner = NULL, expires_at = NULL WHERE owner = ?1 \
-             AND NOT EXISTS (SELECT 1 FROM custody_engine_member \
+            "UPDATE custody_relay_lease SET owner = NULL, expires_at = NULL WHERE owner = ?1 \
+             AND NOT EXISTS (SELECT 1 FROM custody_relay_member \
                              WHERE relay = ?1 AND instance IS NOT ?2)",
         )
         .bind(relay)
@@ -696,7 +696,7 @@ impl OutboxStore for SqliteOutbox {
         .execute(&mut *tx)
         .await
         .map_err(map_err(OP))?;
-        sqlx::query("DELETE FROM custody_engine_member WHERE relay = ?1 AND instance = ?2")
+        sqlx::query("DELETE FROM custody_relay_member WHERE relay = ?1 AND instance = ?2")
             .bind(relay)
             .bind(&*self.instance)
             .execute(&mut *tx)

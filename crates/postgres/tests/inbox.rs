@@ -198,14 +198,14 @@ async fn record_all_is_record_one_by_one() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 11, scenario 3 (shared with SQLite: custody_testkit::inbox_suite).
+/// Issue 11, scenario 3 (shared with SQLite: custody_testkit::conformance::inbox).
 #[tokio::test]
 async fn redrive_is_the_only_token() -> anyhow::Result<()> {
     let Some((_db, pool)) = db().await? else {
         return Ok(());
     };
     let inbox = PgInbox::new(pool.clone());
-    custody_testkit::inbox_suite::redrive_is_the_only_token_test(inbox, |id| {
+    custody_testkit::conformance::inbox::redrive_is_the_only_token_test(inbox, |id| {
         let pool = pool.clone();
         async move {
             let seqs: Vec<i64> =
@@ -232,7 +232,7 @@ async fn unseen_number_is_dead_lettered() -> anyhow::Result<()> {
         return Ok(());
     };
     let inbox = PgInbox::new(pool.clone());
-    custody_testkit::inbox_suite::unseen_number_is_dead_lettered_test(inbox, || {
+    custody_testkit::conformance::inbox::unseen_number_is_dead_lettered_test(inbox, || {
         let pool = pool.clone();
         async move { pg_dead_letters(&pool).await }
     })
@@ -246,7 +246,7 @@ async fn accept_gap() -> anyhow::Result<()> {
         return Ok(());
     };
     let inbox = PgInbox::new(pool.clone());
-    let (consumer, expected) = custody_testkit::inbox_suite::accept_gap_test(inbox, || {
+    let (consumer, expected) = custody_testkit::conformance::inbox::accept_gap_test(inbox, || {
         let pool = pool.clone();
         async move { pg_dead_letters(&pool).await }
     })

@@ -118,12 +118,12 @@ async fn dead_letter_is_stored_and_redelivery_skipped() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 11, scenario 3 (shared with PostgreSQL: custody_testkit::inbox_suite).
+/// Issue 11, scenario 3 (shared with PostgreSQL: custody_testkit::conformance::inbox).
 #[tokio::test]
 async fn redrive_is_the_only_token() -> anyhow::Result<()> {
     let (_dir, pool) = common::db().await?;
     let inbox = custody_sqlite::SqliteInbox::new(pool.clone());
-    custody_testkit::inbox_suite::redrive_is_the_only_token_test(inbox, |id| {
+    custody_testkit::conformance::inbox::redrive_is_the_only_token_test(inbox, |id| {
         let pool = pool.clone();
         async move {
             let seqs: Vec<i64> =
@@ -144,7 +144,7 @@ async fn redrive_is_the_only_token() -> anyhow::Result<()> {
 async fn unseen_number_is_dead_lettered() -> anyhow::Result<()> {
     let (_dir, pool) = common::db().await?;
     let inbox = SqliteInbox::new(pool.clone());
-    custody_testkit::inbox_suite::unseen_number_is_dead_lettered_test(inbox, || {
+    custody_testkit::conformance::inbox::unseen_number_is_dead_lettered_test(inbox, || {
         let pool = pool.clone();
         async move { Ok(dead_letters(&pool).await?) }
     })
@@ -156,7 +156,7 @@ async fn unseen_number_is_dead_lettered() -> anyhow::Result<()> {
 async fn accept_gap() -> anyhow::Result<()> {
     let (_dir, pool) = common::db().await?;
     let inbox = SqliteInbox::new(pool.clone());
-    let (consumer, expected) = custody_testkit::inbox_suite::accept_gap_test(inbox, || {
+    let (consumer, expected) = custody_testkit::conformance::inbox::accept_gap_test(inbox, || {
         let pool = pool.clone();
         async move { Ok(dead_letters(&pool).await?) }
     })

@@ -1032,7 +1032,11 @@ impl InboxStore for MemoryInbox {
         if let Some(id) = dead.message_id {
             s.inbox.entry((consumer.to_owned(), id)).or_insert(0);
         }
-        s.dead.push(dead.clone());
+        // the origin names the consumer, as the SQLite and PostgreSQL inboxes store it
+        s.dead.push(DeadLetter {
+            origin: format!("consumer:{consumer}"),
+            ..dead.clone()
+        });
         Ok(())
     }
 }

@@ -819,8 +819,10 @@ pub async fn sequences_per_partition_under_the_lease_test<F: StoreFixture>(
             );
             *want += 1;
         }
-        // the numbers are stored: the next fetch returns them
-        let again = outbox.fetch_batch(&all, 100, Utc::now()).await?;
+        // the numbers are kept (in the rows or a journal): numbering the
+        // same rows again gives each the number it got
+        let mut again = outbox.fetch_batch(&all, 100, Utc::now()).await?;
+        outbox.assign_sequences("r", &mut again, Utc::now()).await?;
         for r in &records {
             let stored = again.iter().find(|a| a.position == r.position);
             ensure!(
@@ -847,11 +849,27 @@ pub async fn sequences_per_partition_under_the_lease_test<F: StoreFixture>(
         "a relay without the lease kept {} records",
         records.len()
     );
-    let unnumbered = outbox.fetch_batch(&all, 100, Utc::now()).await?;
+    let mut unnumbered = outbox.fetch_batch(&all, 100, Utc::now()).await?;
     ensure!(
         unnumbered.iter().all(|r| r.sequence.is_none()),
         "a relay without the lease numbered rows"
     );
+    // and it used up no numbers: the holder goes on where it stopped
+    outbox
+        .assign_sequences("r", &mut unnumbered, Utc::now())
+        .await?;
+    unnumbered.sort_by_key(|r| r.position);
+    for r in &unnumbered {
+        let want = next.entry(r.partition).or_insert(1);
+        ensure!(
+            r.sequence == Some(*want),
+            "after the refused numbering, partition {} position {}: {:?}, want {want}",
+            r.partition,
+            r.position,
+            r.sequence
+        );
+        *want += 1;
+    }
     Ok(())
 }
 

@@ -1,12 +1,12 @@
 //! The consumer lease: one holder at a time, takeovers bump the epoch, and
 //! the fence in an inbox transaction keeps a takeover out until it ends
-//! (shared with SQLite: custody_testkit::lease_suite).
+//! (shared with SQLite: custody_testkit::conformance::lease).
 #![allow(missing_docs)]
 
 mod common;
 
 use custody_postgres::PgInbox;
-use custody_testkit::lease_suite;
+use custody_testkit::conformance::lease;
 
 use common::db;
 
@@ -15,7 +15,7 @@ async fn takeover_bumps_the_epoch_and_fences_the_old_holder() -> anyhow::Result<
     let Some((_db, pool)) = db().await? else {
         return Ok(());
     };
-    lease_suite::takeover_bumps_the_epoch_and_fences_the_old_holder_test(PgInbox::new(pool)).await
+    lease::takeover_bumps_the_epoch_and_fences_the_old_holder_test(PgInbox::new(pool)).await
 }
 
 #[tokio::test]
@@ -24,5 +24,5 @@ async fn a_takeover_waits_for_the_holders_open_transaction() -> anyhow::Result<(
         return Ok(());
     };
     let inbox = PgInbox::new(pool);
-    lease_suite::a_takeover_waits_for_the_holders_open_transaction_test(inbox.clone(), inbox).await
+    lease::a_takeover_waits_for_the_holders_open_transaction_test(inbox.clone(), inbox).await
 }

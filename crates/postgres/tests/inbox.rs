@@ -198,57 +198,15 @@ async fn record_all_is_record_one_by_one() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 11, scenario 3 (shared with SQLite: custody_testkit::inbox_suite).
-#[tokio::test]
-async fn redrive_is_the_only_token() -> anyhow::Result<()> {
-    let Some((_db, pool)) = db().await? else {
-        return Ok(());
-    };
-    let inbox = PgInbox::new(pool.clone());
-    custody_testkit::inbox_suite::redrive_is_the_only_token_test(inbox, |id| {
-        let pool = pool.clone();
-        async move {
-            let seqs: Vec<i64> =
-                sqlx::query_scalar("SELECT seq FROM custody_dead_letter WHERE message_id = $1")
-                    .bind(id)
-                    .fetch_all(&pool)
-                    .await?;
-            let out = custody_postgres::redrive(&pool, &seqs, Utc::now()).await?;
-            anyhow::ensure!(out.to_consumer == 1, "redrive: {out:?}");
-            Ok(())
-        }
-    })
-    .await
-}
-
-async fn pg_dead_letters(pool: &sqlx::PgPool) -> anyhow::Result<Vec<DeadLetter>> {
-    Ok(dead_letters(pool).await?)
-}
-
-/// Issue 11, scenario 4 (shared with SQLite).
-#[tokio::test]
-async fn unseen_number_is_dead_lettered() -> anyhow::Result<()> {
-    let Some((_db, pool)) = db().await? else {
-        return Ok(());
-    };
-    let inbox = PgInbox::new(pool.clone());
-    custody_testkit::inbox_suite::unseen_number_is_dead_lettered_test(inbox, || {
-        let pool = pool.clone();
-        async move { pg_dead_letters(&pool).await }
-    })
-    .await
-}
-
-/// Issue 11, scenario 5 (shared with SQLite), and the audit records.
 #[tokio::test]
 async fn accept_gap() -> anyhow::Result<()> {
     let Some((_db, pool)) = db().await? else {
         return Ok(());
     };
     let inbox = PgInbox::new(pool.clone());
-    let (consumer, expected) = custody_testkit::inbox_suite::accept_gap_test(inbox, || {
+    let (consumer, expected) = custody_testkit::conformance::inbox::accept_gap_test(inbox, || {
         let pool = pool.clone();
-        async move { pg_dead_letters(&pool).await }
+        async move { Ok(dead_letters(&pool).await?) }
     })
     .await?;
     let audit: Vec<(String, String, String)> = sqlx::query_as(

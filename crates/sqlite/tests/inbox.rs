@@ -118,45 +118,11 @@ async fn dead_letter_is_stored_and_redelivery_skipped() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Issue 11, scenario 3 (shared with PostgreSQL: custody_testkit::inbox_suite).
-#[tokio::test]
-async fn redrive_is_the_only_token() -> anyhow::Result<()> {
-    let (_dir, pool) = common::db().await?;
-    let inbox = custody_sqlite::SqliteInbox::new(pool.clone());
-    custody_testkit::inbox_suite::redrive_is_the_only_token_test(inbox, |id| {
-        let pool = pool.clone();
-        async move {
-            let seqs: Vec<i64> =
-                sqlx::query_scalar("SELECT seq FROM custody_dead_letter WHERE message_id = ?1")
-                    .bind(id.hyphenated().to_string())
-                    .fetch_all(&pool)
-                    .await?;
-            let out = custody_sqlite::redrive(&pool, &seqs, chrono::Utc::now()).await?;
-            anyhow::ensure!(out.to_consumer == 1, "redrive: {out:?}");
-            Ok(())
-        }
-    })
-    .await
-}
-
-/// Issue 11, scenario 4 (shared with PostgreSQL).
-#[tokio::test]
-async fn unseen_number_is_dead_lettered() -> anyhow::Result<()> {
-    let (_dir, pool) = common::db().await?;
-    let inbox = SqliteInbox::new(pool.clone());
-    custody_testkit::inbox_suite::unseen_number_is_dead_lettered_test(inbox, || {
-        let pool = pool.clone();
-        async move { Ok(dead_letters(&pool).await?) }
-    })
-    .await
-}
-
-/// Issue 11, scenario 5 (shared with PostgreSQL), and the audit records.
 #[tokio::test]
 async fn accept_gap() -> anyhow::Result<()> {
     let (_dir, pool) = common::db().await?;
     let inbox = SqliteInbox::new(pool.clone());
-    let (consumer, expected) = custody_testkit::inbox_suite::accept_gap_test(inbox, || {
+    let (consumer, expected) = custody_testkit::conformance::inbox::accept_gap_test(inbox, || {
         let pool = pool.clone();
         async move { Ok(dead_letters(&pool).await?) }
     })

@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
-pub mod inbox_suite;
-pub mod lease_suite;
+pub mod conformance;
 pub mod memory;
 mod nats_server;
 mod proxy;

@@ -1143,7 +1143,11 @@ impl InboxStore for MemoryInbox {
                     duplicates: 0,
                 });
         }
-        s.dead.push(dead.clone());
+        // the origin names the consumer, as the SQLite and PostgreSQL inboxes store it
+        s.dead.push(DeadLetter {
+            origin: format!("consumer:{consumer}"),
+            ..dead.clone()
+        });
         Ok(())
     }
 

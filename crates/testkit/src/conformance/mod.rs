@@ -220,6 +220,7 @@ macro_rules! store_conformance {
             prune_touches_only_the_given_partitions_test,
             prune_keeps_rows_an_embedded_reader_has_not_read_test,
             sequences_per_partition_under_the_lease_test,
+            inbox_prune_test,
             large_payload_test,
             many_topics_test,
         );

@@ -873,6 +873,60 @@ pub async fn sequences_per_partition_under_the_lease_test<F: StoreFixture>(
     Ok(())
 }
 
+/// Inbox prune deletes a consumer's rows recorded before the cutoff, at
+/// most `limit`, keeps younger rows, rows of other consumers and rows of
+/// messages that still have a dead letter (a late redelivery stays
+/// skipped).
+pub async fn inbox_prune_test<F: StoreFixture>(f: F) -> anyhow::Result<()> {
+    if !applicable(&f, Scenario::InboxPrune) {
+        return Ok(());
+    }
+    let inbox = f.inbox();
+    let old: Vec<Message> = (0..3)
+        .map(|n| message("orders", "k", n))
+        .collect::<anyhow::Result<_>>()?;
+    let young = message("orders", "k", 10)?;
+    let dead = message("orders", "k", 11)?;
+    let mut tx = inbox.begin().await?;
+    for m in &old {
+        ensure!(inbox.record(&mut tx, "billing", m, hours_ago(48)).await? == InboxOutcome::New);
+        ensure!(inbox.record(&mut tx, "shipping", m, hours_ago(48)).await? == InboxOutcome::New);
+    }
+    ensure!(inbox.record(&mut tx, "billing", &young, Utc::now()).await? == InboxOutcome::New);
+    inbox.commit(tx).await?;
+    let mut letter = dead_letter_of(&dead, "failed (test)")?;
+    letter.dead_at = hours_ago(48);
+    inbox.dead_letter("billing", &letter).await?;
+
+    let cutoff = hours_ago(24);
+    ensure!(
+        inbox.prune("billing", cutoff, 2).await? == 2,
+        "at most limit rows"
+    );
+    ensure!(inbox.prune("billing", cutoff, 100).await? == 1);
+    ensure!(inbox.prune("billing", cutoff, 100).await? == 0);
+    for m in &old {
+        ensure!(
+            !inbox.is_recorded("billing", m.id).await?,
+            "old row {} kept",
+            m.id
+        );
+        ensure!(
+            inbox.is_recorded("shipping", m.id).await?,
+            "another consumer's row went"
+        );
+    }
+    ensure!(
+        inbox.is_recorded("billing", young.id).await?,
+        "a young row went"
+    );
+    ensure!(
+        record_one(&inbox, "billing", &dead).await? == InboxOutcome::Duplicate,
+        "the row of a dead-lettered message must stay"
+    );
+    Ok(())
+}
+
 /// A 1 MiB payload goes through the outbox, the relay and the inbox
 /// unchanged.
 pub async fn large_payload_test<F: StoreFixture>(f: F) -> anyhow::Result<()>

@@ -4,11 +4,11 @@
 
 use chrono::{DateTime, Utc};
 use custody_core::admin::{
-    outbox_status_name, redrive_target, RedriveOutcome, RedriveStep, RedriveTarget, SKIP_NO_SUCH,
+    outbox_status_name, redrive_target, RedriveStep, RedriveTarget, SKIP_NO_SUCH,
     SKIP_OUTBOX_ROW_GONE,
 };
-use custody_core::{IdRange, NumberedRow, Result, SequenceHead};
-use custody_sql::history::{DELETE_DEAD_LETTER, QUEUE_REDRIVE, SEQUENCE_HEADS};
+use custody_core::{IdRange, NumberedRow, Result};
+use custody_sql::history::{DELETE_DEAD_LETTER, QUEUE_REDRIVE};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
@@ -45,12 +45,11 @@ fn key(id: &Uuid) -> Uuid {
     *id
 }
 
-fn partition(p: u32) -> i32 {
-    i32::try_from(p).unwrap_or(i32::MAX)
-}
-
 // The number is in the row once published (or failed, or dead), in the
 // sequence journal while the row is in flight.
+// Dead letters by sequence number, for purge.
+const PURGE: &str = "DELETE FROM custody_dead_letter WHERE seq = ANY($1)";
+
 const OUTBOX_ROW: &str = concat!(
     "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts,
             retry_at, last_error, published_at, publish_ref, republish,
@@ -68,7 +67,8 @@ custody_sql::history_impl! {
     time: DateTime<Utc> => std::convert::identity,
     count: i32,
     status: i16,
-    partition: partition,
+    partition: i32,
+    purge: PURGE => std::convert::identity,
     outbox_row: OUTBOX_ROW;
 
     // the methods whose SQL is this backend's own
@@ -103,32 +103,6 @@ custody_sql::history_impl! {
             Ok(done.rows_affected())
         }
 
-        async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
-            // The stored id, read only (OutboxStore::producer_id may renew it
-            // after a restore or clone, and a check never writes to what it
-            // checks): the id the published numbers were given under.
-            let producer: Option<String> =
-                sqlx::query_scalar("SELECT id FROM custody_producer ORDER BY created_at LIMIT 1")
-                    .fetch_optional(self.pool())
-                    .await
-                    .map_err(db("read producer id"))?;
-            let Some(producer) = producer else {
-                return Ok(None);
-            };
-            let rows: Vec<(String, i32, i64)> = sqlx::query_as(SEQUENCE_HEADS)
-                .fetch_all(self.pool())
-                .await
-                .map_err(db("read sequence heads"))?;
-            let heads = rows
-                .into_iter()
-                .map(|(topic, partition, last)| SequenceHead {
-                    topic,
-                    partition: u32::try_from(partition).unwrap_or(0),
-                    last: u64::try_from(last).unwrap_or(0),
-                })
-                .collect();
-            Ok(Some((producer, heads)))
-        }
 
         async fn numbered(
             &self,
@@ -190,25 +164,7 @@ custody_sql::history_impl! {
     }
 }
 
-/// Send dead letters `seqs` back, each in its own transaction, as
-/// [`redrive_target`] decides:
-///
-/// - a consumer's (`consumer:<name>`): its stored envelope goes to
-///   `custody_redrive`, the dead letter is deleted and the consumer's inbox
-///   row marked; the consumer engine processes it once through the inbox;
-/// - the relay's: the outbox row goes back to pending (attempts 0, marked as
-///   a republish) and the dead letter is deleted.
-///
-/// A dead letter without an envelope (a malformed message) or whose outbox
-/// row was pruned is skipped, with the reason.
-pub async fn redrive(pool: &PgPool, seqs: &[i64], now: DateTime<Utc>) -> Result<RedriveOutcome> {
-    let mut out = RedriveOutcome::default();
-    for &seq in seqs {
-        out.add(seq, redrive_one(pool, seq, now).await?);
-    }
-    Ok(out)
-}
-
+// What redrive (custody_sql::history_impl!) does to one dead letter.
 async fn redrive_one(pool: &PgPool, seq: i64, now: DateTime<Utc>) -> Result<RedriveStep> {
     const OP: &str = "redrive dead letter";
     let mut tx = pool.begin().await.map_err(db(OP))?;
@@ -298,29 +254,8 @@ async fn redrive_one(pool: &PgPool, seq: i64, now: DateTime<Utc>) -> Result<Redr
     Ok(step)
 }
 
-/// Delete dead letters `seqs`. A consumer's inbox row stays, so a late
-/// redelivery of the message is still skipped. Returns how many were deleted.
-pub async fn purge(pool: &PgPool, seqs: &[i64]) -> Result<u64> {
-    let done = sqlx::query("DELETE FROM custody_dead_letter WHERE seq = ANY($1)")
-        .bind(seqs)
-        .execute(pool)
-        .await
-        .map_err(db("purge dead letters"))?;
-    Ok(done.rows_affected())
-}
-
-/// Repair for the embedded transport: move `subscription`'s checkpoint back
-/// to just before the earliest outbox row of `ids` in the readers'
-/// (txid, position) order, so the reader delivers them again (its
-/// consumer's inbox skips the ones it has). Never moves it forward. Returns
-/// the new checkpoint position, or `None` when nothing needed rewinding.
-/// Stop the consumer first: a running reader keeps its in-memory cursor and
-/// its next acknowledgement moves the checkpoint past the rewind again.
-pub async fn rewind_checkpoint(
-    pool: &PgPool,
-    subscription: &str,
-    ids: &[Uuid],
-) -> Result<Option<i64>> {
+// rewind_checkpoint (custody_sql::history_impl!) in this backend's order.
+async fn rewind(pool: &PgPool, subscription: &str, ids: &[Uuid]) -> Result<Option<i64>> {
     const OP: &str = "rewind checkpoint";
     let done: Option<i64> = sqlx::query_scalar(
         "WITH first AS (

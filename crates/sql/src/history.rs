@@ -30,6 +30,9 @@ WHERE consumer = $1 AND producer = $2 AND topic = $3 AND producer_partition = $4
   AND seq > $5
 GROUP BY seq ORDER BY seq LIMIT $6";
 
+/// The producer id the numbers were given under: the first one stored.
+pub const PRODUCER: &str = "SELECT id FROM custody_producer ORDER BY created_at, id LIMIT 1";
+
 /// The last number given per (topic, partition); no row or `next_seq = 1`:
 /// nothing numbered there yet.
 pub const SEQUENCE_HEADS: &str = "\

@@ -363,11 +363,13 @@ macro_rules! admin_impl {
 }
 
 /// The history reads whose SQL is the same on every backend
-/// ([`crate::history`]), over a backend's own column types: `status` and
-/// `dead_letter_rows` (public), and the backend's
+/// ([`crate::history`]), over a backend's own column types: `status`,
+/// `dead_letter_rows`, `redrive` (over the backend's `redrive_one(pool, seq,
+/// now)`), `purge` and `rewind_checkpoint` (over the backend's `rewind(pool,
+/// subscription, ids)`), and the backend's
 /// [`custody_core::SentHistory`] and [`custody_core::ProcessedHistory`]
 /// impls, given with only the methods whose SQL is the backend's own; the
-/// macro adds `sent_dead`, `processed_dead`, `redriving`,
+/// macro adds `sent_dead`, `sequence_heads`, `processed_dead`, `redriving`,
 /// `sequence_progress` and `numbers_above_floor`.
 ///
 /// - `err`: as in [`checks_impl!`];
@@ -376,7 +378,9 @@ macro_rules! admin_impl {
 ///   `bind_id`: `fn(&Uuid) -> stored`;
 /// - `time`: how a time is stored and a `fn(stored) -> DateTime<Utc>`;
 /// - `count`: the integer type of attempts, duplicates and republish counts;
-///   `status`: of the outbox status code; `partition`: `fn(u32) -> stored`;
+///   `status`: of the outbox status code; `partition`: of a partition;
+/// - `purge`: the statement deleting dead letters `$1` (a list, as
+///   `seq_list`, `fn(&[i64]) -> bindable`, makes it);
 /// - `outbox_row`: message `$1`'s outbox row as `status` reads it (topic,
 ///   message_type, msg_key, position, created_at, enqueued_at, status,
 ///   attempts, retry_at, last_error, published_at, publish_ref, republish,
@@ -391,7 +395,8 @@ macro_rules! history_impl {
         time: $Time:ty => $time:path,
         count: $Count:ty,
         status: $Status:ty,
-        partition: $part:path,
+        partition: $Part:ty,
+        purge: $purge:expr => $seq_list:path,
         outbox_row: $outbox_row:expr $(,)?;
         impl SentHistory for $outbox:ty { $($sent:tt)* }
         impl ProcessedHistory for $inbox:ty { $($processed:tt)* }
@@ -403,6 +408,42 @@ macro_rules! history_impl {
                 range: $crate::custody_core::IdRange,
             ) -> $crate::custody_core::Result<Vec<($crate::uuid::Uuid, String)>> {
                 read_sent_dead(self.pool(), topic, range).await
+            }
+
+            async fn sequence_heads(
+                &self,
+            ) -> $crate::custody_core::Result<
+                Option<(String, Vec<$crate::custody_core::SequenceHead>)>,
+            > {
+                // The stored id, read only (OutboxStore::producer_id may
+                // renew it after a restore or for a copied file, and a check
+                // never writes to what it checks): the id the published
+                // numbers were given under.
+                let producer: Option<String> =
+                    $crate::sqlx::query_scalar($crate::history::PRODUCER)
+                        .fetch_optional(self.pool())
+                        .await
+                        .map_err($err("read producer id"))?;
+                let Some(producer) = producer else {
+                    return Ok(None);
+                };
+                let rows: Vec<(String, $Part, i64)> =
+                    $crate::sqlx::query_as($crate::history::SEQUENCE_HEADS)
+                        .fetch_all(self.pool())
+                        .await
+                        .map_err($err("read sequence heads"))?;
+                let heads = rows
+                    .into_iter()
+                    .filter_map(|(topic, partition, last)| {
+                        Some($crate::custody_core::SequenceHead {
+                            topic,
+                            // not a partition or number custody wrote: skip it
+                            partition: u32::try_from(partition).ok()?,
+                            last: u64::try_from(last).ok()?,
+                        })
+                    })
+                    .collect();
+                Ok(Some((producer, heads)))
             }
 
             $($sent)*
@@ -582,6 +623,60 @@ macro_rules! history_impl {
                 .map_err($err(OP))
         }
 
+        /// Send dead letters `seqs` back, each in its own transaction, as
+        /// [`custody_core::admin::redrive_target`] decides:
+        ///
+        /// - a consumer's (`consumer:<name>`): its stored envelope goes to
+        ///   `custody_redrive`, the dead letter is deleted and the consumer's
+        ///   inbox row made to let the message through once (a numbered row
+        ///   stays, keeping its number accounted for; see `redrive_one`);
+        ///   the consumer engine processes it once through the inbox;
+        /// - the relay's: the outbox row goes back to pending (attempts 0,
+        ///   marked as a republish, its sequence number cleared: the skip
+        ///   marker accounted for it) and the dead letter is deleted.
+        ///
+        /// A dead letter without an envelope (a malformed message) or whose
+        /// outbox row was pruned is skipped, with the reason.
+        pub async fn redrive(
+            pool: &$pool,
+            seqs: &[i64],
+            now: $crate::chrono::DateTime<$crate::chrono::Utc>,
+        ) -> $crate::custody_core::Result<$crate::custody_core::RedriveOutcome> {
+            let mut out = $crate::custody_core::RedriveOutcome::default();
+            for &seq in seqs {
+                out.add(seq, redrive_one(pool, seq, now).await?);
+            }
+            Ok(out)
+        }
+
+        /// Delete dead letters `seqs`. A consumer's inbox row stays, so a
+        /// late redelivery of the message is still skipped. Returns how many
+        /// were deleted.
+        pub async fn purge(pool: &$pool, seqs: &[i64]) -> $crate::custody_core::Result<u64> {
+            let done = $crate::sqlx::query($purge)
+                .bind($seq_list(seqs))
+                .execute(pool)
+                .await
+                .map_err($err("purge dead letters"))?;
+            Ok(done.rows_affected())
+        }
+
+        /// Repair for the embedded transport: move `subscription`'s
+        /// checkpoint back to just before the earliest outbox row of `ids`
+        /// in the readers' order, so the reader delivers them again (its
+        /// consumer's inbox skips the ones it has). Never moves it forward.
+        /// Returns the new checkpoint position, or `None` when nothing
+        /// needed rewinding. Stop the consumer first: a running reader keeps
+        /// its in-memory cursor and its next acknowledgement moves the
+        /// checkpoint past the rewind again.
+        pub async fn rewind_checkpoint(
+            pool: &$pool,
+            subscription: &str,
+            ids: &[$crate::uuid::Uuid],
+        ) -> $crate::custody_core::Result<Option<i64>> {
+            rewind(pool, subscription, ids).await
+        }
+
         /// `SentHistory::sent_dead` of this backend.
         async fn read_sent_dead(
             pool: &$pool,
@@ -654,7 +749,7 @@ macro_rules! history_impl {
                     .bind(consumer)
                     .bind(&p.producer)
                     .bind(&p.topic)
-                    .bind($part(p.partition))
+                    .bind(<$Part>::try_from(p.partition).unwrap_or(<$Part>::MAX))
                     .bind(i64::try_from(p.floor).unwrap_or(i64::MAX))
                     .bind(i64::try_from(limit).unwrap_or(i64::MAX))
                     .fetch_all(pool)

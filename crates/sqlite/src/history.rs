@@ -4,11 +4,11 @@
 
 use chrono::{DateTime, Utc};
 use custody_core::admin::{
-    outbox_status_name, redrive_target, RedriveOutcome, RedriveStep, RedriveTarget, SKIP_NO_SUCH,
+    outbox_status_name, redrive_target, RedriveStep, RedriveTarget, SKIP_NO_SUCH,
     SKIP_OUTBOX_ROW_GONE,
 };
-use custody_core::{IdRange, NumberedRow, Result, SequenceHead};
-use custody_sql::history::{DELETE_DEAD_LETTER, QUEUE_REDRIVE, SEQUENCE_HEADS};
+use custody_core::{IdRange, NumberedRow, Result};
+use custody_sql::history::{DELETE_DEAD_LETTER, QUEUE_REDRIVE};
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
 
@@ -87,6 +87,10 @@ const PROCESSED_IDS: &str = "SELECT group_concat(message_id, '') FROM custody_in
      WHERE consumer = ?1 AND message_id >= ?2 AND message_id < ?3 AND topic = ?4 \
        AND duplicates >= 0";
 
+// Dead letters by sequence number, for purge.
+const PURGE: &str =
+    "DELETE FROM custody_dead_letter WHERE seq IN (SELECT value FROM json_each(?1))";
+
 const OUTBOX_ROW: &str = "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, \
      status, attempts, retry_at, last_error, published_at, publish_ref, republish, seq \
      FROM custody_outbox WHERE id = $1";
@@ -99,7 +103,8 @@ custody_sql::history_impl! {
     time: i64 => ms,
     count: i64,
     status: i64,
-    partition: i64::from,
+    partition: i64,
+    purge: PURGE => crate::outbox::json_list,
     outbox_row: OUTBOX_ROW;
 
     // the methods whose SQL is this backend's own
@@ -125,34 +130,6 @@ custody_sql::history_impl! {
             Ok(done.rows_affected())
         }
 
-        async fn sequence_heads(&self) -> Result<Option<(String, Vec<SequenceHead>)>> {
-            // The stored id, read only (OutboxStore::producer_id may renew it
-            // for a copied file, and a check never writes to what it checks).
-            let producer: Option<String> =
-                sqlx::query_scalar("SELECT id FROM custody_producer ORDER BY created_at, id LIMIT 1")
-                    .fetch_optional(self.pool())
-                    .await
-                    .map_err(map_err("read producer id"))?;
-            let Some(producer) = producer else {
-                return Ok(None);
-            };
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(SEQUENCE_HEADS)
-                .fetch_all(self.pool())
-                .await
-                .map_err(map_err("read sequence heads"))?;
-            let heads = rows
-                .into_iter()
-                .filter_map(|(topic, partition, last)| {
-                    Some(SequenceHead {
-                        topic,
-                        // not a partition or number custody wrote: skip it
-                        partition: u32::try_from(partition).ok()?,
-                        last: u64::try_from(last).ok()?,
-                    })
-                })
-                .collect();
-            Ok(Some((producer, heads)))
-        }
 
         async fn numbered(
             &self,
@@ -205,33 +182,7 @@ custody_sql::history_impl! {
     }
 }
 
-/// Send dead letters `seqs` back, each in its own transaction, as
-/// [`redrive_target`] decides:
-///
-/// - a consumer's (`consumer:<name>`): its stored envelope goes to
-///   `custody_redrive`, and the dead letter and the consumer's inbox row
-///   are deleted (a numbered inbox row stays, keeping its number accounted
-///   for; [`InboxStore::record`](custody_core::InboxStore::record) lets the
-///   message through once while the redrive is queued); the consumer
-///   engine processes it once through the inbox;
-/// - the relay's: the outbox row goes back to pending (attempts 0, marked as
-///   a republish, its sequence number cleared: the skip marker accounted for
-///   it) and the dead letter is deleted.
-///
-/// A dead letter without an envelope (a malformed message) or whose outbox
-/// row was pruned is skipped, with the reason.
-pub async fn redrive(
-    pool: &SqlitePool,
-    seqs: &[i64],
-    now: DateTime<Utc>,
-) -> Result<RedriveOutcome> {
-    let mut out = RedriveOutcome::default();
-    for &seq in seqs {
-        out.add(seq, redrive_one(pool, seq, now).await?);
-    }
-    Ok(out)
-}
-
+// What redrive (custody_sql::history_impl!) does to one dead letter.
 async fn redrive_one(pool: &SqlitePool, seq: i64, now: DateTime<Utc>) -> Result<RedriveStep> {
     const OP: &str = "redrive dead letter";
     let mut tx = pool
@@ -321,31 +272,8 @@ async fn redrive_one(pool: &SqlitePool, seq: i64, now: DateTime<Utc>) -> Result<
     Ok(step)
 }
 
-/// Delete dead letters `seqs`. A consumer's inbox row stays, so a late
-/// redelivery of the message is still skipped. Returns how many were deleted.
-pub async fn purge(pool: &SqlitePool, seqs: &[i64]) -> Result<u64> {
-    let done = sqlx::query(
-        "DELETE FROM custody_dead_letter WHERE seq IN (SELECT value FROM json_each(?1))",
-    )
-    .bind(crate::outbox::json_list(seqs))
-    .execute(pool)
-    .await
-    .map_err(map_err("purge dead letters"))?;
-    Ok(done.rows_affected())
-}
-
-/// Repair for the embedded transport: move `subscription`'s checkpoint back
-/// to just before the earliest outbox row of `ids`, so the reader delivers
-/// them again (its consumer's inbox skips the ones it has). Never moves the
-/// checkpoint forward. Returns the new checkpoint, or `None` when nothing
-/// needed rewinding. Stop the consumer first: a running reader keeps its
-/// in-memory cursor and its next acknowledgement moves the checkpoint past
-/// the rewind again.
-pub async fn rewind_checkpoint(
-    pool: &SqlitePool,
-    subscription: &str,
-    ids: &[Uuid],
-) -> Result<Option<i64>> {
+// rewind_checkpoint (custody_sql::history_impl!) in this backend's order.
+async fn rewind(pool: &SqlitePool, subscription: &str, ids: &[Uuid]) -> Result<Option<i64>> {
     const OP: &str = "rewind checkpoint";
     let first: Option<i64> = sqlx::query_scalar(
         "SELECT MIN(position) FROM custody_outbox WHERE id IN (SELECT value FROM json_each(?1))",

@@ -3,13 +3,9 @@
 //! See docs/OPERATIONS.md.
 
 use chrono::{DateTime, Utc};
-use custody_core::admin::{
-    outbox_status_name, redrive_target, RedriveStep, RedriveTarget, SKIP_NO_SUCH,
-    SKIP_OUTBOX_ROW_GONE,
-};
+use custody_core::admin::outbox_status_name;
 use custody_core::{IdRange, NumberedRow, Result};
-use custody_sql::history::{DELETE_DEAD_LETTER, QUEUE_REDRIVE};
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::error::db;
@@ -68,7 +64,14 @@ custody_sql::history_impl! {
     count: i32,
     status: i16,
     partition: i32,
+    at: std::convert::identity,
     purge: PURGE => std::convert::identity,
+    redrive: {
+        begin: begin,
+        dead_letter: DEAD_LETTER,
+        mark_inbox: mark_inbox,
+        reset_relay: reset_relay,
+    },
     outbox_row: OUTBOX_ROW;
 
     // the methods whose SQL is this backend's own
@@ -164,94 +167,64 @@ custody_sql::history_impl! {
     }
 }
 
-// What redrive (custody_sql::history_impl!) does to one dead letter.
-async fn redrive_one(pool: &PgPool, seq: i64, now: DateTime<Utc>) -> Result<RedriveStep> {
+// Redriving one dead letter (custody_sql::history_impl!), PostgreSQL's part.
+
+// FOR UPDATE: two operators redriving the same letter queue it once.
+const DEAD_LETTER: &str =
+    "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = $1 FOR UPDATE";
+
+async fn begin(pool: &PgPool) -> Result<Transaction<'static, Postgres>> {
+    pool.begin().await.map_err(db("redrive dead letter"))
+}
+
+// Not deleted: marked (duplicates = -1) so the consumer's next record of
+// the message counts as new once, while a numbered row keeps its number
+// accounted for (no gap opens).
+async fn mark_inbox(
+    tx: &mut Transaction<'static, Postgres>,
+    consumer: &str,
+    id: &Uuid,
+) -> Result<()> {
+    sqlx::query("UPDATE custody_inbox SET duplicates = -1 WHERE consumer = $1 AND message_id = $2")
+        .bind(consumer)
+        .bind(id)
+        .execute(&mut **tx)
+        .await
+        .map_err(db("redrive dead letter"))?;
+    Ok(())
+}
+
+// seq = NULL: the skip marker left in its place accounted for its old
+// number; the relay gives it a new one (and out of the sequence journal,
+// whose entry would give it the old number back).
+async fn reset_relay(tx: &mut Transaction<'static, Postgres>, id: Option<Uuid>) -> Result<bool> {
     const OP: &str = "redrive dead letter";
-    let mut tx = pool.begin().await.map_err(db(OP))?;
-    // FOR UPDATE: two operators redriving the same letter queue it once.
-    let row = sqlx::query(
-        "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = $1 FOR UPDATE",
+    let reset: i64 = sqlx::query_scalar(
+        "WITH reset AS (
+             UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL,
+                 last_error = NULL, republish = republish + 1, seq = NULL
+             WHERE id = $1 AND status = 2
+             RETURNING position, partition),
+         journal AS (
+             UPDATE custody_sequence_block b
+             SET positions = array_replace(b.positions, r.position, 0)
+             FROM reset r
+             WHERE b.partition = r.partition AND b.first_pos <= r.position
+               AND b.last_pos >= r.position AND r.position = ANY(b.positions))
+         SELECT count(*) FROM reset",
     )
-    .bind(seq)
-    .fetch_optional(&mut *tx)
+    .bind(id)
+    .fetch_one(&mut **tx)
     .await
     .map_err(db(OP))?;
-    let Some(row) = row else {
-        return Ok(RedriveStep::Skipped(SKIP_NO_SUCH));
-    };
-    let id: Option<Uuid> = row.try_get("message_id").map_err(db(OP))?;
-    let origin: String = row.try_get("origin").map_err(db(OP))?;
-    let topic: String = row.try_get("topic").map_err(db(OP))?;
-    let envelope: Option<String> = row.try_get("envelope").map_err(db(OP))?;
-    let step = match redrive_target(&origin, id, envelope.as_deref()) {
-        RedriveTarget::Skip(why) => return Ok(RedriveStep::Skipped(why)),
-        RedriveTarget::Consumer {
-            consumer,
-            id,
-            envelope,
-        } => {
-            sqlx::query(QUEUE_REDRIVE)
-                .bind(consumer)
-                .bind(id)
-                .bind(&topic)
-                .bind(envelope)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(db(OP))?;
-            // Not deleted: marked (duplicates = -1) so the consumer's next
-            // record of the message counts as new once, while a numbered
-            // row keeps its number accounted for (no gap opens).
-            sqlx::query(
-                "UPDATE custody_inbox SET duplicates = -1 WHERE consumer = $1 AND message_id = $2",
-            )
-            .bind(consumer)
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db(OP))?;
-            RedriveStep::ToConsumer
-        }
-        RedriveTarget::Relay { id } => {
-            // seq = NULL: the skip marker left in its place accounted for
-            // its old number; the relay gives it a new one
-            // (and out of the sequence journal, whose entry would give it
-            // the old number back)
-            let reset: i64 = sqlx::query_scalar(
-                "WITH reset AS (
-                     UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL,
-                         last_error = NULL, republish = republish + 1, seq = NULL
-                     WHERE id = $1 AND status = 2
-                     RETURNING position, partition),
-                 journal AS (
-                     UPDATE custody_sequence_block b
-                     SET positions = array_replace(b.positions, r.position, 0)
-                     FROM reset r
-                     WHERE b.partition = r.partition AND b.first_pos <= r.position
-                       AND b.last_pos >= r.position AND r.position = ANY(b.positions))
-                 SELECT count(*) FROM reset",
-            )
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db(OP))?;
-            if reset == 0 {
-                return Ok(RedriveStep::Skipped(SKIP_OUTBOX_ROW_GONE));
-            }
-            sqlx::query("SELECT pg_notify('custody_outbox', '')")
-                .execute(&mut *tx)
-                .await
-                .map_err(db(OP))?;
-            RedriveStep::ToRelay
-        }
-    };
-    sqlx::query(DELETE_DEAD_LETTER)
-        .bind(seq)
-        .execute(&mut *tx)
+    if reset == 0 {
+        return Ok(false);
+    }
+    sqlx::query("SELECT pg_notify('custody_outbox', '')")
+        .execute(&mut **tx)
         .await
         .map_err(db(OP))?;
-    tx.commit().await.map_err(db(OP))?;
-    Ok(step)
+    Ok(true)
 }
 
 // rewind_checkpoint (custody_sql::history_impl!) in this backend's order.

@@ -9,10 +9,11 @@ pub const SENT_DEAD: &str = "\
 SELECT id, COALESCE(last_error, '') FROM custody_outbox
 WHERE id >= $1 AND id < $2 AND topic = $3 AND status = 2 ORDER BY id";
 
-/// Consumer `$1`'s dead letters of topic `$2` with ids in [`$3`, `$4`).
+/// Consumer `$4`'s dead letters of topic `$3` with ids in [`$1`, `$2`)
+/// (the parameters of [`SENT_DEAD`], and the consumer).
 pub const PROCESSED_DEAD: &str = "\
 SELECT message_id, error FROM custody_dead_letter
-WHERE origin = 'consumer:' || $1 AND topic = $2 AND message_id >= $3 AND message_id < $4
+WHERE origin = 'consumer:' || $4 AND topic = $3 AND message_id >= $1 AND message_id < $2
 ORDER BY message_id";
 
 /// Consumer `$1`'s queued redrives of topic `$2` with ids in [`$3`, `$4`)

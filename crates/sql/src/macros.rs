@@ -364,8 +364,7 @@ macro_rules! admin_impl {
 
 /// The history reads whose SQL is the same on every backend
 /// ([`crate::history`]), over a backend's own column types: `status`,
-/// `dead_letter_rows`, `redrive` (over the backend's `redrive_one(pool, seq,
-/// now)`), `purge` and `rewind_checkpoint` (over the backend's `rewind(pool,
+/// `dead_letter_rows`, `redrive`, `purge` and `rewind_checkpoint` (over the backend's `rewind(pool,
 /// subscription, ids)`), and the backend's
 /// [`custody_core::SentHistory`] and [`custody_core::ProcessedHistory`]
 /// impls, given with only the methods whose SQL is the backend's own; the
@@ -379,8 +378,16 @@ macro_rules! admin_impl {
 /// - `time`: how a time is stored and a `fn(stored) -> DateTime<Utc>`;
 /// - `count`: the integer type of attempts, duplicates and republish counts;
 ///   `status`: of the outbox status code; `partition`: of a partition;
+/// - `at`: `fn(DateTime<Utc>) -> stored`, a time as the backend writes it;
 /// - `purge`: the statement deleting dead letters `$1` (a list, as
 ///   `seq_list`, `fn(&[i64]) -> bindable`, makes it);
+/// - `redrive`: the backend's part of redriving one dead letter: `begin` its
+///   transaction, read the `dead_letter` `$1` (message_id, origin, topic,
+///   envelope) in it, `mark_inbox(tx, consumer, stored id)` so the message
+///   passes the consumer's inbox once, `reset_relay(tx, id) -> bool` put a
+///   relay dead letter's outbox row back to pending (`false`: it is gone).
+///   The locking that makes two concurrent redrives queue a letter once is
+///   the backend's (`begin`, `dead_letter`);
 /// - `outbox_row`: message `$1`'s outbox row as `status` reads it (topic,
 ///   message_type, msg_key, position, created_at, enqueued_at, status,
 ///   attempts, retry_at, last_error, published_at, publish_ref, republish,
@@ -396,7 +403,14 @@ macro_rules! history_impl {
         count: $Count:ty,
         status: $Status:ty,
         partition: $Part:ty,
+        at: $at:path,
         purge: $purge:expr => $seq_list:path,
+        redrive: {
+            begin: $begin:path,
+            dead_letter: $dead_letter:expr,
+            mark_inbox: $mark_inbox:path,
+            reset_relay: $reset_relay:path $(,)?
+        },
         outbox_row: $outbox_row:expr $(,)?;
         impl SentHistory for $outbox:ty { $($sent:tt)* }
         impl ProcessedHistory for $inbox:ty { $($processed:tt)* }
@@ -407,7 +421,7 @@ macro_rules! history_impl {
                 topic: &str,
                 range: $crate::custody_core::IdRange,
             ) -> $crate::custody_core::Result<Vec<($crate::uuid::Uuid, String)>> {
-                read_sent_dead(self.pool(), topic, range).await
+                read_dead(self.pool(), topic, range, None).await
             }
 
             async fn sequence_heads(
@@ -456,7 +470,7 @@ macro_rules! history_impl {
                 topic: &str,
                 range: $crate::custody_core::IdRange,
             ) -> $crate::custody_core::Result<Vec<($crate::uuid::Uuid, String)>> {
-                read_processed_dead(self.pool(), consumer, topic, range).await
+                read_dead(self.pool(), topic, range, Some(consumer)).await
             }
 
             async fn redriving(
@@ -629,7 +643,8 @@ macro_rules! history_impl {
         /// - a consumer's (`consumer:<name>`): its stored envelope goes to
         ///   `custody_redrive`, the dead letter is deleted and the consumer's
         ///   inbox row made to let the message through once (a numbered row
-        ///   stays, keeping its number accounted for; see `redrive_one`);
+        ///   stays, keeping its number accounted for; see the backend's
+        ///   `mark_inbox`);
         ///   the consumer engine processes it once through the inbox;
         /// - the relay's: the outbox row goes back to pending (attempts 0,
         ///   marked as a republish, its sequence number cleared: the skip
@@ -647,6 +662,68 @@ macro_rules! history_impl {
                 out.add(seq, redrive_one(pool, seq, now).await?);
             }
             Ok(out)
+        }
+
+        async fn redrive_one(
+            pool: &$pool,
+            seq: i64,
+            now: $crate::chrono::DateTime<$crate::chrono::Utc>,
+        ) -> $crate::custody_core::Result<$crate::custody_core::admin::RedriveStep> {
+            use $crate::custody_core::admin::{RedriveStep, RedriveTarget};
+            use $crate::sqlx::Row as _;
+            const OP: &str = "redrive dead letter";
+            let mut tx = $begin(pool).await?;
+            let row = $crate::sqlx::query($dead_letter)
+                .bind(seq)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err($err(OP))?;
+            let Some(row) = row else {
+                return Ok(RedriveStep::Skipped($crate::custody_core::admin::SKIP_NO_SUCH));
+            };
+            let id: Option<$Id> = row.try_get("message_id").map_err($err(OP))?;
+            let origin: String = row.try_get("origin").map_err($err(OP))?;
+            let topic: String = row.try_get("topic").map_err($err(OP))?;
+            let envelope: Option<String> = row.try_get("envelope").map_err($err(OP))?;
+            let id = id.and_then($uuid);
+            let target =
+                $crate::custody_core::admin::redrive_target(&origin, id, envelope.as_deref());
+            let step = match target {
+                RedriveTarget::Skip(why) => return Ok(RedriveStep::Skipped(why)),
+                RedriveTarget::Consumer {
+                    consumer,
+                    id,
+                    envelope,
+                } => {
+                    let id = $bind_id(&id);
+                    $crate::sqlx::query($crate::history::QUEUE_REDRIVE)
+                        .bind(consumer)
+                        .bind(&id)
+                        .bind(&topic)
+                        .bind(envelope)
+                        .bind($at(now))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err($err(OP))?;
+                    $mark_inbox(&mut tx, consumer, &id).await?;
+                    RedriveStep::ToConsumer
+                }
+                RedriveTarget::Relay { id } => {
+                    if !$reset_relay(&mut tx, id).await? {
+                        return Ok(RedriveStep::Skipped(
+                            $crate::custody_core::admin::SKIP_OUTBOX_ROW_GONE,
+                        ));
+                    }
+                    RedriveStep::ToRelay
+                }
+            };
+            $crate::sqlx::query($crate::history::DELETE_DEAD_LETTER)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .map_err($err(OP))?;
+            tx.commit().await.map_err($err(OP))?;
+            Ok(step)
         }
 
         /// Delete dead letters `seqs`. A consumer's inbox row stays, so a
@@ -677,40 +754,30 @@ macro_rules! history_impl {
             rewind(pool, subscription, ids).await
         }
 
-        /// `SentHistory::sent_dead` of this backend.
-        async fn read_sent_dead(
+        /// Dead rows (id, error) with ids in `range` of `topic`: the
+        /// outbox's ([`SENT_DEAD`]) or, with `consumer`, that consumer's
+        /// dead letters ([`PROCESSED_DEAD`]).
+        ///
+        /// [`SENT_DEAD`]: $crate::history::SENT_DEAD
+        /// [`PROCESSED_DEAD`]: $crate::history::PROCESSED_DEAD
+        async fn read_dead(
             pool: &$pool,
             topic: &str,
             range: $crate::custody_core::IdRange,
+            consumer: Option<&str>,
         ) -> $crate::custody_core::Result<Vec<($crate::uuid::Uuid, String)>> {
-            let rows: Vec<($Id, String)> = $crate::sqlx::query_as($crate::history::SENT_DEAD)
+            let (sql, op) = match consumer {
+                None => ($crate::history::SENT_DEAD, "read dead outbox rows"),
+                Some(_) => ($crate::history::PROCESSED_DEAD, "read consumer dead letters"),
+            };
+            let mut query = $crate::sqlx::query_as::<_, ($Id, String)>(sql)
                 .bind($bind_id(&range.from))
                 .bind($bind_id(&range.to))
-                .bind(topic)
-                .fetch_all(pool)
-                .await
-                .map_err($err("read dead outbox rows"))?;
-            Ok(rows
-                .into_iter()
-                .filter_map(|(id, e)| $uuid(id).map(|id| (id, e)))
-                .collect())
-        }
-
-        /// `ProcessedHistory::processed_dead`.
-        async fn read_processed_dead(
-            pool: &$pool,
-            consumer: &str,
-            topic: &str,
-            range: $crate::custody_core::IdRange,
-        ) -> $crate::custody_core::Result<Vec<($crate::uuid::Uuid, String)>> {
-            let rows: Vec<($Id, String)> = $crate::sqlx::query_as($crate::history::PROCESSED_DEAD)
-                .bind(consumer)
-                .bind(topic)
-                .bind($bind_id(&range.from))
-                .bind($bind_id(&range.to))
-                .fetch_all(pool)
-                .await
-                .map_err($err("read consumer dead letters"))?;
+                .bind(topic);
+            if let Some(consumer) = consumer {
+                query = query.bind(consumer);
+            }
+            let rows = query.fetch_all(pool).await.map_err($err(op))?;
             Ok(rows
                 .into_iter()
                 .filter_map(|(id, e)| $uuid(id).map(|id| (id, e)))

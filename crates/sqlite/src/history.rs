@@ -3,13 +3,9 @@
 //! See docs/OPERATIONS.md.
 
 use chrono::{DateTime, Utc};
-use custody_core::admin::{
-    outbox_status_name, redrive_target, RedriveStep, RedriveTarget, SKIP_NO_SUCH,
-    SKIP_OUTBOX_ROW_GONE,
-};
+use custody_core::admin::outbox_status_name;
 use custody_core::{IdRange, NumberedRow, Result};
-use custody_sql::history::{DELETE_DEAD_LETTER, QUEUE_REDRIVE};
-use sqlx::{Row, SqlitePool};
+use sqlx::{Sqlite, SqlitePool, Transaction};
 use uuid::Uuid;
 
 use crate::error::map_err;
@@ -104,7 +100,14 @@ custody_sql::history_impl! {
     count: i64,
     status: i64,
     partition: i64,
+    at: to_ms,
     purge: PURGE => crate::outbox::json_list,
+    redrive: {
+        begin: begin,
+        dead_letter: DEAD_LETTER,
+        mark_inbox: mark_inbox,
+        reset_relay: reset_relay,
+    },
     outbox_row: OUTBOX_ROW;
 
     // the methods whose SQL is this backend's own
@@ -182,94 +185,63 @@ custody_sql::history_impl! {
     }
 }
 
-// What redrive (custody_sql::history_impl!) does to one dead letter.
-async fn redrive_one(pool: &SqlitePool, seq: i64, now: DateTime<Utc>) -> Result<RedriveStep> {
-    const OP: &str = "redrive dead letter";
-    let mut tx = pool
-        .begin_with("BEGIN IMMEDIATE")
+// Redriving one dead letter (custody_sql::history_impl!), SQLite's part.
+// BEGIN IMMEDIATE takes the write lock first: two operators redriving the
+// same letter queue it once (the second finds it gone).
+
+const DEAD_LETTER: &str =
+    "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = $1";
+
+async fn begin(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>> {
+    pool.begin_with("BEGIN IMMEDIATE")
         .await
-        .map_err(map_err(OP))?;
-    let row = sqlx::query(
-        "SELECT message_id, origin, topic, envelope FROM custody_dead_letter WHERE seq = ?1",
+        .map_err(map_err("redrive dead letter"))
+}
+
+// The consumer's unnumbered inbox row is deleted. A numbered row stays,
+// marked `duplicates = -1` (see the inbox's RECORD): the next record of the
+// message is its first, while the row keeps the number accounted for.
+// Deleting it would open a hole nothing fills: the redriven message is
+// processed outside the numbering.
+async fn mark_inbox(
+    tx: &mut Transaction<'static, Sqlite>,
+    consumer: &str,
+    id: &String,
+) -> Result<()> {
+    const OP: &str = "redrive dead letter";
+    sqlx::query(
+        "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2 AND seq IS NULL",
     )
-    .bind(seq)
-    .fetch_optional(&mut *tx)
+    .bind(consumer)
+    .bind(id)
+    .execute(&mut **tx)
     .await
     .map_err(map_err(OP))?;
-    let Some(row) = row else {
-        return Ok(RedriveStep::Skipped(SKIP_NO_SUCH));
-    };
-    let id: Option<String> = row.try_get("message_id").map_err(map_err(OP))?;
-    let origin: String = row.try_get("origin").map_err(map_err(OP))?;
-    let topic: String = row.try_get("topic").map_err(map_err(OP))?;
-    let envelope: Option<String> = row.try_get("envelope").map_err(map_err(OP))?;
-    let id = id.and_then(parse_uuid);
-    let step = match redrive_target(&origin, id, envelope.as_deref()) {
-        RedriveTarget::Skip(why) => return Ok(RedriveStep::Skipped(why)),
-        RedriveTarget::Consumer {
-            consumer,
-            id,
-            envelope,
-        } => {
-            let id = text(&id);
-            sqlx::query(QUEUE_REDRIVE)
-                .bind(consumer)
-                .bind(&id)
-                .bind(&topic)
-                .bind(envelope)
-                .bind(to_ms(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-            // A numbered row stays, marked `duplicates = -1` (see the inbox's
-            // RECORD): the next record of the message is its first, while
-            // the row keeps the number accounted for. Deleting it would open
-            // a hole nothing fills: the redriven message is processed outside
-            // the numbering.
-            sqlx::query(
-                "DELETE FROM custody_inbox WHERE consumer = ?1 AND message_id = ?2 AND seq IS NULL",
-            )
-            .bind(consumer)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-            sqlx::query(
-                "UPDATE custody_inbox SET duplicates = -1 \
-                 WHERE consumer = ?1 AND message_id = ?2 AND seq IS NOT NULL",
-            )
-            .bind(consumer)
-            .bind(&id)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-            RedriveStep::ToConsumer
-        }
-        RedriveTarget::Relay { id } => {
-            // seq = NULL: the skip marker left in its place accounted for its
-            // old number; the relay gives it a new one.
-            let reset = sqlx::query(
-                "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL, \
-                 last_error = NULL, republish = republish + 1, seq = NULL \
-                 WHERE id = ?1 AND status = 2",
-            )
-            .bind(id.as_ref().map(text))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-            if reset.rows_affected() == 0 {
-                return Ok(RedriveStep::Skipped(SKIP_OUTBOX_ROW_GONE));
-            }
-            RedriveStep::ToRelay
-        }
-    };
-    sqlx::query(DELETE_DEAD_LETTER)
-        .bind(seq)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err(OP))?;
-    tx.commit().await.map_err(map_err(OP))?;
-    Ok(step)
+    sqlx::query(
+        "UPDATE custody_inbox SET duplicates = -1 \
+         WHERE consumer = ?1 AND message_id = ?2 AND seq IS NOT NULL",
+    )
+    .bind(consumer)
+    .bind(id)
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err(OP))?;
+    Ok(())
+}
+
+// seq = NULL: the skip marker left in its place accounted for its old
+// number; the relay gives it a new one.
+async fn reset_relay(tx: &mut Transaction<'static, Sqlite>, id: Option<Uuid>) -> Result<bool> {
+    let reset = sqlx::query(
+        "UPDATE custody_outbox SET status = 0, attempts = 0, retry_at = NULL, \
+         last_error = NULL, republish = republish + 1, seq = NULL \
+         WHERE id = ?1 AND status = 2",
+    )
+    .bind(id.as_ref().map(text))
+    .execute(&mut **tx)
+    .await
+    .map_err(map_err("redrive dead letter"))?;
+    Ok(reset.rows_affected() != 0)
 }
 
 // rewind_checkpoint (custody_sql::history_impl!) in this backend's order.

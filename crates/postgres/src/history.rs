@@ -106,7 +106,6 @@ custody_sql::history_impl! {
             Ok(done.rows_affected())
         }
 
-
         async fn numbered(
             &self,
             topic: &str,

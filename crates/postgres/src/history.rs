@@ -41,11 +41,11 @@ fn key(id: &Uuid) -> Uuid {
     *id
 }
 
-// The number is in the row once published (or failed, or dead), in the
-// sequence journal while the row is in flight.
 // Dead letters by sequence number, for purge.
 const PURGE: &str = "DELETE FROM custody_dead_letter WHERE seq = ANY($1)";
 
+// The number is in the row once published (or failed, or dead), in the
+// sequence journal while the row is in flight.
 const OUTBOX_ROW: &str = concat!(
     "SELECT topic, message_type, msg_key, position, created_at, enqueued_at, status, attempts,
             retry_at, last_error, published_at, publish_ref, republish,

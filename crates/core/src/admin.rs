@@ -190,6 +190,24 @@ pub fn redrive_target<'a>(
     }
 }
 
+/// The name of an outbox row's stored status code (`0` pending, `1`
+/// published, `2` dead), as a status report shows it.
+pub fn outbox_status_name(code: i64) -> &'static str {
+    match code {
+        0 => "pending",
+        1 => "published",
+        2 => "dead",
+        _ => "unknown",
+    }
+}
+
+/// Whether one of `dead` (a message's dead letters) is consumer
+/// `consumer`'s: its inbox row then stands for a failure, not a success.
+pub fn dead_at_consumer(dead: &[crate::DeadLetterInfo], consumer: &str) -> bool {
+    dead.iter()
+        .any(|d| d.origin.strip_prefix("consumer:") == Some(consumer))
+}
+
 /// The verdict of a schema check (`check_schema` of each backend), from
 /// what the database holds: whether it has custody's tables at all
 /// (`tables_present`), the migrations it has applied (`applied`: version,
@@ -312,6 +330,31 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_outbox_status_codes() {
+        assert_eq!(outbox_status_name(0), "pending");
+        assert_eq!(outbox_status_name(1), "published");
+        assert_eq!(outbox_status_name(2), "dead");
+        assert_eq!(outbox_status_name(7), "unknown");
+        assert_eq!(outbox_status_name(-1), "unknown");
+    }
+
+    #[test]
+    fn a_consumers_own_dead_letter_marks_it_dead() {
+        let dead = |origin: &str| crate::DeadLetterInfo {
+            origin: origin.to_owned(),
+            error: "boom".to_owned(),
+            attempts: 1,
+            dead_at: DateTime::<Utc>::default(),
+        };
+        let letters = [dead("relay"), dead("consumer:billing")];
+        assert!(dead_at_consumer(&letters, "billing"));
+        assert!(!dead_at_consumer(&letters, "shipping"));
+        assert!(!dead_at_consumer(&letters, "bill"));
+        assert!(!dead_at_consumer(&[dead("relay")], "relay"));
+        assert!(!dead_at_consumer(&[], "billing"));
+    }
 
     #[test]
     fn redacts_password_only() {

@@ -2,9 +2,9 @@
 //! `dlq`): is this custody's database, with its schema up to date, and has it
 //! ever seen a topic or a consumer name? None of them creates or changes
 //! anything: a check never writes to what it checks (docs/ARCHITECTURE.md invariant 8).
+//! The statements and functions are custody-sql's; only the catalog lookup
+//! is PostgreSQL's.
 
-use custody_core::admin::schema_verdict;
-use custody_core::Result;
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
 
@@ -17,114 +17,11 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 // statements do: the tables custody would use, not some other schema's.
 const TABLES_PRESENT: &str = "\
 SELECT to_regclass('_sqlx_migrations') IS NOT NULL, to_regclass('custody_outbox') IS NOT NULL";
-const APPLIED: &str = "SELECT version, success FROM _sqlx_migrations";
 
-// Every place a topic is written down. The outbox lookup uses the
-// (topic, txid, position) index; the inbox has no topic index, so it comes
-// last (OR short-circuits: only reached when nothing else knows the topic).
-const TOPIC_SEEN: &str = "SELECT \
-    EXISTS (SELECT 1 FROM custody_outbox WHERE topic = $1) \
- OR EXISTS (SELECT 1 FROM custody_sequence WHERE topic = $1) \
- OR EXISTS (SELECT 1 FROM custody_dead_letter WHERE topic = $1) \
- OR EXISTS (SELECT 1 FROM custody_inbox_watermark WHERE topic = $1) \
- OR EXISTS (SELECT 1 FROM custody_redrive WHERE topic = $1) \
- OR EXISTS (SELECT 1 FROM custody_inbox WHERE topic = $1)";
-
-// The inbox lookup is a prefix of its primary key (consumer, message_id).
-const CONSUMER_SEEN: &str = "SELECT \
-    EXISTS (SELECT 1 FROM custody_inbox WHERE consumer = $1) \
- OR EXISTS (SELECT 1 FROM custody_inbox_watermark WHERE consumer = $1) \
- OR EXISTS (SELECT 1 FROM custody_redrive WHERE consumer = $1) \
- OR EXISTS (SELECT 1 FROM custody_dead_letter WHERE origin = 'consumer:' || $1)";
-
-// Distinct values through their indexes (a loose index scan: one index seek
-// per distinct value, not a read of every row), for "names known here".
-const TOPICS: &str = "\
-WITH RECURSIVE t(topic) AS (
-  SELECT MIN(topic) FROM custody_outbox
-  UNION ALL
-  SELECT (SELECT MIN(topic) FROM custody_outbox WHERE topic > t.topic) FROM t WHERE t.topic IS NOT NULL
-)
-SELECT topic FROM t WHERE topic IS NOT NULL
-UNION SELECT topic FROM custody_sequence
-UNION SELECT topic FROM custody_inbox_watermark
-ORDER BY 1 LIMIT $1";
-const CONSUMERS: &str = "\
-WITH RECURSIVE c(consumer) AS (
-  SELECT MIN(consumer) FROM custody_inbox
-  UNION ALL
-  SELECT (SELECT MIN(consumer) FROM custody_inbox WHERE consumer > c.consumer) FROM c WHERE c.consumer IS NOT NULL
-)
-SELECT consumer FROM c WHERE consumer IS NOT NULL
-UNION SELECT consumer FROM custody_inbox_watermark
-ORDER BY 1 LIMIT $1";
-
-/// Check that `pool`'s database holds custody's tables with every migration
-/// of this build applied, without applying any.
-///
-/// Errors ([`custody_core::Error::Config`]) say which case it is and what to do: no
-/// custody tables at all (a wrong database, or one never set up with
-/// `custody migrate`), an older schema, or a migration that failed midway.
-/// Other migrations in sqlx's table (the application's own, or a newer
-/// custody's) are tolerated, as [`crate::migrate`] tolerates them.
-pub async fn check_schema(pool: &PgPool) -> Result<()> {
-    let (migrations, outbox): (bool, bool) = sqlx::query_as(TABLES_PRESENT)
-        .fetch_one(pool)
-        .await
-        .map_err(db("check schema"))?;
-    let applied: Vec<(i64, bool)> = if migrations {
-        sqlx::query_as(APPLIED)
-            .fetch_all(pool)
-            .await
-            .map_err(db("check schema"))?
-    } else {
-        Vec::new()
-    };
-    schema_verdict(
-        migrations && outbox,
-        &applied,
-        MIGRATOR.iter().map(|m| m.version),
-        "database name",
-        "URL",
-    )
-}
-
-/// Whether `topic` appears anywhere in this database: outbox rows, numbers
-/// given, dead letters, inbox rows, floors or redrives.
-pub async fn topic_seen(pool: &PgPool, topic: &str) -> Result<bool> {
-    sqlx::query_scalar(TOPIC_SEEN)
-        .bind(topic)
-        .fetch_one(pool)
-        .await
-        .map_err(db("look up topic"))
-}
-
-/// Whether consumer `name` has recorded anything in this database: inbox
-/// rows, floors, redrives or dead letters of its own.
-pub async fn consumer_seen(pool: &PgPool, name: &str) -> Result<bool> {
-    sqlx::query_scalar(CONSUMER_SEEN)
-        .bind(name)
-        .fetch_one(pool)
-        .await
-        .map_err(db("look up consumer"))
-}
-
-/// Up to `limit` topics this database holds outbox rows, numbers or floors
-/// of, sorted (for "topics known here" in error messages).
-pub async fn topics(pool: &PgPool, limit: u32) -> Result<Vec<String>> {
-    sqlx::query_scalar(TOPICS)
-        .bind(i64::from(limit))
-        .fetch_all(pool)
-        .await
-        .map_err(db("list topics"))
-}
-
-/// Up to `limit` consumer names with inbox rows or floors in this database,
-/// sorted.
-pub async fn consumers(pool: &PgPool, limit: u32) -> Result<Vec<String>> {
-    sqlx::query_scalar(CONSUMERS)
-        .bind(i64::from(limit))
-        .fetch_all(pool)
-        .await
-        .map_err(db("list consumers"))
+custody_sql::checks_impl! {
+    pool: PgPool,
+    err: db,
+    tables_present: TABLES_PRESENT,
+    migrator: MIGRATOR,
+    names: ("database name", "URL"),
 }

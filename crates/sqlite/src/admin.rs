@@ -1,15 +1,11 @@
 //! The operations port ([`custody_core::Admin`]) over a SQLite database,
 //! the driver that opens one by URL or path, reader checkpoints and the
-//! dead-letter listing.
+//! dead-letter listing (the impl is custody-sql's [`custody_sql::admin_impl!`]).
 
 use chrono::{DateTime, Utc};
-use custody_core::admin::{Access, Admin, BoxFuture, Driver, NumberedDeadLetter};
-use custody_core::{
-    AcceptedGap, DeadLetter, DynProcessedHistory, DynSentHistory, GapAcceptance, InboxStore,
-    MessageStatus, RedriveOutcome, Result,
-};
+use custody_core::admin::Driver;
+use custody_core::Result;
 use sqlx::{SqliteExecutor, SqlitePool};
-use uuid::Uuid;
 
 use crate::error::map_err;
 use crate::{SqliteInbox, SqliteOutbox};
@@ -25,20 +21,6 @@ pub const DRIVER: Driver = Driver {
 
 fn accepts(url: &str) -> bool {
     url.starts_with("sqlite:") || !url.contains("://")
-}
-
-fn open(url: &str, access: Access) -> BoxFuture<'_, Result<Box<dyn Admin>>> {
-    Box::pin(async move {
-        let pool = match access {
-            Access::Existing => crate::open_existing(url).await?,
-            Access::Migrate => {
-                let pool = crate::connect(url).await?;
-                crate::migrate(&pool).await?;
-                pool
-            }
-        };
-        Ok(Box::new(SqliteAdmin::new(pool)) as Box<dyn Admin>)
-    })
 }
 
 /// Checkpoints only move forward through [`Subscriber::ack`](custody_core::Subscriber::ack).
@@ -93,85 +75,11 @@ pub async fn checkpoint(pool: &SqlitePool, subscription: &str) -> Result<Option<
         .map_err(map_err("read checkpoint"))
 }
 
-/// Every dead letter in this database (relay's and consumers'), oldest first.
-/// [`crate::dead_letter_rows`] without the sequence numbers.
-pub async fn dead_letters(pool: &SqlitePool) -> Result<Vec<DeadLetter>> {
-    let rows = crate::dead_letter_rows(pool).await?;
-    Ok(rows.into_iter().map(|(_, dead)| dead).collect())
-}
-
-/// [`custody_core::Admin`] over one SQLite database.
-pub struct SqliteAdmin {
+custody_sql::admin_impl! {
+    /// [`custody_core::Admin`] over one SQLite database.
+    pub struct SqliteAdmin;
     pool: SqlitePool,
     outbox: SqliteOutbox,
     inbox: SqliteInbox,
-}
-
-impl SqliteAdmin {
-    /// Operations over the custody tables in `pool`'s database.
-    pub fn new(pool: SqlitePool) -> Self {
-        SqliteAdmin {
-            outbox: SqliteOutbox::new(pool.clone()),
-            inbox: SqliteInbox::new(pool.clone()),
-            pool,
-        }
-    }
-}
-
-impl Admin for SqliteAdmin {
-    fn backend(&self) -> &'static str {
-        DRIVER.name
-    }
-    fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<NumberedDeadLetter>>> {
-        Box::pin(crate::dead_letter_rows(&self.pool))
-    }
-    fn redrive<'a>(
-        &'a self,
-        seqs: &'a [i64],
-        now: DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<RedriveOutcome>> {
-        Box::pin(crate::redrive(&self.pool, seqs, now))
-    }
-    fn purge<'a>(&'a self, seqs: &'a [i64]) -> BoxFuture<'a, Result<u64>> {
-        Box::pin(crate::purge(&self.pool, seqs))
-    }
-    fn status(&self, id: Uuid) -> BoxFuture<'_, Result<MessageStatus>> {
-        Box::pin(crate::status(&self.pool, id))
-    }
-    fn checkpoint<'a>(&'a self, subscription: &'a str) -> BoxFuture<'a, Result<Option<i64>>> {
-        Box::pin(checkpoint(&self.pool, subscription))
-    }
-    fn rewind_checkpoint<'a>(
-        &'a self,
-        subscription: &'a str,
-        ids: &'a [Uuid],
-    ) -> BoxFuture<'a, Result<Option<i64>>> {
-        Box::pin(crate::rewind_checkpoint(&self.pool, subscription, ids))
-    }
-    fn topic_seen<'a>(&'a self, topic: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(crate::topic_seen(&self.pool, topic))
-    }
-    fn consumer_seen<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<bool>> {
-        Box::pin(crate::consumer_seen(&self.pool, name))
-    }
-    fn topics(&self, limit: u32) -> BoxFuture<'_, Result<Vec<String>>> {
-        Box::pin(crate::topics(&self.pool, limit))
-    }
-    fn consumers(&self, limit: u32) -> BoxFuture<'_, Result<Vec<String>>> {
-        Box::pin(crate::consumers(&self.pool, limit))
-    }
-    fn accept_gap<'a>(
-        &'a self,
-        consumer: &'a str,
-        gap: &'a GapAcceptance,
-        now: DateTime<Utc>,
-    ) -> BoxFuture<'a, Result<AcceptedGap>> {
-        Box::pin(self.inbox.accept_gap(consumer, gap, now))
-    }
-    fn sent(&self) -> &dyn DynSentHistory {
-        &self.outbox
-    }
-    fn processed(&self) -> &dyn DynProcessedHistory {
-        &self.inbox
-    }
+    driver: DRIVER,
 }

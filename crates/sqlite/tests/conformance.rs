@@ -10,8 +10,10 @@ use sqlx::{Connection, SqliteConnection, SqlitePool};
 use tempfile::TempDir;
 
 /// A fresh database file; an outage is another connection holding the
-/// write lock (`BEGIN EXCLUSIVE`), so writes fail busy after a short
-/// busy timeout.
+/// write lock (`BEGIN EXCLUSIVE`), so writes fail busy after a busy
+/// timeout of 3 s: short enough for the outage scenario, long enough that
+/// concurrent producers on a loaded machine wait for each other instead of
+/// failing busy (300 ms did fail `per_key_order_under_concurrency_test`).
 struct Sqlite {
     dir: TempDir,
     pool: SqlitePool,
@@ -33,7 +35,7 @@ impl Sqlite {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("custody.db").to_string_lossy().into_owned();
         let settings = SqliteSettings {
-            busy_timeout: Duration::from_millis(300),
+            busy_timeout: Duration::from_secs(3),
             ..SqliteSettings::default()
         };
         let pool = custody_sqlite::connect_with(&path, settings).await?;

@@ -147,7 +147,7 @@ pub async fn open_existing(url_or_path: &str) -> custody_core::Result<SqlitePool
         || url_or_path.contains(":memory:");
     if !in_memory && !base.get_filename().exists() {
         return Err(custody_core::Error::Config(format!(
-            "SQLite database {} does not exist; check the path (this command never creates a              database; `custody migrate --db …` does)",
+            "SQLite database {} does not exist; check the path (this command never creates a database; `custody migrate --db …` does)",
             base.get_filename().display()
         )));
     }

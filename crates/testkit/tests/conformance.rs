@@ -50,13 +50,29 @@ impl StoreFixture for Memory {
     async fn enqueue(&self, messages: &[Message], commit: bool) -> anyhow::Result<Vec<i64>> {
         let mut out = Vec::new();
         for m in messages {
-            if commit {
-                out.push(self.outbox.enqueue(m.clone()));
-            } else {
-                let row = self.outbox.begin_enqueue(m.clone());
-                out.extend(self.outbox.position(&row));
-                if self.outbox.rollback(row).is_err() {
-                    anyhow::bail!("the rollback waited for a key lock");
+            // Producers run concurrently: a transaction whose key another
+            // open transaction holds waits (the model inserts its row when
+            // the holder ends), so retry the commit/rollback until it can.
+            // (`MemoryOutbox::enqueue` is for one producer: used here, a
+            // waiting row was inserted after its handle was dropped and
+            // held its key's lock forever, stalling the relay.)
+            let mut row = self.outbox.begin_enqueue(m.clone());
+            while self.outbox.is_waiting(&row) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            out.extend(self.outbox.position(&row));
+            loop {
+                let ended = if commit {
+                    self.outbox.commit(row)
+                } else {
+                    self.outbox.rollback(row)
+                };
+                match ended {
+                    Ok(()) => break,
+                    Err(back) => {
+                        row = back;
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
                 }
             }
         }

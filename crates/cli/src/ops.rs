@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 
 use clap::Args;
-use custody::{Access, Admin, CancellationToken};
+use custody::{Access, Admin};
 
 /// A URL without its password, for messages (one behaviour everywhere).
 pub use custody::redact_url as redact;
@@ -139,31 +139,4 @@ pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A token cancelled on SIGINT or SIGTERM.
-pub fn shutdown_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        t.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        t.cancel();
-    });
-    token
-}
+pub use custody::shutdown_token;

@@ -67,8 +67,9 @@
 
 pub use custody_core::*;
 pub use custody_engine::{
-    live, metric_definitions, reconcile, CancellationToken, Consumer, ConsumerConfig,
-    ConsumerStats, FencedInbox, LeaseConfig, LeasedConsumer, Relay, RelayConfig, RelayStats,
+    live, metric_definitions, reconcile, shutdown_token, CancellationToken, Consumer,
+    ConsumerConfig, ConsumerStats, FencedInbox, LeaseConfig, LeasedConsumer, Relay, RelayConfig,
+    RelayStats,
 };
 
 /// The backends compiled into this build (cargo features), in the order a

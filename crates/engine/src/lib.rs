@@ -32,11 +32,13 @@ pub mod live;
 pub mod metric_definitions;
 pub mod reconcile;
 mod relay;
+mod shutdown;
 mod validate;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};
 pub use leased::{FencedInbox, LeaseConfig, LeasedConsumer};
 pub use relay::{Relay, RelayConfig, RelayStats};
+pub use shutdown::shutdown_token;
 
 /// Cancellation handle used to stop engines gracefully.
 pub use tokio_util::sync::CancellationToken;

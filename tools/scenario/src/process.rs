@@ -6,8 +6,6 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-use custody::CancellationToken;
-
 /// Run a tool's `main`: log to stderr (level from `CUSTODY_LOG`, default
 /// `error`), drive `f` on a multi-threaded runtime, and turn an error into
 /// `error: <message: causes>` on stderr and exit code 1.
@@ -61,48 +59,11 @@ pub fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-/// A token cancelled on SIGINT or SIGTERM: a worker's graceful stop.
-pub fn shutdown_token() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        t.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        t.cancel();
-    });
-    token
-}
+/// A token cancelled on SIGINT or SIGTERM (the library's, shared with `custody`).
+pub use custody::shutdown_token;
 
-/// A URL without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+/// A URL without its password, for messages (the library's one redaction).
+pub use custody::redact_url as redact;
 
 #[cfg(test)]
 mod tests {

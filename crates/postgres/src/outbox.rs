@@ -625,7 +625,7 @@ impl PgOutbox {
     /// published iff the transaction commits.
     ///
     /// Takes the transaction-scoped advisory lock of `msg`'s key first (see
-    /// [`KEY_LOCK_NAMESPACE`]), held to the commit or rollback: another
+    /// `KEY_LOCK_NAMESPACE`), held to the commit or rollback: another
     /// transaction enqueueing the same key waits for this one, so each key's
     /// messages are published in commit order. Keep such transactions short;
     /// enqueue several keys of one transaction with [`PgOutbox::enqueue_batch`]

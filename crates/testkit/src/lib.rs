@@ -39,8 +39,28 @@ fn unavailable<T>(service: &str, detail: &str) -> anyhow::Result<Option<T>> {
             "{service} is required (CUSTODY_REQUIRE_SERVICES=1) but unreachable: {detail}. Start it (see docs/ARCHITECTURE.md, section Services for development and CI, or .ci/run)"
         );
     }
-    eprintln!("SKIP: {service} unreachable ({detail}); set CUSTODY_REQUIRE_SERVICES=1 to make this a failure");
+    report_skip(&format!(
+        "{service} unreachable ({detail}); set CUSTODY_REQUIRE_SERVICES=1 to make this a failure"
+    ));
     Ok(None)
+}
+
+/// Print `SKIP <test>: <why>` straight to the process's stderr.
+///
+/// The test harness captures what `eprintln!` prints and shows it only for
+/// failing tests, so a skipped test (which passes) would skip silently: a
+/// newcomer without PostgreSQL could not tell how much did not run. Writing
+/// to the stderr handle itself bypasses that capture, so every skip shows in
+/// `cargo test`'s output, named by its test (the harness names each test's
+/// thread after it); `cargo test --workspace 2>&1 | grep -c 'SKIP '` counts them.
+pub fn report_skip(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .map(str::to_owned)
+        .unwrap_or_else(|| "(unnamed test)".to_owned());
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "SKIP {test}: {why}");
 }
 
 /// A unique lowercase name with `prefix`, usable as a database, schema,

@@ -308,7 +308,7 @@ where
 /// refused), the partition has no hole left, and a message of an accepted
 /// number that arrives after all is dead-lettered, not dropped. A partition
 /// with no history whose stream did not begin at 1 starts its floor below
-/// the lowest number recorded ([`GapRange::StreamStart`]); one with history
+/// the lowest number recorded ([`GapRange::StreamStart`](custody_core::sequence::GapRange::StreamStart)); one with history
 /// refuses that. Returns the acceptances made, for the backend's test to
 /// check its audit table: `(by, reason, numbers)`.
 pub async fn accept_gap_test<I, F, Fut>(

@@ -5,8 +5,8 @@
 //!
 //! A backend implements a fixture ([`StoreFixture`] or
 //! [`TransportFixture`]) in its `tests/conformance.rs`, on its own isolated
-//! database, schema or stream, and invokes [`store_conformance!`] or
-//! [`transport_conformance!`] once; each expands to one `#[tokio::test]` per
+//! database, schema or stream, and invokes [`store_conformance!`](crate::store_conformance) or
+//! [`transport_conformance!`](crate::transport_conformance) once; each expands to one `#[tokio::test]` per
 //! scenario. Adding a backend is one crate plus that one line.
 //!
 //! ```ignore

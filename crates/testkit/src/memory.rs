@@ -210,11 +210,32 @@ impl MemoryOutbox {
         self
     }
 
-    /// Insert and commit `msg`; returns its position. Its key must not be
-    /// locked by an open transaction (it would wait): use
-    /// [`MemoryOutbox::begin_enqueue`] then.
+    /// Insert and commit `msg`; returns its position.
+    ///
+    /// # Panics
+    ///
+    /// When an open transaction holds `msg`'s key lock. A real store's
+    /// enqueue would block until that transaction ends; here the caller
+    /// could only wait for itself, and a silently parked row would keep the
+    /// key locked forever and never be published. Concurrent producers use
+    /// [`MemoryOutbox::begin_enqueue`], [`MemoryOutbox::is_waiting`] and
+    /// [`MemoryOutbox::commit`] instead.
     pub fn enqueue(&self, msg: Message) -> i64 {
-        let row = self.begin_enqueue(msg);
+        let row = {
+            let mut s = lock(&self.state);
+            if self.key_locks {
+                if let Some(holder) = s.key_locks.get(&msg.key).copied() {
+                    drop(s);
+                    panic!(
+                        "MemoryOutbox::enqueue: key {:?} is locked by open transaction {holder}; \
+                         commit or roll it back first, or enqueue with begin_enqueue and commit \
+                         once is_waiting is false",
+                        msg.key
+                    );
+                }
+            }
+            self.begin_in(&mut s, msg)
+        };
         let position = self.position(&row).unwrap_or_default();
         let _ = self.commit(row);
         position
@@ -225,7 +246,10 @@ impl MemoryOutbox {
     /// With key locks, it waits (no row yet) while another open transaction
     /// holds `msg`'s key ([`MemoryOutbox::is_waiting`]).
     pub fn begin_enqueue(&self, msg: Message) -> UncommittedRow {
-        let mut s = lock(&self.state);
+        self.begin_in(&mut lock(&self.state), msg)
+    }
+
+    fn begin_in(&self, s: &mut OutboxState, msg: Message) -> UncommittedRow {
         s.next_tx += 1;
         let tx = s.next_tx;
         let key = msg.key.clone();
@@ -1250,5 +1274,31 @@ impl InboxStore for MemoryInbox {
             return Err(unavailable("memory", "compact inbox"));
         }
         Ok(Compaction::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(key: &str) -> Message {
+        Message::builder("t", key, "T").build().unwrap()
+    }
+
+    #[test]
+    fn enqueue_refuses_a_key_an_open_transaction_holds() {
+        let outbox = MemoryOutbox::new(1);
+        let open = outbox.begin_enqueue(msg("k"));
+        let shared = outbox.clone();
+        let refused = std::thread::spawn(move || shared.enqueue(msg("k"))).join();
+        assert!(
+            refused.is_err(),
+            "enqueue parked a row behind an open transaction"
+        );
+        // nothing was left waiting: the holder commits, the key is free again
+        assert!(outbox.commit(open).is_ok());
+        outbox.enqueue(msg("k"));
+        assert_eq!(outbox.committed().len(), 2);
+        assert_eq!(outbox.pending(), 2);
     }
 }

@@ -14,9 +14,9 @@ use async_nats::{ConnectErrorKind, RequestErrorKind};
 #[non_exhaustive]
 pub enum NatsError {
     /// The first connection to the server failed.
-    #[error("cannot connect to NATS at {url}: {source}. Check that nats-server is running there (with JetStream: -js)")]
+    #[error("NATS {url}: cannot connect: {source}{detail}; {hint}", detail = connect_detail(source), hint = connect_hint(source.kind()))]
     Connect {
-        /// The URL given to [`crate::connect`].
+        /// The URL given to [`crate::connect`], its password redacted.
         url: String,
         /// The client's error.
         #[source]
@@ -152,6 +152,31 @@ pub enum NatsError {
         /// What went wrong.
         reason: String,
     },
+}
+
+/// The cause under an async-nats connect error (e.g. the TLS verifier's
+/// reason), which its own text leaves out.
+fn connect_detail(e: &async_nats::ConnectError) -> String {
+    let shown = e.to_string();
+    match std::error::Error::source(e).map(ToString::to_string) {
+        Some(cause) if !shown.contains(&cause) => format!(" ({cause})"),
+        _ => String::new(),
+    }
+}
+
+fn connect_hint(kind: ConnectErrorKind) -> &'static str {
+    match kind {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            "the server refused the credentials: check the [nats] user and password, token, nkey or creds file (docs/SECURITY.md)"
+        }
+        ConnectErrorKind::Tls => {
+            "the TLS link could not be set up: set nats.tls-ca-file to the CA that signed the server's certificate, check the client certificate and key, or drop require-tls if the server has no TLS (docs/SECURITY.md)"
+        }
+        ConnectErrorKind::ServerParse | ConnectErrorKind::Dns => {
+            "check the URL (nats://host:port or tls://host:port)"
+        }
+        _ => "check that nats-server is running there (with JetStream: -js)",
+    }
 }
 
 fn publish_hint(kind: PublishErrorKind) -> &'static str {

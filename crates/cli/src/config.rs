@@ -15,6 +15,9 @@ pub struct Config {
     pub relay: custody::RelayConfig,
     /// Consumer settings.
     pub consumer: custody::ConsumerConfig,
+    /// How to authenticate to NATS and secure the link (docs/SECURITY.md);
+    /// secrets are named files or environment variables, never inline.
+    pub nats: custody::nats::ConnectOptions,
 }
 
 /// Load `path` (if given) and apply `CUSTODY_*` overrides.
@@ -42,11 +45,15 @@ impl Config {
     /// Every value in its allowed range (docs/CONFIG.md); the error names
     /// each key that is not, in every section, with its range.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let problems: Vec<String> = [self.relay.validate(), self.consumer.validate()]
-            .into_iter()
-            .filter_map(Result::err)
-            .map(|e| crate::ops::config_text(&e))
-            .collect();
+        let problems: Vec<String> = [
+            self.relay.validate(),
+            self.consumer.validate(),
+            self.nats.validate(),
+        ]
+        .into_iter()
+        .filter_map(Result::err)
+        .map(|e| crate::ops::config_text(&e))
+        .collect();
         if problems.is_empty() {
             Ok(())
         } else {
@@ -116,6 +123,35 @@ mod tests {
         assert_eq!(
             cfg.relay.poll_interval,
             std::time::Duration::from_millis(50)
+        );
+    }
+
+    #[test]
+    fn nats_section_from_the_environment() {
+        let mut t = toml::Table::new();
+        apply_env(
+            &mut t,
+            vec![
+                (
+                    "CUSTODY_NATS__CREDS_FILE".to_owned(),
+                    "/run/secrets/relay.creds".to_owned(),
+                ),
+                ("CUSTODY_NATS__REQUIRE_TLS".to_owned(), "true".to_owned()),
+                ("CUSTODY_NATS".to_owned(), "nats://x:4222".to_owned()),
+            ]
+            .into_iter(),
+        )
+        .unwrap();
+        let cfg = Config::deserialize(toml::Value::Table(t)).unwrap();
+        assert_eq!(
+            cfg.nats.creds_file.as_deref(),
+            Some(std::path::Path::new("/run/secrets/relay.creds"))
+        );
+        assert!(cfg.nats.require_tls);
+        let missing = cfg.validate().unwrap_err().to_string();
+        assert!(
+            missing.contains("nats.creds-file /run/secrets/relay.creds"),
+            "{missing}"
         );
     }
 

@@ -44,7 +44,7 @@ pub enum DlqCommand {
     /// List dead letters with their reasons.
     List {
         /// Database URL (`postgres://…` or a SQLite file).
-        #[arg(long, env = "CUSTODY_DB")]
+        #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
         db: String,
         #[command(flatten)]
         filter: Filter,
@@ -57,7 +57,7 @@ pub enum DlqCommand {
         /// Message id, or `#<seq>` for one without an id.
         id: String,
         /// Database URL.
-        #[arg(long, env = "CUSTODY_DB")]
+        #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
         db: String,
         /// Print JSON.
         #[arg(long)]
@@ -76,7 +76,7 @@ pub struct BulkArgs {
     /// Message ids (or `#<seq>`); or use `--all` or filters.
     pub ids: Vec<String>,
     /// Database URL.
-    #[arg(long, env = "CUSTODY_DB")]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
     pub db: String,
     /// Every dead letter that matches the filters (all of them without filters).
     #[arg(long)]

@@ -76,7 +76,7 @@ pub fn config_text(e: &custody::Error) -> String {
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// Database URL: `postgres://…` or a SQLite file (`sqlite://path` or a path).
-    #[arg(long, env = "CUSTODY_DB")]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
     pub db: String,
 }
 
@@ -92,10 +92,15 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
 #[derive(Debug, Args)]
 pub struct RelayArgs {
     /// The producer's database holding the outbox.
-    #[arg(long, env = "CUSTODY_DB")]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
     pub db: String,
     /// NATS server URL.
-    #[arg(long, env = "CUSTODY_NATS", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "CUSTODY_NATS",
+        hide_env_values = true,
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats: String,
     /// JetStream stream name (created if missing).
     #[arg(long, default_value = "CUSTODY")]
@@ -112,6 +117,13 @@ pub struct RelayArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// Connect to NATS at `url` with the `[nats]` section of the config
+/// (credentials, TLS): the one way every command reaches NATS. A refused
+/// connection is terminal and names the link and what to fix.
+pub async fn connect_nats(url: &str, cfg: &Config) -> anyhow::Result<custody::nats::Client> {
+    Ok(custody::nats::connect_with(url, &cfg.nats).await?)
+}
+
 /// Serve the process's metrics in Prometheus text format on `addr`.
 pub fn serve_metrics(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -126,7 +138,7 @@ pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr)?;
     }
-    let client = custody::nats::connect(&args.nats).await?;
+    let client = connect_nats(&args.nats, &cfg).await?;
     let spec = custody::nats::StreamSpec::new(&args.stream, &args.subject_prefix);
     custody::nats::ensure_stream(&client, &spec).await?;
     let publisher = custody::nats::NatsPublisher::new(client, &spec);

@@ -34,6 +34,7 @@ pub mod lease;
 mod message;
 mod partition;
 mod policy;
+mod secret;
 pub mod sequence;
 mod status;
 mod store;
@@ -55,6 +56,7 @@ pub use message::{
 };
 pub use partition::{fair_share, partition_for, plan_leases, LeasePlan};
 pub use policy::{duration_serde, Backoff, BreakerState, CircuitBreaker, CircuitBreakerConfig};
+pub use secret::Secret;
 pub use sequence::{AcceptedGap, Compaction, GapAcceptance, GapRange, PartitionProgress, Sequence};
 pub use status::{ConsumerSide, DeadLetterInfo, MessageStatus, ProducerSide, RedriveInfo, Stage};
 pub use store::{

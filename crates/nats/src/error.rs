@@ -14,9 +14,9 @@ use async_nats::{ConnectErrorKind, RequestErrorKind};
 #[non_exhaustive]
 pub enum NatsError {
     /// The first connection to the server failed.
-    #[error("cannot connect to NATS at {url}: {source}. Check that nats-server is running there (with JetStream: -js)")]
+    #[error("NATS {url}: cannot connect: {source}{detail}; {hint}", detail = connect_detail(source), hint = connect_hint(source))]
     Connect {
-        /// The URL given to [`crate::connect`].
+        /// The URL given to [`crate::connect`], its password redacted.
         url: String,
         /// The client's error.
         #[source]
@@ -154,6 +154,65 @@ pub enum NatsError {
     },
 }
 
+/// The cause under an async-nats connect error (e.g. the TLS verifier's
+/// reason), which its own text leaves out.
+fn connect_detail(e: &async_nats::ConnectError) -> String {
+    let shown = e.to_string();
+    match std::error::Error::source(e).map(ToString::to_string) {
+        Some(cause) if !shown.contains(&cause) => format!(" ({cause})"),
+        _ => String::new(),
+    }
+}
+
+fn connect_hint(e: &async_nats::ConnectError) -> &'static str {
+    if let Some(tls) = tls_failure(e) {
+        return match tls {
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer | rustls::CertificateError::BadSignature,
+            ) => "the server's TLS certificate is not signed by a trusted CA: set nats.tls-ca-file to the CA certificate that signed it (docs/SECURITY.md)",
+            rustls::Error::InvalidCertificate(_) => {
+                "the server's TLS certificate does not verify (host name, validity period): fix the certificate or connect with a host name it lists (docs/SECURITY.md)"
+            }
+            rustls::Error::InvalidMessage(_) => {
+                "the server did not answer in TLS although custody requires it (require-tls or a tls-* file): configure tls in nats-server.conf, or drop require-tls and the tls-* files on a trusted network (docs/SECURITY.md)"
+            }
+            _ => "the TLS handshake failed: check nats.tls-ca-file, nats.tls-cert-file and nats.tls-key-file and the server's tls block (docs/SECURITY.md)",
+        };
+    }
+    match e.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            "the server refused the credentials: check the [nats] user and password, token, nkey or creds file (docs/SECURITY.md)"
+        }
+        ConnectErrorKind::Tls => {
+            "the TLS link could not be set up: set nats.tls-ca-file to the CA that signed the server's certificate, check the client certificate and key, or drop require-tls if the server has no TLS (docs/SECURITY.md)"
+        }
+        ConnectErrorKind::ServerParse | ConnectErrorKind::Dns => {
+            "check the URL (nats://host:port or tls://host:port)"
+        }
+        _ => "check that nats-server is running there (with JetStream: -js)",
+    }
+}
+
+/// The rustls error under a connect error, if the TLS handshake failed (the
+/// client reports it as an I/O error).
+fn tls_failure(e: &async_nats::ConnectError) -> Option<&rustls::Error> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(tls) = c.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        cause = c.source();
+    }
+    None
+}
+
 fn publish_hint(kind: PublishErrorKind) -> &'static str {
     match kind {
         PublishErrorKind::StreamNotFound => {
@@ -171,13 +230,16 @@ impl NatsError {
     /// place where NATS failures are classified.
     pub fn retryable(&self) -> bool {
         match self {
-            NatsError::Connect { source, .. } => !matches!(
-                source.kind(),
-                ConnectErrorKind::ServerParse
-                    | ConnectErrorKind::Authentication
-                    | ConnectErrorKind::AuthorizationViolation
-                    | ConnectErrorKind::Tls
-            ),
+            NatsError::Connect { source, .. } => {
+                tls_failure(source).is_none()
+                    && !matches!(
+                        source.kind(),
+                        ConnectErrorKind::ServerParse
+                            | ConnectErrorKind::Authentication
+                            | ConnectErrorKind::AuthorizationViolation
+                            | ConnectErrorKind::Tls
+                    )
+            }
             NatsError::PayloadTooLarge { .. }
             | NatsError::BadSubject { .. }
             | NatsError::FilterNotApplied { .. } => false,

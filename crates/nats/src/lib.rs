@@ -46,16 +46,19 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod connect;
 mod direct;
 mod error;
 mod publisher;
 mod stream;
 mod subscriber;
 
+pub use async_nats::Client;
 pub use codec::{
     decode, encode_headers, CE_CUSTODYKIND, CE_CUSTODYTOPIC, CE_ID, CE_PARTITIONKEY, CE_SOURCE,
     CE_SPECVERSION, CE_SUBJECT, CE_TIME, CE_TYPE, CONTENT_TYPE, SOURCE, SPECVERSION,
 };
+pub use connect::{connect_with, ConnectOptions};
 pub use error::NatsError;
 pub use publisher::{republish_id, NatsPublisher, DEFAULT_ACK_TIMEOUT};
 pub use stream::{connect, ensure_stream, StreamSpec};

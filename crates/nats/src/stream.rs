@@ -5,24 +5,16 @@ use custody_core::{Error, Result};
 
 use crate::NatsError;
 
-/// Connect to the NATS server at `url` (e.g. `nats://127.0.0.1:4222`).
+/// Connect to the NATS server at `url` (e.g. `nats://127.0.0.1:4222`)
+/// anonymously, or with the credentials in the URL: [`crate::connect_with`]
+/// with default [`crate::ConnectOptions`].
 ///
 /// A server that is down at this moment is an error naming the URL (the
 /// client does not retry the first connection). Once connected, the client
 /// reconnects by itself after losing the server; operations during the gap
 /// fail with retryable errors.
 pub async fn connect(url: &str) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .name("custody")
-        .connect(url)
-        .await
-        .map_err(|source| {
-            NatsError::Connect {
-                url: url.to_owned(),
-                source,
-            }
-            .into_core("connect")
-        })
+    crate::connect_with(url, &crate::ConnectOptions::default()).await
 }
 
 /// The JetStream stream that carries custody messages: every topic `t` is

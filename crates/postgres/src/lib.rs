@@ -41,6 +41,7 @@ mod history;
 mod inbox;
 mod outbox;
 mod row;
+mod secure;
 mod subscriber;
 mod wake;
 
@@ -55,6 +56,7 @@ pub use custody_core::{LeaseLost, RedriveOutcome};
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
 pub use inbox::PgInbox;
 pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};
+pub use secure::PASSWORD_FILE_ENV;
 pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};
 
 use error::{map_err, ConnectError};
@@ -69,6 +71,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pool holds up to 10 connections and waits at most 10 s for one. The
 /// first connection is made at once, so a wrong URL or a server that is down
 /// is reported here, naming the URL (without its password).
+///
+/// TLS: `sslmode=require|verify-ca|verify-full`, `sslrootcert`, `sslcert`,
+/// `sslkey` in the URL (rustls; docs/SECURITY.md). The password may stay
+/// out of the URL: the file named by [`PASSWORD_FILE_ENV`], then
+/// `PGPASSWORD`, then `PGPASSFILE` / `~/.pgpass`. A wrong password or a
+/// certificate that does not verify is a terminal error naming the link.
 pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
     let shown = custody_core::redact_url(url);
     let options: PgConnectOptions = url.parse().map_err(|e| {
@@ -76,6 +84,7 @@ pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
             "{shown} is not a PostgreSQL URL ({e}); expected postgres://user:password@host:port/database"
         ))
     })?;
+    let options = secure::prepare(url, &shown, options)?;
     let connecting = PgPoolOptions::new()
         .max_connections(POOL_SIZE)
         .acquire_timeout(CONNECT_TIMEOUT)
@@ -83,6 +92,11 @@ pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(pool)) => Ok(pool),
         Ok(Err(e)) => {
+            if let Some(refused) = secure::refused(&shown, &e) {
+                return Err(custody_core::Error::store(
+                    "postgres", "connect", false, refused,
+                ));
+            }
             let retryable = error::retryable(&e);
             Err(custody_core::Error::store(
                 "postgres",

@@ -17,11 +17,15 @@ use std::time::Duration;
 
 use sqlx::Connection;
 
+mod certs;
 pub mod conformance;
 pub mod memory;
 mod nats_server;
+mod pg_cluster;
 mod proxy;
+pub use certs::TestCerts;
 pub use nats_server::*;
+pub use pg_cluster::PgCluster;
 pub use proxy::FaultProxy;
 
 /// Whether missing services must fail tests (`CUSTODY_REQUIRE_SERVICES=1`).

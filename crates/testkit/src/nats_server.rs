@@ -36,12 +36,33 @@ pub struct NatsServer {
     binary: PathBuf,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra `nats-server.conf` text (TLS, authorization); `None`: flags only.
+    config: Option<String>,
 }
 
 impl NatsServer {
     /// Start a private server, or skip (`Ok(None)`) when no `nats-server`
     /// binary is installed, unless `CUSTODY_REQUIRE_SERVICES=1`.
     pub async fn start() -> anyhow::Result<Option<NatsServer>> {
+        Self::start_inner(None).await
+    }
+
+    /// Start a private server from a configuration file: `config` is
+    /// `nats-server.conf` text (e.g. a `tls { … }` block and an
+    /// `authorization { … }` block) that the listen address and the
+    /// JetStream store directory are added to. Skips like [`NatsServer::start`].
+    ///
+    /// ```no_run
+    /// # async fn t() -> anyhow::Result<()> {
+    /// let conf = r#"authorization { user: "relay", password: "s3cret" }"#;
+    /// let Some(nats) = custody_testkit::NatsServer::start_with_config(conf).await? else { return Ok(()) };
+    /// # Ok(()) }
+    /// ```
+    pub async fn start_with_config(config: &str) -> anyhow::Result<Option<NatsServer>> {
+        Self::start_inner(Some(config.to_owned())).await
+    }
+
+    async fn start_inner(config: Option<String>) -> anyhow::Result<Option<NatsServer>> {
         let Some(binary) = find_binary() else {
             return unavailable(
                 "nats-server binary",
@@ -58,6 +79,7 @@ impl NatsServer {
             binary,
             store,
             child: None,
+            config,
         };
         server.spawn().await?;
         Ok(Some(server))
@@ -103,12 +125,30 @@ impl NatsServer {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(&self.binary)
-            .args(["-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-js")
-            .arg("-sd")
-            .arg(self.store.path().join("data"))
+        let mut command = Command::new(&self.binary);
+        match &self.config {
+            None => {
+                command
+                    .args(["-a", "127.0.0.1", "-p"])
+                    .arg(self.port.to_string())
+                    .arg("-js")
+                    .arg("-sd")
+                    .arg(self.store.path().join("data"));
+            }
+            Some(extra) => {
+                let file = self.store.path().join("nats-server.conf");
+                std::fs::write(
+                    &file,
+                    format!(
+                        "listen: \"127.0.0.1:{}\"\njetstream {{ store_dir: {:?} }}\n{extra}\n",
+                        self.port,
+                        self.store.path().join("data")
+                    ),
+                )?;
+                command.arg("-c").arg(file);
+            }
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

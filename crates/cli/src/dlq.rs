@@ -22,19 +22,19 @@ pub struct DlqArgs {
 #[derive(Debug, Args, Clone, Default)]
 pub struct Filter {
     /// Only this topic.
-    #[arg(long)]
+    #[arg(long, value_name = "TOPIC")]
     pub topic: Option<String>,
     /// Only dead letters of this consumer (`consumer:<name>`); `relay` for the relay's.
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     pub consumer: Option<String>,
     /// Only those whose error contains this text (case-insensitive).
-    #[arg(long)]
+    #[arg(long, value_name = "TEXT")]
     pub error: Option<String>,
     /// Only those dead-lettered at or after this time (RFC 3339, or a duration ago: `2h`).
-    #[arg(long)]
+    #[arg(long, value_name = "TIME")]
     pub since: Option<String>,
     /// Only those dead-lettered before this time (same forms).
-    #[arg(long)]
+    #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
 }
 
@@ -44,7 +44,7 @@ pub enum DlqCommand {
     /// List dead letters with their reasons.
     List {
         /// Database URL (`postgres://…` or a SQLite file).
-        #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
+        #[arg(long, env = "CUSTODY_DB", hide_env_values = true, value_name = "URL")]
         db: String,
         #[command(flatten)]
         filter: Filter,
@@ -52,16 +52,20 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one dead letter in full: error, envelope, payload.
+    /// Show one dead letter in full: error, envelope, payload (text as is, binary as an escaped preview).
     Show {
         /// Message id, or `#<seq>` for one without an id.
+        #[arg(value_name = "ID")]
         id: String,
         /// Database URL.
-        #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
+        #[arg(long, env = "CUSTODY_DB", hide_env_values = true, value_name = "URL")]
         db: String,
         /// Print JSON.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "raw")]
         json: bool,
+        /// Write the payload's exact bytes to stdout and nothing else (e.g. `> payload.bin`).
+        #[arg(long)]
+        raw: bool,
     },
     /// Send dead letters back: a consumer's go back to that consumer (processed once through
     /// its inbox), the relay's go back to pending in the outbox.
@@ -74,9 +78,10 @@ pub enum DlqCommand {
 #[derive(Debug, Args)]
 pub struct BulkArgs {
     /// Message ids (or `#<seq>`); or use `--all` or filters.
+    #[arg(value_name = "ID")]
     pub ids: Vec<String>,
     /// Database URL.
-    #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true, value_name = "URL")]
     pub db: String,
     /// Every dead letter that matches the filters (all of them without filters).
     #[arg(long)]
@@ -249,27 +254,47 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
             id,
             db,
             json: as_json,
+            raw,
         } => {
             let all = open(&db, &Filter::default()).await?.dead_letters().await?;
             let sel = select(&all, std::slice::from_ref(&id), &Filter::default())?;
+            if raw {
+                let [(_, d)] = sel.as_slice() else {
+                    let seqs: Vec<String> = sel.iter().map(|(s, _)| format!("#{s}")).collect();
+                    anyhow::bail!(
+                        "{} dead letters have id {id}; --raw writes one payload: name it by its sequence number ({})",
+                        sel.len(),
+                        seqs.join(", ")
+                    );
+                };
+                let (_, payload) = payload_of(d);
+                let mut out = std::io::stdout().lock();
+                out.write_all(&payload)?;
+                out.flush()?;
+                return Ok(ExitCode::SUCCESS);
+            }
             for (seq, d) in sel {
-                let envelope: Option<serde_json::Value> = d
-                    .envelope
-                    .as_deref()
-                    .and_then(|e| serde_json::from_str::<Message>(e).ok())
-                    .map(|m| {
-                        let mut v = serde_json::to_value(&m).unwrap_or_default();
-                        // payload readable when it is text
-                        if let Ok(text) = String::from_utf8(m.payload.clone()) {
-                            v["payload"] = serde_json::Value::String(text);
-                        }
-                        v
-                    });
+                let (message, payload) = payload_of(d);
+                let content_type = message
+                    .as_ref()
+                    .map(|m| m.content_type.clone())
+                    .filter(|c| !c.is_empty());
                 if as_json {
                     let mut v = json(*seq, d);
-                    v["envelope"] = envelope.unwrap_or(serde_json::Value::Null);
-                    v["payload"] =
-                        serde_json::Value::String(String::from_utf8_lossy(&d.payload).into_owned());
+                    v["envelope"] = message
+                        .as_ref()
+                        .and_then(|m| serde_json::to_value(m).ok())
+                        .unwrap_or(serde_json::Value::Null);
+                    v["content_type"] = content_type.clone().into();
+                    v["payload_len"] = payload.len().into();
+                    // text when it is UTF-8; otherwise null, and the bytes in hex
+                    match std::str::from_utf8(&payload) {
+                        Ok(text) => v["payload"] = text.into(),
+                        Err(_) => {
+                            v["payload"] = serde_json::Value::Null;
+                            v["payload_hex"] = hex(&payload).into();
+                        }
+                    }
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 } else {
                     println!("{}", line(*seq, d));
@@ -277,16 +302,24 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
                     println!("  attempts: {}", d.attempts);
                     println!("  dead at:  {}", d.dead_at.to_rfc3339());
                     println!("  error:    {}", d.error);
-                    match envelope {
-                        Some(e) => println!(
-                            "  envelope: {}",
-                            serde_json::to_string_pretty(&e)?.replace('\n', "\n  ")
-                        ),
-                        None => println!(
-                            "  envelope: (none: the message was malformed)\n  payload:  {}",
-                            String::from_utf8_lossy(&d.payload)
-                        ),
+                    match &message {
+                        Some(m) => {
+                            // the payload is shown below, readable or escaped
+                            let mut v = serde_json::to_value(m)?;
+                            if let Some(o) = v.as_object_mut() {
+                                o.remove("payload");
+                            }
+                            println!(
+                                "  envelope: {}",
+                                serde_json::to_string_pretty(&v)?.replace('\n', "\n  ")
+                            );
+                        }
+                        None => println!("  envelope: (none: the message was malformed)"),
                     }
+                    println!(
+                        "  payload:  {}",
+                        payload_preview(&payload, content_type.as_deref())
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -294,6 +327,65 @@ pub async fn run(args: DlqArgs) -> anyhow::Result<ExitCode> {
         DlqCommand::Redrive(b) => bulk(b, true).await,
         DlqCommand::Purge(b) => bulk(b, false).await,
     }
+}
+
+/// The dead letter's envelope (when readable) and its payload: the
+/// message's payload, or the raw bytes of a message too broken to read.
+fn payload_of(d: &DeadLetter) -> (Option<Message>, Vec<u8>) {
+    let message = d
+        .envelope
+        .as_deref()
+        .and_then(|e| serde_json::from_str::<Message>(e).ok());
+    let payload = match &message {
+        Some(m) => m.payload.clone(),
+        None => d.payload.clone(),
+    };
+    (message, payload)
+}
+
+/// Bytes shown in the escaped preview of a binary payload.
+const PREVIEW_BYTES: usize = 256;
+
+/// The payload for a terminal: printable UTF-8 text as it is, anything else
+/// (NUL, control characters, invalid UTF-8) as an escaped preview of its
+/// first bytes, which cannot disturb the terminal; both with the length and
+/// the content type.
+pub fn payload_preview(payload: &[u8], content_type: Option<&str>) -> String {
+    let ct = content_type.unwrap_or("unknown content type");
+    let n = payload.len();
+    match std::str::from_utf8(payload) {
+        Ok(text)
+            if !text
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\t')) =>
+        {
+            format!("{n} bytes, {ct}\n{text}")
+        }
+        _ => {
+            let shown = &payload[..n.min(PREVIEW_BYTES)];
+            let escaped: String = shown.escape_ascii().to_string();
+            let more = if n > PREVIEW_BYTES { "…" } else { "" };
+            format!(
+                "{n} bytes, {ct}, not printable text; escaped preview{}:\nb\"{escaped}\"{more}\n(`custody dlq show --raw` writes the exact bytes to stdout, e.g. `> payload.bin`)",
+                if n > PREVIEW_BYTES {
+                    format!(" of the first {PREVIEW_BYTES}")
+                } else {
+                    String::new()
+                }
+            )
+        }
+    }
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
@@ -360,4 +452,27 @@ async fn bulk(b: BulkArgs, redrive: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::payload_preview;
+
+    #[test]
+    fn text_is_shown_as_is_and_binary_escaped() {
+        assert_eq!(
+            payload_preview(b"{\"a\": 1}\n", Some("application/json")),
+            "10 bytes, application/json\n{\"a\": 1}\n"
+        );
+        let p = payload_preview(b"ab\x00\xff\x1b[31m", Some("application/octet-stream"));
+        assert!(
+            p.starts_with("8 bytes, application/octet-stream, not printable text; escaped preview:\nb\"ab\\x00\\xff\\x1b[31m\""),
+            "{p}"
+        );
+        assert!(!p.contains('\x1b') && !p.contains('\0'), "{p}");
+        let long = vec![0u8; 1000];
+        let p = payload_preview(&long, None);
+        assert!(p.starts_with("1000 bytes, unknown content type, not printable text; escaped preview of the first 256:"), "{p}");
+        assert!(p.contains("\"…"), "{p}");
+    }
 }

@@ -20,13 +20,14 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// custody: transactional outbox, relay and idempotent inbox.
+/// custody: transactional outbox, relay and idempotent inbox. Every command is listed below;
+/// `custody <command> --help` explains one.
 #[derive(Debug, Parser)]
-#[command(name = "custody", version, about, long_about = None)]
+#[command(name = "custody", version, long_about = None, after_help = LOG_HELP)]
 struct Cli {
     /// TOML config file; every key can be overridden by `CUSTODY_<SECTION>__<KEY>`
     /// environment variables (e.g. `CUSTODY_RELAY__BATCH_SIZE=200`).
-    #[arg(long, global = true, env = "CUSTODY_CONFIG")]
+    #[arg(long, global = true, env = "CUSTODY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -55,12 +56,21 @@ enum Command {
     Chaos(tools::ToolArgs),
 }
 
+/// The end of `custody --help`: how to set what is logged.
+const LOG_HELP: &str = "Logs go to stderr, without colour codes unless stderr is a terminal. \
+CUSTODY_LOG sets what is logged: an env-filter (tracing-subscriber's EnvFilter), e.g. \
+`CUSTODY_LOG=debug`, `CUSTODY_LOG=warn,custody_engine=debug`; \
+default `info` for migrate and relay, `warn` for dlq, reconcile and trace (docs/CONFIG.md).";
+
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUSTODY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // colour codes only for a terminal: a log redirected to a file or
+        // a pipe must read as plain text
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -92,28 +92,29 @@ pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
 #[derive(Debug, Args)]
 pub struct RelayArgs {
     /// The producer's database holding the outbox.
-    #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true, value_name = "URL")]
     pub db: String,
     /// NATS server URL.
     #[arg(
         long,
         env = "CUSTODY_NATS",
         hide_env_values = true,
-        default_value = "nats://127.0.0.1:4222"
+        default_value = "nats://127.0.0.1:4222",
+        value_name = "URL"
     )]
     pub nats: String,
     /// JetStream stream name (created if missing).
-    #[arg(long, default_value = "CUSTODY")]
+    #[arg(long, default_value = "CUSTODY", value_name = "NAME")]
     pub stream: String,
     /// Subject prefix: a message of topic `orders` goes to `<prefix>.orders`.
-    #[arg(long, default_value = "custody")]
+    #[arg(long, default_value = "custody", value_name = "PREFIX")]
     pub subject_prefix: String,
     /// Relay id in the lease table (default: random). Unique per live relay.
-    #[arg(long)]
+    #[arg(long, value_name = "ID")]
     pub id: Option<String>,
     /// Serve Prometheus metrics (`custody_relay_*`) on this address, at any path
     /// (e.g. `127.0.0.1:9464`, then `curl 127.0.0.1:9464/metrics`).
-    #[arg(long, env = "CUSTODY_METRICS_ADDR")]
+    #[arg(long, env = "CUSTODY_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 

@@ -22,16 +22,16 @@ mod live;
 pub struct ReconcileArgs {
     /// The producer's database (its outbox history): `postgres://…` or a SQLite file.
     /// Optional with `--live` (then only gaps between numbers the consumer has are seen).
-    #[arg(long, required_unless_present = "live")]
+    #[arg(long, required_unless_present = "live", value_name = "URL")]
     pub producer: Option<String>,
     /// The consumer's database (its inbox): `postgres://…` or a SQLite file.
-    #[arg(long)]
+    #[arg(long, value_name = "URL")]
     pub consumer: String,
     /// The consumer's name in its inbox (`ConsumerConfig::name`).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     pub consumer_name: String,
     /// The topic to reconcile (with `--live`: every topic the consumer has numbers of).
-    #[arg(long, required_unless_present = "live")]
+    #[arg(long, required_unless_present = "live", value_name = "TOPIC")]
     pub topic: Option<String>,
     /// Check by sequence numbers instead of id windows: the consumer's per-partition floors
     /// and gaps, and with `--producer` the numbers it gave since (docs/SEQUENCES.md).
@@ -40,20 +40,20 @@ pub struct ReconcileArgs {
     pub live: bool,
     /// With `--live`: gaps younger than this are in flight, not missing (keys publish
     /// concurrently, and a redelivery takes up to the transport's ack wait).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
     pub grace: Duration,
     /// Start of the range: RFC 3339 (`2026-11-21T10:00:00Z`) or a duration ago (`6h`).
     /// Default `23h` (inside the default 24 h outbox retention).
-    #[arg(long)]
+    #[arg(long, value_name = "TIME")]
     pub from: Option<String>,
     /// End of the range, same forms. Default: now minus `--settle`.
-    #[arg(long)]
+    #[arg(long, value_name = "TIME")]
     pub to: Option<String>,
     /// Without `--to`, messages younger than this are in flight and not checked.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m", value_name = "DURATION")]
     pub settle: Duration,
     /// Window length: digests are compared per window, ids listed only for windows that differ.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h", value_name = "DURATION")]
     pub window: Duration,
     /// Print the report as JSON.
     #[arg(long)]
@@ -65,34 +65,34 @@ pub struct ReconcileArgs {
     pub repair: bool,
     /// The consumer reads the producer's outbox directly (embedded transport) under this
     /// subscription name; `--repair` rewinds it (stop the consumer first, start it after).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     pub embedded_subscription: Option<String>,
     /// How long `--repair` waits for the gap to close before the second report.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
     pub repair_wait: Duration,
     /// Reconcile every interval until stopped (SIGINT/SIGTERM); logs a warning per gap and exports
     /// gap counts as gauges.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub watch: Option<Duration>,
     /// With `--watch`: also write the gauges in Prometheus text format to this file after every
     /// round (e.g. for node_exporter's textfile collector).
-    #[arg(long)]
+    #[arg(long, value_name = "FILE")]
     pub metrics_file: Option<PathBuf>,
     /// With `--watch`: also serve the gauges in Prometheus format on this address
     /// (e.g. `127.0.0.1:9465`).
-    #[arg(long, requires = "watch")]
+    #[arg(long, requires = "watch", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// With `--live`: raise the consumer's floor past numbers that will never arrive, with an
     /// audit record: `[PRODUCER/]TOPIC/PARTITION/FIRST-LAST` (or `…/N`, or `…/start` for a
     /// stream that did not begin at 1). Every missing number from the floor up to LAST must be
     /// named. Needs `--reason`. The only write `reconcile` makes (docs/OPERATIONS.md).
-    #[arg(long, requires_all = ["live", "reason"], conflicts_with_all = ["repair", "watch"])]
+    #[arg(long, requires_all = ["live", "reason"], conflicts_with_all = ["repair", "watch"], value_name = "RANGE")]
     pub accept: Option<String>,
     /// With `--accept`: why the numbers are accepted as lost (kept in the audit record).
-    #[arg(long, requires = "accept")]
+    #[arg(long, requires = "accept", value_name = "TEXT")]
     pub reason: Option<String>,
     /// With `--accept`: who accepts them (default: `$USER`).
-    #[arg(long, requires = "accept")]
+    #[arg(long, requires = "accept", value_name = "NAME")]
     pub accepted_by: Option<String>,
 }
 

@@ -13,10 +13,11 @@ use crate::ops::{open_existing, redact};
 #[derive(Debug, Args)]
 pub struct TraceArgs {
     /// The message id.
+    #[arg(value_name = "ID")]
     pub id: String,
     /// A database to look in (`postgres://…` or a SQLite file): the producer's and each
     /// consumer's. Repeat the flag for several.
-    #[arg(long = "db", required = true)]
+    #[arg(long = "db", required = true, value_name = "URL")]
     pub dbs: Vec<String>,
     /// Print JSON.
     #[arg(long)]

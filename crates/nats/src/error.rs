@@ -81,6 +81,29 @@ pub enum NatsError {
         source: jetstream::context::CreateStreamError,
     },
 
+    /// A subscriber was created for a stream the server does not have.
+    #[error("stream {stream} does not exist on the NATS server {server}; start the relay first with the same --stream and --subject-prefix (it creates the stream), or call ensure_stream with the same StreamSpec before creating the subscriber")]
+    StreamNotFound {
+        /// Stream name asked for.
+        stream: String,
+        /// The server: its name and the address it reports.
+        server: String,
+    },
+
+    /// A subscriber asked for subjects the stream does not capture: it
+    /// would wait forever for messages that are never stored.
+    #[error("stream {stream} captures the subjects {stream_subjects:?}, which do not cover {uncovered:?} asked for by durable consumer {durable}; use the --stream and --subject-prefix the relay publishes with (topic `t` is the subject `<prefix>.t`)")]
+    SubjectsNotCaptured {
+        /// Stream name.
+        stream: String,
+        /// Durable consumer name.
+        durable: String,
+        /// The subjects the stream captures.
+        stream_subjects: Vec<String>,
+        /// The subjects asked for that none of them covers.
+        uncovered: Vec<String>,
+    },
+
     /// Creating or updating a durable consumer failed.
     #[error("create durable consumer {durable} on stream {stream}: {source}")]
     Consumer {
@@ -242,7 +265,10 @@ impl NatsError {
             }
             NatsError::PayloadTooLarge { .. }
             | NatsError::BadSubject { .. }
-            | NatsError::FilterNotApplied { .. } => false,
+            | NatsError::FilterNotApplied { .. }
+            // a wrong --stream or --subject-prefix does not heal by waiting
+            | NatsError::StreamNotFound { .. }
+            | NatsError::SubjectsNotCaptured { .. } => false,
             NatsError::Publish { source, .. } => match source.kind() {
                 // No responders: the stream is missing or the server is
                 // unreachable / restarting; both can heal.

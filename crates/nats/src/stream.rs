@@ -91,6 +91,25 @@ pub(crate) fn check_subject(s: &str) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
+/// Whether the subject pattern `pattern` (as in a stream's subjects, with
+/// `*` and `>` wildcards) matches every subject `wanted` can match
+/// (`wanted` may be a pattern itself, e.g. `custody.>`).
+pub(crate) fn subject_covers(pattern: &str, wanted: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut w = wanted.split('.');
+    loop {
+        match (p.next(), w.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(t)) if t != ">" => {}
+            // a literal token covers only itself (a `*` in `wanted` needs
+            // `*` or `>` in the pattern, matched above)
+            (Some(a), Some(b)) if a == b && a != "*" => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Create the stream described by `spec`, or update it to match: subjects
 /// `["<prefix>.>"]`, file storage, the spec's duplicate window and max age.
 /// Safe to call at every start of every process.
@@ -113,4 +132,26 @@ pub async fn ensure_stream(client: &async_nats::Client, spec: &StreamSpec) -> Re
         .into_core("ensure stream")
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_covers;
+
+    #[test]
+    fn subject_coverage_follows_nats_wildcards() {
+        assert!(subject_covers("custody.>", "custody.orders"));
+        assert!(subject_covers("custody.>", "custody.orders.eu"));
+        assert!(subject_covers("custody.>", "custody.>"));
+        assert!(subject_covers("custody.*", "custody.orders"));
+        assert!(subject_covers("custody.orders", "custody.orders"));
+        assert!(subject_covers(">", "acme.orders"));
+        assert!(!subject_covers("custody.>", "acme.orders"));
+        assert!(!subject_covers("custody.>", "custody"));
+        assert!(!subject_covers("custody.*", "custody.orders.eu"));
+        assert!(!subject_covers("custody.*", "custody.>"));
+        assert!(!subject_covers("custody.orders", "custody.>"));
+        assert!(!subject_covers("custody.orders", "custody.orders.eu"));
+        assert!(!subject_covers("custody.orders.eu", "custody.orders"));
+    }
 }

@@ -185,6 +185,7 @@ impl NatsSubscriber {
             ..Default::default()
         };
         let js = async_nats::jetstream::new(client.clone());
+        check_stream(&js, &client, spec, durable, &filters).await?;
         let consumer_error = |source| {
             NatsError::Consumer {
                 stream: spec.name.clone(),
@@ -685,6 +686,64 @@ impl Subscriber for NatsSubscriber {
         }
         self.finish_resync_if_done().await
     }
+}
+
+/// Fail with an error that says what to do when the stream of `spec` does
+/// not exist or does not capture the subjects `filters` (every subject under
+/// the prefix when empty): the subscriber would otherwise wait forever for
+/// messages that are never stored. Other failures to read the stream's
+/// description are left to creating the consumer, which reports them.
+async fn check_stream(
+    js: &async_nats::jetstream::Context,
+    client: &async_nats::Client,
+    spec: &StreamSpec,
+    durable: &str,
+    filters: &[String],
+) -> Result<()> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    let mut stream = match js.get_stream(&spec.name).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            if let GetStreamErrorKind::JetStream(js_err) = e.kind() {
+                if js_err.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND {
+                    let info = client.server_info();
+                    return Err(NatsError::StreamNotFound {
+                        stream: spec.name.clone(),
+                        server: format!("{} ({}:{})", info.server_name, info.host, info.port),
+                    }
+                    .into_core("create consumer"));
+                }
+            }
+            return Ok(());
+        }
+    };
+    let stream_subjects = match stream.info().await {
+        Ok(info) => info.config.subjects.clone(),
+        Err(_) => return Ok(()),
+    };
+    let wanted = if filters.is_empty() {
+        vec![format!("{}.>", spec.subject_prefix)]
+    } else {
+        filters.to_vec()
+    };
+    let uncovered: Vec<String> = wanted
+        .into_iter()
+        .filter(|w| {
+            !stream_subjects
+                .iter()
+                .any(|p| crate::stream::subject_covers(p, w))
+        })
+        .collect();
+    if uncovered.is_empty() {
+        return Ok(());
+    }
+    Err(NatsError::SubjectsNotCaptured {
+        stream: spec.name.clone(),
+        durable: durable.to_owned(),
+        stream_subjects,
+        uncovered,
+    }
+    .into_core("create consumer"))
 }
 
 /// Ack one delivery and wait for the server's confirmation.

@@ -53,32 +53,32 @@ fn main() -> ExitCode {
 #[derive(Debug, Clone, Args)]
 pub(crate) struct ChaosArgs {
     /// How long to inject faults under load (then the pipeline drains).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
     pub(crate) duration: Duration,
     /// Seed of the fault schedule and the workload (printed, so a run can be replayed).
     #[arg(long)]
     pub(crate) seed: Option<u64>,
     /// Producer transactions per second.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_name = "N")]
     pub(crate) rate: u64,
     /// Run on this PostgreSQL server (fresh databases for A and B) with a
     /// private NATS JetStream server; default: embedded SQLite.
-    #[arg(long)]
+    #[arg(long, value_name = "URL")]
     pub(crate) postgres: Option<String>,
     /// Relay processes (PostgreSQL mode; the embedded transport has no relay).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_name = "N")]
     pub(crate) relays: usize,
     /// Customers (ordering keys).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_name = "N")]
     pub(crate) customers: u64,
     /// Share of handler attempts that fail transiently.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_name = "SHARE")]
     pub(crate) flaky: f64,
     /// Give up waiting for the pipeline to drain after this long.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "180s")]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "180s", value_name = "DURATION")]
     pub(crate) drain_timeout: Duration,
     /// Keep databases (SQLite) and process logs in this directory.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub(crate) dir: Option<PathBuf>,
 }
 
@@ -675,7 +675,7 @@ async fn run_in(
                     n.to_owned(),
                     "--stream".into(),
                     stream.clone(),
-                    "--prefix".into(),
+                    "--subject-prefix".into(),
                     prefix.clone(),
                 ]);
                 v
@@ -897,7 +897,7 @@ async fn drive(
         && good_dead.is_empty()
         && panics.is_empty();
 
-    report.print();
+    print!("{}", report.render_without_verdict("custody chaos"));
     println!("chaos:");
     let mut by_kind: BTreeMap<FaultKind, usize> = BTreeMap::new();
     for f in &h.faults {

@@ -25,6 +25,9 @@ fn run_chaos(extra: &[&str], seed: &str) -> anyhow::Result<String> {
     });
     assert!(lost_zero, "no `LOST 0` line in the report");
     assert!(stdout.contains("CHAOS RESULT: OK"));
+    // the report is chaos', under its own heading
+    assert!(stdout.contains("\ncustody chaos — "), "{stdout}");
+    assert!(!stdout.contains("custody demo"), "{stdout}");
     // every kind of fault of the mode was injected at least once
     assert!(stdout.contains("kill -9 consumer"));
     assert!(stdout.contains("kill -9 producer"));

@@ -30,8 +30,8 @@ impl Drop for Dir {
     }
 }
 
-/// Run the demo on embedded SQLite.
-pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
+/// Run the demo on embedded SQLite; the report and what to print after it.
+pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<(Report, String)> {
     let dir = match &args.dir {
         Some(d) => {
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
@@ -46,7 +46,7 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
             std::fs::create_dir_all(&p)?;
             Dir {
                 path: p,
-                remove: true,
+                remove: !args.keep,
             }
         }
     };
@@ -123,14 +123,37 @@ pub async fn run(args: &DemoArgs, seed: u64) -> anyhow::Result<Report> {
     let obs = observe(&a, &b).await?;
     a.close().await;
     b.close().await;
-    Ok(Report::compute(
+    let report = Report::compute(
         "embedded SQLite, consumer reading A's outbox as the log".into(),
         seed,
         run.faults,
         &rolled_back,
         &obs,
         elapsed,
-    ))
+    );
+    let epilogue = if dir.remove {
+        crate::epilogue(
+            None,
+            &format!("the SQLite directory {}", dir.path.display()),
+        )
+    } else {
+        crate::epilogue(
+            Some(crate::Kept {
+                places: vec![
+                    ("SQLite directory", dir.path.display().to_string()),
+                    ("A (orders)", a_path.clone()),
+                    ("B (billing)", b_path.clone()),
+                ],
+                a: a_path.clone(),
+                b: b_path.clone(),
+                example_id: report.dead_lettered.iter().find_map(|d| d.message_id),
+                password_left_out: false,
+                cleanup: vec![format!("rm -r {}", dir.path.display())],
+            }),
+            "",
+        )
+    };
+    Ok((report, epilogue))
 }
 
 /// One producer transaction, retried up to five times (e.g. on a busy

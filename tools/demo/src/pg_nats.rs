@@ -7,17 +7,25 @@ use custody::nats::StreamSpec;
 use custody::postgres::PgOutbox;
 use custody::{Message, MessageKind};
 use custody_scenario::pg_nats::{observe, processed, setup};
+use custody_scenario::process::redact;
 use custody_scenario::producer::produce_pg;
 use custody_scenario::report::Report;
-use custody_scenario::services::{delete_stream, run_tag, with_databases};
+use custody_scenario::services::{delete_stream, run_tag, Databases};
 use custody_scenario::{Run, Worker, Workload};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use crate::DemoArgs;
 
-/// Run the demo on PostgreSQL + NATS JetStream.
-pub async fn run(args: &DemoArgs, seed: u64, pg: &str, nats: &str) -> anyhow::Result<Report> {
+/// Run the demo on PostgreSQL + NATS JetStream; the report and what to
+/// print after it. The run's databases and stream are removed at the end,
+/// whatever happened, unless `--keep` says otherwise.
+pub async fn run(
+    args: &DemoArgs,
+    seed: u64,
+    pg: &str,
+    nats: &str,
+) -> anyhow::Result<(Report, String)> {
     let tag = run_tag();
     let names = [
         format!("custody_demo_a_{tag}"),
@@ -25,13 +33,47 @@ pub async fn run(args: &DemoArgs, seed: u64, pg: &str, nats: &str) -> anyhow::Re
     ];
     let stream = format!("CUSTODY_DEMO_{tag}");
     let prefix = format!("custody_demo_{tag}");
-    let names = &names;
-    with_databases(pg, names, |urls| async move {
-        let result = run_inner(args, seed, nats, names, &urls, &stream, &prefix).await;
-        delete_stream(nats, &stream).await;
-        result
-    })
-    .await
+    let dbs = Databases::create(pg, &names).await?;
+    let urls = dbs.urls();
+    let result = run_inner(args, seed, nats, &names, &urls, &stream, &prefix).await;
+    let report = match result {
+        Ok(report) if args.keep => report,
+        other => {
+            // failed runs are cleaned up too: their error says what went wrong
+            dbs.drop_all().await;
+            delete_stream(nats, &stream).await;
+            let removed = format!(
+                "the databases {} and {} and the NATS stream {stream}",
+                names[0], names[1]
+            );
+            return Ok((other?, crate::epilogue(None, &removed)));
+        }
+    };
+    let (a, b) = (redact(&urls[0]), redact(&urls[1]));
+    let kept = crate::Kept {
+        places: vec![
+            ("A (orders)", a.clone()),
+            ("B (billing)", b.clone()),
+            (
+                "NATS stream",
+                format!("{stream} (subjects {prefix}.>) on {}", redact(nats)),
+            ),
+        ],
+        password_left_out: a != urls[0],
+        a,
+        b,
+        example_id: report.dead_lettered.iter().find_map(|d| d.message_id),
+        cleanup: vec![
+            format!(
+                "psql {} -c 'DROP DATABASE {}' -c 'DROP DATABASE {}'",
+                redact(pg),
+                names[0],
+                names[1]
+            ),
+            format!("nats --server {} stream rm -f {stream}", redact(nats)),
+        ],
+    };
+    Ok((report, crate::epilogue(Some(kept), "")))
 }
 
 async fn run_inner(
@@ -67,7 +109,7 @@ async fn run_inner(
             nats.to_owned(),
             "--stream".to_owned(),
             stream.to_owned(),
-            "--prefix".to_owned(),
+            "--subject-prefix".to_owned(),
             prefix.to_owned(),
         ]
     };

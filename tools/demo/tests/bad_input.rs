@@ -116,7 +116,11 @@ async fn the_consumer_process_dead_letters_bytes_it_cannot_store_and_goes_on() -
         Command::new(env!("CARGO_BIN_EXE_custody-demo"))
             .args(["worker", "--role", "consume-pg", "--a", "unused"])
             .args(["--b", &db.url, "--nats", &nats, "--stream"])
-            .args([spec.name.as_str(), "--prefix", spec.subject_prefix.as_str()])
+            .args([
+                spec.name.as_str(),
+                "--subject-prefix",
+                spec.subject_prefix.as_str(),
+            ])
             .env("CUSTODY_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?,

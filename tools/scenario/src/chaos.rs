@@ -211,7 +211,7 @@ pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
                 .await
                 .context("connecting to service B's database")?;
             let client = custody::nats::connect(&args.nats).await?;
-            let spec = StreamSpec::new(&args.stream, &args.prefix);
+            let spec = StreamSpec::new(&args.stream, &args.subject_prefix);
             // one of two instances (`custody chaos` runs two): the active
             // one holds the consumer's lease, the other stands by
             let lease = LeaseConfig {

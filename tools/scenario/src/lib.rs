@@ -64,9 +64,10 @@ pub struct WorkerArgs {
     /// JetStream stream.
     #[arg(long, default_value = "")]
     pub stream: String,
-    /// Subject prefix.
+    /// Subject prefix: a message of topic `orders` goes to `<prefix>.orders`
+    /// (the same flag as `custody relay --subject-prefix`).
     #[arg(long, default_value = "")]
-    pub prefix: String,
+    pub subject_prefix: String,
     /// Relay id (its name in the lease table).
     #[arg(long, default_value = "demo-relay")]
     pub id: String,

@@ -90,7 +90,7 @@ pub async fn observe(a: &PgPool, b: &PgPool) -> anyhow::Result<Observed> {
 pub async fn relay(args: &WorkerArgs) -> anyhow::Result<()> {
     let a = postgres::connect(&args.a).await?;
     let client = custody::nats::connect(&args.nats).await?;
-    let spec = StreamSpec::new(&args.stream, &args.prefix);
+    let spec = StreamSpec::new(&args.stream, &args.subject_prefix);
     let publisher = NatsPublisher::new(client, &spec);
     let cfg = RelayConfig {
         poll_interval: Duration::from_millis(200),
@@ -109,7 +109,7 @@ pub async fn relay(args: &WorkerArgs) -> anyhow::Result<()> {
 pub async fn consume(args: &WorkerArgs) -> anyhow::Result<()> {
     let b = postgres::connect(&args.b).await?;
     let client = custody::nats::connect(&args.nats).await?;
-    let spec = StreamSpec::new(&args.stream, &args.prefix);
+    let spec = StreamSpec::new(&args.stream, &args.subject_prefix);
     let sub = NatsSubscriber::new(client, &spec, CONSUMER, &["orders".to_owned()]).await?;
     let handler = PgBilling {
         outbox: PgOutbox::new(b.clone()),

@@ -165,80 +165,102 @@ impl Report {
             && self.invoices_derived == self.processed
     }
 
-    /// Print for people.
-    pub fn print(&self) {
-        println!();
-        println!("custody demo — {} (seed {})", self.mode, self.seed);
-        println!("faults injected:");
+    /// Print for people, under the heading of the tool that ran
+    /// (`custody demo`, `custody chaos`), with the verdict line.
+    pub fn print(&self, tool: &str) {
+        print!("{}", self.render(tool));
+    }
+
+    /// The report for people under `tool`'s heading, ending with the
+    /// verdict line (`RESULT: OK …` or `RESULT: FAILED …`).
+    pub fn render(&self, tool: &str) -> String {
+        let mut out = self.render_without_verdict(tool);
+        if self.ok() {
+            out.push_str("RESULT: OK — nothing lost, nothing applied twice, no phantom, order kept per customer\n");
+        } else {
+            out.push_str("RESULT: FAILED — an invariant broke (see above); this is a bug, please report it with the seed\n");
+        }
+        out
+    }
+
+    /// The report for people under `tool`'s heading, without the verdict
+    /// (for a tool that adds its own checks and verdict, like chaos).
+    pub fn render_without_verdict(&self, tool: &str) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        // writing to a String cannot fail
+        let mut line = |text: String| {
+            let _ = writeln!(out, "{text}");
+        };
+        line(String::new());
+        line(format!("{tool} — {} (seed {})", self.mode, self.seed));
+        line("faults injected:".into());
         for f in &self.faults {
-            println!("  {f}");
+            line(format!("  {f}"));
         }
-        println!("report (computed by comparing service A's and service B's databases):");
-        let row = |k: &str, v: String| println!("  {k:<44} {v:>10}");
-        row(
-            "sent (messages committed in A's outbox)",
-            self.sent.to_string(),
-        );
-        row("orders committed in A", self.orders_committed.to_string());
-        row(
-            "transactions rolled back in A",
-            self.rolled_back.to_string(),
-        );
-        row(
-            "processed by B (ledger entries)",
-            self.processed.to_string(),
-        );
-        row(
-            "duplicate deliveries suppressed by B's inbox",
-            self.duplicates_suppressed.to_string(),
-        );
-        row("dead-lettered", self.dead_lettered.len().to_string());
-        const SHOWN: usize = 20;
-        for d in self.dead_lettered.iter().take(SHOWN) {
-            let id = d
-                .message_id
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| "(no id)".into());
-            println!("      {id}  {}", d.reason);
-        }
-        if self.dead_lettered.len() > SHOWN {
-            println!(
-                "      … {} more (`--json` or `custody dlq list` shows all)",
-                self.dead_lettered.len() - SHOWN
-            );
-        }
-        row(
-            "invoices derived by B (same tx as ledger)",
-            self.invoices_derived.to_string(),
-        );
-        row("LOST", self.lost.to_string());
-        row(
-            "phantoms (rolled back, yet applied)",
-            self.phantoms.to_string(),
-        );
-        row("duplicate effects", self.duplicate_effects.to_string());
-        row(
-            "order violations (per customer)",
-            self.order_violations.to_string(),
-        );
+        line("report (computed by comparing service A's and service B's databases):".into());
+        let kv = |k: &str, v: u64| (k.to_owned(), v.to_string());
+        let mut rows: Vec<(String, String)> = vec![
+            kv("sent (messages committed in A's outbox)", self.sent),
+            kv("orders committed in A", self.orders_committed),
+            kv("transactions rolled back in A", self.rolled_back),
+            kv("processed by B (ledger entries)", self.processed),
+            kv(
+                "duplicate deliveries suppressed by B's inbox",
+                self.duplicates_suppressed,
+            ),
+            kv("dead-lettered", self.dead_lettered.len() as u64),
+        ];
+        // the dead letters are listed under their row
+        let dead_row = rows.len();
+        rows.extend([
+            kv(
+                "invoices derived by B (same tx as ledger)",
+                self.invoices_derived,
+            ),
+            kv("LOST", self.lost),
+            kv("phantoms (rolled back, yet applied)", self.phantoms),
+            kv("duplicate effects", self.duplicate_effects),
+            kv("order violations (per customer)", self.order_violations),
+        ]);
         if let (Some(p), Some(g)) = (self.sequence_partitions, self.sequence_gaps) {
-            row(
+            rows.push(kv(
                 &format!("sequence gaps in B ({p} numbered partitions)"),
-                g.to_string(),
-            );
+                g,
+            ));
         }
-        println!(
+        let width = rows
+            .iter()
+            .map(|(k, _)| k.chars().count())
+            .max()
+            .unwrap_or(0);
+        for (i, (k, v)) in rows.iter().enumerate() {
+            line(format!("  {k:<width$} {v:>10}"));
+            if i + 1 == dead_row {
+                const SHOWN: usize = 20;
+                for d in self.dead_lettered.iter().take(SHOWN) {
+                    let id = d
+                        .message_id
+                        .map(|i| i.to_string())
+                        .unwrap_or_else(|| "(no id)".into());
+                    line(format!("      {id}  {}", d.reason));
+                }
+                if self.dead_lettered.len() > SHOWN {
+                    line(format!(
+                        "      … {} more (`--json` or `custody dlq list` shows all)",
+                        self.dead_lettered.len() - SHOWN
+                    ));
+                }
+            }
+        }
+        line(format!(
             "  elapsed {:.1}s, {:.0} messages/s end to end (faults included)",
             self.elapsed_secs, self.messages_per_sec
-        );
+        ));
         for id in self.lost_ids.iter().take(10) {
-            println!("  lost: {id}");
+            line(format!("  lost: {id}"));
         }
-        if self.ok() {
-            println!("RESULT: OK — nothing lost, nothing applied twice, no phantom, order kept per customer");
-        } else {
-            println!("RESULT: FAILED — an invariant broke (see above); this is a bug, please report it with the seed");
-        }
+        out
     }
 }
 
@@ -314,5 +336,41 @@ mod tests {
         let r = Report::compute("t".into(), 1, vec![], &[], &obs, Duration::from_secs(1));
         assert_eq!(r.sequence_gaps, Some(1));
         assert!(!r.ok());
+    }
+
+    #[test]
+    fn the_heading_names_the_tool_that_ran_and_rows_line_up() {
+        let obs = Observed {
+            a_outbox: vec![(id(1), "OrderPlaced".into())],
+            a_orders: vec![(id(11), "c".into(), 1)],
+            b_ledger: vec![(id(11), "c".into(), 1)],
+            b_inbox: vec![(id(1), 0)],
+            b_dead: vec![],
+            b_invoices: 1,
+            b_sequences: Some((1234567, 0)),
+        };
+        let r = Report::compute("m".into(), 9, vec![], &[], &obs, Duration::from_secs(1));
+        let chaos = r.render_without_verdict("custody chaos");
+        assert!(
+            chaos.starts_with("\ncustody chaos — m (seed 9)\n"),
+            "{chaos}"
+        );
+        assert!(!chaos.contains("custody demo"), "{chaos}");
+        assert!(!chaos.contains("RESULT"), "{chaos}");
+        let demo = r.render("custody demo");
+        assert!(demo.starts_with("\ncustody demo — m (seed 9)\n"), "{demo}");
+        assert!(demo.ends_with("RESULT: OK — nothing lost, nothing applied twice, no phantom, order kept per customer\n"), "{demo}");
+        // every value ends in the same column, the longest row name included
+        let ends: Vec<usize> = demo
+            .lines()
+            .filter(|l| {
+                l.starts_with("  ")
+                    && l.trim_end().ends_with(|c: char| c.is_ascii_digit())
+                    && !l.contains("elapsed")
+            })
+            .map(|l| l.chars().count())
+            .collect();
+        assert!(ends.len() >= 10, "{demo}");
+        assert!(ends.iter().all(|e| *e == ends[0]), "{ends:?}\n{demo}");
     }
 }

@@ -41,6 +41,23 @@ pub fn with_database(url: &str, name: &str) -> String {
     }
 }
 
+/// The database a `postgres://…/<name>?…` URL names, if it names one.
+pub fn database_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+    let (_, name) = rest.split_once('/')?;
+    Some(name.to_owned()).filter(|n| !n.is_empty())
+}
+
+/// PostgreSQL refused the connection because the database named does not
+/// exist. sqlx has no portable classification for this, so the SQLSTATE
+/// `3D000` (invalid_catalog_name) decides.
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "3D000")
+}
+
 /// Fresh PostgreSQL databases of one run, dropped by [`Databases::drop_all`].
 pub struct Databases {
     server: String,
@@ -51,12 +68,27 @@ impl Databases {
     /// Create each of `names` on `server`; if one cannot be created, those
     /// already created are dropped again.
     pub async fn create(server: &str, names: &[String]) -> anyhow::Result<Databases> {
-        let mut c = sqlx::PgConnection::connect(server).await.with_context(|| {
-            format!(
-                "cannot connect to PostgreSQL at {}",
-                crate::process::redact(server)
-            )
-        })?;
+        let mut c = match sqlx::PgConnection::connect(server).await {
+            Ok(c) => c,
+            Err(e) if is_missing_database(&e) => {
+                let name = database_of(server).unwrap_or_else(|| "postgres".to_owned());
+                anyhow::bail!(
+                    "database {name:?} named in {} does not exist on that server. \
+                     The run creates its own fresh databases there and uses the one in the URL only to connect: \
+                     name one that exists (e.g. {}), or create it first (`createdb {name}`, or `CREATE DATABASE {name}` in psql)",
+                    crate::process::redact(server),
+                    crate::process::redact(&with_database(server, "postgres"))
+                );
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot connect to PostgreSQL at {}",
+                        crate::process::redact(server)
+                    )
+                })
+            }
+        };
         let mut dbs = Databases {
             server: server.to_owned(),
             names: Vec::new(),
@@ -126,5 +158,11 @@ mod tests {
             "postgres://p@127.0.0.1:5432/x?sslmode=disable"
         );
         assert_eq!(with_database("postgres://p@h", "x"), "postgres://p@h/x");
+        assert_eq!(
+            database_of("postgres://p:s@h:5432/test?sslmode=disable").as_deref(),
+            Some("test")
+        );
+        assert_eq!(database_of("postgres://p@h"), None);
+        assert_eq!(database_of("postgres://p@h/"), None);
     }
 }

@@ -432,6 +432,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Insert statement and table definition of `record:` on one backend.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 macro_rules! sql_sink {
     ($(#[$doc:meta])* $name:ident, $backend:literal, $db:ty, $pool:ty, $create:literal, $insert:literal) => {
         $(#[$doc])*

@@ -32,12 +32,14 @@ pub struct ConsumeArgs {
     /// Read from NATS JetStream at this URL (`--nats` alone: nats://127.0.0.1:4222).
     #[arg(long, num_args = 0..=1, default_missing_value = "nats://127.0.0.1:4222")]
     pub nats: Option<String>,
-    /// JetStream stream name (created if missing), as given to `custody relay`.
-    #[arg(long, default_value = "CUSTODY")]
-    pub stream: String,
-    /// Subject prefix, as given to `custody relay`: topic `orders` is `<prefix>.orders`.
-    #[arg(long, default_value = "custody")]
-    pub subject_prefix: String,
+    /// With --nats: JetStream stream name (created if missing), as given to
+    /// `custody relay` [default: CUSTODY].
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// With --nats: subject prefix, as given to `custody relay`: topic `orders`
+    /// is `<prefix>.orders` [default: custody].
+    #[arg(long)]
+    pub subject_prefix: Option<String>,
     /// Read the producer's outbox directly (embedded transport, no broker):
     /// its database, `postgres://…` or a SQLite file.
     #[arg(long)]
@@ -59,6 +61,10 @@ pub struct ConsumeArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// `custody relay`'s defaults, so the two meet without flags.
+const DEFAULT_STREAM: &str = "CUSTODY";
+const DEFAULT_SUBJECT_PREFIX: &str = "custody";
+
 fn parse_handler(s: &str) -> Result<HandlerSpec, String> {
     s.parse().map_err(|e| config_text(&e))
 }
@@ -77,6 +83,11 @@ pub async fn run(args: ConsumeArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     }
     if args.max_messages == Some(0) {
         anyhow::bail!("--max-messages 0 would stop before consuming anything; give at least 1");
+    }
+    if args.nats.is_none() && (args.stream.is_some() || args.subject_prefix.is_some()) {
+        anyhow::bail!(
+            "--stream and --subject-prefix name where to read on NATS; they need --nats (with --outbox there is no stream)"
+        );
     }
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr)?;
@@ -98,7 +109,12 @@ pub async fn run(args: ConsumeArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     let stats = match (&args.nats, &args.outbox) {
         (Some(url), _) => {
             let client = connect_nats(url).await?;
-            let spec = custody::nats::StreamSpec::new(&args.stream, &args.subject_prefix);
+            let spec = custody::nats::StreamSpec::new(
+                args.stream.as_deref().unwrap_or(DEFAULT_STREAM),
+                args.subject_prefix
+                    .as_deref()
+                    .unwrap_or(DEFAULT_SUBJECT_PREFIX),
+            );
             custody::nats::ensure_stream(&client, &spec).await?;
             let sub = custody::nats::NatsSubscriber::new(
                 client,

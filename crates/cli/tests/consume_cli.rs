@@ -274,6 +274,23 @@ async fn bad_arguments_are_refused_with_a_clear_error() -> anyhow::Result<()> {
     .await?;
     assert_ne!(code, 0);
     assert!(err.contains("--nats") && err.contains("--outbox"), "{err}");
+    // NATS flags without --nats would be ignored: refused
+    let (code, _, err) = custody(&[
+        "consume",
+        "--db",
+        &b,
+        "--outbox",
+        &a,
+        "--stream",
+        "ORDERS",
+        "--consumer-name",
+        "c",
+        "--handler",
+        "print",
+    ])
+    .await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("--nats"), "{err}");
     // a producer database that does not exist is not created
     let (code, _, err) = custody(&[
         "consume",

@@ -97,7 +97,9 @@ where
         inner: subscriber,
         allowed: allowed.clone(),
     };
+    tracing::info!(consumer = %config.name, ?limits, "consumer started");
     let backoff = config.backoff;
+    let name = config.name.clone();
     let mut consumer = Consumer::new(inbox, capped, handler, config);
     let mut idle_since = Instant::now();
     let mut failures = 0u32;
@@ -140,7 +142,9 @@ where
             Err(e) => return Err(e),
         }
     }
-    Ok(consumer.stats().clone())
+    let stats = consumer.stats().clone();
+    tracing::info!(consumer = %name, processed = stats.processed, "consumer stopped");
+    Ok(stats)
 }
 
 fn rand_seed() -> rand::rngs::StdRng {

@@ -235,6 +235,53 @@ async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow
     Ok(())
 }
 
+/// `custody consume --handler print | head -1`: the closed pipe stops the
+/// consumer; nothing is dead-lettered for it.
+#[tokio::test]
+async fn print_to_a_closed_pipe_stops_without_dead_letters() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let dir = temp_dir("consume-pipe")?;
+    let (a, b) = (path(&dir, "a.db"), path(&dir, "b.db"));
+    // more than a pipe's buffer (64 KiB), so the writer meets the closed end
+    let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1000));
+    let (code, out, err) = custody(&[
+        "produce", "--db", &a, "--topic", "t", "--json", &pad, "--count", "300",
+    ])
+    .await?;
+    assert_eq!(code, 0, "{out}{err}");
+    let mut child = command(&[
+        "consume",
+        "--db",
+        &b,
+        "--outbox",
+        &a,
+        "--consumer-name",
+        "reader",
+        "--handler",
+        "print",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut first = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut first)
+        .await?;
+    assert!(first.contains(r#""topic":"t""#), "{first}");
+    // the reader is dropped here: the pipe is closed
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await??;
+    assert!(status.success(), "{status}");
+    let (code, out, err) = custody(&["dlq", "list", "--db", &b, "--json"]).await?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "", "nothing dead-lettered for a closed pipe");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn bad_arguments_are_refused_with_a_clear_error() -> anyhow::Result<()> {
     let dir = temp_dir("consume-args")?;

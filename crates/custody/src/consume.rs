@@ -1,8 +1,6 @@
 //! [`run_consumer`]: custody's [`Consumer`] with a [`DeclarativeHandler`]
 //! on the consumer database at a URL, whichever backend holds it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use custody_core::{admin, Delivery, Error, InboxStore, Result, Subscriber};
@@ -87,93 +85,83 @@ where
     if let Some(sink) = handler.sink() {
         sink.prepare().await?;
     }
-    if limits.max_messages.is_none() && limits.until_idle.is_none() {
-        return Consumer::new(inbox, subscriber, handler, config)
-            .run(cancel)
-            .await;
-    }
-    let allowed = Arc::new(AtomicUsize::new(usize::MAX));
-    let capped = Capped {
+    // The limits stop the consumer through a token of their own (a signal
+    // still stops it through `cancel`), so it stops as on a signal: the
+    // message in hand finished, nothing left half done.
+    let stop = cancel.child_token();
+    let handler = handler.with_stop(stop.clone());
+    let subscriber = Limited {
         inner: subscriber,
-        allowed: allowed.clone(),
+        limits,
+        stop: stop.clone(),
+        settled: 0,
+        idle_since: Instant::now(),
     };
-    tracing::info!(consumer = %config.name, ?limits, "consumer started");
-    let backoff = config.backoff;
-    let name = config.name.clone();
-    let mut consumer = Consumer::new(inbox, capped, handler, config);
-    let mut idle_since = Instant::now();
-    let mut failures = 0u32;
-    let mut rng = rand_seed();
-    while !cancel.is_cancelled() {
-        let s = consumer.stats();
-        let settled = s.processed + s.duplicates + s.dead_lettered + s.skipped;
-        if let Some(max) = limits.max_messages {
-            if settled >= max {
-                break;
-            }
-            let left = usize::try_from(max - settled).unwrap_or(usize::MAX);
-            allowed.store(left, Ordering::Relaxed);
-        }
-        // One fetch (at most the consumer's fetch wait) and its batch; the
-        // token is looked at between them, so a signal stops it promptly
-        // and never in the middle of a message.
-        match consumer.run_once().await {
-            Ok(0) => {
-                failures = 0;
-                if let Some(idle) = limits.until_idle {
-                    if idle_since.elapsed() >= idle {
-                        break;
-                    }
-                }
-            }
-            Ok(_) => {
-                failures = 0;
-                idle_since = Instant::now();
-            }
-            Err(e) if e.retryable() => {
-                failures = failures.saturating_add(1);
-                let delay = backoff.delay(failures, &mut rng);
-                tracing::warn!(error = %e, ?delay, "consuming failed; retrying");
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-            Err(e) => return Err(e),
+    Consumer::new(inbox, subscriber, handler, config)
+        .run(stop)
+        .await
+}
+
+/// A subscriber that enforces [`ConsumeLimits`]: it counts the deliveries
+/// the consumer acknowledged (each is settled: processed, a duplicate, or
+/// dead-lettered), fetches no more than the rest of `max_messages`, and
+/// cancels `stop` when a limit is reached.
+struct Limited<S> {
+    inner: S,
+    limits: ConsumeLimits,
+    stop: CancellationToken,
+    settled: u64,
+    idle_since: Instant,
+}
+
+impl<S> Limited<S> {
+    fn settle(&mut self, n: usize) {
+        self.settled = self.settled.saturating_add(n as u64);
+        if self
+            .limits
+            .max_messages
+            .is_some_and(|max| self.settled >= max)
+        {
+            self.stop.cancel();
         }
     }
-    let stats = consumer.stats().clone();
-    tracing::info!(consumer = %name, processed = stats.processed, "consumer stopped");
-    Ok(stats)
 }
 
-fn rand_seed() -> rand::rngs::StdRng {
-    rand::SeedableRng::from_entropy()
-}
-
-/// A subscriber that hands out no more deliveries per fetch than
-/// `allowed` (set by [`go`] from what is left of `max_messages`).
-struct Capped<S> {
-    inner: S,
-    allowed: Arc<AtomicUsize>,
-}
-
-impl<S: Subscriber> Subscriber for Capped<S> {
+impl<S: Subscriber> Subscriber for Limited<S> {
     type Token = S::Token;
 
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery<S::Token>>> {
-        let max = max.min(self.allowed.load(Ordering::Relaxed));
-        if max == 0 {
-            return Ok(Vec::new());
+        let mut max = max;
+        if let Some(limit) = self.limits.max_messages {
+            let left = limit.saturating_sub(self.settled);
+            if left == 0 {
+                self.stop.cancel();
+                return Ok(Vec::new());
+            }
+            max = max.min(usize::try_from(left).unwrap_or(usize::MAX));
         }
-        self.inner.fetch(max, wait).await
+        let batch = self.inner.fetch(max, wait).await?;
+        if !batch.is_empty() {
+            self.idle_since = Instant::now();
+        } else if self
+            .limits
+            .until_idle
+            .is_some_and(|idle| self.idle_since.elapsed() >= idle)
+        {
+            self.stop.cancel();
+        }
+        Ok(batch)
     }
 
     async fn ack(&mut self, token: S::Token) -> Result<()> {
+        // settled whether or not the ack reaches the transport: the inbox
+        // has it (a redelivery is skipped as a duplicate)
+        self.settle(1);
         self.inner.ack(token).await
     }
 
     async fn ack_all(&mut self, tokens: Vec<S::Token>) -> Result<()> {
+        self.settle(tokens.len());
         self.inner.ack_all(tokens).await
     }
 }

@@ -176,6 +176,7 @@ const BODY_PREVIEW: usize = 200;
 /// [`RecordSink`] (used by `record:` only).
 pub struct DeclarativeHandler<R> {
     action: Action<R>,
+    stop: Option<custody_engine::CancellationToken>,
 }
 
 enum Action<R> {
@@ -208,7 +209,7 @@ impl<R> DeclarativeHandler<R> {
                 url: url.clone(),
             },
         };
-        Ok(DeclarativeHandler { action })
+        Ok(DeclarativeHandler { action, stop: None })
     }
 
     /// Write `print` lines to `out` instead of standard output.
@@ -217,6 +218,16 @@ impl<R> DeclarativeHandler<R> {
         if let Action::Print(w) = &mut self.action {
             *w = Mutex::new(Box::new(out));
         }
+        self
+    }
+
+    /// Cancel `stop` when the handler can never work again (`print` to a
+    /// closed pipe, as in `custody consume … | head`): the consumer stops
+    /// with the message unacknowledged instead of dead-lettering it and
+    /// every message after it.
+    #[must_use]
+    pub fn with_stop(mut self, stop: custody_engine::CancellationToken) -> Self {
+        self.stop = Some(stop);
         self
     }
 
@@ -240,7 +251,7 @@ where
         message: &Message,
     ) -> std::result::Result<(), HandlerError> {
         match &self.action {
-            Action::Print(out) => print(out, message),
+            Action::Print(out) => print(out, message, self.stop.as_ref()),
             Action::Record(sink) => sink.insert(tx, message).await,
             Action::Http { client, url } => post(client, url, message).await,
         }
@@ -273,6 +284,7 @@ pub fn print_line(message: &Message) -> serde_json::Value {
 fn print(
     out: &Mutex<Box<dyn Write + Send>>,
     message: &Message,
+    stop: Option<&custody_engine::CancellationToken>,
 ) -> std::result::Result<(), HandlerError> {
     let line = print_line(message).to_string();
     let mut out = out
@@ -281,12 +293,15 @@ fn print(
     writeln!(out, "{line}")
         .and_then(|()| out.flush())
         .map_err(|e| {
-            // a closed pipe (`custody consume … | head`) will not reopen
+            // a closed pipe (`custody consume … | head`) will not reopen:
+            // stop rather than dead-letter what nobody could read
             if e.kind() == std::io::ErrorKind::BrokenPipe {
-                HandlerError::permanent(format!("cannot write to the output: {e}"))
-            } else {
-                HandlerError::transient(format!("cannot write to the output: {e}"))
+                if let Some(stop) = stop {
+                    tracing::warn!("the output of print was closed; stopping");
+                    stop.cancel();
+                }
             }
+            HandlerError::transient(format!("cannot write to the output: {e}"))
         })
 }
 

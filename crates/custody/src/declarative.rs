@@ -1,6 +1,6 @@
-//! A handler described by a string instead of code, for operating and
-//! testing (`custody consume --handler …`): `print`, `record:<table>` or
-//! `http(s)://…` (written `http:<url>`). It runs inside custody's real
+//! A handler described by a string instead of code (cargo feature
+//! `declarative`), for operating and testing (`custody consume --handler
+//! …`): `print`, `record:<table>` or `http(s)://…` (written `http:<url>`). It runs inside custody's real
 //! [`Consumer`](crate::Consumer), so the inbox, dead letters, poison
 //! detection and graceful shutdown are the ones a service gets.
 //!

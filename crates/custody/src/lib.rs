@@ -160,8 +160,6 @@ mod consume;
 #[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]
 pub use consume::{run_consumer, ConsumeLimits};
 
-/// Handlers described by a string (`print`, `record:<table>`,
-/// `http:<url>`) for `custody consume` (cargo feature `declarative`).
 #[cfg(feature = "declarative")]
 pub mod declarative;
 

@@ -641,3 +641,50 @@ async fn postgres_nats_consumer_killed_mid_run_applies_each_message_once() -> an
     }
     result
 }
+
+/// The embedded transport on PostgreSQL: a consumer reads the producer's
+/// outbox directly, into a SQLite consumer database.
+#[tokio::test]
+async fn postgres_embedded_record_into_sqlite() -> anyhow::Result<()> {
+    let Some(producer) = custody_testkit::postgres_db().await? else {
+        return Ok(());
+    };
+    let dir = temp_dir("consume-pg-embedded")?;
+    let b = path(&dir, "b.db");
+    let (code, out, err) = custody(&[
+        "produce",
+        "--db",
+        &producer.url,
+        "--topic",
+        "orders",
+        "--count",
+        "25",
+        "--batch",
+        "10",
+    ])
+    .await?;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = custody(&[
+        "consume",
+        "--db",
+        &b,
+        "--outbox",
+        &producer.url,
+        "--consumer-name",
+        "audit",
+        "--handler",
+        "record:seen",
+        "--max-messages",
+        "25",
+    ])
+    .await?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("processed 25,"), "{err}");
+    assert_eq!(
+        sqlite_count(&b, "SELECT count(DISTINCT message_id) FROM seen").await?,
+        25
+    );
+    assert_eq!(sqlite_count(&b, "SELECT count(*) FROM seen").await?, 25);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,11 +1,13 @@
-//! The `custody` command line, the operations tool: `migrate`, `relay`,
+//! The `custody` command line, the operations tool: `migrate`, `relay`, `consume`, `produce`,
 //! `dlq`, `reconcile`, `trace`. The development tools (`demo`, `chaos`,
 //! `bench`) are separate binaries under tools/ that `custody` forwards to.
 #![forbid(unsafe_code)]
 
 mod config;
+mod consume;
 mod dlq;
 mod ops;
+mod produce;
 mod reconcile;
 mod tools;
 mod trace;
@@ -42,6 +44,10 @@ enum Command {
     Migrate(ops::MigrateArgs),
     /// Move committed outbox messages to NATS JetStream until stopped (SIGINT/SIGTERM).
     Relay(ops::RelayArgs),
+    /// Consume messages (NATS or a producer's outbox) with a handler given here: print, record:<table>, http:<url>.
+    Consume(consume::ConsumeArgs),
+    /// Enqueue test messages through a database's outbox.
+    Produce(produce::ProduceArgs),
     /// Dead letters: list, show, redrive (back to the consumer or the relay), purge.
     Dlq(dlq::DlqArgs),
     /// Compare what a producer sent with what a consumer processed, per time window.
@@ -96,6 +102,15 @@ fn main() -> std::process::ExitCode {
                 init_tracing("info");
                 let cfg = config::load(cli.config.as_deref())?;
                 ops::relay(args, cfg).await
+            }
+            Command::Consume(args) => {
+                init_tracing("info");
+                let cfg = config::load(cli.config.as_deref())?;
+                consume::run(args, cfg).await
+            }
+            Command::Produce(args) => {
+                init_tracing("warn");
+                produce::run(args).await
             }
             Command::Dlq(args) => {
                 init_tracing("warn");

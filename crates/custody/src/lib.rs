@@ -150,6 +150,19 @@ pub async fn run_relay<P: Publisher>(
     )))
 }
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod any;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use any::{open_embedded, open_outbox, AnyOutbox, EmbeddedSubscriber};
+
+#[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]
+mod consume;
+#[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]
+pub use consume::{run_consumer, ConsumeLimits};
+
+#[cfg(feature = "declarative")]
+pub mod declarative;
+
 /// SQLite backend: outbox, inbox, dead letters and the embedded transport.
 #[cfg(feature = "sqlite")]
 pub mod sqlite {

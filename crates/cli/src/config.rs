@@ -66,14 +66,14 @@ pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         cfg.consumer.validate(),
         cfg.nats.validate(),
     ]
-        .into_iter()
-        .filter_map(Result::err)
-        .flat_map(|e| range_problems(&crate::ops::config_text(&e)))
-        .map(|p| {
-            let key = p.split([' ', ':']).next().unwrap_or_default();
-            format!("{}: {p}", origin_of(key, &origins))
-        })
-        .collect();
+    .into_iter()
+    .filter_map(Result::err)
+    .flat_map(|e| range_problems(&crate::ops::config_text(&e)))
+    .map(|p| {
+        let key = p.split([' ', ':']).next().unwrap_or_default();
+        format!("{}: {p}", origin_of(key, &origins))
+    })
+    .collect();
     if !problems.is_empty() {
         anyhow::bail!("{}", problem_list(&problems));
     }
@@ -151,7 +151,9 @@ fn range_problems(text: &str) -> Vec<String> {
     let body = text.split(". Fix the [").next().unwrap_or(text);
     let mut out: Vec<String> = Vec::new();
     for part in body.split("; ") {
-        let starts_item = ["relay.", "consumer.", "nats"].iter().any(|s| part.starts_with(s));
+        let starts_item = ["relay.", "consumer.", "nats"]
+            .iter()
+            .any(|s| part.starts_with(s));
         match out.last_mut() {
             // a "; " inside an item's explanation
             Some(last) if !starts_item => {

@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{ArgGroup, Args};
 use custody::declarative::HandlerSpec;
 use custody::{ConsumeLimits, ConsumerStats};
@@ -61,20 +60,8 @@ pub struct ConsumeArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
-/// `custody relay`'s defaults, so the two meet without flags.
-const DEFAULT_STREAM: &str = "CUSTODY";
-const DEFAULT_SUBJECT_PREFIX: &str = "custody";
-
 fn parse_handler(s: &str) -> Result<HandlerSpec, String> {
     s.parse().map_err(|e| config_text(&e))
-}
-
-/// Connect to the NATS server at `url`: the one place `custody consume`
-/// does, so connection options (TLS, credentials) are added here once.
-pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
-    custody::nats::connect(url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", redact(url)))
 }
 
 pub async fn run(args: ConsumeArgs, cfg: Config) -> anyhow::Result<ExitCode> {
@@ -92,7 +79,7 @@ pub async fn run(args: ConsumeArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.metrics_addr {
         serve_metrics(addr)?;
     }
-    let mut config = cfg.consumer;
+    let mut config = cfg.consumer.clone();
     config.name = args.consumer_name.clone();
     let limits = ConsumeLimits {
         max_messages: args.max_messages,
@@ -108,12 +95,12 @@ pub async fn run(args: ConsumeArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     };
     let stats = match (&args.nats, &args.outbox) {
         (Some(url), _) => {
-            let client = connect_nats(url).await?;
+            let client = crate::ops::connect_nats(url, &cfg).await?;
             let spec = custody::nats::StreamSpec::new(
-                args.stream.as_deref().unwrap_or(DEFAULT_STREAM),
+                args.stream.as_deref().unwrap_or(crate::ops::DEFAULT_STREAM),
                 args.subject_prefix
                     .as_deref()
-                    .unwrap_or(DEFAULT_SUBJECT_PREFIX),
+                    .unwrap_or(crate::ops::DEFAULT_SUBJECT_PREFIX),
             );
             custody::nats::ensure_stream(&client, &spec).await?;
             let sub = custody::nats::NatsSubscriber::new(

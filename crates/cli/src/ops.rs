@@ -104,10 +104,10 @@ pub struct RelayArgs {
     )]
     pub nats: String,
     /// JetStream stream name (created if missing).
-    #[arg(long, default_value = "CUSTODY", value_name = "NAME")]
+    #[arg(long, default_value = DEFAULT_STREAM, value_name = "NAME")]
     pub stream: String,
     /// Subject prefix: a message of topic `orders` goes to `<prefix>.orders`.
-    #[arg(long, default_value = "custody", value_name = "PREFIX")]
+    #[arg(long, default_value = DEFAULT_SUBJECT_PREFIX, value_name = "PREFIX")]
     pub subject_prefix: String,
     /// Relay id in the lease table (default: random). Unique per live relay.
     #[arg(long, value_name = "ID")]
@@ -117,6 +117,12 @@ pub struct RelayArgs {
     #[arg(long, env = "CUSTODY_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
+
+/// `custody relay`'s stream, also `custody consume`'s default, so the two
+/// meet without flags.
+pub const DEFAULT_STREAM: &str = "CUSTODY";
+/// `custody relay`'s subject prefix, also `custody consume`'s default.
+pub const DEFAULT_SUBJECT_PREFIX: &str = "custody";
 
 /// Connect to NATS at `url` with the `[nats]` section of the config
 /// (credentials, TLS): the one way every command reaches NATS. A refused

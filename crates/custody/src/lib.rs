@@ -103,6 +103,7 @@ pub async fn run_relay<P: Publisher>(
     id: Option<String>,
     cancel: CancellationToken,
 ) -> Result<RelayStats> {
+    #[cfg(any(feature = "postgres", feature = "sqlite"))]
     async fn go<S: OutboxStore, P: Publisher>(
         store: S,
         publisher: P,

@@ -36,10 +36,11 @@ FROM _sqlx_migrations WHERE version = $1 AND checksum = $2";
 /// Concurrent migrators of one database take turns on this advisory lock
 /// (held by the session, for the whole run: migration 0002 runs outside a
 /// transaction, `CREATE INDEX CONCURRENTLY`, so a transaction-scoped lock
-/// could not cover it). Advisory locks are per database, so one constant
-/// key serves every database; its bytes spell `custodym`. It is not sqlx's
-/// key: the application's own sqlx migrator does not wait for custody's.
-const LOCK: &str = "SELECT pg_advisory_lock(7166761325952268653)";
+/// could not cover it; the runner polls `pg_try_advisory_lock`, see
+/// [`custody_sql::migrate_impl!`]). Advisory locks are per database, so one
+/// constant key serves every database; its bytes spell `custodym`. It is not
+/// sqlx's key: the application's own sqlx migrator does not wait for custody's.
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock(7166761325952268653)";
 const UNLOCK: &str = "SELECT pg_advisory_unlock(7166761325952268653)";
 
 custody_sql::migrate_impl! {
@@ -53,5 +54,5 @@ custody_sql::migrate_impl! {
     create: CREATE,
     adopt: ADOPT,
     begin: "BEGIN",
-    lock: Some((LOCK, UNLOCK)),
+    lock: Some((TRY_LOCK, UNLOCK)),
 }

@@ -32,4 +32,8 @@ pub use custody_core;
 #[doc(hidden)]
 pub use sqlx;
 #[doc(hidden)]
+pub use tokio;
+#[doc(hidden)]
+pub use tracing;
+#[doc(hidden)]
 pub use uuid;

@@ -131,7 +131,8 @@ macro_rules! checks_impl {
 /// - `begin`: the statement opening each transaction; on SQLite
 ///   `BEGIN IMMEDIATE`, which takes the one write lock first, so concurrent
 ///   migrators take turns;
-/// - `lock`: `Some((lock, unlock))`, statements holding a session lock for the
+/// - `lock`: `Some((try_lock, unlock))`, statements taking (a `bool`: taken
+///   or not, polled until taken) and releasing a session lock held for the
 ///   whole run (PostgreSQL's advisory lock, as sqlx's migrator takes), or
 ///   `None`.
 ///
@@ -179,10 +180,25 @@ macro_rules! migrate_impl {
             // its own, never handed back to the pool, so neither an error nor
             // a dropped future leaves the lock held by a pooled connection.
             let mut conn = conn.detach();
-            $crate::sqlx::query(lock)
-                .execute(&mut conn)
-                .await
-                .map_err($err("take the migration lock"))?;
+            // Polled, not waited for inside one statement: a session blocked
+            // in `pg_advisory_lock` has a transaction open, and a migration
+            // running `CREATE INDEX CONCURRENTLY` under the lock waits for
+            // every open transaction to end: a deadlock (seen with 4 migrators).
+            let mut waited = false;
+            loop {
+                let got: bool = $crate::sqlx::query_scalar(lock)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err($err("take the migration lock"))?;
+                if got {
+                    break;
+                }
+                if !waited {
+                    $crate::tracing::info!("waiting for another custody migrate on this database");
+                    waited = true;
+                }
+                $crate::tokio::time::sleep(::std::time::Duration::from_millis(100)).await;
+            }
             let result = run_migrations(&mut conn).await;
             if result.is_ok() {
                 $crate::sqlx::query(unlock)

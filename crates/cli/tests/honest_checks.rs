@@ -291,10 +291,11 @@ async fn names_never_seen_are_errors_and_nothing_is_created() -> anyhow::Result<
         err.contains(&format!("migrations {last} not applied")) && err.contains("custody migrate"),
         "{err}"
     );
-    let still: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM custody_migrations WHERE version = ?1")
-        .bind(last)
-        .fetch_one(&mut b_conn)
-        .await?;
+    let still: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM custody_migrations WHERE version = ?1")
+            .bind(last)
+            .fetch_one(&mut b_conn)
+            .await?;
     assert_eq!(still, 0, "reconcile migrated the consumer's database");
     Ok(())
 }

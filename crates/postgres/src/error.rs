@@ -98,7 +98,12 @@ pub(crate) async fn probe(
     let user = options.get_username();
     let database = options.get_database().unwrap_or(user);
     let fail = |retryable: bool, detail: String, source: Option<sqlx::Error>| {
-        Error::store("postgres", "connect", retryable, ProbeError { detail, source })
+        Error::store(
+            "postgres",
+            "connect",
+            retryable,
+            ProbeError { detail, source },
+        )
     };
     let e = match tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(options)).await {
         Ok(Ok(conn)) => {

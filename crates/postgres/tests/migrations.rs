@@ -275,7 +275,10 @@ async fn a_refused_connection_says_so_at_once() -> anyhow::Result<()> {
         "{text}"
     );
     assert!(text.contains("is PostgreSQL running there?"), "{text}");
-    assert!(!text.contains("timed out") && !text.contains("within"), "{text}");
+    assert!(
+        !text.contains("timed out") && !text.contains("within"),
+        "{text}"
+    );
     assert!(!text.contains(":pw@"), "password shown: {text}");
     assert!(e.retryable(), "{text}");
     Ok(())
@@ -303,7 +306,9 @@ async fn a_missing_database_or_role_is_named_with_what_to_do() -> anyhow::Result
     assert!(!e.retryable(), "{text}");
 
     let role = custody_testkit::unique_name("nobody");
-    let url = db.url.replacen("postgres://postgres", &format!("postgres://{role}"), 1);
+    let url = db
+        .url
+        .replacen("postgres://postgres", &format!("postgres://{role}"), 1);
     anyhow::ensure!(url != db.url, "test URL {} has no postgres user", db.url);
     let Err(e) = connect(&url).await else {
         panic!("connected as a role that does not exist")
@@ -322,7 +327,10 @@ async fn another_databases_url_is_refused_naming_the_accepted_forms() {
         };
         let text = e.to_string();
         assert!(text.contains("MySQL/MariaDB is not supported"), "{text}");
-        assert!(text.contains("postgres://user:password@host:port/database"), "{text}");
+        assert!(
+            text.contains("postgres://user:password@host:port/database"),
+            "{text}"
+        );
         assert!(!text.contains("secret"), "{text}");
     }
     let Err(e) = connect("redis://127.0.0.1/0").await else {

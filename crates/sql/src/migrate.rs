@@ -27,7 +27,8 @@ pub const RECORDED_ONE: &str = "SELECT checksum FROM custody_migrations WHERE ve
 
 /// Record migration `$1` (description `$2`, checksum `$3`) that took `$4`
 /// nanoseconds to run; `installed_on` is the database's clock.
-pub const RECORD: &str = "INSERT INTO custody_migrations (version, description, checksum, execution_time) \
+pub const RECORD: &str =
+    "INSERT INTO custody_migrations (version, description, checksum, execution_time) \
      VALUES ($1, $2, $3, $4)";
 
 /// The successful rows of sqlx's table (an earlier custody's, or the
@@ -151,7 +152,13 @@ mod tests {
 
     fn migrator() -> Migrator {
         let m = |v: i64, sql: &'static str| {
-            Migration::new(v, Cow::Borrowed("m"), MigrationType::Simple, Cow::Borrowed(sql), false)
+            Migration::new(
+                v,
+                Cow::Borrowed("m"),
+                MigrationType::Simple,
+                Cow::Borrowed(sql),
+                false,
+            )
         };
         Migrator {
             migrations: Cow::Owned(vec![m(1, "CREATE TABLE a (x INT)"), m(2, "SELECT 1")]),
@@ -162,7 +169,11 @@ mod tests {
     #[test]
     fn custody_rows_need_version_and_checksum() {
         let m = migrator();
-        let sum1 = m.iter().next().map(|x| x.checksum.to_vec()).unwrap_or_default();
+        let sum1 = m
+            .iter()
+            .next()
+            .map(|x| x.checksum.to_vec())
+            .unwrap_or_default();
         let legacy = vec![(1, sum1.clone()), (2, b"app".to_vec()), (3, sum1)];
         assert_eq!(custody_rows(&m, &legacy), [1]);
     }
@@ -170,7 +181,11 @@ mod tests {
     #[test]
     fn a_changed_checksum_is_an_error_naming_the_version() {
         let m = migrator();
-        let sum1 = m.iter().next().map(|x| x.checksum.to_vec()).unwrap_or_default();
+        let sum1 = m
+            .iter()
+            .next()
+            .map(|x| x.checksum.to_vec())
+            .unwrap_or_default();
         assert!(verify(&m, &[(1, sum1.clone()), (99, vec![1])]).is_ok());
         let Err(e) = verify(&m, &[(1, sum1), (2, vec![0])]) else {
             panic!("a changed checksum is refused")

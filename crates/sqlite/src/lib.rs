@@ -76,7 +76,6 @@ pub use migrate::migrate;
 pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
 pub use subscriber::SqliteEmbeddedSubscriber;
 
-
 /// Connection settings for [`connect_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SqliteSettings {

@@ -67,7 +67,10 @@ async fn a_fresh_file_records_custodys_migrations_in_its_own_table() -> anyhow::
         .fetch_one(&pool)
         .await?;
     let now = chrono::Utc::now().timestamp_millis();
-    assert!((now - 600_000..=now + 600_000).contains(&installed), "{installed}");
+    assert!(
+        (now - 600_000..=now + 600_000).contains(&installed),
+        "{installed}"
+    );
     check_schema(&pool).await?;
 
     let second = migrate(&pool).await?;
@@ -129,7 +132,10 @@ async fn a_file_migrated_the_old_way_is_adopted_once() -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     let now = chrono::Utc::now().timestamp_millis();
-    assert!((now - 600_000..=now + 600_000).contains(&installed), "{installed}");
+    assert!(
+        (now - 600_000..=now + 600_000).contains(&installed),
+        "{installed}"
+    );
     check_schema(&pool).await?;
     assert_eq!(migrate(&pool).await?.adopted, 0);
     Ok(())

@@ -95,8 +95,11 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Migrate(args) => {
-                init_tracing("info");
-                ops::migrate(args).await
+                // PostgreSQL's notices (`… already exists, skipping`) are not
+                // the user's business here: warnings and errors still show
+                init_tracing("info,sqlx::postgres::notice=warn");
+                let cfg = config::load(cli.config.as_deref())?;
+                ops::migrate(args, cfg).await
             }
             Command::Relay(args) => {
                 init_tracing("info");

@@ -80,12 +80,116 @@ pub struct MigrateArgs {
     pub db: String,
 }
 
-pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    custody::open_admin(&args.db, Access::Migrate)
+/// `custody migrate`: apply custody's migrations (recorded in its own
+/// `custody_migrations` table) and say what was done. The configuration
+/// (`--config`, `CUSTODY_*`) is loaded and validated first, as every
+/// command that runs a service does, so a broken one fails here and not at
+/// the relay's start.
+pub async fn migrate(args: MigrateArgs, _cfg: Config) -> anyhow::Result<ExitCode> {
+    let shown = redact(&args.db);
+    let report = custody::admin::migrate(&custody::drivers(), &args.db)
         .await
-        .map_err(|e| anyhow::anyhow!("database {}: {}", redact(&args.db), config_text(&e)))?;
-    println!("custody tables are up to date in {}", redact(&args.db));
+        .map_err(|e| {
+            let text = config_text(&e);
+            // most errors name the database already
+            if text.contains(&shown) {
+                anyhow::anyhow!("{text}")
+            } else {
+                anyhow::anyhow!("database {shown}: {text}")
+            }
+        })?;
+    for line in migrate_lines(&report, &shown) {
+        println!("{line}");
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What `custody migrate` prints for `report` on database `shown`.
+fn migrate_lines(report: &custody::admin::MigrationReport, shown: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    if report.adopted > 0 {
+        lines.push(format!(
+            "adopted {} an earlier custody recorded in _sqlx_migrations: they are in \
+             custody_migrations now, and custody's rows are gone from _sqlx_migrations \
+             (docs/SCHEMA.md)",
+            migrations(report.adopted)
+        ));
+    }
+    if report.up_to_date() {
+        lines.push(format!(
+            "custody's tables are up to date ({}) in {shown}",
+            migrations(report.total())
+        ));
+        return lines;
+    }
+    let names: Vec<String> = report
+        .applied
+        .iter()
+        .map(|m| format!("{:04} {}", m.version, m.description))
+        .collect();
+    let already = if report.already > 0 {
+        format!(" ({} already there)", report.already)
+    } else {
+        String::new()
+    };
+    lines.push(format!(
+        "applied {} to {shown}{already}: {}",
+        migrations(report.applied.len()),
+        names.join(", ")
+    ));
+    lines
+}
+
+fn migrations(n: usize) -> String {
+    if n == 1 {
+        "1 migration".to_owned()
+    } else {
+        format!("{n} migrations")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use custody::admin::{AppliedMigration, MigrationReport};
+
+    use super::migrate_lines;
+
+    #[test]
+    fn migrate_says_what_it_did() {
+        let applied = |version: i64, d: &str| AppliedMigration {
+            version,
+            description: d.to_owned(),
+        };
+        let fresh = MigrationReport {
+            applied: vec![applied(1, "custody"), applied(2, "outbox retention")],
+            ..MigrationReport::default()
+        };
+        assert_eq!(
+            migrate_lines(&fresh, "a.db"),
+            ["applied 2 migrations to a.db: 0001 custody, 0002 outbox retention"]
+        );
+        let partly = MigrationReport {
+            applied: vec![applied(2, "outbox retention")],
+            already: 1,
+            adopted: 0,
+        };
+        assert_eq!(
+            migrate_lines(&partly, "a.db"),
+            ["applied 1 migration to a.db (1 already there): 0002 outbox retention"]
+        );
+        let done = MigrationReport {
+            applied: vec![],
+            already: 2,
+            adopted: 2,
+        };
+        let lines = migrate_lines(&done, "a.db");
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].starts_with("adopted 2 migrations"), "{lines:?}");
+        assert_eq!(
+            lines[1],
+            "custody's tables are up to date (2 migrations) in a.db"
+        );
+    }
 }
 
 /// `custody relay`.

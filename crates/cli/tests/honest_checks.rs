@@ -278,10 +278,10 @@ async fn names_never_seen_are_errors_and_nothing_is_created() -> anyhow::Result<
 
     // custody's tables with a migration missing: told to migrate, not migrated
     let mut b_conn = sqlx::SqliteConnection::connect(&format!("sqlite://{b}")).await?;
-    let last: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+    let last: i64 = sqlx::query_scalar("SELECT MAX(version) FROM custody_migrations")
         .fetch_one(&mut b_conn)
         .await?;
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ?1")
+    sqlx::query("DELETE FROM custody_migrations WHERE version = ?1")
         .bind(last)
         .execute(&mut b_conn)
         .await?;
@@ -291,10 +291,11 @@ async fn names_never_seen_are_errors_and_nothing_is_created() -> anyhow::Result<
         err.contains(&format!("migrations {last} not applied")) && err.contains("custody migrate"),
         "{err}"
     );
-    let still: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE version = ?1")
-        .bind(last)
-        .fetch_one(&mut b_conn)
-        .await?;
+    let still: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM custody_migrations WHERE version = ?1")
+            .bind(last)
+            .fetch_one(&mut b_conn)
+            .await?;
     assert_eq!(still, 0, "reconcile migrated the consumer's database");
     Ok(())
 }

@@ -210,15 +210,18 @@ pub fn dead_at_consumer(dead: &[crate::DeadLetterInfo], consumer: &str) -> bool 
 
 /// The verdict of a schema check (`check_schema` of each backend), from
 /// what the database holds: whether it has custody's tables at all
-/// (`tables_present`), the migrations it has applied (`applied`: version,
-/// success) and the ones this build needs (`expected`). `mistake` names
-/// what a user mistypes for this backend (`path`, `database name`), `given`
-/// what they gave (`path`, `URL`). Migrations the database has and this
-/// build does not know are tolerated (a newer custody, or the
-/// application's own).
+/// (`tables_present`), the versions recorded in `custody_migrations`
+/// (`recorded`), custody's own migrations still recorded in sqlx's
+/// `_sqlx_migrations` by a custody older than this one (`legacy`: rows
+/// whose version and checksum are custody's), and the versions this build
+/// needs (`expected`). `mistake` names what a user mistypes for this backend
+/// (`path`, `database name`), `given` what they gave (`path`, `URL`).
+/// Recorded versions this build does not know are tolerated (a newer
+/// custody's).
 pub fn schema_verdict(
     tables_present: bool,
-    applied: &[(i64, bool)],
+    recorded: &[i64],
+    legacy: &[i64],
     expected: impl IntoIterator<Item = i64>,
     mistake: &str,
     given: &str,
@@ -230,15 +233,18 @@ pub fn schema_verdict(
              --db …` creates the tables in a database meant to hold them"
         )));
     }
-    if let Some((v, _)) = applied.iter().find(|(_, ok)| !ok) {
-        return Err(Error::Config(format!(
-            "custody migration {v} failed partway in this database; run `custody migrate --db …` \
-             again (it reports what went wrong)"
-        )));
+    if !legacy.is_empty() {
+        return Err(Error::Config(
+            "custody's tables in this database are of an older schema: an earlier custody \
+             recorded its migrations in `_sqlx_migrations`, this one keeps them in \
+             `custody_migrations`; run `custody migrate --db …` once (it moves custody's rows \
+             and applies what is missing, docs/SCHEMA.md)"
+                .to_owned(),
+        ));
     }
     let missing: Vec<String> = expected
         .into_iter()
-        .filter(|v| !applied.iter().any(|(a, _)| a == v))
+        .filter(|v| !recorded.contains(v))
         .map(|v| v.to_string())
         .collect();
     if missing.is_empty() {
@@ -250,6 +256,43 @@ pub fn schema_verdict(
          docs/OPERATIONS.md says)",
         missing.join(", ")
     )))
+}
+
+/// One migration [`migrate`] (or a backend's `migrate(&pool)`) applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    /// Its version (the number its file name starts with).
+    pub version: i64,
+    /// Its description (the rest of its file name, `outbox retention`).
+    pub description: String,
+}
+
+/// What applying custody's migrations to a database did (each backend's
+/// `migrate(&pool)`, `custody migrate`). They are recorded in custody's own
+/// table, `custody_migrations` (docs/SCHEMA.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// The migrations applied by this run, in order.
+    pub applied: Vec<AppliedMigration>,
+    /// How many of this build's migrations were already recorded before
+    /// this run applied anything (including the adopted ones).
+    pub already: usize,
+    /// How many of those were adopted: found in `_sqlx_migrations`, where
+    /// custody before its own table recorded them (same version and
+    /// checksum), and moved to `custody_migrations`.
+    pub adopted: usize,
+}
+
+impl MigrationReport {
+    /// Whether the database was up to date: nothing had to be applied.
+    pub fn up_to_date(&self) -> bool {
+        self.applied.is_empty()
+    }
+
+    /// How many of this build's migrations the database has now.
+    pub fn total(&self) -> usize {
+        self.already + self.applied.len()
+    }
 }
 
 /// How a command opens a database.
@@ -268,6 +311,9 @@ pub enum Access {
 /// Opens a database of one backend: `url` in, a boxed [`Admin`] out.
 pub type OpenFn = for<'a> fn(&'a str, Access) -> BoxFuture<'a, Result<Box<dyn Admin>>>;
 
+/// Connects to a database of one backend and applies custody's migrations.
+pub type MigrateFn = for<'a> fn(&'a str) -> BoxFuture<'a, Result<MigrationReport>>;
+
 /// One backend's entry in the registry by URL scheme.
 #[derive(Debug, Clone, Copy)]
 pub struct Driver {
@@ -279,10 +325,13 @@ pub struct Driver {
     pub accepts: fn(&str) -> bool,
     /// Open `url` with the given access.
     pub open: OpenFn,
+    /// Connect to `url` (a SQLite file is created if missing) and apply
+    /// custody's migrations, saying what was done.
+    pub migrate: MigrateFn,
 }
 
 /// The driver in `drivers` that accepts `url`, or an error naming every
-/// accepted form.
+/// accepted form ([`unsupported_url`]).
 pub fn driver_for<'d>(drivers: &[&'d Driver], url: &str) -> Result<&'d Driver> {
     drivers
         .iter()
@@ -293,21 +342,45 @@ pub fn driver_for<'d>(drivers: &[&'d Driver], url: &str) -> Result<&'d Driver> {
                 .iter()
                 .flat_map(|d| d.forms.iter().copied())
                 .collect();
-            Error::Config(format!(
-                "{} is not a database URL this custody understands; accepted: {}",
-                redact_url(url),
-                if forms.is_empty() {
-                    "none (no backend compiled in)".to_owned()
-                } else {
-                    forms.join(", ")
-                }
-            ))
+            unsupported_url(url, &forms)
         })
+}
+
+/// The error for a database URL no backend (of `forms`, the URL forms
+/// accepted) understands, password hidden. A `mysql://` or `mariadb://` URL
+/// is told that backend is not supported yet, so it is not mistaken for a
+/// typo. Each driver's own `connect` refuses a foreign `scheme://` with it
+/// too, so a URL is never taken for something else (a SQLite file path).
+pub fn unsupported_url(url: &str, forms: &[&str]) -> Error {
+    let scheme = url
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .unwrap_or_default();
+    let why = if matches!(scheme.as_str(), "mysql" | "mariadb") {
+        "MySQL/MariaDB is not supported by custody yet"
+    } else {
+        "it is not a database URL this custody understands"
+    };
+    Error::Config(format!(
+        "{}: {why}; accepted: {}",
+        redact_url(url),
+        if forms.is_empty() {
+            "none (no backend compiled in)".to_owned()
+        } else {
+            forms.join(", ")
+        }
+    ))
 }
 
 /// Open `url` with the driver of `drivers` that accepts it.
 pub async fn open(drivers: &[&Driver], url: &str, access: Access) -> Result<Box<dyn Admin>> {
     (driver_for(drivers, url)?.open)(url, access).await
+}
+
+/// Apply custody's migrations to the database at `url`, with the driver of
+/// `drivers` that accepts it (`custody migrate`).
+pub async fn migrate(drivers: &[&Driver], url: &str) -> Result<MigrationReport> {
+    (driver_for(drivers, url)?.migrate)(url).await
 }
 
 /// `url` with its password replaced by `***` and everything else kept, for
@@ -372,13 +445,31 @@ mod tests {
 
     #[test]
     fn schema_verdicts() {
-        let no_tables = schema_verdict(false, &[], [1], "path", "path");
+        let no_tables = schema_verdict(false, &[], &[], [1], "path", "path");
         assert!(matches!(no_tables, Err(Error::Config(t)) if t.contains("has no custody tables")));
-        let failed = schema_verdict(true, &[(1, true), (2, false)], [1, 2], "path", "path");
-        assert!(matches!(failed, Err(Error::Config(t)) if t.contains("migration 2 failed")));
-        let old = schema_verdict(true, &[(1, true)], [1, 2, 3], "path", "path");
+        let legacy = schema_verdict(true, &[], &[1, 2], [1, 2], "path", "path");
+        assert!(
+            matches!(legacy, Err(Error::Config(t)) if t.contains("_sqlx_migrations") && t.contains("custody migrate"))
+        );
+        let old = schema_verdict(true, &[1], &[], [1, 2, 3], "path", "path");
         assert!(matches!(old, Err(Error::Config(t)) if t.contains("migrations 2, 3 not applied")));
-        assert!(schema_verdict(true, &[(1, true), (9, true)], [1], "path", "path").is_ok());
+        assert!(schema_verdict(true, &[1, 9], &[], [1], "path", "path").is_ok());
+    }
+
+    #[test]
+    fn migration_report_counts() {
+        let mut r = MigrationReport {
+            already: 3,
+            adopted: 3,
+            ..MigrationReport::default()
+        };
+        assert!(r.up_to_date());
+        r.applied.push(AppliedMigration {
+            version: 4,
+            description: "x".into(),
+        });
+        assert!(!r.up_to_date());
+        assert_eq!(r.total(), 4);
     }
 
     #[test]
@@ -423,11 +514,15 @@ mod tests {
         fn open(_: &str, _: Access) -> BoxFuture<'_, Result<Box<dyn Admin>>> {
             Box::pin(async { Err(Error::Config("unused".into())) })
         }
+        fn migrate(_: &str) -> BoxFuture<'_, Result<MigrationReport>> {
+            Box::pin(async { Err(Error::Config("unused".into())) })
+        }
         let d = Driver {
             name: "x",
             forms: &["x://host/db"],
             accepts: never,
             open,
+            migrate,
         };
         let Err(e) = driver_for(&[&d], "mysql://u:pw@h/db") else {
             panic!("mysql:// is not accepted")
@@ -435,6 +530,13 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("x://host/db"), "{text}");
         assert!(text.contains("mysql://u:***@h/db"), "{text}");
+        assert!(text.contains("MySQL/MariaDB is not supported"), "{text}");
         assert!(!text.contains("pw"), "{text}");
+        let Err(e) = driver_for(&[&d], "oracle://h/db") else {
+            panic!("oracle:// is not accepted")
+        };
+        let text = e.to_string();
+        assert!(text.contains("not a database URL"), "{text}");
+        assert!(!text.contains("MySQL"), "{text}");
     }
 }

@@ -17,9 +17,10 @@ pub const DRIVER: Driver = Driver {
     ],
     accepts,
     open,
+    migrate: migrate_url,
 };
 
-fn accepts(url: &str) -> bool {
+pub(crate) fn accepts(url: &str) -> bool {
     url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 

@@ -63,3 +63,93 @@ pub(crate) struct ConnectError {
     #[source]
     pub(crate) source: Option<sqlx::Error>,
 }
+
+/// The first connection ([`probe`]) failed: `detail` says what happened
+/// and what to do, naming the server (never the password).
+#[derive(Debug, thiserror::Error)]
+#[error("{detail}")]
+pub(crate) struct ProbeError {
+    detail: String,
+    #[source]
+    source: Option<sqlx::Error>,
+}
+
+/// SQLSTATE 3D000 invalid_catalog_name: the database does not exist.
+const NO_SUCH_DATABASE: &str = "3D000";
+/// SQLSTATE class 28, invalid authorization: a wrong password, a role that
+/// does not exist, no pg_hba.conf entry.
+const AUTH_CLASS: &str = "28";
+
+/// Connect once, directly, before a pool is built: a pool retries a refused
+/// connection until its timeout (10 s of `pool timed out`); one connection
+/// reports the real cause at once. Then the error says what it means: a
+/// refused connection, a database that does not exist, a refused user, or
+/// no answer within `timeout` (an unreachable host).
+pub(crate) async fn probe(
+    options: &sqlx::postgres::PgConnectOptions,
+    shown: &str,
+    timeout: std::time::Duration,
+) -> custody_core::Result<()> {
+    use sqlx::Connection as _;
+    let at = match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    };
+    let user = options.get_username();
+    let database = options.get_database().unwrap_or(user);
+    let fail = |retryable: bool, detail: String, source: Option<sqlx::Error>| {
+        Error::store(
+            "postgres",
+            "connect",
+            retryable,
+            ProbeError { detail, source },
+        )
+    };
+    let e = match tokio::time::timeout(timeout, sqlx::PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            return Ok(());
+        }
+        Err(_) => {
+            return Err(fail(
+                true,
+                format!(
+                    "no answer from {at} within {}s: is the host reachable (address, firewall)? ({shown})",
+                    timeout.as_secs()
+                ),
+                None,
+            ))
+        }
+        Ok(Err(e)) => e,
+    };
+    // a password, pg_hba or TLS refusal: terminal, with what to fix
+    if let Some(refused) = crate::secure::refused(shown, &e) {
+        return Err(Error::store("postgres", "connect", false, refused));
+    }
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    };
+    let detail = match (&e, code.as_deref()) {
+        (sqlx::Error::Io(io), _) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+            format!("connection refused at {at}: is PostgreSQL running there? ({shown})")
+        }
+        (_, Some(NO_SUCH_DATABASE)) => format!(
+            "database {database:?} does not exist on the PostgreSQL server at {at}; create it \
+             (`createdb -h {host} -p {port} -U {user} {database}`, or `CREATE DATABASE \
+             \"{database}\"` in psql) or fix the database name in {shown}",
+            host = options.get_host(),
+            port = options.get_port(),
+        ),
+        (sqlx::Error::Database(db), Some(c)) if c.starts_with(AUTH_CLASS) => format!(
+            "PostgreSQL at {at} refused user {user:?}: {}; check the user and password in \
+             {shown} (and the server's pg_hba.conf)",
+            db.message()
+        ),
+        _ => format!(
+            "cannot connect to {shown}: {e}; check that PostgreSQL is running there and that \
+             the URL, user and database are right"
+        ),
+    };
+    Err(fail(retryable(&e), detail, Some(e)))
+}

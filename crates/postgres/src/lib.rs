@@ -39,6 +39,7 @@ mod consumer_lease;
 mod error;
 mod history;
 mod inbox;
+mod migrate;
 mod outbox;
 mod row;
 mod secure;
@@ -55,11 +56,12 @@ pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
 pub use custody_core::{LeaseLost, RedriveOutcome};
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
 pub use inbox::PgInbox;
+pub use migrate::migrate;
 pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};
 pub use secure::PASSWORD_FILE_ENV;
 pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};
 
-use error::{map_err, ConnectError};
+use error::ConnectError;
 
 /// Default pool size of [`connect`].
 const POOL_SIZE: u32 = 10;
@@ -70,7 +72,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// The pool holds up to 10 connections and waits at most 10 s for one. The
 /// first connection is made at once, so a wrong URL or a server that is down
-/// is reported here, naming the URL (without its password).
+/// is reported here, naming the URL (without its password) and what the
+/// failure means: a refused connection (at once, not after the timeout), a
+/// database that does not exist (and how to create it), a refused user. A
+/// URL of another database (`mysql://…`) is refused, naming the accepted forms.
 ///
 /// TLS: `sslmode=require|verify-ca|verify-full`, `sslrootcert`, `sslcert`,
 /// `sslkey` in the URL (rustls; docs/SECURITY.md). The password may stay
@@ -78,6 +83,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// `PGPASSWORD`, then `PGPASSFILE` / `~/.pgpass`. A wrong password or a
 /// certificate that does not verify is a terminal error naming the link.
 pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
+    if !admin::accepts(url) {
+        return Err(custody_core::admin::unsupported_url(url, DRIVER.forms));
+    }
     let shown = custody_core::redact_url(url);
     let options: PgConnectOptions = url.parse().map_err(|e| {
         custody_core::Error::Config(format!(
@@ -85,6 +93,8 @@ pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
         ))
     })?;
     let options = secure::prepare(url, &shown, options)?;
+    // one direct connection first: a refused one is reported at once, and clearly
+    error::probe(&options, &shown, CONNECT_TIMEOUT).await?;
     let connecting = PgPoolOptions::new()
         .max_connections(POOL_SIZE)
         .acquire_timeout(CONNECT_TIMEOUT)
@@ -132,18 +142,4 @@ pub async fn open_existing(url: &str) -> custody_core::Result<PgPool> {
     let pool = connect(url).await?;
     check_schema(&pool).await?;
     Ok(pool)
-}
-
-/// Apply custody's migrations (embedded from `crates/postgres/migrations`).
-///
-/// They are recorded in sqlx's `_sqlx_migrations` table; migrations of the
-/// application's own that share the database and that table are tolerated.
-pub async fn migrate(pool: &PgPool) -> custody_core::Result<()> {
-    let mut migrator = sqlx::migrate!("./migrations");
-    // the application may keep its own sqlx migrations in the same table
-    migrator.set_ignore_missing(true);
-    migrator.run(pool).await.map_err(|e| match e {
-        sqlx::migrate::MigrateError::Execute(e) => map_err("migrate", e),
-        other => custody_core::Error::store("postgres", "migrate", false, other),
-    })
 }

@@ -65,7 +65,8 @@ pub(crate) fn refused(shown: &str, e: &sqlx::Error) -> Option<Refused> {
                     pg.message()
                 ),
                 // invalid_authorization_specification: no pg_hba.conf entry
-                "28000" => format!(
+                // 28000 is also "role does not exist": only a pg_hba refusal is about TLS
+                "28000" if pg.message().contains("pg_hba.conf") => format!(
                     "the server does not accept this connection ({}); if it only accepts TLS (hostssl in pg_hba.conf), add sslmode=verify-full&sslrootcert=<CA file> to the URL, else ask for a pg_hba.conf entry for this user, database and address",
                     pg.message()
                 ),

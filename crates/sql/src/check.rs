@@ -2,9 +2,6 @@
 //! has this database ever seen a topic or a consumer name, and which ones
 //! does it know. None of them writes (docs/ARCHITECTURE.md invariant 8).
 
-/// The migrations sqlx recorded: `(version, success)`.
-pub const APPLIED: &str = "SELECT version, success FROM _sqlx_migrations";
-
 /// Whether topic `$1` is written down anywhere. The outbox lookup uses its
 /// topic index; the inbox has no topic index, so it comes last (OR
 /// short-circuits: only reached when nothing else knows the topic).

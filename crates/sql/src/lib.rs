@@ -1,6 +1,8 @@
 //! custody-sql: what custody's SQL backends (`custody-postgres`,
 //! `custody-sqlite`) share, written once (not for direct use; see `custody`).
 //!
+//! - [`migrate`]: custody's migration runner, recording into its own
+//!   `custody_migrations` table (the Rust around it is [`migrate_impl!`]).
 //! - [`check`], [`lease`], [`history`]: SQL texts that are the same on every
 //!   backend. They use numbered `$N` parameters, which PostgreSQL and
 //!   sqlx-sqlite both accept (SQLite reads `$1` as a named parameter and
@@ -20,6 +22,7 @@ pub mod check;
 pub mod history;
 pub mod lease;
 mod macros;
+pub mod migrate;
 
 // For the macros: the expanding crate need not name these itself.
 #[doc(hidden)]
@@ -28,5 +31,9 @@ pub use chrono;
 pub use custody_core;
 #[doc(hidden)]
 pub use sqlx;
+#[doc(hidden)]
+pub use tokio;
+#[doc(hidden)]
+pub use tracing;
 #[doc(hidden)]
 pub use uuid;

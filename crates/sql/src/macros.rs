@@ -10,8 +10,9 @@
 /// `topics`, `consumers`, over `pool`'s database.
 ///
 /// - `err`: `fn(&'static str) -> impl FnOnce(sqlx::Error) -> custody_core::Error`;
-/// - `tables_present`: a statement giving `(bool, bool)`: sqlx's migrations
-///   table exists, custody's outbox table exists (the catalog differs);
+/// - `tables`: a statement giving `(bool, bool, bool)`: `custody_migrations`,
+///   sqlx's `_sqlx_migrations` and custody's outbox table exist (the catalog
+///   differs), as for [`migrate_impl!`];
 /// - `migrator`: the backend's `sqlx::migrate::Migrator`;
 /// - `names`: how an operator names the database and how they pass it, for
 ///   the schema error.
@@ -20,7 +21,7 @@ macro_rules! checks_impl {
     (
         pool: $pool:ty,
         err: $err:path,
-        tables_present: $tables:expr,
+        tables: $tables:expr,
         migrator: $migrator:expr,
         names: ($what:literal, $how:literal) $(,)?
     ) => {
@@ -29,27 +30,41 @@ macro_rules! checks_impl {
         ///
         /// Errors ([`custody_core::Error::Config`]) say which case it is and
         /// what to do: no custody tables at all (a wrong database, or one
-        /// never set up with `custody migrate`), an older schema, or a
-        /// migration that failed midway. Other migrations in sqlx's table
-        /// (the application's own, or a newer custody's) are tolerated, as
-        /// [`crate::migrate`] tolerates them.
+        /// never set up with `custody migrate`), an older schema (also one
+        /// whose migrations an earlier custody recorded in
+        /// `_sqlx_migrations`), or a recorded migration whose checksum is not
+        /// this build's. Recorded migrations this build does not know (a
+        /// newer custody's) are tolerated, as [`crate::migrate`] tolerates them.
         pub async fn check_schema(pool: &$pool) -> $crate::custody_core::Result<()> {
-            let (migrations, outbox): (bool, bool) = $crate::sqlx::query_as($tables)
+            const OP: &str = "check schema";
+            let (own, legacy, outbox): (bool, bool, bool) = $crate::sqlx::query_as($tables)
                 .fetch_one(pool)
                 .await
-                .map_err($err("check schema"))?;
-            let applied: Vec<(i64, bool)> = if migrations {
-                $crate::sqlx::query_as($crate::check::APPLIED)
+                .map_err($err(OP))?;
+            let recorded: Vec<(i64, Vec<u8>)> = if own {
+                $crate::sqlx::query_as($crate::migrate::RECORDED)
                     .fetch_all(pool)
                     .await
-                    .map_err($err("check schema"))?
+                    .map_err($err(OP))?
             } else {
                 Vec::new()
             };
+            let legacy: Vec<i64> = if legacy {
+                let rows: Vec<(i64, Vec<u8>)> = $crate::sqlx::query_as($crate::migrate::LEGACY)
+                    .fetch_all(pool)
+                    .await
+                    .map_err($err(OP))?;
+                $crate::migrate::custody_rows(&$migrator, &rows)
+            } else {
+                Vec::new()
+            };
+            $crate::migrate::verify(&$migrator, &recorded)?;
+            let recorded: Vec<i64> = recorded.into_iter().map(|(v, _)| v).collect();
             $crate::custody_core::admin::schema_verdict(
-                migrations && outbox,
-                &applied,
-                $migrator.iter().map(|m| m.version),
+                outbox,
+                &recorded,
+                &legacy,
+                $crate::migrate::ups(&$migrator).map(|m| m.version),
                 $what,
                 $how,
             )
@@ -96,6 +111,226 @@ macro_rules! checks_impl {
                 .fetch_all(pool)
                 .await
                 .map_err($err("list consumers"))
+        }
+    };
+}
+
+/// `migrate(&pool)`: custody's migration runner ([`crate::migrate`]) over a
+/// backend's pool and connection types.
+///
+/// - `backend`: the name in errors; `err` as in [`checks_impl!`];
+///   `retryable`: `fn(&sqlx::Error) -> bool`, the backend's classification;
+/// - `migrator`: the backend's embedded `sqlx::migrate::Migrator`;
+/// - `tables`: as in [`checks_impl!`];
+/// - `create`: the `CREATE TABLE custody_migrations` statement (the types
+///   differ); run only when the table is missing, so a second run makes no
+///   "already exists" notice;
+/// - `adopt`: `INSERT INTO custody_migrations … SELECT … FROM
+///   _sqlx_migrations WHERE version = $1 AND checksum = $2` (the
+///   `installed_on` conversion differs);
+/// - `begin`: the statement opening each transaction; on SQLite
+///   `BEGIN IMMEDIATE`, which takes the one write lock first, so concurrent
+///   migrators take turns;
+/// - `lock`: `Some((try_lock, unlock))`, statements taking (a `bool`: taken
+///   or not, polled until taken) and releasing a session lock held for the
+///   whole run (PostgreSQL's advisory lock, as sqlx's migrator takes), or
+///   `None`.
+///
+/// Either way each step re-reads what is recorded inside its own
+/// transaction, so a migration another migrator applied meanwhile is
+/// counted, not applied again.
+#[macro_export]
+macro_rules! migrate_impl {
+    (
+        pool: $pool:ty,
+        conn: $conn:ty,
+        backend: $backend:literal,
+        err: $err:path,
+        retryable: $retryable:path,
+        migrator: $migrator:expr,
+        tables: $tables:expr,
+        create: $create:expr,
+        adopt: $adopt:expr,
+        begin: $begin:expr,
+        lock: $lock:expr $(,)?
+    ) => {
+        /// Create or upgrade custody's tables (docs/SCHEMA.md), recording
+        /// each migration in `custody_migrations`, custody's own table (the
+        /// application's sqlx migrations keep `_sqlx_migrations` to
+        /// themselves). Safe to run at every start and from several
+        /// processes at once: each migration runs once, in its own
+        /// transaction with its record.
+        ///
+        /// A database migrated by an earlier custody, which recorded in
+        /// `_sqlx_migrations`, is upgraded first: the rows there whose
+        /// version and checksum are custody's move to `custody_migrations`
+        /// in one transaction; the application's rows stay. A recorded
+        /// migration whose checksum is not this build's is an error naming
+        /// it, and nothing is applied.
+        pub async fn migrate(
+            pool: &$pool,
+        ) -> $crate::custody_core::Result<$crate::custody_core::admin::MigrationReport> {
+            let conn = pool.acquire().await.map_err($err("migrate"))?;
+            let lock: Option<(&'static str, &'static str)> = $lock;
+            let Some((lock, unlock)) = lock else {
+                let mut conn = conn;
+                return run_migrations(&mut conn).await;
+            };
+            // A session lock lives as long as its connection: a connection of
+            // its own, never handed back to the pool, so neither an error nor
+            // a dropped future leaves the lock held by a pooled connection.
+            let mut conn = conn.detach();
+            // Polled, not waited for inside one statement: a session blocked
+            // in `pg_advisory_lock` has a transaction open, and a migration
+            // running `CREATE INDEX CONCURRENTLY` under the lock waits for
+            // every open transaction to end: a deadlock (seen with 4 migrators).
+            let mut waited = false;
+            loop {
+                let got: bool = $crate::sqlx::query_scalar(lock)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err($err("take the migration lock"))?;
+                if got {
+                    break;
+                }
+                if !waited {
+                    $crate::tracing::info!("waiting for another custody migrate on this database");
+                    waited = true;
+                }
+                $crate::tokio::time::sleep(::std::time::Duration::from_millis(100)).await;
+            }
+            let result = run_migrations(&mut conn).await;
+            if result.is_ok() {
+                $crate::sqlx::query(unlock)
+                    .execute(&mut conn)
+                    .await
+                    .map_err($err("release the migration lock"))?;
+            }
+            // closing ends the session, and with it the lock in any case
+            let _ = $crate::sqlx::Connection::close(conn).await;
+            result
+        }
+
+        async fn run_migrations(
+            conn: &mut $conn,
+        ) -> $crate::custody_core::Result<$crate::custody_core::admin::MigrationReport> {
+            use $crate::sqlx::Connection as _;
+            const OP: &str = "migrate";
+            let migrator: &'static $crate::sqlx::migrate::Migrator = &$migrator;
+            let mut report = $crate::custody_core::admin::MigrationReport::default();
+
+            // custody's table, and the upgrade from `_sqlx_migrations`, in one transaction
+            let mut tx = conn.begin_with($begin).await.map_err($err(OP))?;
+            let (own, legacy, _outbox): (bool, bool, bool) = $crate::sqlx::query_as($tables)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err($err(OP))?;
+            let recorded: Vec<(i64, Vec<u8>)> = if own {
+                $crate::sqlx::query_as($crate::migrate::RECORDED)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err($err(OP))?
+            } else {
+                $crate::sqlx::Executor::execute(&mut *tx, $crate::sqlx::raw_sql($create))
+                    .await
+                    .map_err($err("create custody_migrations"))?;
+                Vec::new()
+            };
+            $crate::migrate::verify(migrator, &recorded)?;
+            if legacy {
+                let rows: Vec<(i64, Vec<u8>)> = $crate::sqlx::query_as($crate::migrate::LEGACY)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err($err("read _sqlx_migrations"))?;
+                for version in $crate::migrate::custody_rows(migrator, &rows) {
+                    let sum = rows
+                        .iter()
+                        .find(|(v, _)| *v == version)
+                        .map(|(_, sum)| sum.as_slice())
+                        .unwrap_or_default();
+                    if !recorded.iter().any(|(v, _)| *v == version) {
+                        $crate::sqlx::query($adopt)
+                            .bind(version)
+                            .bind(sum)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err($err("adopt custody's rows of _sqlx_migrations"))?;
+                        report.adopted += 1;
+                    }
+                    $crate::sqlx::query($crate::migrate::FORGET_LEGACY)
+                        .bind(version)
+                        .bind(sum)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err($err("adopt custody's rows of _sqlx_migrations"))?;
+                }
+            }
+            tx.commit().await.map_err($err(OP))?;
+
+            let ups: Vec<&$crate::sqlx::migrate::Migration> =
+                $crate::migrate::ups(migrator).collect();
+            for m in ups {
+                let done = if m.no_tx {
+                    apply_migration(conn, m, false).await?
+                } else {
+                    let mut tx = conn.begin_with($begin).await.map_err($err(OP))?;
+                    let done = apply_migration(&mut tx, m, true).await?;
+                    tx.commit().await.map_err($err(OP))?;
+                    done
+                };
+                if done {
+                    report.applied.push($crate::migrate::applied(m));
+                } else {
+                    report.already += 1;
+                }
+            }
+            Ok(report)
+        }
+
+        /// Apply `m` unless it is recorded; whether it was applied.
+        async fn apply_migration(
+            conn: &mut $conn,
+            m: &$crate::sqlx::migrate::Migration,
+            in_transaction: bool,
+        ) -> $crate::custody_core::Result<bool> {
+            const OP: &str = "migrate";
+            let recorded: Option<Vec<u8>> =
+                $crate::sqlx::query_scalar($crate::migrate::RECORDED_ONE)
+                    .bind(m.version)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err($err(OP))?;
+            if $crate::migrate::already(m, recorded.as_deref())? {
+                return Ok(false);
+            }
+            let started = ::std::time::Instant::now();
+            // through `Executor::execute`: `RawSql::execute`'s own future
+            // trips the same inference
+            $crate::sqlx::Executor::execute(&mut *conn, $crate::sqlx::raw_sql(&m.sql))
+                .await
+                .map_err(|source| {
+                    $crate::custody_core::Error::store(
+                        $backend,
+                        OP,
+                        $retryable(&source),
+                        $crate::migrate::Failed {
+                            version: m.version,
+                            description: m.description.to_string(),
+                            in_transaction,
+                            source,
+                        },
+                    )
+                })?;
+            let took = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
+            $crate::sqlx::query($crate::migrate::RECORD)
+                .bind(m.version)
+                .bind(m.description.as_ref())
+                .bind(m.checksum.as_ref())
+                .bind(took)
+                .execute(&mut *conn)
+                .await
+                .map_err($err("record migration"))?;
+            Ok(true)
         }
     };
 }
@@ -191,10 +426,11 @@ macro_rules! lease_impl {
 
 /// The operations port: struct `admin` (over a pool, with the backend's
 /// outbox and inbox for the history reads), its `new`, its
-/// [`custody_core::Admin`] impl, the driver's `open`, and `dead_letters`.
+/// [`custody_core::Admin`] impl, the driver's `open` and `migrate_url`, and
+/// `dead_letters`.
 ///
 /// The expanding crate provides at its root: `connect`, `open_existing`,
-/// `migrate`, `dead_letter_rows`, `redrive`, `purge`, `status`,
+/// `migrate` ([`migrate_impl!`]), `dead_letter_rows`, `redrive`, `purge`, `status`,
 /// `checkpoint`, `rewind_checkpoint` and the [`checks_impl!`] functions.
 // `crate::` on purpose: the expanding backend's functions, not custody-sql's.
 #[allow(clippy::crate_in_macro_def)]
@@ -227,6 +463,22 @@ macro_rules! admin_impl {
                     }
                 };
                 Ok(Box::new($admin::new(pool)) as Box<dyn $crate::custody_core::admin::Admin>)
+            })
+        }
+
+        /// The driver's `migrate`: connect to `url` and apply custody's
+        /// migrations ([`crate::migrate`]).
+        fn migrate_url(
+            url: &str,
+        ) -> $crate::custody_core::admin::BoxFuture<
+            '_,
+            $crate::custody_core::Result<$crate::custody_core::admin::MigrationReport>,
+        > {
+            Box::pin(async move {
+                let pool = crate::connect(url).await?;
+                let report = crate::migrate(&pool).await;
+                pool.close().await;
+                report
             })
         }
 

@@ -17,9 +17,10 @@ pub const DRIVER: Driver = Driver {
     forms: &["sqlite://path/to/file.db", "sqlite:path", "a file path"],
     accepts,
     open,
+    migrate: migrate_url,
 };
 
-fn accepts(url: &str) -> bool {
+pub(crate) fn accepts(url: &str) -> bool {
     url.starts_with("sqlite:") || !url.contains("://")
 }
 

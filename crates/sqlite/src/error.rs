@@ -17,6 +17,11 @@ const SQLITE_TOOBIG: i32 = 18;
 const SQLITE_CONSTRAINT: i32 = 19;
 const SQLITE_MISMATCH: i32 = 20;
 
+/// Primary result codes of opening a database: the file cannot be opened
+/// (a missing directory, permissions), or it is not a SQLite database.
+const SQLITE_CANTOPEN: i32 = 14;
+const SQLITE_NOTADB: i32 = 26;
+
 /// Whether the error is SQLite refusing the data a statement carried.
 pub(crate) fn about_data(e: &sqlx::Error) -> bool {
     match e {
@@ -62,10 +67,38 @@ pub(crate) fn map_err(op: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |e| store_error(op, e)
 }
 
-/// Migration errors: retryable only when the database was busy.
-pub(crate) fn map_migrate_err(e: sqlx::migrate::MigrateError) -> Error {
-    match e {
-        sqlx::migrate::MigrateError::Execute(inner) => store_error("migrate", inner),
-        other => Error::store(BACKEND, "migrate", false, other),
+/// Opening database `file` failed: say why in the user's terms (a missing
+/// directory, a file that is not a database) when the code tells.
+pub(crate) fn connect_error(file: &std::path::Path, e: sqlx::Error) -> Error {
+    let code = match &e {
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<i32>().ok()),
+        _ => None,
+    };
+    match code.map(|c| c & 0xff) {
+        Some(SQLITE_NOTADB) => Error::Config(format!(
+            "{} is not a SQLite database (SQLite: {}); check the path: custody opens only a \
+             SQLite file, or creates one where none exists",
+            file.display(),
+            e
+        )),
+        Some(SQLITE_CANTOPEN) => {
+            let dir = file.parent().filter(|d| !d.as_os_str().is_empty());
+            match dir {
+                Some(dir) if !dir.exists() => Error::Config(format!(
+                    "cannot open SQLite database {}: directory {} does not exist; create it \
+                     (`mkdir -p {}`) or fix the path",
+                    file.display(),
+                    dir.display(),
+                    dir.display()
+                )),
+                _ => Error::Config(format!(
+                    "cannot open SQLite database {} ({}); check that the path names a file \
+                     (not a directory) and that this user may read and write it and its directory",
+                    file.display(),
+                    e
+                )),
+            }
+        }
+        _ => store_error("connect", e),
     }
 }

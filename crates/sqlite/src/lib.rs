@@ -55,6 +55,7 @@ mod consumer_lease;
 mod error;
 mod history;
 mod inbox;
+mod migrate;
 mod outbox;
 mod producer;
 mod row;
@@ -71,10 +72,9 @@ pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
 pub use custody_core::RedriveOutcome;
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
 pub use inbox::SqliteInbox;
+pub use migrate::migrate;
 pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
 pub use subscriber::SqliteEmbeddedSubscriber;
-
-use error::map_err;
 
 /// Connection settings for [`connect_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,9 @@ impl Default for SqliteSettings {
 ///
 /// Accepts `sqlite://path/to/file.db`, `sqlite::memory:` and other sqlx
 /// SQLite urls, or a plain file path. The file is created if missing; the
-/// database runs in WAL mode with foreign keys on.
+/// database runs in WAL mode with foreign keys on. A directory that does not
+/// exist, a file that is not a SQLite database, or a URL of another
+/// database (`mysql://…`) is an error saying so.
 pub async fn connect(url_or_path: &str) -> custody_core::Result<SqlitePool> {
     connect_with(url_or_path, SqliteSettings::default()).await
 }
@@ -115,6 +117,7 @@ pub async fn connect_with(
     opts: SqliteSettings,
 ) -> custody_core::Result<SqlitePool> {
     let base = parse_options(url_or_path)?;
+    let file = base.get_filename().to_owned();
     let options = base
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -129,7 +132,7 @@ pub async fn connect_with(
         .max_connections(opts.max_connections.max(1))
         .connect_with(options)
         .await
-        .map_err(map_err("connect"))
+        .map_err(|e| error::connect_error(&file, e))
 }
 
 /// Open an existing custody database for the operator commands, never
@@ -152,6 +155,7 @@ pub async fn open_existing(url_or_path: &str) -> custody_core::Result<SqlitePool
         )));
     }
     let opts = SqliteSettings::default();
+    let file = base.get_filename().to_owned();
     let options = base
         .create_if_missing(false)
         .busy_timeout(opts.busy_timeout)
@@ -161,13 +165,21 @@ pub async fn open_existing(url_or_path: &str) -> custody_core::Result<SqlitePool
         .max_connections(opts.max_connections)
         .connect_with(options)
         .await
-        .map_err(map_err("connect"))?;
+        .map_err(|e| error::connect_error(&file, e))?;
     check_schema(&pool).await?;
     Ok(pool)
 }
 
-/// `sqlite:` urls parsed by sqlx, anything else a plain path.
+/// `sqlite:` urls parsed by sqlx, anything else without a `scheme://` a
+/// plain path. Another scheme (`mysql://…`) is refused, naming the accepted
+/// forms: never taken for a file name.
 fn parse_options(url_or_path: &str) -> custody_core::Result<SqliteConnectOptions> {
+    if !admin::accepts(url_or_path) {
+        return Err(custody_core::admin::unsupported_url(
+            url_or_path,
+            DRIVER.forms,
+        ));
+    }
     if url_or_path.starts_with("sqlite:") {
         SqliteConnectOptions::from_str(url_or_path).map_err(|e| {
             custody_core::Error::Config(format!(
@@ -177,15 +189,6 @@ fn parse_options(url_or_path: &str) -> custody_core::Result<SqliteConnectOptions
     } else {
         Ok(SqliteConnectOptions::new().filename(url_or_path))
     }
-}
-
-/// Create or upgrade custody's tables (docs/SCHEMA.md). Safe to run at every
-/// start; applied migrations are skipped.
-pub async fn migrate(pool: &SqlitePool) -> custody_core::Result<()> {
-    sqlx::migrate!("./migrations")
-        .run(pool)
-        .await
-        .map_err(error::map_migrate_err)
 }
 
 /// Milliseconds since the Unix epoch, the storage form of every timestamp.

@@ -211,10 +211,16 @@ async fn orders_reach_billing_through_nats_once_and_all_stop_on_sigterm() -> any
     consumer.terminate().await?;
     producer.terminate().await?;
     relay
-        .wait_line("relay stopped: published", Duration::from_secs(5))
+        .wait_line(
+            &format!("relay stopped: published {ORDERS},"),
+            Duration::from_secs(5),
+        )
         .await?;
     consumer
-        .wait_line("consumer stopped: processed", Duration::from_secs(5))
+        .wait_line(
+            &format!("consumer stopped: processed {ORDERS},"),
+            Duration::from_secs(5),
+        )
         .await?;
     producer
         .wait_line("producer stopped", Duration::from_secs(5))
@@ -235,6 +241,13 @@ async fn orders_reach_billing_through_nats_once_and_all_stop_on_sigterm() -> any
         "the ledger holds other orders than those placed"
     );
     billing.close().await;
+
+    // Leave nothing behind (the guard deletes the stream on a failure path).
+    let client = async_nats::connect(&nats).await?;
+    async_nats::jetstream::new(client)
+        .delete_stream(&stream)
+        .await
+        .with_context(|| format!("cannot delete the test's stream {stream}"))?;
     Ok(())
 }
 

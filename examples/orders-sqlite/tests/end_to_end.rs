@@ -188,6 +188,59 @@ async fn orders_reach_billing_once_and_both_stop_on_sigterm() -> anyhow::Result<
         .wait_line("producer stopped", Duration::from_secs(5))
         .await?;
 
+    // Deliver everything again (the reader's checkpoint rewound, as after a
+    // lost acknowledgement): the inbox must skip every message, seen through
+    // the restarted consumer's Prometheus endpoint and its last line.
+    let orders = custody::sqlite::connect(orders_db).await?;
+    custody::sqlite::set_checkpoint(&orders, "billing", 0).await?;
+    orders.close().await;
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut again = Proc::start(
+        "restarted consumer",
+        env!("CARGO_BIN_EXE_sqlite-consumer"),
+        &[
+            "--orders-db",
+            orders_db,
+            "--db",
+            billing_db,
+            "--metrics-addr",
+            &metrics_addr.to_string(),
+        ],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut suppressed = 0.0;
+    while Instant::now() < deadline && suppressed < ORDERS as f64 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(resp) = http
+            .get(format!("http://{metrics_addr}/metrics"))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        suppressed = resp
+            .text()
+            .await?
+            .lines()
+            .filter(|l| l.starts_with("custody_consumer_duplicates_suppressed_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+    }
+    assert_eq!(
+        suppressed,
+        ORDERS as f64,
+        "duplicates suppressed by the restarted consumer:\n{}",
+        again.lines().join("\n")
+    );
+    again.terminate().await?;
+    let last = again
+        .wait_line("consumer stopped: processed", Duration::from_secs(5))
+        .await?;
+    assert_eq!(
+        last,
+        format!("consumer stopped: processed 0, duplicates {ORDERS}, dead-lettered 0")
+    );
+
     // Nothing applied twice, nothing foreign: exactly the placed orders.
     let applied: Vec<i64> = sqlx::query_scalar("SELECT order_id FROM ledger ORDER BY order_id")
         .fetch_all(&billing)

@@ -1,0 +1,42 @@
+//! What the SQLite example's programs share: the message they exchange,
+//! logging and the Prometheus endpoint. See README.md beside this crate.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The event the producer commits with each order and the consumer applies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderPlaced {
+    /// The order's id in the orders service's database.
+    pub order_id: i64,
+    /// Who ordered; also the message's ordering key.
+    pub customer: String,
+    /// The order's amount in cents.
+    pub amount_cents: i64,
+}
+
+/// Log to stderr, filtered by `RUST_LOG` (default `info`, e.g.
+/// `RUST_LOG=custody=debug,info`); no colour codes unless stderr is a terminal.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Serve this process's metrics (custody's and the service's own) in
+/// Prometheus text format on `addr`, path `/metrics`.
+pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .with_context(|| format!("cannot serve metrics on {addr}; is the port in use?"))?;
+    tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    Ok(())
+}

@@ -12,7 +12,7 @@
 /// - `err`: `fn(&'static str) -> impl FnOnce(sqlx::Error) -> custody_core::Error`;
 /// - `tables`: a statement giving `(bool, bool, bool)`: `custody_migrations`,
 ///   sqlx's `_sqlx_migrations` and custody's outbox table exist (the catalog
-///   differs), as for [`migrate_impl!`];
+///   differs), as for [`crate::migrate_impl!`];
 /// - `migrator`: the backend's `sqlx::migrate::Migrator`;
 /// - `names`: how an operator names the database and how they pass it, for
 ///   the schema error.
@@ -430,7 +430,7 @@ macro_rules! lease_impl {
 /// `dead_letters`.
 ///
 /// The expanding crate provides at its root: `connect`, `open_existing`,
-/// `migrate` ([`migrate_impl!`]), `dead_letter_rows`, `redrive`, `purge`, `status`,
+/// `migrate` ([`crate::migrate_impl!`]), `dead_letter_rows`, `redrive`, `purge`, `status`,
 /// `checkpoint`, `rewind_checkpoint` and the [`checks_impl!`] functions.
 // `crate::` on purpose: the expanding backend's functions, not custody-sql's.
 #[allow(clippy::crate_in_macro_def)]

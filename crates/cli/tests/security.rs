@@ -405,6 +405,25 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
     );
     assert!(last.contains("refused the password"), "{t}");
 
+    // NATS credentials in the URL (connects: the client logs the server
+    // address at debug level), then a wrong PostgreSQL password stops it
+    let mut c = custody();
+    c.args(["relay", "--stream", &stream, "--subject-prefix", &prefix])
+        .env("CUSTODY_DB", &no_password)
+        .env("CUSTODY_DB_PASSWORD_FILE", &wrong_file)
+        .env("CUSTODY_NATS", &nats_with_password)
+        .env("CUSTODY_NATS__TLS_CA_FILE", &certs.ca)
+        .env("CUSTODY_LOG", "debug");
+    let out = run(c, Duration::from_secs(30))?;
+    let t = text(&out);
+    printed.push(t.clone());
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("connected successfully"),
+        "NATS did not connect: {t}"
+    );
+    assert!(t.contains("PostgreSQL postgres://"), "{t}");
+
     // the real run: until the outbox is empty, then SIGTERM
     let mut child = relay(&pg_pw_file, &nats_pw_file)
         .stdout(Stdio::piped())

@@ -417,6 +417,10 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
     let out = run(c, Duration::from_secs(30))?;
     let t = text(&out);
     printed.push(t.clone());
+    assert!(
+        !t.contains(&nats_password),
+        "the NATS password was printed: {t}"
+    );
     assert!(!out.status.success(), "{t}");
     assert!(
         t.contains("connected successfully"),

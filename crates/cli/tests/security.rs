@@ -297,6 +297,75 @@ async fn relay_runs_under_a_dml_only_role() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A NATS server that starts refusing the relay's credentials (the password
+/// changed, the server restarted) is not hidden behind the client's
+/// reconnect loop: the relay logs an error naming the link at every refusal.
+#[tokio::test]
+async fn relay_reports_credentials_refused_after_a_reconnect() -> anyhow::Result<()> {
+    let Some(db) = custody_testkit::postgres_db().await? else {
+        return Ok(());
+    };
+    let users = |pw: &str| format!("authorization {{ user: \"relay\", password: \"{pw}\" }}\n");
+    let Some(mut nats) = NatsServer::start_with_config(&users("first-pw")).await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let pw_file = dir.path().join("pw");
+    std::fs::write(&pw_file, "first-pw\n")?;
+    let mut child = custody()
+        .args(["relay", "--db", &db.url, "--nats", &nats.url])
+        .args(["--stream", &unique_name("RECON").to_uppercase()])
+        .args(["--subject-prefix", &unique_name("recon")])
+        .env("CUSTODY_NATS__USER", "relay")
+        .env("CUSTODY_NATS__PASSWORD_FILE", &pw_file)
+        .env("CUSTODY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        if let Some(stderr) = stderr {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // running: the relay has connected (the migrations ran, it polls)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    anyhow::ensure!(child.try_wait()?.is_none(), "the relay stopped at start");
+
+    nats.set_config(&users("second-pw"));
+    nats.restart().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let found = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let hit = line.contains(&format!("NATS {}", nats.url))
+                    && line.contains("refused custody's credentials");
+                seen.push(line);
+                if hit {
+                    break true;
+                }
+            }
+            Err(_) if Instant::now() > deadline => break false,
+            Err(_) => {}
+        }
+    };
+    stop(&mut child)?;
+    let _ = child.wait();
+    assert!(found, "no error about the refused credentials: {seen:#?}");
+    assert!(seen.iter().all(|l| !l.contains("first-pw")), "{seen:#?}");
+    Ok(())
+}
+
 /// SIGTERM, then SIGKILL if it is still running after 20 s.
 fn stop(child: &mut std::process::Child) -> anyhow::Result<()> {
     Command::new("kill")

@@ -193,8 +193,19 @@ impl ConnectOptions {
         opts = opts.event_callback(move |event| {
             let link = link.clone();
             async move {
+                // A refusal while reconnecting arrives as a client error
+                // carrying the server's text, not as a ServerError.
+                let refused = match &event {
+                    async_nats::Event::ServerError(
+                        async_nats::ServerError::AuthorizationViolation,
+                    ) => true,
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(text)) => {
+                        text.contains("authorization violation")
+                    }
+                    _ => false,
+                };
                 match event {
-                    async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                    _ if refused => {
                         tracing::error!(
                             "NATS {link}: the server refused custody's credentials (authorization violation); fix the [nats] credentials or the server's authorization, the client keeps retrying"
                         )

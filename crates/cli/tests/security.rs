@@ -212,6 +212,175 @@ async fn read_only_commands_work_under_a_select_only_role() -> anyhow::Result<()
     Ok(())
 }
 
+/// The relay's grants of docs/SECURITY.md: DML on custody's tables and
+/// SELECT on the migration table; no CREATE. On a migrated database the
+/// relay runs under them and publishes everything.
+#[tokio::test]
+async fn relay_runs_under_a_dml_only_role() -> anyhow::Result<()> {
+    let Some(nats_url) = custody_testkit::nats().await? else {
+        return Ok(());
+    };
+    let Some(db) = custody_testkit::postgres_db().await? else {
+        return Ok(());
+    };
+    let mut c = custody();
+    c.args(["migrate", "--db", &db.url]);
+    let out = run(c, Duration::from_secs(60))?;
+    assert!(out.status.success(), "{}", text(&out));
+    let pool = custody::postgres::connect(&db.url).await?;
+    let msgs: Vec<Message> = (0..4)
+        .map(|i| {
+            Message::builder("orders", format!("k{i}"), "Step")
+                .json(&i)?
+                .build()
+        })
+        .collect::<Result<_, _>>()?;
+    let mut tx = pool.begin().await?;
+    PgOutbox::new(pool.clone())
+        .enqueue_batch(&mut tx, &msgs)
+        .await?;
+    tx.commit().await?;
+
+    let role = Role {
+        server: custody_testkit::postgres_server_url(),
+        name: unique_name("custody_relay"),
+    };
+    let mut admin = sqlx::PgConnection::connect(&db.url).await?;
+    for stmt in [
+        format!("CREATE ROLE {} LOGIN", role.name),
+        format!("GRANT CONNECT ON DATABASE {} TO {}", db.name, role.name),
+        format!("GRANT USAGE ON SCHEMA public TO {}", role.name),
+        format!("GRANT SELECT ON _sqlx_migrations TO {}", role.name),
+        format!(
+            "DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'custody\\_%' LOOP EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO {}', t); END LOOP; END $$",
+            role.name
+        ),
+    ] {
+        sqlx::query(&stmt).execute(&mut admin).await?;
+    }
+    admin.close().await?;
+    let relay_url = db
+        .url
+        .replacen("://postgres@", &format!("://{}@", role.name), 1);
+
+    let mut child = custody()
+        .args(["relay", "--db", &relay_url, "--nats", &nats_url])
+        .args(["--stream", &unique_name("ROLE").to_uppercase()])
+        .args(["--subject-prefix", &unique_name("role")])
+        .env("CUSTODY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (pending,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM custody_outbox WHERE status = 0")
+                .fetch_one(&pool)
+                .await?;
+        if pending == 0 {
+            break;
+        }
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            anyhow::bail!(
+                "the relay under its role did not publish everything: {}",
+                text(&out)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(&mut child)?;
+    let out = child.wait_with_output()?;
+    assert!(text(&out).contains("published 4"), "{}", text(&out));
+    pool.close().await;
+    Ok(())
+}
+
+/// A NATS server that starts refusing the relay's credentials (the password
+/// changed, the server restarted) is not hidden behind the client's
+/// reconnect loop: the relay logs an error naming the link at every refusal.
+#[tokio::test]
+async fn relay_reports_credentials_refused_after_a_reconnect() -> anyhow::Result<()> {
+    let Some(db) = custody_testkit::postgres_db().await? else {
+        return Ok(());
+    };
+    let users = |pw: &str| format!("authorization {{ user: \"relay\", password: \"{pw}\" }}\n");
+    let Some(mut nats) = NatsServer::start_with_config(&users("first-pw")).await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let pw_file = dir.path().join("pw");
+    std::fs::write(&pw_file, "first-pw\n")?;
+    let mut child = custody()
+        .args(["relay", "--db", &db.url, "--nats", &nats.url])
+        .args(["--stream", &unique_name("RECON").to_uppercase()])
+        .args(["--subject-prefix", &unique_name("recon")])
+        .env("CUSTODY_NATS__USER", "relay")
+        .env("CUSTODY_NATS__PASSWORD_FILE", &pw_file)
+        .env("CUSTODY_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        if let Some(stderr) = stderr {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    // running: the relay has connected (the migrations ran, it polls)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    anyhow::ensure!(child.try_wait()?.is_none(), "the relay stopped at start");
+
+    nats.set_config(&users("second-pw"));
+    nats.restart().await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let found = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let hit = line.contains(&format!("NATS {}", nats.url))
+                    && line.contains("refused custody's credentials");
+                seen.push(line);
+                if hit {
+                    break true;
+                }
+            }
+            Err(_) if Instant::now() > deadline => break false,
+            Err(_) => {}
+        }
+    };
+    stop(&mut child)?;
+    let _ = child.wait();
+    assert!(found, "no error about the refused credentials: {seen:#?}");
+    assert!(seen.iter().all(|l| !l.contains("first-pw")), "{seen:#?}");
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL if it is still running after 20 s.
+fn stop(child: &mut std::process::Child) -> anyhow::Result<()> {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    let start = Instant::now();
+    while child.try_wait()?.is_none() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait()?.is_none() {
+        let _ = child.kill();
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow::Result<()> {
     let certs = TestCerts::generate()?;
@@ -305,6 +474,29 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
     );
     assert!(last.contains("refused the password"), "{t}");
 
+    // NATS credentials in the URL (connects: the client logs the server
+    // address at debug level), then a wrong PostgreSQL password stops it
+    let mut c = custody();
+    c.args(["relay", "--stream", &stream, "--subject-prefix", &prefix])
+        .env("CUSTODY_DB", &no_password)
+        .env("CUSTODY_DB_PASSWORD_FILE", &wrong_file)
+        .env("CUSTODY_NATS", &nats_with_password)
+        .env("CUSTODY_NATS__TLS_CA_FILE", &certs.ca)
+        .env("CUSTODY_LOG", "debug");
+    let out = run(c, Duration::from_secs(30))?;
+    let t = text(&out);
+    printed.push(t.clone());
+    assert!(
+        !t.contains(&nats_password),
+        "the NATS password was printed: {t}"
+    );
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("connected successfully"),
+        "NATS did not connect: {t}"
+    );
+    assert!(t.contains("PostgreSQL postgres://"), "{t}");
+
     // the real run: until the outbox is empty, then SIGTERM
     let mut child = relay(&pg_pw_file, &nats_pw_file)
         .stdout(Stdio::piped())
@@ -326,16 +518,7 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()?;
-    let stop = Instant::now();
-    while child.try_wait()?.is_none() && stop.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if child.try_wait()?.is_none() {
-        let _ = child.kill();
-    }
+    stop(&mut child)?;
     let out = child.wait_with_output()?;
     let t = text(&out);
     printed.push(t.clone());

@@ -121,7 +121,11 @@ pub async fn run_relay<P: Publisher>(
     #[cfg(feature = "postgres")]
     if driver.name == custody_postgres::DRIVER.name {
         let pool = custody_postgres::connect(url).await?;
-        custody_postgres::migrate(&pool).await?;
+        // Migrate only when needed, so a relay role with only DML grants
+        // runs on a migrated database (docs/SECURITY.md, roles).
+        if custody_postgres::check_schema(&pool).await.is_err() {
+            custody_postgres::migrate(&pool).await?;
+        }
         return go(
             custody_postgres::PgOutbox::new(pool),
             publisher,

@@ -68,6 +68,15 @@ impl ConnectOptions {
             || self.tls_key_file.is_some()
     }
 
+    /// Whether any way to authenticate is set.
+    fn has_auth(&self) -> bool {
+        self.creds_file.is_some()
+            || self.nkey_file.is_some()
+            || self.token_file.is_some()
+            || self.token_env.is_some()
+            || self.user.is_some()
+    }
+
     /// Check the combination of settings (not the files): one way to
     /// authenticate, `user` with a password, a client certificate with its
     /// key. The error names the keys.
@@ -184,8 +193,19 @@ impl ConnectOptions {
         opts = opts.event_callback(move |event| {
             let link = link.clone();
             async move {
+                // A refusal while reconnecting arrives as a client error
+                // carrying the server's text, not as a ServerError.
+                let refused = match &event {
+                    async_nats::Event::ServerError(
+                        async_nats::ServerError::AuthorizationViolation,
+                    ) => true,
+                    async_nats::Event::ClientError(async_nats::ClientError::Other(text)) => {
+                        text.contains("authorization violation")
+                    }
+                    _ => false,
+                };
                 match event {
-                    async_nats::Event::ServerError(async_nats::ServerError::AuthorizationViolation) => {
+                    _ if refused => {
                         tracing::error!(
                             "NATS {link}: the server refused custody's credentials (authorization violation); fix the [nats] credentials or the server's authorization, the client keeps retrying"
                         )
@@ -210,8 +230,61 @@ impl ConnectOptions {
 /// during the gap fail with retryable errors.
 pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<async_nats::Client> {
     let shown = redact_url(url);
-    let opts = options.client_options(&shown).await?;
-    opts.connect(url)
+    let mut opts = options.client_options(&shown).await?;
+    // Credentials in the URL go to the client as options, and the URL
+    // without them: the client logs the server address at debug level.
+    let (url, user_info) = split_user_info(url);
+    if let Some((user, password)) = user_info {
+        if options.has_auth() {
+            return Err(Error::Config(format!(
+                "NATS {shown}: the URL carries credentials and the [nats] section sets others; keep one"
+            )));
+        }
+        opts = match password {
+            Some(password) => opts.user_and_password(user, password.expose().to_owned()),
+            // nats://<token>@host
+            None => opts.token(user),
+        };
+    }
+    opts.connect(url.as_str())
         .await
         .map_err(|source| NatsError::Connect { url: shown, source }.into_core("connect"))
+}
+
+/// `url` without its `user[:password]@` part, and that part: the user (or
+/// token) and the password. As the client does, the parts are taken as
+/// written (no percent-decoding).
+fn split_user_info(url: &str) -> (String, Option<(String, Option<Secret>)>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
+    };
+    let authority_end = rest.find(['/', '?', ',']).unwrap_or(rest.len());
+    let Some((user_info, _)) = rest[..authority_end].rsplit_once('@') else {
+        return (url.to_owned(), None);
+    };
+    let without = format!("{scheme}://{}", &rest[user_info.len() + 1..]);
+    let parts = match user_info.split_once(':') {
+        Some((user, password)) => (user.to_owned(), Some(Secret::new(password))),
+        None => (user_info.to_owned(), None),
+    };
+    (without, Some(parts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_is_taken_out_of_the_url() {
+        let (url, info) = split_user_info("nats://relay:pw@127.0.0.1:4222");
+        assert_eq!(url, "nats://127.0.0.1:4222");
+        let (user, password) = info.unwrap();
+        assert_eq!(user, "relay");
+        assert_eq!(password.unwrap().expose(), "pw");
+        let (url, info) = split_user_info("tls://tok@h:4222");
+        assert_eq!(url, "tls://h:4222");
+        assert_eq!(info.unwrap(), ("tok".to_owned(), None));
+        assert_eq!(split_user_info("nats://h:4222").0, "nats://h:4222");
+        assert_eq!(split_user_info("h:4222").0, "h:4222");
+    }
 }

@@ -85,6 +85,14 @@ impl NatsServer {
         Ok(Some(server))
     }
 
+    /// Replace the configuration text of a server started with
+    /// [`NatsServer::start_with_config`]; it takes effect at the next
+    /// [`NatsServer::restart`] (e.g. a changed password: clients that
+    /// reconnect with the old one are refused).
+    pub fn set_config(&mut self, config: &str) {
+        self.config = Some(config.to_owned());
+    }
+
     /// The JetStream store directory (`-sd`).
     pub fn store_dir(&self) -> &Path {
         self.store.path()

@@ -18,7 +18,7 @@ pub struct ConsumeArgs {
     /// The consumer's own database (inbox, dead letters, `record:` tables):
     /// `postgres://…` or a SQLite file (`sqlite://path` or a path). Created
     /// (SQLite) and migrated on start.
-    #[arg(long, env = "CUSTODY_DB")]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true, value_name = "URL")]
     pub db: String,
     /// The consumer's name in its inbox and dead letters (and the JetStream
     /// durable or embedded subscription it reads with); `custody reconcile`

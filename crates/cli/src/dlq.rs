@@ -462,7 +462,7 @@ mod tests {
     fn text_is_shown_as_is_and_binary_escaped() {
         assert_eq!(
             payload_preview(b"{\"a\": 1}\n", Some("application/json")),
-            "10 bytes, application/json\n{\"a\": 1}\n"
+            "9 bytes, application/json\n{\"a\": 1}\n"
         );
         let p = payload_preview(b"ab\x00\xff\x1b[31m", Some("application/octet-stream"));
         assert!(

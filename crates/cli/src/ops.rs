@@ -76,7 +76,7 @@ pub fn config_text(e: &custody::Error) -> String {
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// Database URL: `postgres://…` or a SQLite file (`sqlite://path` or a path).
-    #[arg(long, env = "CUSTODY_DB", hide_env_values = true)]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true, value_name = "URL")]
     pub db: String,
 }
 

@@ -17,7 +17,7 @@ use crate::ops::{config_text, redact};
 pub struct ProduceArgs {
     /// The producer's database holding the outbox: `postgres://…` or a SQLite
     /// file (`sqlite://path` or a path). Created (SQLite) and migrated if needed.
-    #[arg(long, env = "CUSTODY_DB")]
+    #[arg(long, env = "CUSTODY_DB", hide_env_values = true, value_name = "URL")]
     pub db: String,
     /// The messages' topic.
     #[arg(long)]

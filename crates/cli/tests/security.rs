@@ -556,6 +556,10 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
         vec!["relay", "--help"],
         vec!["migrate", "--help"],
         vec!["dlq", "list", "--help"],
+        vec!["consume", "--help"],
+        vec!["produce", "--help"],
+        vec!["reconcile", "--help"],
+        vec!["trace", "--help"],
     ]
     .iter()
     {

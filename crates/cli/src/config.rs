@@ -182,11 +182,31 @@ fn check_table(
         let key = join(prefix, k);
         let origin = origin_of(&key, origins);
         let Some(default) = defaults.get(k) else {
+            // a key whose default is unset (`Option`) does not serialize, so
+            // it is not among the defaults: serde says whether it is known
+            let mut expected = None;
+            if !prefix.is_empty() {
+                match leaf_error(&key, v) {
+                    None => continue,
+                    Some(e) if !e.contains("unknown field") => {
+                        problems.push(format!("{origin}: {key} = {v}: {e}"));
+                        continue;
+                    }
+                    Some(e) => {
+                        expected = e
+                            .split_once("expected one of ")
+                            .or_else(|| e.split_once("expected "))
+                            .map(|(_, list)| list.replace('`', ""))
+                    }
+                }
+            }
             let (what, known): (&str, Vec<String>) = if prefix.is_empty() {
                 (
                     "section",
                     defaults.keys().map(|s| format!("[{s}]")).collect(),
                 )
+            } else if let Some(list) = expected {
+                ("key", vec![list])
             } else {
                 ("key", defaults.keys().cloned().collect())
             };
@@ -386,6 +406,26 @@ mod tests {
             missing.contains("nats.creds-file /run/secrets/relay.creds"),
             "{missing}"
         );
+    }
+
+    #[test]
+    fn optional_keys_are_known_and_misspelt_ones_listed() {
+        let mut value: toml::Table =
+            "[nats]\nuser = \"relay\"\npassword-file = \"/run/p\"\npasword-env = \"P\"\n"
+                .parse()
+                .unwrap();
+        let defaults = match toml::Value::try_from(Config::default()).unwrap() {
+            toml::Value::Table(t) => t,
+            _ => unreachable!(),
+        };
+        let mut problems = Vec::new();
+        check_table(&mut value, &defaults, "", &Origins::new(), &mut problems);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("nats.pasword-env is not a known key"),
+            "{problems:?}"
+        );
+        assert!(problems[0].contains("password-env"), "{problems:?}");
     }
 
     #[test]

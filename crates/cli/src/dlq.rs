@@ -466,7 +466,7 @@ mod tests {
         );
         let p = payload_preview(b"ab\x00\xff\x1b[31m", Some("application/octet-stream"));
         assert!(
-            p.starts_with("8 bytes, application/octet-stream, not printable text; escaped preview:\nb\"ab\\x00\\xff\\x1b[31m\""),
+            p.starts_with("9 bytes, application/octet-stream, not printable text; escaped preview:\nb\"ab\\x00\\xff\\x1b[31m\""),
             "{p}"
         );
         assert!(!p.contains('\x1b') && !p.contains('\0'), "{p}");

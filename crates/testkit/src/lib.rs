@@ -22,6 +22,7 @@ pub mod conformance;
 pub mod memory;
 mod nats_server;
 mod pg_cluster;
+pub mod process;
 mod proxy;
 pub use certs::TestCerts;
 pub use nats_server::*;

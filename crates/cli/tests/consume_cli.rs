@@ -65,29 +65,27 @@ fn consume_embedded<'a>(
 
 /// A fresh directory for a test's SQLite files, removed when the test ends
 /// (however it ends).
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> anyhow::Result<Scratch> {
-        let d = std::env::temp_dir().join(format!("custody-{tag}-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&d)?;
-        Ok(Scratch(d))
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-
-    /// A producer and a consumer database in it: (a.db, b.db).
-    fn two_dbs(&self) -> (String, String) {
-        (self.path("a.db"), self.path("b.db"))
-    }
+fn scratch(tag: &str) -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("custody-{tag}-"))
+        .tempdir()?)
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn path(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).to_string_lossy().into_owned()
+}
+
+/// A producer and a consumer database in `dir`: (a.db, b.db).
+fn two_dbs(dir: &tempfile::TempDir) -> (String, String) {
+    (path(dir, "a.db"), path(dir, "b.db"))
+}
+
+/// One JSON value per line of `out` (`--json` and the `print` handler).
+fn json_lines(out: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    Ok(out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
 }
 
 async fn sqlite_count(db: &str, sql: &str) -> anyhow::Result<i64> {
@@ -99,8 +97,8 @@ async fn sqlite_count(db: &str, sql: &str) -> anyhow::Result<i64> {
 
 #[tokio::test]
 async fn sqlite_embedded_record_applies_each_message_once() -> anyhow::Result<()> {
-    let scratch = Scratch::new("consume-sqlite")?;
-    let (a, b) = scratch.two_dbs();
+    let dir = scratch("consume-sqlite")?;
+    let (a, b) = two_dbs(&dir);
 
     let out = produce(
         &a,
@@ -176,8 +174,8 @@ async fn sqlite_embedded_record_applies_each_message_once() -> anyhow::Result<()
 
 #[tokio::test]
 async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow::Result<()> {
-    let scratch = Scratch::new("consume-print")?;
-    let (a, b) = scratch.two_dbs();
+    let dir = scratch("consume-print")?;
+    let (a, b) = two_dbs(&dir);
     let json = r#"{"text":"héllo"}"#;
     let json_out = produce(
         &a,
@@ -186,7 +184,7 @@ async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow
     )
     .await?;
     let bytes: Vec<u8> = vec![0xff, 0xfe, 0x00, b'A', 0x80];
-    let file = scratch.path("payload.bin");
+    let file = path(&dir, "payload.bin");
     std::fs::write(&file, &bytes)?;
     let bin_out = produce(&a, "t", &["--type", "Blob", "--payload-file", &file]).await?;
     let (json_id, bin_id) = (json_out.trim(), bin_out.trim());
@@ -196,10 +194,7 @@ async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow
     consume.extend(["--max-messages", "2"]);
     let (code, out, err) = custody(&consume).await?;
     assert_eq!(code, 0, "{out}{err}");
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let lines = json_lines(&out)?;
     assert_eq!(lines.len(), 2, "{out}");
     assert_eq!(lines[0]["id"], json_id);
     assert_eq!(lines[0]["topic"], "t");
@@ -226,8 +221,8 @@ async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow
 #[tokio::test]
 async fn print_to_a_closed_pipe_stops_without_dead_letters() -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    let scratch = Scratch::new("consume-pipe")?;
-    let (a, b) = scratch.two_dbs();
+    let dir = scratch("consume-pipe")?;
+    let (a, b) = two_dbs(&dir);
     // more than a pipe's buffer (64 KiB), so the writer meets the closed end
     let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1000));
     produce(&a, "t", &["--json", &pad, "--count", "300"]).await?;
@@ -255,8 +250,8 @@ async fn print_to_a_closed_pipe_stops_without_dead_letters() -> anyhow::Result<(
 
 #[tokio::test]
 async fn bad_arguments_are_refused_with_a_clear_error() -> anyhow::Result<()> {
-    let scratch = Scratch::new("consume-args")?;
-    let (a, b) = scratch.two_dbs();
+    let dir = scratch("consume-args")?;
+    let (a, b) = two_dbs(&dir);
     for (handler, says) in [
         ("recrd:t", "print, record:<table> or http:<http(s) url>"),
         ("record:Bad-Name", "table name \"Bad-Name\" is not accepted"),
@@ -354,8 +349,8 @@ async fn http_retries_transient_statuses_and_dead_letters_refusals() -> anyhow::
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let scratch = Scratch::new("consume-http")?;
-    let (a, b) = scratch.two_dbs();
+    let dir = scratch("consume-http")?;
+    let (a, b) = two_dbs(&dir);
     let mut ids = HashMap::new();
     for t in ["Flaky", "Bad", "Good"] {
         let more = ["--key", "order 7\n", "--type", t, "--json", r#"{"id": 7}"#];
@@ -403,10 +398,7 @@ async fn http_retries_transient_statuses_and_dead_letters_refusals() -> anyhow::
     // the refused one is a dead letter with the status and the body's start
     let (code, out, err) = custody(&["dlq", "list", "--db", &b, "--json"]).await?;
     assert_eq!(code, 0, "{out}{err}");
-    let dead: Vec<serde_json::Value> = out
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let dead = json_lines(&out)?;
     assert_eq!(dead.len(), 1, "{out}");
     assert_eq!(dead[0]["message_id"], ids["Bad"].as_str());
     assert_eq!(dead[0]["origin"], "consumer:webhook");
@@ -525,8 +517,8 @@ async fn postgres_embedded_record_into_sqlite() -> anyhow::Result<()> {
     let Some(producer) = custody_testkit::postgres_db().await? else {
         return Ok(());
     };
-    let scratch = Scratch::new("consume-pg-embedded")?;
-    let b = scratch.path("b.db");
+    let dir = scratch("consume-pg-embedded")?;
+    let b = path(&dir, "b.db");
     produce(&producer.url, "orders", &["--count", "25", "--batch", "10"]).await?;
     let mut consume = consume_embedded(&b, &producer.url, "audit", "record:seen");
     consume.extend(["--max-messages", "25"]);

@@ -187,3 +187,75 @@ where
         tokio::time::sleep(every).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shell that prints `ready`, then on SIGTERM stops its sleep and
+    /// exits with `code`.
+    fn shell(code: u8) -> anyhow::Result<Proc> {
+        let script = format!("trap 'kill $!; exit {code}' TERM; echo ready; sleep 30 & wait");
+        Proc::start("shell", "sh", &["-c", &script], &[])
+    }
+
+    #[tokio::test]
+    async fn terminate_accepts_exit_0_and_refuses_any_other_status() -> anyhow::Result<()> {
+        let mut good = shell(0)?;
+        good.wait_line("ready", Duration::from_secs(10)).await?;
+        good.terminate().await?;
+
+        let mut bad = shell(3)?;
+        bad.wait_line("ready", Duration::from_secs(10)).await?;
+        let err = bad.terminate().await.err().context("exit 3 was accepted")?;
+        assert!(err.to_string().contains("after SIGTERM, not 0"), "{err:#}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn wait_line_fails_when_the_program_exits_or_the_time_runs_out() -> anyhow::Result<()> {
+        let mut quiet = Proc::start("quiet", "sh", &["-c", "echo one; exit 0"], &[])?;
+        let err = quiet
+            .wait_line("two", Duration::from_secs(10))
+            .await
+            .err()
+            .context("a line never printed was found")?;
+        assert!(err.to_string().contains("exited"), "{err:#}");
+
+        let mut slow = shell(0)?;
+        let err = slow
+            .wait_line("never", Duration::from_millis(200))
+            .await
+            .err()
+            .context("a line never printed was found")?;
+        assert!(err.to_string().contains("within"), "{err:#}");
+        slow.terminate().await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn poll_until_returns_the_last_value_at_the_deadline() -> anyhow::Result<()> {
+        let mut n = 0;
+        let reached = poll_until(
+            Duration::from_secs(10),
+            Duration::from_millis(1),
+            || {
+                n += 1;
+                let v = n;
+                async move { Ok(v) }
+            },
+            |v| *v >= 3,
+        )
+        .await?;
+        assert_eq!(reached, 3);
+        let last = poll_until(
+            Duration::from_millis(50),
+            Duration::from_millis(5),
+            || async { Ok(0) },
+            |v| *v > 0,
+        )
+        .await?;
+        assert_eq!(last, 0, "the deadline ends the wait with the last value");
+        Ok(())
+    }
+}

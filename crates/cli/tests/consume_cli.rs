@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
-use tokio::process::{Child, Command};
+use custody_testkit::process::{poll_until, Proc};
+use tokio::process::Command;
 
 /// Run `custody args…` to the end: (exit code, stdout, stderr).
 async fn custody(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
@@ -33,27 +34,58 @@ fn command(args: &[&str]) -> Command {
     c
 }
 
-/// Start `custody args…` in the background, stdout discarded; stderr kept
-/// (read at the end) when `keep_stderr`.
-fn spawn(args: &[&str], keep_stderr: bool) -> anyhow::Result<Child> {
-    Ok(command(args)
-        .stdout(Stdio::null())
-        .stderr(if keep_stderr {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .spawn()?)
+/// Run `custody produce --db <db> --topic <topic> more…`, which must
+/// succeed; its stdout.
+async fn produce(db: &str, topic: &str, more: &[&str]) -> anyhow::Result<String> {
+    let args = [&["produce", "--db", db, "--topic", topic][..], more].concat();
+    let (code, out, err) = custody(&args).await?;
+    assert_eq!(code, 0, "custody {args:?}: {out}{err}");
+    Ok(out)
 }
 
-fn temp_dir(tag: &str) -> anyhow::Result<std::path::PathBuf> {
-    let d = std::env::temp_dir().join(format!("custody-{tag}-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
+/// `custody consume` reading the outbox of `outbox` directly into `db`.
+fn consume_embedded<'a>(
+    db: &'a str,
+    outbox: &'a str,
+    name: &'a str,
+    handler: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "consume",
+        "--db",
+        db,
+        "--outbox",
+        outbox,
+        "--consumer-name",
+        name,
+        "--handler",
+        handler,
+    ]
 }
 
-fn path(dir: &std::path::Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
+/// A fresh directory for a test's SQLite files, removed when the test ends
+/// (however it ends).
+fn scratch(tag: &str) -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("custody-{tag}-"))
+        .tempdir()?)
+}
+
+fn path(dir: &tempfile::TempDir, name: &str) -> String {
+    dir.path().join(name).to_string_lossy().into_owned()
+}
+
+/// A producer and a consumer database in `dir`: (a.db, b.db).
+fn two_dbs(dir: &tempfile::TempDir) -> (String, String) {
+    (path(dir, "a.db"), path(dir, "b.db"))
+}
+
+/// One JSON value per line of `out` (`--json` and the `print` handler).
+fn json_lines(out: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    Ok(out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
 }
 
 async fn sqlite_count(db: &str, sql: &str) -> anyhow::Result<i64> {
@@ -65,51 +97,35 @@ async fn sqlite_count(db: &str, sql: &str) -> anyhow::Result<i64> {
 
 #[tokio::test]
 async fn sqlite_embedded_record_applies_each_message_once() -> anyhow::Result<()> {
-    let dir = temp_dir("consume-sqlite")?;
-    let (a, b) = (path(&dir, "orders.db"), path(&dir, "billing.db"));
+    let dir = scratch("consume-sqlite")?;
+    let (a, b) = two_dbs(&dir);
 
-    let (code, out, err) = custody(&[
-        "produce",
-        "--db",
+    let out = produce(
         &a,
-        "--topic",
         "orders",
-        "--key",
-        "customer-7",
-        "--type",
-        "OrderPlaced",
-        "--json",
-        r#"{"total": 990}"#,
-        "--count",
-        "50",
-        "--batch",
-        "20",
-    ])
+        &[
+            "--key",
+            "customer-7",
+            "--type",
+            "OrderPlaced",
+            "--json",
+            r#"{"total": 990}"#,
+            "--count",
+            "50",
+            "--batch",
+            "20",
+        ],
+    )
     .await?;
-    assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.starts_with("enqueued 50 messages of topic orders"),
         "{out}"
     );
     // and one message of another topic, which the consumer must not take
-    let (code, out, err) = custody(&["produce", "--db", &a, "--topic", "other"]).await?;
-    assert_eq!(code, 0, "{out}{err}");
+    produce(&a, "other", &[]).await?;
 
-    let consume = [
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &a,
-        "--consumer-name",
-        "billing",
-        "--topic",
-        "orders",
-        "--handler",
-        "record:received",
-        "--max-messages",
-        "50",
-    ];
+    let mut consume = consume_embedded(&b, &a, "billing", "record:received");
+    consume.extend(["--topic", "orders", "--max-messages", "50"]);
     let (code, out, err) = custody(&consume).await?;
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("processed 50,"), "{err}");
@@ -153,66 +169,32 @@ async fn sqlite_embedded_record_applies_each_message_once() -> anyhow::Result<()
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("processed 0, duplicates skipped 50,"), "{err}");
     assert_eq!(sqlite_count(&b, "SELECT count(*) FROM received").await?, 50);
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
 #[tokio::test]
 async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow::Result<()> {
-    let dir = temp_dir("consume-print")?;
-    let (a, b) = (path(&dir, "a.db"), path(&dir, "b.db"));
-    let (code, json_out, err) = custody(&[
-        "produce",
-        "--db",
+    let dir = scratch("consume-print")?;
+    let (a, b) = two_dbs(&dir);
+    let json = r#"{"text":"héllo"}"#;
+    let json_out = produce(
         &a,
-        "--topic",
         "t",
-        "--json",
-        r#"{"text":"héllo"}"#,
-        "--header",
-        "correlationid=req-1",
-    ])
+        &["--json", json, "--header", "correlationid=req-1"],
+    )
     .await?;
-    assert_eq!(code, 0, "{json_out}{err}");
     let bytes: Vec<u8> = vec![0xff, 0xfe, 0x00, b'A', 0x80];
-    let file = dir.join("payload.bin");
+    let file = path(&dir, "payload.bin");
     std::fs::write(&file, &bytes)?;
-    let file = file.to_string_lossy().into_owned();
-    let (code, bin_out, err) = custody(&[
-        "produce",
-        "--db",
-        &a,
-        "--topic",
-        "t",
-        "--type",
-        "Blob",
-        "--payload-file",
-        &file,
-    ])
-    .await?;
-    assert_eq!(code, 0, "{bin_out}{err}");
+    let bin_out = produce(&a, "t", &["--type", "Blob", "--payload-file", &file]).await?;
     let (json_id, bin_id) = (json_out.trim(), bin_out.trim());
     assert_eq!(json_id.len(), 36, "{json_out}");
 
-    let (code, out, err) = custody(&[
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &a,
-        "--consumer-name",
-        "printer",
-        "--handler",
-        "print",
-        "--max-messages",
-        "2",
-    ])
-    .await?;
+    let mut consume = consume_embedded(&b, &a, "printer", "print");
+    consume.extend(["--max-messages", "2"]);
+    let (code, out, err) = custody(&consume).await?;
     assert_eq!(code, 0, "{out}{err}");
-    let lines: Vec<serde_json::Value> = out
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let lines = json_lines(&out)?;
     assert_eq!(lines.len(), 2, "{out}");
     assert_eq!(lines[0]["id"], json_id);
     assert_eq!(lines[0]["topic"], "t");
@@ -231,7 +213,6 @@ async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow
         base64::engine::general_purpose::STANDARD.encode(&bytes)
     );
     assert!(err.contains("processed 2,"), "stats go to stderr: {err}");
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -240,29 +221,15 @@ async fn print_writes_one_json_line_per_message_and_base64_for_bytes() -> anyhow
 #[tokio::test]
 async fn print_to_a_closed_pipe_stops_without_dead_letters() -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    let dir = temp_dir("consume-pipe")?;
-    let (a, b) = (path(&dir, "a.db"), path(&dir, "b.db"));
+    let dir = scratch("consume-pipe")?;
+    let (a, b) = two_dbs(&dir);
     // more than a pipe's buffer (64 KiB), so the writer meets the closed end
     let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1000));
-    let (code, out, err) = custody(&[
-        "produce", "--db", &a, "--topic", "t", "--json", &pad, "--count", "300",
-    ])
-    .await?;
-    assert_eq!(code, 0, "{out}{err}");
-    let mut child = command(&[
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &a,
-        "--consumer-name",
-        "reader",
-        "--handler",
-        "print",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()?;
+    produce(&a, "t", &["--json", &pad, "--count", "300"]).await?;
+    let mut child = command(&consume_embedded(&b, &a, "reader", "print"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
     let stdout = child
         .stdout
         .take()
@@ -278,33 +245,20 @@ async fn print_to_a_closed_pipe_stops_without_dead_letters() -> anyhow::Result<(
     let (code, out, err) = custody(&["dlq", "list", "--db", &b, "--json"]).await?;
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.trim(), "", "nothing dead-lettered for a closed pipe");
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
 #[tokio::test]
 async fn bad_arguments_are_refused_with_a_clear_error() -> anyhow::Result<()> {
-    let dir = temp_dir("consume-args")?;
-    let (a, b) = (path(&dir, "a.db"), path(&dir, "b.db"));
-    let base = [
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &a,
-        "--consumer-name",
-        "c",
-        "--handler",
-    ];
+    let dir = scratch("consume-args")?;
+    let (a, b) = two_dbs(&dir);
     for (handler, says) in [
         ("recrd:t", "print, record:<table> or http:<http(s) url>"),
         ("record:Bad-Name", "table name \"Bad-Name\" is not accepted"),
         ("record:custody_inbox", "reserved"),
         ("http:ftp://example.com/x", "not an http:// or https:// URL"),
     ] {
-        let mut args = base.to_vec();
-        args.push(handler);
-        let (code, out, err) = custody(&args).await?;
+        let (code, out, err) = custody(&consume_embedded(&b, &a, "c", handler)).await?;
         assert_ne!(code, 0, "{handler}: {out}{err}");
         assert!(err.contains(says), "{handler}: {err}");
     }
@@ -322,35 +276,13 @@ async fn bad_arguments_are_refused_with_a_clear_error() -> anyhow::Result<()> {
     assert_ne!(code, 0);
     assert!(err.contains("--nats") && err.contains("--outbox"), "{err}");
     // NATS flags without --nats would be ignored: refused
-    let (code, _, err) = custody(&[
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &a,
-        "--stream",
-        "ORDERS",
-        "--consumer-name",
-        "c",
-        "--handler",
-        "print",
-    ])
-    .await?;
+    let mut with_stream = consume_embedded(&b, &a, "c", "print");
+    with_stream.extend(["--stream", "ORDERS"]);
+    let (code, _, err) = custody(&with_stream).await?;
     assert_ne!(code, 0);
     assert!(err.contains("--nats"), "{err}");
     // a producer database that does not exist is not created
-    let (code, _, err) = custody(&[
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &a,
-        "--consumer-name",
-        "c",
-        "--handler",
-        "print",
-    ])
-    .await?;
+    let (code, _, err) = custody(&consume_embedded(&b, &a, "c", "print")).await?;
     assert_ne!(code, 0);
     assert!(err.contains("does not exist"), "{err}");
     assert!(!std::path::Path::new(&a).exists());
@@ -362,7 +294,6 @@ async fn bad_arguments_are_refused_with_a_clear_error() -> anyhow::Result<()> {
         custody(&["produce", "--db", &a, "--topic", "t", "--header", "Bad=1"]).await?;
     assert_ne!(code, 0);
     assert!(err.contains("Bad"), "{err}");
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -418,42 +349,18 @@ async fn http_retries_transient_statuses_and_dead_letters_refusals() -> anyhow::
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let dir = temp_dir("consume-http")?;
-    let (a, b) = (path(&dir, "a.db"), path(&dir, "b.db"));
+    let dir = scratch("consume-http")?;
+    let (a, b) = two_dbs(&dir);
     let mut ids = HashMap::new();
     for t in ["Flaky", "Bad", "Good"] {
-        let (code, out, err) = custody(&[
-            "produce",
-            "--db",
-            &a,
-            "--topic",
-            "orders",
-            "--key",
-            "order 7\n",
-            "--type",
-            t,
-            "--json",
-            r#"{"id": 7}"#,
-        ])
-        .await?;
-        assert_eq!(code, 0, "{out}{err}");
+        let more = ["--key", "order 7\n", "--type", t, "--json", r#"{"id": 7}"#];
+        let out = produce(&a, "orders", &more).await?;
         ids.insert(t, out.trim().to_owned());
     }
     let url = format!("http:http://{addr}/hook");
-    let (code, out, err) = custody(&[
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &a,
-        "--consumer-name",
-        "webhook",
-        "--handler",
-        &url,
-        "--max-messages",
-        "3",
-    ])
-    .await?;
+    let mut consume = consume_embedded(&b, &a, "webhook", &url);
+    consume.extend(["--max-messages", "3"]);
+    let (code, out, err) = custody(&consume).await?;
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("processed 2,"), "{err}");
     assert!(err.contains("dead-lettered 1,"), "{err}");
@@ -491,10 +398,7 @@ async fn http_retries_transient_statuses_and_dead_letters_refusals() -> anyhow::
     // the refused one is a dead letter with the status and the body's start
     let (code, out, err) = custody(&["dlq", "list", "--db", &b, "--json"]).await?;
     assert_eq!(code, 0, "{out}{err}");
-    let dead: Vec<serde_json::Value> = out
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let dead = json_lines(&out)?;
     assert_eq!(dead.len(), 1, "{out}");
     assert_eq!(dead[0]["message_id"], ids["Bad"].as_str());
     assert_eq!(dead[0]["origin"], "consumer:webhook");
@@ -504,7 +408,6 @@ async fn http_retries_transient_statuses_and_dead_letters_refusals() -> anyhow::
         "{error}"
     );
     server.abort();
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -534,62 +437,40 @@ async fn postgres_nats_consumer_killed_mid_run_applies_each_message_once() -> an
     let stream = custody_testkit::unique_name("CONSUME");
     let prefix = custody_testkit::unique_name("consume");
     const TOTAL: i64 = 3000;
-    let (code, out, err) = custody(&[
-        "produce",
-        "--db",
+    let total = TOTAL.to_string();
+    produce(
         &producer.url,
-        "--topic",
         "orders",
-        "--json",
-        "{}",
-        "--count",
-        &TOTAL.to_string(),
-    ])
+        &["--json", "{}", "--count", &total],
+    )
     .await?;
-    assert_eq!(code, 0, "{out}{err}");
-    let mut relay = spawn(
-        &[
-            "relay",
-            "--db",
-            &producer.url,
-            "--nats",
-            &nats,
-            "--stream",
-            &stream,
-            "--subject-prefix",
-            &prefix,
-        ],
-        false,
-    )?;
-    let consume = [
-        "consume",
-        "--db",
-        &consumer.url,
+    let nats_args = [
         "--nats",
         &nats,
         "--stream",
         &stream,
         "--subject-prefix",
         &prefix,
-        "--consumer-name",
-        "billing",
-        "--topic",
-        "orders",
-        "--handler",
-        "record:received",
     ];
-    let count_sql = "SELECT count(*) FROM received";
+    let relay_args = [&["relay", "--db", &producer.url][..], &nats_args].concat();
+    let mut relay = Proc::spawn("relay", command(&relay_args))?;
+    let consume = [
+        &[
+            "consume",
+            "--db",
+            &consumer.url,
+            "--consumer-name",
+            "billing",
+        ][..],
+        &["--topic", "orders", "--handler", "record:received"],
+        &nats_args,
+    ]
+    .concat();
+    let count = || pg_count(&consumer.url, "SELECT count(*) FROM received");
     let result = async {
-        let mut first = spawn(&consume, false)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        let mut at_kill = 0;
-        while tokio::time::Instant::now() < deadline {
-            at_kill = pg_count(&consumer.url, count_sql).await?;
-            if at_kill > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut first = Proc::spawn("first consumer", command(&consume))?;
+        let every = Duration::from_millis(20);
+        let at_kill = poll_until(Duration::from_secs(60), every, count, |n| *n > 0).await?;
         first.kill().await?; // SIGKILL
         assert!(
             at_kill > 0,
@@ -597,20 +478,13 @@ async fn postgres_nats_consumer_killed_mid_run_applies_each_message_once() -> an
         );
         eprintln!("consumer killed after {at_kill} of {TOTAL} rows");
 
-        let second = spawn(&consume, true)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-        let mut n = 0;
-        while tokio::time::Instant::now() < deadline {
-            n = pg_count(&consumer.url, count_sql).await?;
-            if n >= TOTAL {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let mut second = Proc::spawn("second consumer", command(&consume))?;
+        let every = Duration::from_millis(100);
+        let n = poll_until(Duration::from_secs(90), every, count, |n| *n >= TOTAL).await?;
         assert_eq!(n, TOTAL, "every message applied after the restart");
         // a little longer: nothing applied twice arrives late
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(pg_count(&consumer.url, count_sql).await?, TOTAL);
+        assert_eq!(count().await?, TOTAL);
         assert_eq!(
             pg_count(
                 &consumer.url,
@@ -620,16 +494,10 @@ async fn postgres_nats_consumer_killed_mid_run_applies_each_message_once() -> an
             TOTAL
         );
         // SIGTERM: graceful stop, exit 0, counters printed
-        let pid = second.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        assert!(status.success());
-        let out =
-            tokio::time::timeout(Duration::from_secs(30), second.wait_with_output()).await??;
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{err}");
-        assert!(err.contains("consume stopped: processed"), "{err}");
+        second.terminate().await?;
+        second
+            .wait_line("consume stopped: processed", Duration::from_secs(5))
+            .await?;
         anyhow::Ok(())
     }
     .await;
@@ -649,35 +517,12 @@ async fn postgres_embedded_record_into_sqlite() -> anyhow::Result<()> {
     let Some(producer) = custody_testkit::postgres_db().await? else {
         return Ok(());
     };
-    let dir = temp_dir("consume-pg-embedded")?;
+    let dir = scratch("consume-pg-embedded")?;
     let b = path(&dir, "b.db");
-    let (code, out, err) = custody(&[
-        "produce",
-        "--db",
-        &producer.url,
-        "--topic",
-        "orders",
-        "--count",
-        "25",
-        "--batch",
-        "10",
-    ])
-    .await?;
-    assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = custody(&[
-        "consume",
-        "--db",
-        &b,
-        "--outbox",
-        &producer.url,
-        "--consumer-name",
-        "audit",
-        "--handler",
-        "record:seen",
-        "--max-messages",
-        "25",
-    ])
-    .await?;
+    produce(&producer.url, "orders", &["--count", "25", "--batch", "10"]).await?;
+    let mut consume = consume_embedded(&b, &producer.url, "audit", "record:seen");
+    consume.extend(["--max-messages", "25"]);
+    let (code, out, err) = custody(&consume).await?;
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("processed 25,"), "{err}");
     assert_eq!(
@@ -685,6 +530,5 @@ async fn postgres_embedded_record_into_sqlite() -> anyhow::Result<()> {
         25
     );
     assert_eq!(sqlite_count(&b, "SELECT count(*) FROM seen").await?, 25);
-    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }

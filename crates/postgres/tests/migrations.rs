@@ -15,17 +15,7 @@ use sqlx::PgPool;
 
 /// The versions of custody's migration files, read from the directory.
 fn custody_versions() -> anyhow::Result<Vec<i64>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    let mut versions = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if let Some((v, _)) = name.split_once('_').filter(|_| name.ends_with(".sql")) {
-            versions.push(v.parse()?);
-        }
-    }
-    versions.sort();
-    anyhow::ensure!(!versions.is_empty(), "no migration files found");
-    Ok(versions)
+    custody_testkit::migration_versions(&Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
 }
 
 async fn recorded(pool: &PgPool) -> anyhow::Result<Vec<i64>> {

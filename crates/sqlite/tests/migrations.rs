@@ -14,17 +14,7 @@ use sqlx::SqlitePool;
 
 /// The versions of custody's migration files, read from the directory.
 fn custody_versions() -> anyhow::Result<Vec<i64>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
-    let mut versions = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if let Some((v, _)) = name.split_once('_').filter(|_| name.ends_with(".sql")) {
-            versions.push(v.parse()?);
-        }
-    }
-    versions.sort();
-    anyhow::ensure!(!versions.is_empty(), "no migration files found");
-    Ok(versions)
+    custody_testkit::migration_versions(&Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations"))
 }
 
 async fn recorded(pool: &SqlitePool) -> anyhow::Result<Vec<i64>> {
@@ -51,6 +41,20 @@ async fn sqlx_rows(pool: &SqlitePool) -> anyhow::Result<Option<Vec<i64>>> {
     ))
 }
 
+/// `installed_on` is in unix milliseconds (like every custody timestamp
+/// here) and within ten minutes of now.
+async fn assert_installed_now(pool: &SqlitePool) -> anyhow::Result<()> {
+    let installed: i64 = sqlx::query_scalar("SELECT MIN(installed_on) FROM custody_migrations")
+        .fetch_one(pool)
+        .await?;
+    let now = chrono::Utc::now().timestamp_millis();
+    assert!(
+        (now - 600_000..=now + 600_000).contains(&installed),
+        "{installed}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_fresh_file_records_custodys_migrations_in_its_own_table() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -62,15 +66,7 @@ async fn a_fresh_file_records_custodys_migrations_in_its_own_table() -> anyhow::
     assert_eq!((first.already, first.adopted), (0, 0));
     assert_eq!(recorded(&pool).await?, versions);
     assert_eq!(sqlx_rows(&pool).await?, None, "_sqlx_migrations created");
-    // installed_on in unix milliseconds, like every custody timestamp here
-    let installed: i64 = sqlx::query_scalar("SELECT MIN(installed_on) FROM custody_migrations")
-        .fetch_one(&pool)
-        .await?;
-    let now = chrono::Utc::now().timestamp_millis();
-    assert!(
-        (now - 600_000..=now + 600_000).contains(&installed),
-        "{installed}"
-    );
+    assert_installed_now(&pool).await?;
     check_schema(&pool).await?;
 
     let second = migrate(&pool).await?;
@@ -128,14 +124,7 @@ async fn a_file_migrated_the_old_way_is_adopted_once() -> anyhow::Result<()> {
     assert_eq!(recorded(&pool).await?, versions);
     assert_eq!(sqlx_rows(&pool).await?, Some(vec![]));
     // sqlx's TIMESTAMP text became unix milliseconds
-    let installed: i64 = sqlx::query_scalar("SELECT MIN(installed_on) FROM custody_migrations")
-        .fetch_one(&pool)
-        .await?;
-    let now = chrono::Utc::now().timestamp_millis();
-    assert!(
-        (now - 600_000..=now + 600_000).contains(&installed),
-        "{installed}"
-    );
+    assert_installed_now(&pool).await?;
     check_schema(&pool).await?;
     assert_eq!(migrate(&pool).await?.adopted, 0);
     Ok(())

@@ -22,6 +22,7 @@ pub mod conformance;
 pub mod memory;
 mod nats_server;
 mod pg_cluster;
+pub mod process;
 mod proxy;
 pub use certs::TestCerts;
 pub use nats_server::*;
@@ -176,4 +177,29 @@ pub async fn nats() -> anyhow::Result<Option<String>> {
 pub fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
+}
+
+/// The versions of the migration files (`<version>_<name>.sql`) in `dir`,
+/// sorted: what a backend's `migrate` must apply and record. An error if the
+/// directory cannot be read, a version is not a number, or there is none.
+pub fn migration_versions(dir: &std::path::Path) -> anyhow::Result<Vec<i64>> {
+    let mut versions = Vec::new();
+    for entry in std::fs::read_dir(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read migrations in {}: {e}", dir.display()))?
+    {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some((v, _)) = name.split_once('_').filter(|_| name.ends_with(".sql")) {
+            versions.push(
+                v.parse()
+                    .map_err(|e| anyhow::anyhow!("{name}: version {v:?} is not a number: {e}"))?,
+            );
+        }
+    }
+    versions.sort();
+    anyhow::ensure!(
+        !versions.is_empty(),
+        "no migration files in {}",
+        dir.display()
+    );
+    Ok(versions)
 }

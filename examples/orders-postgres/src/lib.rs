@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use custody::nats::StreamSpec;
+use custody::postgres::{connect, migrate};
 use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
 
 /// The event the producer commits with each order and the consumer applies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,4 +65,23 @@ pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
         .with_context(|| format!("cannot serve metrics on {addr}; is the port in use?"))?;
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
     Ok(())
+}
+
+/// How each program here starts, after parsing its arguments: logging to
+/// stderr ([`init_logging`]) and, if `metrics_addr` is given, the Prometheus
+/// endpoint ([`serve_metrics`]).
+pub fn start(metrics_addr: Option<SocketAddr>) -> anyhow::Result<()> {
+    init_logging();
+    if let Some(addr) = metrics_addr {
+        serve_metrics(addr)?;
+    }
+    Ok(())
+}
+
+/// Connect to the service's own database and create or upgrade custody's
+/// tables in it; the service's own tables are its to create.
+pub async fn open_database(url: &str) -> anyhow::Result<PgPool> {
+    let pool = connect(url).await?;
+    migrate(&pool).await?; // custody's tables (outbox, inbox, dead letters, lease); safe at every start
+    Ok(pool)
 }

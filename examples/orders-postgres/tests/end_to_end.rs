@@ -6,111 +6,15 @@
 //! hold every order once.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use anyhow::Context;
+use custody_testkit::process::{poll_until, Proc};
 
 const ORDERS: usize = 40;
 
-/// A started program and what it printed so far (stdout and stderr, in order).
-struct Proc {
-    name: &'static str,
-    child: Child,
-    output: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn start(name: &'static str, exe: &str, args: &[&str]) -> anyhow::Result<Proc> {
-        let mut child = Command::new(exe)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {exe}"))?;
-        let output = Arc::new(Mutex::new(Vec::new()));
-        if let Some(out) = child.stdout.take() {
-            collect(BufReader::new(out), output.clone());
-        }
-        if let Some(err) = child.stderr.take() {
-            collect(BufReader::new(err), output.clone());
-        }
-        Ok(Proc {
-            name,
-            child,
-            output,
-        })
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.output.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// The first line starting with `prefix`, waiting at most `within`.
-    async fn wait_line(&mut self, prefix: &str, within: Duration) -> anyhow::Result<String> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(l) = self.lines().into_iter().find(|l| l.starts_with(prefix)) {
-                return Ok(l);
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited ({status}) before printing {prefix:?}:\n{}",
-                    self.name,
-                    self.lines().join("\n")
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} printed no {prefix:?} within {within:?}:\n{}",
-                    self.name,
-                    self.lines().join("\n")
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Send SIGTERM and wait (bounded) for the exit; the status must be 0.
-    async fn terminate(&mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().context("process already reaped")?;
-        let sent = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .with_context(|| format!("{} did not stop within 30 s of SIGTERM", self.name))??;
-        // let the readers take the last lines
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        anyhow::ensure!(
-            status.success(),
-            "{} exited with {status} after SIGTERM, not 0:\n{}",
-            self.name,
-            self.lines().join("\n")
-        );
-        Ok(())
-    }
-}
-
-fn collect<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
-    reader: BufReader<R>,
-    into: Arc<Mutex<Vec<String>>>,
-) {
-    tokio::spawn(async move {
-        let mut lines = reader.lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Ok(mut v) = into.lock() {
-                v.push(line);
-            }
-        }
-    });
-}
+/// The programs log at `info`, whatever the test's environment says.
+const LOG: &[(&str, &str)] = &[("RUST_LOG", "info")];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_reach_billing_through_nats_once_and_all_stop_on_sigterm() -> anyhow::Result<()> {
@@ -143,11 +47,13 @@ async fn orders_reach_billing_through_nats_once_and_all_stop_on_sigterm() -> any
         "consumer",
         env!("CARGO_BIN_EXE_pg-consumer"),
         &[&["--database-url", &billing_db.url][..], &nats_args[..]].concat(),
+        LOG,
     )?;
     let mut producer = Proc::start(
         "producer",
         env!("CARGO_BIN_EXE_pg-producer"),
         &["--database-url", &orders_db.url, "--listen", "127.0.0.1:0"],
+        LOG,
     )?;
     let line = producer
         .wait_line("producer listening on ", Duration::from_secs(60))
@@ -157,6 +63,7 @@ async fn orders_reach_billing_through_nats_once_and_all_stop_on_sigterm() -> any
         "relay",
         env!("CARGO_BIN_EXE_pg-relay"),
         &[&["--database-url", &orders_db.url][..], &nats_args[..]].concat(),
+        LOG,
     )?;
 
     let http = reqwest::Client::new();
@@ -187,24 +94,24 @@ async fn orders_reach_billing_through_nats_once_and_all_stop_on_sigterm() -> any
 
     // Bounded wait until billing has applied every order.
     let billing = sqlx::PgPool::connect(&billing_db.url).await?;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut rows: i64 = -1;
-    while Instant::now() < deadline {
-        rows = sqlx::query_scalar("SELECT COUNT(*) FROM ledger")
-            .fetch_one(&billing)
-            .await
-            .unwrap_or(-1);
-        if rows >= ORDERS as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let rows = poll_until(
+        Duration::from_secs(90),
+        Duration::from_millis(100),
+        || async {
+            Ok(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM ledger")
+                .fetch_one(&billing)
+                .await
+                .unwrap_or(-1))
+        },
+        |rows| *rows >= ORDERS as i64,
+    )
+    .await?;
     assert_eq!(
         rows,
         ORDERS as i64,
         "ledger rows after 90 s\nrelay:\n{}\nconsumer:\n{}",
-        relay.lines().join("\n"),
-        consumer.lines().join("\n")
+        relay.output(),
+        consumer.output()
     );
 
     relay.terminate().await?;

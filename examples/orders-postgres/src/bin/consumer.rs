@@ -9,9 +9,9 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use custody::nats::{ensure_stream, NatsSubscriber};
-use custody::postgres::{connect, migrate, PgInbox};
+use custody::postgres::PgInbox;
 use custody::{ConsumerConfig, Handler, HandlerError, LeaseConfig, LeasedConsumer, Message};
-use example_orders_postgres::{init_logging, serve_metrics, NatsArgs, OrderPlaced};
+use example_orders_postgres::{open_database, start, NatsArgs, OrderPlaced};
 
 /// The billing service: a consumer of the `orders` topic.
 #[derive(Parser, Debug)]
@@ -66,13 +66,9 @@ impl Handler<sqlx::Transaction<'static, sqlx::Postgres>> for Billing {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
     let args = Args::parse();
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr)?;
-    }
-    let pool = connect(&args.database_url).await?;
-    migrate(&pool).await?; // custody's tables (inbox, dead letters, lease); safe at every start
+    start(args.metrics_addr)?;
+    let pool = open_database(&args.database_url).await?; // with custody's tables (inbox, lease)
     sqlx::query(CREATE_LEDGER).execute(&pool).await?;
 
     let spec = args.nats.spec(); // the relay's stream and subject prefix

@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use clap::Parser;
-use custody::postgres::{connect, migrate, PgOutbox};
+use custody::postgres::PgOutbox;
 use custody::Message;
-use example_orders_postgres::{init_logging, serve_metrics, OrderPlaced};
+use example_orders_postgres::{open_database, start, OrderPlaced};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -34,7 +34,7 @@ struct Args {
     metrics_addr: Option<SocketAddr>,
 }
 
-/// The service's own table; custody's tables come from `migrate`.
+/// The service's own table; custody's tables come from `open_database` (`migrate`).
 const CREATE_ORDERS: &str = "CREATE TABLE IF NOT EXISTS orders (
     id BIGSERIAL PRIMARY KEY,
     customer TEXT NOT NULL,
@@ -61,13 +61,9 @@ struct Placed {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
     let args = Args::parse();
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr)?;
-    }
-    let pool = connect(&args.database_url).await?;
-    migrate(&pool).await?; // custody's tables (the outbox); safe at every start
+    start(args.metrics_addr)?;
+    let pool = open_database(&args.database_url).await?; // with custody's tables (the outbox)
     sqlx::query(CREATE_ORDERS).execute(&pool).await?;
     let app = App {
         outbox: PgOutbox::new(pool.clone()),

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 
 use clap::Parser;
 use custody::nats::{ensure_stream, NatsPublisher};
-use custody::postgres::{connect, migrate, PgOutbox};
+use custody::postgres::PgOutbox;
 use custody::{Relay, RelayConfig};
-use example_orders_postgres::{init_logging, serve_metrics, NatsArgs};
+use example_orders_postgres::{open_database, start, NatsArgs};
 
 /// The relay from the orders service's outbox to NATS JetStream.
 #[derive(Parser, Debug)]
@@ -28,13 +28,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
     let args = Args::parse();
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr)?;
-    }
-    let pool = connect(&args.database_url).await?;
-    migrate(&pool).await?;
+    start(args.metrics_addr)?;
+    let pool = open_database(&args.database_url).await?;
 
     let spec = args.nats.spec(); // subjects <prefix>.<topic>
     let client = custody::nats::connect(&args.nats.nats).await?; // one NATS client per process

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use clap::Parser;
-use custody::sqlite::{connect, migrate, open_existing, SqliteEmbeddedSubscriber, SqliteInbox};
+use custody::sqlite::{open_existing, SqliteEmbeddedSubscriber, SqliteInbox};
 use custody::{Consumer, ConsumerConfig, Handler, HandlerError, Message};
-use example_orders_sqlite::{init_logging, serve_metrics, OrderPlaced};
+use example_orders_sqlite::{open_database, start, OrderPlaced};
 
 /// The billing service: a consumer of the orders service's `orders` topic.
 #[derive(Parser, Debug)]
@@ -66,16 +66,12 @@ impl Handler<sqlx::Transaction<'static, sqlx::Sqlite>> for Billing {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
     let args = Args::parse();
-    if let Some(addr) = args.metrics_addr {
-        serve_metrics(addr)?;
-    }
+    start(args.metrics_addr)?;
     let orders = open_existing(&args.orders_db)
         .await
         .context("cannot read the orders service's outbox; start the producer first")?;
-    let billing = connect(&args.db).await?;
-    migrate(&billing).await?; // custody's tables (inbox, dead letters); safe at every start
+    let billing = open_database(&args.db).await?; // with custody's tables (inbox, dead letters)
     sqlx::query(CREATE_LEDGER).execute(&billing).await?;
 
     let topics = ["orders".to_owned()];

@@ -250,9 +250,9 @@ async fn relay_runs_under_a_dml_only_role() -> anyhow::Result<()> {
         format!("CREATE ROLE {} LOGIN", role.name),
         format!("GRANT CONNECT ON DATABASE {} TO {}", db.name, role.name),
         format!("GRANT USAGE ON SCHEMA public TO {}", role.name),
-        format!("GRANT SELECT ON _sqlx_migrations TO {}", role.name),
+        format!("GRANT SELECT ON custody_migrations TO {}", role.name),
         format!(
-            "DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'custody\\_%' LOOP EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO {}', t); END LOOP; END $$",
+            "DO $$ DECLARE t text; BEGIN FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename LIKE 'custody\\_%' AND tablename <> 'custody_migrations' LOOP EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO {}', t); END LOOP; END $$",
             role.name
         ),
     ] {

@@ -97,7 +97,7 @@ impl fmt::Display for HandlerSpec {
         match self {
             HandlerSpec::Print => f.write_str("print"),
             HandlerSpec::Record(t) => write!(f, "record:{t}"),
-            HandlerSpec::Http(url) => write!(f, "http:{url}"),
+            HandlerSpec::Http(url) => write!(f, "http:{}", custody_core::redact_url(url)),
         }
     }
 }
@@ -204,7 +204,10 @@ impl<R> DeclarativeHandler<R> {
                     .user_agent(concat!("custody/", env!("CARGO_PKG_VERSION")))
                     .build()
                     .map_err(|e| {
-                        Error::Config(format!("cannot build the HTTP client for {url}: {e}"))
+                        Error::Config(format!(
+                            "cannot build the HTTP client for {}: {e}",
+                            custody_core::redact_url(url)
+                        ))
                     })?,
                 url: url.clone(),
             },
@@ -387,6 +390,8 @@ async fn post(
     url: &str,
     message: &Message,
 ) -> std::result::Result<(), HandlerError> {
+    // what errors (and so dead letters) show: never the URL's password
+    let shown = custody_core::redact_url(url);
     let mut request = client.post(url).body(message.payload.clone());
     for (name, value) in http_headers(message) {
         request = request.header(name, value);
@@ -396,7 +401,7 @@ async fn post(
         // connection refused, reset, timeout, TLS trouble: maybe later
         Err(e) => {
             return Err(HandlerError::transient(format!(
-                "POST {url} failed: {}",
+                "POST {shown} failed: {}",
                 error_chain(&e)
             )))
         }
@@ -415,7 +420,7 @@ async fn post(
     body.truncate(BODY_PREVIEW);
     let body = String::from_utf8_lossy(&body);
     let text = format!(
-        "POST {url} answered HTTP {status}; response body: {}",
+        "POST {shown} answered HTTP {status}; response body: {}",
         escape_text(body.trim())
     );
     if status_is_transient(status.as_u16()) {
@@ -575,6 +580,27 @@ impl<Tx: Send + 'static> RecordSink<Tx> for NoRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_password_in_the_url_is_never_shown() {
+        let spec: HandlerSpec = "http:https://hook:s3cret@127.0.0.1:9/x".parse().unwrap();
+        let shown = spec.to_string();
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.starts_with("http:https://hook:"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn errors_about_the_endpoint_hide_its_password() {
+        let client = reqwest::Client::new();
+        let msg = Message::builder("t", "k", "T").build().unwrap();
+        // port 9 (discard) is closed on loopback: the POST fails to connect
+        let err = post(&client, "http://hook:s3cret@127.0.0.1:9/x", &msg)
+            .await
+            .unwrap_err();
+        let text = format!("{err:?} {err}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("127.0.0.1:9"), "{text}");
+    }
 
     #[test]
     fn parses_the_forms() {

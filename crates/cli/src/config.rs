@@ -196,7 +196,14 @@ fn check_table(
                         expected = e
                             .split_once("expected one of ")
                             .or_else(|| e.split_once("expected "))
-                            .map(|(_, list)| list.replace('`', ""))
+                            .map(|(_, list)| {
+                                let mut keys: Vec<String> = list
+                                    .split(", ")
+                                    .map(|k| k.trim_matches('`').to_owned())
+                                    .collect();
+                                keys.sort();
+                                keys.join(", ")
+                            })
                     }
                 }
             }

@@ -274,7 +274,9 @@ fn help_names_every_command_with_its_purpose() -> anyhow::Result<()> {
     for (name, purpose) in &commands {
         assert!(purpose.len() > 10, "{name} has no purpose line:\n{out}");
         // every command listed exists
-        if *name != "help" {
+        // demo, bench and chaos forward to separate binaries, which a test
+        // build does not always build (tools_cli.rs tests the forwarding)
+        if !["help", "demo", "bench", "chaos"].contains(name) {
             let (code, o, e) = custody(&[name, "--help"])?;
             assert_eq!(code, 0, "custody {name} --help: {o}{e}");
         }

@@ -5,7 +5,7 @@
 CREATE TABLE custody_outbox (
     -- assigned at insert, not at commit: readers need the txid guard below
     position      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    -- visibility guard (DESIGN.md invariant 5): readers only take rows with
+    -- visibility guard (docs/ARCHITECTURE.md invariant 5): readers only take rows with
     -- txid < pg_snapshot_xmin(pg_current_snapshot())
     txid          xid8 NOT NULL DEFAULT pg_current_xact_id(),
     id            UUID NOT NULL UNIQUE,

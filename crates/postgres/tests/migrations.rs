@@ -221,6 +221,43 @@ async fn a_changed_checksum_is_an_error_naming_the_migration() -> anyhow::Result
     Ok(())
 }
 
+/// The checksum 0001_custody.sql had before its comment was reworded (it
+/// cited an invariant by a document outside the repository), as databases
+/// migrated before then recorded it.
+const OLD_0001: &str = "763e0fdc18c2c962e777d5c910ac5853747cca27ca2abb6852fa1efb26aaa5ce18655aa7494af490e7a3c614a7d7466b";
+
+#[tokio::test]
+async fn a_database_recorded_before_a_comment_only_edit_is_current() -> anyhow::Result<()> {
+    let Some(db) = custody_testkit::postgres_db().await? else {
+        return Ok(());
+    };
+    let pool = connect(&db.url).await?;
+    migrate(&pool).await?;
+    // as custody_migrations read before 0001's comment changed
+    sqlx::query("UPDATE custody_migrations SET checksum = decode($1, 'hex') WHERE version = 1")
+        .bind(OLD_0001)
+        .execute(&pool)
+        .await?;
+    check_schema(&pool).await?;
+    let report = migrate(&pool).await?;
+    assert!(report.applied.is_empty(), "{report:?}");
+    // and the same in _sqlx_migrations, where an earlier custody recorded it
+    let legacy = custody_testkit::postgres_db()
+        .await?
+        .expect("PostgreSQL is up");
+    let old = connect(&legacy.url).await?;
+    sqlx::migrate!("./migrations").run(&old).await?;
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = decode($1, 'hex') WHERE version = 1")
+        .bind(OLD_0001)
+        .execute(&old)
+        .await?;
+    let report = migrate(&old).await?;
+    assert!(report.applied.is_empty(), "0001 applied again: {report:?}");
+    assert_eq!(report.adopted, custody_versions()?.len(), "{report:?}");
+    check_schema(&old).await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn four_concurrent_migrators_apply_each_migration_once() -> anyhow::Result<()> {
     let Some(db) = custody_testkit::postgres_db().await? else {

@@ -3,6 +3,9 @@
 //! where optional flags look optional, a `--help` that names every command,
 //! and dead-letter payloads that cannot garble a terminal.
 
+mod common;
+
+use common::Dir;
 use std::process::Command;
 use std::time::Duration;
 
@@ -25,26 +28,6 @@ fn custody_env(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<(i32, Stri
 
 fn custody(args: &[&str]) -> anyhow::Result<(i32, String, String)> {
     custody_env(args, &[])
-}
-
-/// A temporary directory removed on drop.
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> anyhow::Result<Dir> {
-        let d = std::env::temp_dir().join(format!("custody-{tag}-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&d)?;
-        Ok(Dir(d))
-    }
-    fn file(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A migrated, empty SQLite database in `dir`.

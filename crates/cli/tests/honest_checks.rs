@@ -7,6 +7,9 @@
 //! how many messages it left out. And config values out of range are named
 //! with their range, from a TOML file and from `CUSTODY_*` variables.
 
+mod common;
+
+use common::Dir;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -49,26 +52,6 @@ fn steps(n: usize) -> anyhow::Result<Vec<Message>> {
                 .build()?)
         })
         .collect()
-}
-
-/// A temporary directory removed on drop.
-struct Dir(std::path::PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> anyhow::Result<Dir> {
-        let d = std::env::temp_dir().join(format!("custody-{tag}-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&d)?;
-        Ok(Dir(d))
-    }
-    fn file(&self, name: &str) -> String {
-        self.0.join(name).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Database files of `dir`, sorted: what a command left behind (an open
@@ -160,7 +143,7 @@ async fn reconcile_right_after_a_run_says_what_the_settle_window_left_out() -> a
 async fn names_never_seen_are_errors_and_nothing_is_created() -> anyhow::Result<()> {
     let dir = Dir::new("honest-names")?;
     let (a, b) = sqlite_pipeline(&dir).await?;
-    let before = files(&dir.0)?;
+    let before = files(dir.0.path())?;
     let reconcile = |producer: &str, consumer: &str, name: &str, topic: &str| {
         custody(&[
             "reconcile",
@@ -251,7 +234,7 @@ async fn names_never_seen_are_errors_and_nothing_is_created() -> anyhow::Result<
         "{err}"
     );
 
-    assert_eq!(files(&dir.0)?, before, "a check created files");
+    assert_eq!(files(dir.0.path())?, before, "a check created files");
 
     // a SQLite file that is not custody's: not migrated, not reported clean
     let foreign = dir.file("foreign.db");

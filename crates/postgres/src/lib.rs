@@ -101,12 +101,9 @@ pub async fn connect(url: &str) -> custody_core::Result<PgPool> {
         .connect_with(options);
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Ok(Ok(pool)) => Ok(pool),
+        // the probe above reported refusals (password, pg_hba, TLS); what
+        // is left is the server going away between the two connections
         Ok(Err(e)) => {
-            if let Some(refused) = secure::refused(&shown, &e) {
-                return Err(custody_core::Error::store(
-                    "postgres", "connect", false, refused,
-                ));
-            }
             let retryable = error::retryable(&e);
             Err(custody_core::Error::store(
                 "postgres",

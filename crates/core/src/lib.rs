@@ -29,6 +29,7 @@
 pub mod admin;
 mod clock;
 mod error;
+pub mod event;
 pub mod history;
 pub mod lease;
 mod message;

@@ -91,7 +91,7 @@ pub struct Message {
     /// Media type of `payload`.
     pub content_type: String,
     /// Payload bytes, opaque to custody.
-    #[serde(with = "payload_serde")]
+    #[serde(with = "payload_bytes")]
     pub payload: Vec<u8>,
     /// Extension attributes: correlation id, causation id, traceparent, ...
     pub headers: BTreeMap<String, String>,
@@ -99,7 +99,7 @@ pub struct Message {
     pub created_at: DateTime<Utc>,
 }
 
-mod payload_serde {
+pub(crate) mod payload_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     // JSON payloads stay readable in JSON renderings; anything else is a byte array.

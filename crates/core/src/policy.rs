@@ -154,6 +154,28 @@ pub mod duration_serde {
         parse(&s).map_err(serde::de::Error::custom)
     }
 
+    /// The same for `Option<Duration>`: `#[serde(with = "custody_core::duration_serde::option", default)]`.
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Serialize `Some` as milliseconds (`"250ms"`), `None` as none.
+        pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Parse an optional `"250ms"`, `"2s"`, `"1m"`, `"1h"`.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?
+                .map(|s| super::parse(&s).map_err(serde::de::Error::custom))
+                .transpose()
+        }
+    }
+
     /// Parse a duration string; the error says what form is expected.
     pub fn parse(s: &str) -> Result<Duration, String> {
         let s = s.trim();

@@ -360,8 +360,7 @@ async fn the_combining_task_stops_with_the_store() -> anyhow::Result<()> {
     store
         .append("s-1", ExpectedVersion::Exact(1), vec![event("E", 1)?])
         .await?;
-    // the watcher of the token and the combining task
-    wait_until(|| metrics.num_alive_tasks() == before + 2).await?;
+    wait_until(|| metrics.num_alive_tasks() == before + 1).await?;
     token.cancel();
     wait_until(|| metrics.num_alive_tasks() == before).await?;
     let out = store

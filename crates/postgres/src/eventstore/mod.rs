@@ -154,10 +154,9 @@ impl PgEventStore {
 
     /// Append `events` to `stream` inside the caller's transaction: they
     /// commit (or roll back) with the caller's business rows and outbox
-    /// messages. As [`EventStore::append`] otherwise. The stream row stays
-    /// locked until the caller's transaction ends, so keep it short; on an
-    /// outcome other than [`AppendOutcome::Appended`] roll back (a new
-    /// stream's row at version 0 would otherwise stay).
+    /// messages. As [`EventStore::append`] otherwise; a refused append
+    /// leaves nothing in the transaction, which stays usable. The stream row
+    /// stays locked until the caller's transaction ends, so keep it short.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -306,9 +305,12 @@ fn only(results: Vec<ItemResult>) -> Result<AppendOutcome> {
     }
 }
 
+/// A query item's parameters: its types, its tags.
+type ItemBinds = (Vec<String>, Vec<String>);
+
 /// The SQL of a query's items (OR of them) on events `e`, with parameters
 /// from `$first` on: per item, its types (any if empty) and its tags (all).
-fn query_clause(query: &Query, first: usize) -> (String, Vec<(Vec<String>, Vec<String>)>) {
+fn query_clause(query: &Query, first: usize) -> (String, Vec<ItemBinds>) {
     let mut parts = Vec::new();
     let mut binds = Vec::new();
     for (i, item) in query.items.iter().enumerate() {

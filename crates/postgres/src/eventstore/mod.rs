@@ -187,11 +187,14 @@ impl PgEventStore {
     fn combiner(&self) -> &mpsc::Sender<Request> {
         self.shared.combiner.get_or_init(|| {
             let (tx, rx) = mpsc::channel(append::QUEUE);
-            tokio::spawn(append::combine(
-                self.pool.clone(),
-                rx,
-                self.shared.counters.clone(),
-            ));
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..append::COMBINERS {
+                tokio::spawn(append::combine(
+                    self.pool.clone(),
+                    rx.clone(),
+                    self.shared.counters.clone(),
+                ));
+            }
             tx
         })
     }

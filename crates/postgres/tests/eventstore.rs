@@ -954,3 +954,63 @@ async fn wait_for_head_wakes_on_an_append() -> anyhow::Result<()> {
     ensure!(head == 1, "{head}");
     Ok(())
 }
+
+/// A refused append removes only a stream row it created for nothing: a
+/// stream written earlier in the same transaction, or one holding metadata,
+/// stays as it was.
+#[tokio::test]
+async fn a_refused_append_keeps_stream_rows_that_hold_something() -> anyhow::Result<()> {
+    let Some((_db, pool)) = common::db().await? else {
+        return Ok(());
+    };
+    let store = PgEventStore::new(pool.clone());
+    let mut tx = pool.begin().await?;
+    appended(
+        &store
+            .append_in(
+                &mut tx,
+                "twice-1",
+                ExpectedVersion::NoStream,
+                vec![event(1)],
+            )
+            .await?,
+    )?;
+    let refused = store
+        .append_in(
+            &mut tx,
+            "twice-1",
+            ExpectedVersion::NoStream,
+            vec![event(2)],
+        )
+        .await?;
+    ensure!(
+        refused
+            == AppendOutcome::WrongVersion {
+                expected: ExpectedVersion::NoStream,
+                actual: Some(1)
+            },
+        "{refused:?}"
+    );
+    tx.commit().await?;
+    let info = store
+        .stream_info("twice-1")
+        .await?
+        .context("twice-1 stays")?;
+    ensure!(info.version == 1, "{info:?}");
+
+    let meta = custody_core::event::StreamMetadata {
+        custom: Some(serde_json::json!({ "owner": "billing" })),
+        ..Default::default()
+    };
+    store.set_metadata("meta-1", &meta).await?;
+    let refused = store
+        .append("meta-1", ExpectedVersion::Exact(3), vec![event(3)])
+        .await?;
+    ensure!(
+        matches!(refused, AppendOutcome::WrongVersion { actual: None, .. }),
+        "{refused:?}"
+    );
+    let info = store.stream_info("meta-1").await?.context("meta-1 stays")?;
+    ensure!(info.metadata == meta && info.version == 0, "{info:?}");
+    Ok(())
+}

@@ -81,8 +81,11 @@ SELECT * FROM (
 ) held";
 
 /// Remove the rows of new streams no append was written to (refused, or
-/// an error): they were inserted by this transaction to be locked.
-const DROP_UNUSED: &str = "DELETE FROM custody_streams WHERE stream = ANY($1::text[])";
+/// an error): they were inserted by this transaction to be locked. Only
+/// rows still as inserted (version 0, no metadata, not tombstoned), so a
+/// row that holds anything is kept whatever `inserted` said.
+const DROP_UNUSED: &str = "DELETE FROM custody_streams WHERE stream = ANY($1::text[]) \
+     AND version = 0 AND metadata = '{}'::jsonb AND NOT tombstoned";
 
 /// Where the given ids are already stored.
 const PROBE_IDS: &str = "SELECT id, stream, version FROM custody_events WHERE id = ANY($1::uuid[])";

@@ -1,7 +1,7 @@
 //! custody-postgres: the PostgreSQL backend of custody (not for direct use;
 //! see `custody`). Transactional outbox with partition leases for several
-//! relays, idempotent inbox, dead letters, and an embedded transport that
-//! reads the outbox as a log.
+//! relays, idempotent inbox, dead letters, an embedded transport that
+//! reads the outbox as a log, and an event store ([`PgEventStore`]).
 //!
 //! ```no_run
 //! use custody_core::Message;
@@ -37,6 +37,7 @@ mod admin;
 mod check;
 mod consumer_lease;
 mod error;
+mod eventstore;
 mod history;
 mod inbox;
 mod migrate;
@@ -54,6 +55,7 @@ use sqlx::PgPool;
 pub use admin::{dead_letters, PgAdmin, DRIVER};
 pub use check::{check_schema, consumer_seen, consumers, topic_seen, topics};
 pub use custody_core::{LeaseLost, RedriveOutcome};
+pub use eventstore::{PgEventStore, WriteStats, DEFAULT_EVENT_POLL_INTERVAL};
 pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
 pub use inbox::PgInbox;
 pub use migrate::migrate;

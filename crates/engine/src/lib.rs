@@ -32,12 +32,14 @@ pub mod live;
 pub mod metric_definitions;
 pub mod reconcile;
 mod relay;
+pub mod repository;
 mod shutdown;
 mod validate;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};
 pub use leased::{FencedInbox, LeaseConfig, LeasedConsumer};
 pub use relay::{Relay, RelayConfig, RelayStats};
+pub use repository::{Outcome, Repository, RepositoryConfig};
 pub use shutdown::shutdown_token;
 
 /// Cancellation handle used to stop engines gracefully.

@@ -316,7 +316,9 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
         loop {
             let (loaded, found) = self.load_stream(&stream, Some(command_id)).await?;
             if let Some(found) = found {
-                return Ok(self.already_applied(&stream, command_id, found, conflicts));
+                return self
+                    .already_applied(&stream, command_id, found, conflicts)
+                    .await;
             }
             let events = match loaded.state.handle(command) {
                 Ok(events) => events,
@@ -367,7 +369,8 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
                         let found = self.find_command(&stream, command_id).await?;
                         return match found {
                             Some(found) => {
-                                Ok(self.already_applied(&stream, command_id, found, conflicts))
+                                self.already_applied(&stream, command_id, found, conflicts)
+                                    .await
                             }
                             None => Err(Error::InvalidMessage(format!(
                                 "the events of command {command_id} conflict with events already stored, but not in {stream}: a command id names one command on one aggregate; give this command a new id"
@@ -411,13 +414,33 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
         }
     }
 
-    fn already_applied(
+    /// Answer a command found already applied, after the store confirms
+    /// it: the same events (same ids) appended at the versions they hold
+    /// are an idempotent append (`Appended::idempotent`), which writes
+    /// nothing.
+    async fn already_applied(
         &self,
         stream: &str,
         command_id: Uuid,
         found: Found<A::Event>,
         conflicts: u32,
-    ) -> Outcome<A> {
+    ) -> Result<Outcome<A>> {
+        let data = found
+            .events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| encode::<A>(e, command_id, i))
+            .collect::<Result<Vec<_>>>()?;
+        let expected = ExpectedVersion::Exact(found.first_version - 1);
+        match self.store.append(stream, expected, data).await? {
+            AppendOutcome::Appended(a) if a.idempotent => {}
+            other => {
+                return Err(Error::InvalidMessage(format!(
+                    "{stream}: the events of command {command_id} were read at versions {}..={}, but the store answered their re-append with {other:?}; the stream changed under the command id, give the command a new id",
+                    found.first_version, found.version
+                )))
+            }
+        }
         info!(
             stream,
             %command_id,
@@ -426,13 +449,13 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
             "command already applied: answering with its events, appending nothing"
         );
         metrics::counter!(m::AGGREGATE_COMMANDS_TOTAL, "aggregate" => A::TYPE, "outcome" => "idempotent").increment(1);
-        Outcome::Applied {
+        Ok(Outcome::Applied {
             events: found.events,
             first_version: found.first_version,
             version: found.version,
             idempotent: true,
             conflicts,
-        }
+        })
     }
 
     /// Snapshot (if usable) + tail. With `watch`, also the events of that

@@ -154,7 +154,9 @@ impl Aggregate for Account {
             {
                 Err(Rejection::NotPositive { cents: *cents })
             }
-            AccountCommand::Deposit { cents } => Ok(vec![AccountEvent::Deposited { cents: *cents }]),
+            AccountCommand::Deposit { cents } => {
+                Ok(vec![AccountEvent::Deposited { cents: *cents }])
+            }
             AccountCommand::Withdraw { cents } if *cents > self.balance => {
                 Err(Rejection::InsufficientFunds {
                     balance: self.balance,
@@ -203,7 +205,9 @@ mod tests {
     #[test]
     fn a_withdrawal_within_the_balance_is_applied() {
         given::<Account>([
-            AccountEvent::Opened { owner: "ada".into() },
+            AccountEvent::Opened {
+                owner: "ada".into(),
+            },
             AccountEvent::Deposited { cents: 500 },
         ])
         .when(AccountCommand::Withdraw { cents: 200 })
@@ -213,7 +217,9 @@ mod tests {
     #[test]
     fn a_withdrawal_above_the_balance_is_refused() {
         given::<Account>([
-            AccountEvent::Opened { owner: "ada".into() },
+            AccountEvent::Opened {
+                owner: "ada".into(),
+            },
             AccountEvent::Deposited { cents: 500 },
         ])
         .when(AccountCommand::Withdraw { cents: 501 })
@@ -228,17 +234,21 @@ mod tests {
         given::<Account>([])
             .when(AccountCommand::Deposit { cents: 1 })
             .then_rejected(Rejection::NotOpen);
-        given::<Account>([AccountEvent::Opened { owner: "ada".into() }])
-            .when(AccountCommand::Deposit { cents: 0 })
-            .then_rejected(Rejection::NotPositive { cents: 0 });
+        given::<Account>([AccountEvent::Opened {
+            owner: "ada".into(),
+        }])
+        .when(AccountCommand::Deposit { cents: 0 })
+        .then_rejected(Rejection::NotPositive { cents: 0 });
     }
 
     #[test]
     #[should_panic(expected = "but the command was rejected: insufficient funds")]
     fn the_harness_says_what_went_wrong() {
-        given::<Account>([AccountEvent::Opened { owner: "ada".into() }])
-            .when(AccountCommand::Withdraw { cents: 1 })
-            .then([AccountEvent::Withdrawn { cents: 1 }]);
+        given::<Account>([AccountEvent::Opened {
+            owner: "ada".into(),
+        }])
+        .when(AccountCommand::Withdraw { cents: 1 })
+        .then([AccountEvent::Withdrawn { cents: 1 }]);
     }
 
     #[test]

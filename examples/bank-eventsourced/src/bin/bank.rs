@@ -94,18 +94,32 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             );
             return Ok(ExitCode::SUCCESS);
         }
-        Command::Open { id, owner, command_id } => (id, AccountCommand::Open { owner }, command_id),
-        Command::Deposit { id, cents, command_id } => {
-            (id, AccountCommand::Deposit { cents }, command_id)
-        }
-        Command::Withdraw { id, cents, command_id } => {
-            (id, AccountCommand::Withdraw { cents }, command_id)
-        }
+        Command::Open {
+            id,
+            owner,
+            command_id,
+        } => (id, AccountCommand::Open { owner }, command_id),
+        Command::Deposit {
+            id,
+            cents,
+            command_id,
+        } => (id, AccountCommand::Deposit { cents }, command_id),
+        Command::Withdraw {
+            id,
+            cents,
+            command_id,
+        } => (id, AccountCommand::Withdraw { cents }, command_id),
     };
     let command_id = command_id.command_id.unwrap_or_else(Uuid::now_v7);
     let outcome: Outcome<Account> = accounts.execute(&id, command_id, &command).await?;
     let (line, code) = match outcome {
-        Outcome::Applied { events, version, idempotent, conflicts, .. } => (
+        Outcome::Applied {
+            events,
+            version,
+            idempotent,
+            conflicts,
+            ..
+        } => (
             serde_json::json!({
                 "outcome": "applied",
                 "events": events,
@@ -129,6 +143,9 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ),
         other => anyhow::bail!("account {id}: {other:?}"),
     };
-    println!("{}", serde_json::json!({ "command_id": command_id, "result": line }));
+    println!(
+        "{}",
+        serde_json::json!({ "command_id": command_id, "result": line })
+    );
     Ok(code)
 }

@@ -306,6 +306,37 @@ impl Backend for Sqlite {
     }
 }
 
+struct Postgres {
+    _db: custody_testkit::PgTestDb,
+    pool: sqlx::PgPool,
+    store: custody_postgres::PgEventStore,
+}
+
+impl Backend for Postgres {
+    type Store = custody_postgres::PgEventStore;
+    async fn fresh() -> anyhow::Result<Option<Self>> {
+        let Some(db) = custody_testkit::postgres_db().await? else {
+            return Ok(None);
+        };
+        let pool = custody_postgres::connect(&db.url).await?;
+        custody_postgres::migrate(&pool).await?;
+        Ok(Some(Postgres {
+            store: custody_postgres::PgEventStore::new(pool.clone()),
+            pool,
+            _db: db,
+        }))
+    }
+    fn store(&self) -> Self::Store {
+        self.store.clone()
+    }
+    async fn break_snapshots(&self) -> anyhow::Result<()> {
+        sqlx::query("DROP TABLE custody_event_snapshots")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
 macro_rules! on_backends {
     ($($scenario:ident),* $(,)?) => {
         mod sqlite {
@@ -313,6 +344,17 @@ macro_rules! on_backends {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() -> anyhow::Result<()> {
                     let Some(b) = <super::Sqlite as super::Backend>::fresh().await? else {
+                        return Ok(());
+                    };
+                    super::$scenario(b).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() -> anyhow::Result<()> {
+                    let Some(b) = <super::Postgres as super::Backend>::fresh().await? else {
                         return Ok(());
                     };
                     super::$scenario(b).await

@@ -281,7 +281,7 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
 
     /// Load aggregate `id`: the latest usable snapshot, then the events
     /// after it, upcast and applied.
-    #[instrument(skip_all, fields(aggregate = A::TYPE, id))]
+    #[instrument(skip_all, fields(aggregate = A::TYPE, id = %id))]
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         let stream = stream_name::<A>(id)?;
         let (loaded, _) = self.load_stream(&stream, None).await?;
@@ -299,7 +299,7 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
     ///
     /// Rejections, conflicts and a tombstoned stream are outcomes; errors
     /// are what the store, the payloads or the command id made impossible.
-    #[instrument(skip_all, fields(aggregate = A::TYPE, id, command_id = %command_id))]
+    #[instrument(skip_all, fields(aggregate = A::TYPE, id = %id, command_id = %command_id))]
     pub async fn execute(
         &self,
         id: &str,
@@ -465,7 +465,32 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
         stream: &str,
         watch: Option<Uuid>,
     ) -> Result<(Loaded<A>, Option<Found<A::Event>>)> {
-        let (mut state, snapshot_version) = match self.usable_snapshot(stream).await {
+        match self.fold(stream, watch, true).await? {
+            Some(done) => Ok(done),
+            None => self.fold(stream, watch, false).await?.ok_or_else(|| {
+                Error::InvalidMessage(format!(
+                    "{stream}: the load without a snapshot still found one ahead of the stream; report this as a bug of custody's repository"
+                ))
+            }),
+        }
+    }
+
+    /// [`Self::load_stream`] from the usable snapshot (`use_snapshot`) or
+    /// from the first event; `None` when the snapshot turned out to be ahead
+    /// of its stream.
+    #[allow(clippy::type_complexity)]
+    async fn fold(
+        &self,
+        stream: &str,
+        watch: Option<Uuid>,
+        use_snapshot: bool,
+    ) -> Result<Option<(Loaded<A>, Option<Found<A::Event>>)>> {
+        let snapshot = if use_snapshot {
+            self.usable_snapshot(stream).await
+        } else {
+            None
+        };
+        let (mut state, snapshot_version) = match snapshot {
             Some((state, version)) => (state, Some(version)),
             None => (A::default(), None),
         };
@@ -503,13 +528,26 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
                 events_read += 1;
             }
             if n < page {
+                let stream_version = read.version.unwrap_or(0);
+                if let Some(at) = snapshot_version.filter(|at| *at > stream_version) {
+                    // A snapshot ahead of its stream (the stream was
+                    // recreated, or the snapshot belongs elsewhere) would
+                    // never match the store's version: fold from the events.
+                    warn!(
+                        stream,
+                        snapshot_version = at,
+                        stream_version,
+                        "ignoring a snapshot ahead of its stream; folding from the first event"
+                    );
+                    return Ok(None);
+                }
                 // Events hidden by the stream's metadata (truncate-before,
                 // soft delete) still count in its version: append after it.
-                version = version.max(read.version.unwrap_or(0));
+                version = version.max(stream_version);
                 break;
             }
         }
-        Ok((
+        Ok(Some((
             Loaded {
                 state,
                 version,
@@ -517,7 +555,7 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
                 events_read,
             },
             found,
-        ))
+        )))
     }
 
     /// Upcast and decode; returns the event and its id.

@@ -515,6 +515,22 @@ async fn snapshot_of_another_schema_version_is_ignored_never_misread<B: Backend>
     let loaded = r.load(&id).await?;
     assert_eq!((loaded.snapshot_version, loaded.state.total), (None, 21));
 
+    // a snapshot ahead of its stream (version 50 of a stream at 6) would
+    // make every append conflict: ignored too, and commands still apply
+    store
+        .save_snapshot(&Snapshot {
+            stream: stream.clone(),
+            aggregate: "tally".into(),
+            schema_version: 2,
+            version: 50,
+            state: serde_json::to_vec(&misleading)?,
+            taken_at: chrono::Utc::now(),
+        })
+        .await?;
+    let loaded = r.load(&id).await?;
+    assert_eq!((loaded.snapshot_version, loaded.version), (None, 6));
+    assert_eq!(loaded.state.total, 21);
+
     // the next snapshot replaces it
     for n in 7..=10 {
         add(&r, &id, n).await?;

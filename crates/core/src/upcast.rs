@@ -360,6 +360,7 @@ impl Upcasters {
 mod tests {
     use super::*;
     use std::collections::BTreeMap as Map;
+    use std::collections::BTreeSet;
 
     fn recorded(
         event_type: &str,
@@ -566,5 +567,107 @@ mod tests {
         assert_eq!(e.schema_version, 3);
         assert_eq!(e.payload, br#"{"from":1}"#.to_vec());
         Ok(())
+    }
+    /// An upcaster that records its step in the payload's `trail`.
+    fn step(
+        from: u32,
+        to: u32,
+    ) -> impl Fn(serde_json::Value) -> std::result::Result<serde_json::Value, String> {
+        move |mut p| {
+            if let Some(trail) = p["trail"].as_array_mut() {
+                trail.push(serde_json::json!([from, to]));
+            }
+            Ok(p)
+        }
+    }
+
+    fn trail_of(up: &Upcasters, from: u32) -> Result<(u32, Vec<(u32, u32)>)> {
+        let e = up.upcast(recorded("T", from, serde_json::json!({ "trail": [] })))?;
+        let p: serde_json::Value = e.decode_json()?;
+        let trail = p["trail"]
+            .as_array()
+            .map(|t| {
+                t.iter()
+                    .map(|s| {
+                        (
+                            s[0].as_u64().unwrap_or(0) as u32,
+                            s[1].as_u64().unwrap_or(0) as u32,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((e.schema_version, trail))
+    }
+
+    proptest::proptest! {
+        /// Whatever upcasters are registered, the registry builds exactly
+        /// when a naive walk from every stored version reaches the current
+        /// one; and then upcasting brings every version up along registered
+        /// steps, each version passed once.
+        #[test]
+        fn a_registry_builds_iff_every_version_walks_up(
+            current in 1u32..7,
+            picks in proptest::collection::vec((proptest::bool::weighted(0.9), 0u32..8), 8),
+            extra in proptest::option::of((0u32..8, 0u32..8)),
+        ) {
+            // mostly one upcaster per version below the current one, to a
+            // random version (up, down, past the current one), sometimes an
+            // extra one anywhere (duplicates, from the current version, 0)
+            let mut edges: Vec<(u32, u32)> = (1..current)
+                .filter(|v| picks[*v as usize].0)
+                .map(|v| (v, 1 + picks[v as usize].1 % (current + 1)))
+                .collect();
+            edges.extend(extra);
+            let naive = edges.iter().all(|(f, t)| *f > 0 && *t > 0 && *f < current)
+                && edges.iter().enumerate().all(|(i, (f, _))| edges[..i].iter().all(|(g, _)| g != f))
+                && (1..current).all(|v| {
+                    let mut at = v;
+                    for _ in 0..=current {
+                        if at == current {
+                            return true;
+                        }
+                        match edges.iter().find(|(f, _)| *f == at) {
+                            Some((_, t)) => at = *t,
+                            None => return false,
+                        }
+                    }
+                    false
+                });
+            let mut b = Upcasters::builder();
+            for (from, to) in &edges {
+                b = b.upcast("T", *from, *to, step(*from, *to));
+            }
+            let built = b.build(&[("T", current)]);
+            proptest::prop_assert_eq!(built.is_ok(), naive, "edges {:?}, current {}: {:?}", edges, current, built.as_ref().err());
+            if let Ok(up) = built {
+                for v in 1..=current {
+                    let (reached, trail) = trail_of(&up, v).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+                    proptest::prop_assert_eq!(reached, current);
+                    let mut at = v;
+                    let mut seen = BTreeSet::new();
+                    for (from, to) in trail {
+                        proptest::prop_assert_eq!(from, at);
+                        proptest::prop_assert!(edges.contains(&(from, to)));
+                        proptest::prop_assert!(seen.insert(from), "version {} passed twice", from);
+                        at = to;
+                    }
+                    proptest::prop_assert_eq!(at, current);
+                }
+            }
+        }
+
+        /// Any chain where each version below the current one leads to a
+        /// higher one, at most the current one, is accepted.
+        #[test]
+        fn every_upward_chain_builds(current in 1u32..9, seed in proptest::collection::vec(0u32..100, 8)) {
+            let mut b = Upcasters::builder();
+            for v in 1..current {
+                let to = v + 1 + seed[v as usize - 1] % (current - v);
+                b = b.upcast("T", v, to, step(v, to));
+            }
+            let built = b.build(&[("T", current)]);
+            proptest::prop_assert!(built.is_ok(), "{:?}", built.err());
+        }
     }
 }

@@ -13,9 +13,11 @@
 //!   ids are derived from it ([`event_id`]: the command id's time, then a
 //!   hash of the command id and the event's index), so the same command
 //!   run again — a client that retried after a lost reply — finds its
-//!   events already in the stream and answers with them
-//!   ([`Outcome::Applied`] with `idempotent: true`) instead of appending
-//!   them twice.
+//!   events already in the stream, has the store confirm them (their
+//!   re-append at the versions they hold is idempotent,
+//!   `Appended::idempotent`, nothing written) and answers with them
+//!   ([`Outcome::Applied`] with `idempotent: true`) instead of deciding
+//!   again and appending twice.
 //! - Snapshots ([`RepositoryConfig::snapshot_every`]) are saved after the
 //!   append; failing to save one is logged and never fails the command. A
 //!   snapshot whose schema version is not [`Aggregate::SNAPSHOT_VERSION`],

@@ -81,8 +81,11 @@ SELECT * FROM (
 ) held";
 
 /// Remove the rows of new streams no append was written to (refused, or
-/// an error): they were inserted by this transaction to be locked.
-const DROP_UNUSED: &str = "DELETE FROM custody_streams WHERE stream = ANY($1::text[])";
+/// an error): they were inserted by this transaction to be locked. Only
+/// rows still as inserted (version 0, no metadata, not tombstoned), so a
+/// row that holds anything is kept whatever `inserted` said.
+const DROP_UNUSED: &str = "DELETE FROM custody_streams WHERE stream = ANY($1::text[]) \
+     AND version = 0 AND metadata = '{}'::jsonb AND NOT tombstoned";
 
 /// Where the given ids are already stored.
 const PROBE_IDS: &str = "SELECT id, stream, version FROM custody_events WHERE id = ANY($1::uuid[])";
@@ -495,28 +498,41 @@ const MAX_BATCH_EVENTS: usize = 10_000;
 /// Appends queued for the combiner at most; a caller beyond waits.
 pub(crate) const QUEUE: usize = 1024;
 
-/// The combiner: takes whatever appends are queued when it is free and
+/// Combiner tasks per store: while one commits, the other gathers the
+/// appends that arrived meanwhile and writes them (one task alone would
+/// alternate a batch of one, taken the moment the previous batch's callers
+/// were answered, with a batch of the rest).
+pub(crate) const COMBINERS: usize = 2;
+
+/// A combiner task: takes whatever appends are queued when it is free and
 /// writes them in one transaction (one commit, one WAL flush). An append
 /// alone is written at once (no added latency); while a transaction runs,
 /// the next appends queue and go together. Ends when every sender (every
 /// handle of the store) is dropped.
 pub(crate) async fn combine(
     pool: PgPool,
-    mut rx: mpsc::Receiver<Request>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
     counters: Arc<Counters>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut events = first.item.events.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && events < MAX_BATCH_EVENTS {
-            match rx.try_recv() {
-                Ok(r) => {
-                    events += r.item.events.len();
-                    batch.push(r);
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut events = first.item.events.len();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH && events < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        events += r.item.events.len();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
-        }
+            batch
+        };
         run_batch(&pool, batch, &counters).await;
     }
 }

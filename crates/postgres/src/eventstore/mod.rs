@@ -157,6 +157,7 @@ impl PgEventStore {
     /// messages. As [`EventStore::append`] otherwise; a refused append
     /// leaves nothing in the transaction, which stays usable. The stream row
     /// stays locked until the caller's transaction ends, so keep it short.
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -187,11 +188,14 @@ impl PgEventStore {
     fn combiner(&self) -> &mpsc::Sender<Request> {
         self.shared.combiner.get_or_init(|| {
             let (tx, rx) = mpsc::channel(append::QUEUE);
-            tokio::spawn(append::combine(
-                self.pool.clone(),
-                rx,
-                self.shared.counters.clone(),
-            ));
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..append::COMBINERS {
+                tokio::spawn(append::combine(
+                    self.pool.clone(),
+                    rx.clone(),
+                    self.shared.counters.clone(),
+                ));
+            }
             tx
         })
     }
@@ -425,6 +429,7 @@ const STREAM_INFO: &str =
     "SELECT stream, version, metadata, tombstoned, updated_at FROM custody_streams WHERE stream = $1";
 
 impl EventStore for PgEventStore {
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn append(
         &self,
         stream: &str,
@@ -457,6 +462,7 @@ impl EventStore for PgEventStore {
         })?
     }
 
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn append_if(
         &self,
         stream: &str,
@@ -596,12 +602,7 @@ impl EventStore for PgEventStore {
     }
 
     async fn head(&self) -> Result<u64> {
-        sequencer::sequence_if_pending(&self.pool).await?;
-        let head: i64 = sqlx::query_scalar("SELECT head FROM custody_event_head WHERE id")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db("read event head"))?;
-        Ok(u64_of(head))
+        sequencer::head(&self.pool).await
     }
 
     async fn wait_for_head(&self, after: u64, timeout: Duration) -> Result<u64> {
@@ -644,6 +645,7 @@ impl EventStore for PgEventStore {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn delete_stream(
         &self,
         stream: &str,

@@ -77,6 +77,12 @@ WITH moved AS (
 )
 SELECT count(*), $1::int8 + coalesce(sum(n), 0)::int8 FROM moved";
 
+/// The head and whether appends wait for positions, from one snapshot:
+/// when none waits, every append committed before this statement is
+/// numbered at or below this head.
+const HEAD: &str = "SELECT head, EXISTS (SELECT 1 FROM custody_event_pending) \
+     FROM custody_event_head WHERE id";
+
 /// Run the sequencer if any committed append has no position yet; returns
 /// nothing. Afterwards every append committed before the call has its
 /// position.
@@ -89,6 +95,19 @@ pub(crate) async fn sequence_if_pending(pool: &PgPool) -> custody_core::Result<(
         sequence(pool).await?;
     }
     Ok(())
+}
+
+/// The gap-free head, after numbering every append committed before the
+/// call (one round trip when none waits).
+pub(crate) async fn head(pool: &PgPool) -> custody_core::Result<u64> {
+    let (head, pending): (i64, bool) = sqlx::query_as(HEAD)
+        .fetch_one(pool)
+        .await
+        .map_err(db("read event head"))?;
+    if pending {
+        return sequence(pool).await;
+    }
+    Ok(u64::try_from(head).unwrap_or(0))
 }
 
 /// One sequencing run in its own transaction; returns the head after it.
@@ -112,6 +131,9 @@ async fn run(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
             .fetch_one(&mut *conn)
             .await?;
         head = new_head;
+        if moved > 0 {
+            tracing::debug!(appends = moved, head, "custody: event positions given");
+        }
         if moved < RUN_LIMIT {
             return Ok(u64::try_from(head).unwrap_or(0));
         }

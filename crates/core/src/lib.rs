@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod aggregate;
 mod clock;
 mod error;
 pub mod event;
@@ -40,6 +41,7 @@ pub mod sequence;
 mod status;
 mod store;
 mod transport;
+pub mod upcast;
 
 pub use admin::{
     redact_url, Access, Admin, BoxFuture, Driver, RedriveOutcome, RedriveStep, RedriveTarget,

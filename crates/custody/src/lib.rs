@@ -67,7 +67,7 @@
 
 pub use custody_core::*;
 pub use custody_engine::{
-    live, metric_definitions, reconcile, shutdown_token, CancellationToken, Consumer,
+    live, metric_definitions, reconcile, repository, shutdown_token, CancellationToken, Consumer,
     ConsumerConfig, ConsumerStats, FencedInbox, LeaseConfig, LeasedConsumer, Relay, RelayConfig,
     RelayStats,
 };

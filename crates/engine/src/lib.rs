@@ -9,6 +9,11 @@
 //!   the consumer's own transaction together with the inbox row, and
 //!   acknowledges the transport only after commit: at-least-once delivery +
 //!   inbox = exactly-once effect.
+//! - [`Repository`] runs commands on an event-sourced aggregate
+//!   (`custody_core::aggregate`): loads it from a snapshot and the events
+//!   after it, decides, appends with optimistic concurrency, retries
+//!   conflicts a bounded number of times, and recognises a re-run of a
+//!   command id.
 //! - [`reconcile::reconcile`] compares a producer's outbox history with a
 //!   consumer's inbox per time window (digests first, ids only where they
 //!   differ).
@@ -32,12 +37,14 @@ pub mod live;
 pub mod metric_definitions;
 pub mod reconcile;
 mod relay;
+pub mod repository;
 mod shutdown;
 mod validate;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};
 pub use leased::{FencedInbox, LeaseConfig, LeasedConsumer};
 pub use relay::{Relay, RelayConfig, RelayStats};
+pub use repository::{Outcome, Repository, RepositoryConfig};
 pub use shutdown::shutdown_token;
 
 /// Cancellation handle used to stop engines gracefully.

@@ -40,3 +40,9 @@ pub const RECONCILE_GAPS: &str = "custody_reconcile_gaps";
 pub const RECONCILE_WINDOWS: &str = "custody_reconcile_windows";
 /// Missing sequence numbers found by the last `reconcile --live` round (labels: `consumer`, `kind` = hole | tail).
 pub const RECONCILE_LIVE_MISSING: &str = "custody_reconcile_live_missing";
+/// Commands an aggregate repository ran (labels: `aggregate`, `outcome` = applied | idempotent | rejected | gave_up | tombstoned).
+pub const AGGREGATE_COMMANDS_TOTAL: &str = "custody_aggregate_commands_total";
+/// Conflicting appends a repository retried or gave up on (label: `aggregate`).
+pub const AGGREGATE_CONFLICTS_TOTAL: &str = "custody_aggregate_conflicts_total";
+/// Snapshots a repository failed to encode or save (label: `aggregate`); the commands were applied.
+pub const AGGREGATE_SNAPSHOT_FAILURES_TOTAL: &str = "custody_aggregate_snapshot_failures_total";

@@ -226,8 +226,8 @@ pub trait ProjectionStore: ConsumerLeaseStore {
 
     /// Make `generation` the active one: point the view of each of `bases`
     /// at its table ([`Tables::name`]), drop the previous active
-    /// generation's tables, its dead letters and its record, and clear the
-    /// pending request. Returns the previous active generation.
+    /// generation's tables, its dead letters and its record. Returns the
+    /// previous active generation.
     fn activate(
         &self,
         tx: &mut Self::Tx,

@@ -470,6 +470,7 @@ impl<E: EventStore, S: ProjectionStore, P: Projection<S>> Worker<E, S, P> {
                     self.store
                         .activate(&mut tx, &self.name, next, &self.bases)
                         .await?;
+                    self.store.clear_request(&mut tx, &self.name).await?;
                     info!(projection = %self.name, generation = next, to, "reset requested: an empty generation from this position is active");
                 }
             }

@@ -33,8 +33,7 @@ const CREATE_GENERATION: &str = "INSERT INTO custody_projection_generation \
      (name, generation, version, checkpoint, applied, created_at) VALUES ($1, $2, $3, $4, $5, $6)";
 const CHECKPOINT: &str = "UPDATE custody_projection_generation \
      SET checkpoint = $3, applied = applied + $4 WHERE name = $1 AND generation = $2";
-const SET_ACTIVE: &str = "UPDATE custody_projection \
-     SET active = $2, request = NULL, request_to = NULL, requested_at = NULL WHERE name = $1";
+const SET_ACTIVE: &str = "UPDATE custody_projection SET active = $2 WHERE name = $1";
 const FORGET_GENERATION: &str =
     "DELETE FROM custody_projection_generation WHERE name = $1 AND generation = $2";
 const FORGET_DEAD: &str =

@@ -1,5 +1,5 @@
 //! The `custody` command line, the operations tool: `migrate`, `relay`, `consume`, `produce`,
-//! `dlq`, `reconcile`, `trace`. The development tools (`demo`, `chaos`,
+//! `dlq`, `projection`, `reconcile`, `trace`. The development tools (`demo`, `chaos`,
 //! `bench`) are separate binaries under tools/ that `custody` forwards to.
 #![forbid(unsafe_code)]
 
@@ -8,6 +8,7 @@ mod consume;
 mod dlq;
 mod ops;
 mod produce;
+mod projection;
 mod reconcile;
 mod tools;
 mod trace;
@@ -50,6 +51,8 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Dead letters: list, show, redrive (back to the consumer or the relay), purge.
     Dlq(dlq::DlqArgs),
+    /// CQRS projections: status, rebuild without downtime, reset, dead letters, retry.
+    Projection(projection::ProjectionArgs),
     /// Compare what a producer sent with what a consumer processed, per time window.
     Reconcile(reconcile::ReconcileArgs),
     /// One message's timeline across the databases given: enqueued, published, processed, dead.
@@ -118,6 +121,10 @@ fn main() -> std::process::ExitCode {
             Command::Dlq(args) => {
                 init_tracing("warn");
                 dlq::run(args).await
+            }
+            Command::Projection(args) => {
+                init_tracing("warn");
+                projection::run(args).await
             }
             Command::Reconcile(args) => {
                 init_tracing("warn");

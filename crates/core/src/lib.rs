@@ -36,6 +36,7 @@ pub mod lease;
 mod message;
 mod partition;
 mod policy;
+pub mod projection;
 mod secret;
 pub mod sequence;
 mod status;

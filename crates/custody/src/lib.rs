@@ -168,6 +168,8 @@ pub use consume::{run_consumer, ConsumeLimits};
 #[cfg(feature = "declarative")]
 pub mod declarative;
 
+pub mod projection;
+
 /// SQLite backend: outbox, inbox, dead letters and the embedded transport.
 #[cfg(feature = "sqlite")]
 pub mod sqlite {

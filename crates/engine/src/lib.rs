@@ -35,17 +35,21 @@ mod consumer;
 mod leased;
 pub mod live;
 pub mod metric_definitions;
+pub mod projection;
 pub mod reconcile;
 mod relay;
 pub mod repository;
 mod shutdown;
+pub mod subscription;
 mod validate;
 
 pub use consumer::{Consumer, ConsumerConfig, ConsumerStats};
 pub use leased::{FencedInbox, LeaseConfig, LeasedConsumer};
+pub use projection::{Projection, ProjectionConfig, ProjectionRunner, RunnerStatus};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use repository::{Outcome, Repository, RepositoryConfig};
 pub use shutdown::shutdown_token;
+pub use subscription::{Page, Subscription, SubscriptionConfig};
 
 /// Cancellation handle used to stop engines gracefully.
 pub use tokio_util::sync::CancellationToken;

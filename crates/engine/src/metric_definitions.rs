@@ -46,3 +46,15 @@ pub const AGGREGATE_COMMANDS_TOTAL: &str = "custody_aggregate_commands_total";
 pub const AGGREGATE_CONFLICTS_TOTAL: &str = "custody_aggregate_conflicts_total";
 /// Snapshots a repository failed to encode or save (label: `aggregate`); the commands were applied.
 pub const AGGREGATE_SNAPSHOT_FAILURES_TOTAL: &str = "custody_aggregate_snapshot_failures_total";
+/// Events a projection applied (label: `projection`).
+pub const PROJECTION_APPLIED_TOTAL: &str = "custody_projection_events_applied_total";
+/// Events a projection failed on permanently and dead-lettered (label: `projection`).
+pub const PROJECTION_DEAD_LETTERED_TOTAL: &str = "custody_projection_dead_lettered_total";
+/// Positions between a projection's checkpoint and the event log's gap-free head (label: `projection`).
+pub const PROJECTION_LAG_EVENTS: &str = "custody_projection_lag_events";
+/// While a projection is behind, seconds since its last applied event was recorded; 0 when caught up (label: `projection`).
+pub const PROJECTION_LAG_SECONDS: &str = "custody_projection_lag_seconds";
+/// 1 when this process's runner holds the projection's lease (label: `projection`).
+pub const PROJECTION_ACTIVE: &str = "custody_projection_active";
+/// The checkpoint of the generation a rebuild is building (label: `projection`).
+pub const PROJECTION_REBUILD_POSITION: &str = "custody_projection_rebuild_position";

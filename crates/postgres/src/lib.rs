@@ -42,6 +42,7 @@ mod history;
 mod inbox;
 mod migrate;
 mod outbox;
+mod projection;
 mod row;
 mod secure;
 mod subscriber;
@@ -60,6 +61,7 @@ pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
 pub use inbox::PgInbox;
 pub use migrate::migrate;
 pub use outbox::{PgOutbox, DEFAULT_NOTIFY_INTERVAL, DEFAULT_PARTITIONS};
+pub use projection::PgProjectionAdmin;
 pub use secure::PASSWORD_FILE_ENV;
 pub use subscriber::{checkpoint, set_checkpoint, PgEmbeddedSubscriber};
 

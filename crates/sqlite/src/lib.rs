@@ -59,6 +59,7 @@ mod inbox;
 mod migrate;
 mod outbox;
 mod producer;
+mod projection;
 mod row;
 mod subscriber;
 
@@ -76,6 +77,7 @@ pub use history::{dead_letter_rows, purge, redrive, rewind_checkpoint, status};
 pub use inbox::SqliteInbox;
 pub use migrate::migrate;
 pub use outbox::{SqliteOutbox, DEFAULT_PARTITIONS};
+pub use projection::SqliteProjectionAdmin;
 pub use subscriber::SqliteEmbeddedSubscriber;
 
 /// Connection settings for [`connect_with`].

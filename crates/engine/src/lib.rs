@@ -29,6 +29,7 @@
 mod consumer;
 mod leased;
 pub mod live;
+pub mod log_relay;
 pub mod metric_definitions;
 pub mod reconcile;
 mod relay;

@@ -40,3 +40,6 @@ pub const RECONCILE_GAPS: &str = "custody_reconcile_gaps";
 pub const RECONCILE_WINDOWS: &str = "custody_reconcile_windows";
 /// Missing sequence numbers found by the last `reconcile --live` round (labels: `consumer`, `kind` = hole | tail).
 pub const RECONCILE_LIVE_MISSING: &str = "custody_reconcile_live_missing";
+/// A log relay's checkpoint: the global-log position up to which every event
+/// of its filter is settled (label: `relay`, the log relay's name).
+pub const LOG_RELAY_CHECKPOINT: &str = "custody_log_relay_checkpoint";

@@ -1,0 +1,653 @@
+//! The event log as outbox: event store → log relay → NATS JetStream →
+//! consumer → inbox, with the failures the relay must survive.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{verdict, Recorder, Step, EFFECTS_SQLITE};
+use custody_core::event::{EventData, EventStore, ExpectedVersion};
+use custody_core::log_relay::LogRelayStore;
+use custody_core::{OutboxStore, Publisher};
+use custody_engine::log_relay::{log_relay, LogOutbox, LogRelayConfig};
+use custody_engine::{CancellationToken, Consumer, ConsumerConfig, Relay, RelayConfig};
+use custody_nats::{NatsPublisher, NatsSubscriber, StreamSpec};
+use custody_sqlite::{SqliteInbox, SqliteLogRelayStore};
+use custody_testkit::NatsServer;
+use sqlx::{Row, SqlitePool};
+
+use standin::SqliteLog;
+
+/// The event store the tests append to and the relay reads.
+mod standin {
+    //! A SQLite event log for these tests while `custody_sqlite`'s event
+    //! store is being written: real SQLite (one writer, so positions become
+    //! visible in commit order and the head is the highest position),
+    //! append with expected version and idempotent ids, the global log with
+    //! filters, head and wait. What the relay does not use is refused.
+    use std::time::Duration;
+
+    use chrono::{DateTime, Utc};
+    use custody_core::event::*;
+    use custody_core::{Error, Result};
+    use sqlx::{Row, SqlitePool};
+
+    #[derive(Clone)]
+    pub struct SqliteLog {
+        pub pool: SqlitePool,
+    }
+
+    fn err(e: sqlx::Error) -> Error {
+        Error::store("sqlite", "test event log", true, e)
+    }
+
+    fn refused() -> Error {
+        Error::Config("not provided by the test event log".into())
+    }
+
+    impl SqliteLog {
+        pub async fn new(pool: SqlitePool) -> anyhow::Result<Self> {
+            sqlx::query(
+                "CREATE TABLE IF NOT EXISTS test_events (position INTEGER PRIMARY KEY AUTOINCREMENT, \
+                 stream TEXT NOT NULL, version INTEGER NOT NULL, id TEXT NOT NULL UNIQUE, \
+                 type TEXT NOT NULL, payload BLOB NOT NULL, recorded_at INTEGER NOT NULL)",
+            )
+            .execute(&pool)
+            .await?;
+            Ok(SqliteLog { pool })
+        }
+    }
+
+    impl EventStore for SqliteLog {
+        async fn append(
+            &self,
+            stream: &str,
+            expected: ExpectedVersion,
+            events: Vec<EventData>,
+        ) -> Result<AppendOutcome> {
+            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
+            let v: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM test_events WHERE stream = ?1")
+                    .bind(stream)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(err)?;
+            let actual = v.map(|v| v as u64);
+            if !expected.matches(actual) {
+                return Ok(AppendOutcome::WrongVersion { expected, actual });
+            }
+            let first = actual.unwrap_or(0) + 1;
+            for (i, e) in events.iter().enumerate() {
+                sqlx::query("INSERT INTO test_events (stream, version, id, type, payload, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                    .bind(stream)
+                    .bind((first + i as u64) as i64)
+                    .bind(e.id.to_string())
+                    .bind(&e.event_type)
+                    .bind(&e.payload)
+                    .bind(Utc::now().timestamp_millis())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+            }
+            tx.commit().await.map_err(err)?;
+            Ok(AppendOutcome::Appended(Appended {
+                first_version: first,
+                version: first + events.len() as u64 - 1,
+                idempotent: false,
+            }))
+        }
+
+        async fn append_if(
+            &self,
+            _: &str,
+            _: &AppendCondition,
+            _: Vec<EventData>,
+        ) -> Result<AppendOutcome> {
+            Err(refused())
+        }
+
+        async fn read_stream(&self, _: &str, _: Direction, _: u64, _: usize) -> Result<StreamRead> {
+            Err(refused())
+        }
+
+        async fn read_all(&self, after: u64, filter: &LogFilter, limit: usize) -> Result<LogSlice> {
+            let head = EventStore::head(self).await?;
+            let rows = sqlx::query(
+                "SELECT position, stream, version, id, type, payload, recorded_at FROM test_events \
+                 WHERE position > ?1 AND position <= ?2 ORDER BY position LIMIT ?3",
+            )
+            .bind(after as i64)
+            .bind(head as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err)?;
+            let mut events = Vec::new();
+            let mut scanned_to = if (rows.len()) < limit { head } else { after };
+            for r in &rows {
+                let position = r.get::<i64, _>(0) as u64;
+                let id: String = r.get(3);
+                let at: i64 = r.get(6);
+                let e = RecordedEvent {
+                    stream: r.get(1),
+                    version: r.get::<i64, _>(2) as u64,
+                    position,
+                    id: id.parse().map_err(|e| Error::Config(format!("{e}")))?,
+                    event_type: r.get(4),
+                    schema_version: 1,
+                    content_type: custody_core::CONTENT_TYPE_JSON.into(),
+                    payload: r.get(5),
+                    headers: Default::default(),
+                    tags: vec![],
+                    recorded_at: DateTime::<Utc>::from_timestamp_millis(at).unwrap_or_default(),
+                };
+                if rows.len() >= limit {
+                    scanned_to = position;
+                }
+                if filter.matches(&e) {
+                    events.push(e);
+                }
+            }
+            Ok(LogSlice {
+                events,
+                scanned_to,
+                head,
+            })
+        }
+
+        async fn read_query(&self, _: &Query, _: u64, _: usize) -> Result<LogSlice> {
+            Err(refused())
+        }
+
+        async fn head(&self) -> Result<u64> {
+            let h: Option<i64> = sqlx::query_scalar("SELECT MAX(position) FROM test_events")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(err)?;
+            Ok(h.unwrap_or(0) as u64)
+        }
+
+        async fn wait_for_head(&self, after: u64, timeout: Duration) -> Result<u64> {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let h = EventStore::head(self).await?;
+                if h > after || tokio::time::Instant::now() >= deadline {
+                    return Ok(h);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+
+        async fn stream_info(&self, _: &str) -> Result<Option<StreamInfo>> {
+            Err(refused())
+        }
+
+        async fn set_metadata(&self, _: &str, _: &StreamMetadata) -> Result<()> {
+            Err(refused())
+        }
+
+        async fn delete_stream(
+            &self,
+            _: &str,
+            _: ExpectedVersion,
+            _: DeleteMode,
+        ) -> Result<AppendOutcome> {
+            Err(refused())
+        }
+
+        async fn streams(&self, _: &str, _: Option<&str>, _: usize) -> Result<Vec<StreamInfo>> {
+            Err(refused())
+        }
+
+        async fn save_snapshot(&self, _: &Snapshot) -> Result<()> {
+            Err(refused())
+        }
+
+        async fn load_snapshot(&self, _: &str, _: &str) -> Result<Option<Snapshot>> {
+            Err(refused())
+        }
+    }
+}
+
+/// A producer database (event log + log relay state), a consumer database
+/// (inbox + effects) and a JetStream stream of the test's own.
+struct Env {
+    _dir: tempfile::TempDir,
+    _a: SqlitePool,
+    b: SqlitePool,
+    log: SqliteLog,
+    state: SqliteLogRelayStore,
+    client: async_nats::Client,
+    spec: StreamSpec,
+    url: String,
+}
+
+impl Env {
+    async fn new(nats_url: Option<&str>) -> anyhow::Result<Option<Env>> {
+        let url = match nats_url {
+            Some(u) => u.to_owned(),
+            None => match custody_testkit::nats().await? {
+                Some(u) => u,
+                None => return Ok(None),
+            },
+        };
+        let dir = tempfile::tempdir()?;
+        let path = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+        let a = custody_sqlite::connect(&path("a.db")).await?;
+        let b = custody_sqlite::connect(&path("b.db")).await?;
+        custody_sqlite::migrate(&a).await?;
+        custody_sqlite::migrate(&b).await?;
+        sqlx::query(EFFECTS_SQLITE).execute(&b).await?;
+        let client = custody_nats::connect(&url).await?;
+        let name = custody_testkit::unique_name("custody_log");
+        let spec = StreamSpec::new(&name.to_uppercase(), &name);
+        custody_nats::ensure_stream(&client, &spec).await?;
+        Ok(Some(Env {
+            log: SqliteLog::new(a.clone()).await?,
+            state: SqliteLogRelayStore::new(a.clone()),
+            _dir: dir,
+            _a: a,
+            b,
+            client,
+            spec,
+            url,
+        }))
+    }
+
+    fn db_path(&self) -> String {
+        self._dir.path().join("a.db").to_string_lossy().into_owned()
+    }
+
+    /// Append `Step { key: stream, seq }` events to `stream`, one append each.
+    async fn append(
+        &self,
+        stream: &str,
+        seqs: std::ops::RangeInclusive<i64>,
+    ) -> anyhow::Result<()> {
+        for seq in seqs {
+            let e = EventData::json(
+                "Step",
+                &Step {
+                    key: stream.to_owned(),
+                    seq,
+                },
+            )?;
+            self.log
+                .append(stream, ExpectedVersion::Any, vec![e])
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn publisher(&self) -> NatsPublisher {
+        NatsPublisher::new(self.client.clone(), &self.spec)
+    }
+
+    fn relay<P: Publisher>(
+        &self,
+        config: LogRelayConfig,
+        publisher: P,
+    ) -> anyhow::Result<Relay<LogOutbox<SqliteLog, SqliteLogRelayStore>, P>> {
+        Ok(log_relay(
+            self.log.clone(),
+            self.state.clone(),
+            publisher,
+            config,
+            fast(),
+        )?)
+    }
+
+    async fn stream_messages(&self) -> anyhow::Result<u64> {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(&self.spec.name).await?;
+        Ok(stream.info().await?.state.messages)
+    }
+
+    async fn checkpoint(&self, name: &str) -> anyhow::Result<u64> {
+        Ok(self.state.load(name).await?.checkpoint)
+    }
+
+    /// Consume `topics` into the inbox until `want` effects (bounded), and
+    /// return the effects in application order.
+    async fn consume(
+        &self,
+        topics: &[&str],
+        want: usize,
+    ) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+        let sub = NatsSubscriber::new(self.client.clone(), &self.spec, "billing", &topics).await?;
+        let mut cfg = ConsumerConfig::new("billing");
+        cfg.fetch_wait = Duration::from_millis(200);
+        let mut c = Consumer::new(
+            SqliteInbox::new(self.b.clone()),
+            sub,
+            Recorder::default(),
+            cfg,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let effects = self.effects().await?;
+            if effects.len() >= want || Instant::now() >= deadline {
+                // one more round: anything beyond `want` would show up
+                c.run_once().await?;
+                return self.effects().await;
+            }
+            c.run_once().await?;
+        }
+    }
+
+    async fn effects(&self) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query("SELECT message_id, k, seq FROM effects ORDER BY n")
+            .fetch_all(&self.b)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    async fn cleanup(&self) {
+        let js = async_nats::jetstream::new(self.client.clone());
+        let _ = js.delete_stream(&self.spec.name).await;
+    }
+}
+
+fn fast() -> RelayConfig {
+    RelayConfig {
+        poll_interval: Duration::from_millis(50),
+        lease_ttl: Duration::from_secs(2),
+        ..RelayConfig::default()
+    }
+}
+
+/// Step the relay until a step handles nothing.
+async fn drain<S: OutboxStore, P: Publisher>(relay: &mut Relay<S, P>) -> anyhow::Result<()> {
+    for _ in 0..1000 {
+        if relay.step().await? == 0 {
+            return Ok(());
+        }
+    }
+    anyhow::bail!("the relay did not go idle in 1000 steps")
+}
+
+#[tokio::test]
+async fn each_event_published_once_and_the_inbox_dedupes_by_event_id() -> anyhow::Result<()> {
+    let Some(env) = Env::new(None).await? else {
+        return Ok(());
+    };
+    for i in 0..4 {
+        env.append(&format!("order-{i}"), 1..=10).await?;
+    }
+    let config = LogRelayConfig::new("orders").default_topic("steps");
+    let mut relay = env.relay(config.clone(), env.publisher())?.with_id("r1");
+    drain(&mut relay).await?;
+    assert_eq!(relay.stats().published, 40);
+    assert_eq!(env.stream_messages().await?, 40);
+    assert_eq!(env.checkpoint("orders").await?, env.log.head().await?);
+    // stopping releases the lease
+    let stopped = CancellationToken::new();
+    stopped.cancel();
+    relay.run(stopped).await?;
+
+    // a second relay (a restart) publishes nothing again
+    let mut again = env.relay(config, env.publisher())?.with_id("r2");
+    drain(&mut again).await?;
+    assert_eq!(again.partitions(), &[0]);
+    assert_eq!(again.stats().published, 0, "the checkpoint holds");
+
+    let effects = env.consume(&["steps"], 40).await?;
+    let v = verdict(&effects);
+    assert_eq!((v.applied, v.distinct, v.order_violations), (40, 40, 0));
+    // message id = event id: the journal names every effect's event
+    let ids: Vec<uuid::Uuid> = effects
+        .iter()
+        .map(|e| e.0.parse())
+        .collect::<Result<_, _>>()?;
+    let journal = env.state.entries_by_id(&ids).await?;
+    assert_eq!(journal.len(), 40);
+    assert!(journal
+        .iter()
+        .all(|(r, e)| r == "orders" && e.sequence.is_some()));
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_category_filter_publishes_only_that_category() -> anyhow::Result<()> {
+    let Some(env) = Env::new(None).await? else {
+        return Ok(());
+    };
+    env.append("order-1", 1..=5).await?;
+    env.append("invoice-1", 1..=5).await?;
+    env.append("order-2", 1..=5).await?;
+    let config = LogRelayConfig::new("orders-only")
+        .category("order")
+        .topic_for("order", "orders");
+    let mut relay = env.relay(config, env.publisher())?.with_id("r");
+    drain(&mut relay).await?;
+    assert_eq!(relay.stats().published, 10);
+    assert_eq!(env.stream_messages().await?, 10);
+    // the checkpoint passes the other category's events too
+    assert_eq!(env.checkpoint("orders-only").await?, env.log.head().await?);
+    let effects = env.consume(&["orders"], 10).await?;
+    assert_eq!(effects.len(), 10);
+    assert!(
+        effects.iter().all(|(_, k, _)| k.starts_with("order-")),
+        "{effects:?}"
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_log_relays_with_one_name_one_is_active() -> anyhow::Result<()> {
+    let Some(env) = Env::new(None).await? else {
+        return Ok(());
+    };
+    env.append("order-1", 1..=5).await?;
+    let config = LogRelayConfig::new("single");
+    let a = LogOutbox::new(env.log.clone(), env.state.clone(), config.clone())?;
+    let b = LogOutbox::new(env.log.clone(), env.state.clone(), config)?;
+    let now = chrono::Utc::now();
+    let ttl = Duration::from_secs(30);
+    assert_eq!(a.acquire_leases("pa", ttl, now).await?, vec![0]);
+    assert!(
+        b.acquire_leases("pb", ttl, now).await?.is_empty(),
+        "b is a standby"
+    );
+    assert!(b.fetch_batch(&[0], 10, now).await?.is_empty());
+    // b's writes are fenced even if it tried
+    assert_eq!(
+        b.mark_published("pb", &[(1, Default::default())], now)
+            .await?,
+        0
+    );
+    assert_eq!(a.fetch_batch(&[0], 10, now).await?.len(), 5);
+    // the lease expires (a dies without releasing): b takes over
+    let later = now + chrono::Duration::seconds(31);
+    assert_eq!(b.acquire_leases("pb", ttl, later).await?, vec![0]);
+    assert!(a.acquire_leases("pa", ttl, later).await?.is_empty());
+    // a's late write is refused: its token is no longer the current one
+    assert_eq!(
+        a.mark_published("pa", &[(1, Default::default())], later)
+            .await?,
+        0
+    );
+    assert_eq!(b.fetch_batch(&[0], 10, later).await?.len(), 5);
+    b.release_leases("pb").await?;
+    assert_eq!(
+        a.acquire_leases("pa", ttl, later).await?,
+        vec![0],
+        "released: taken at once"
+    );
+    env.cleanup().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn broker_outage_while_events_keep_coming_loses_nothing_keeps_order() -> anyhow::Result<()> {
+    let Some(mut server) = NatsServer::start().await? else {
+        return Ok(());
+    };
+    let Some(env) = Env::new(Some(&server.url)).await? else {
+        return Ok(());
+    };
+    let mut cfg = fast();
+    cfg.breaker.open_for = Duration::from_millis(300);
+    let publisher = env.publisher().with_ack_timeout(Duration::from_secs(1));
+    let cancel = CancellationToken::new();
+    let relay = tokio::spawn(
+        log_relay(
+            env.log.clone(),
+            env.state.clone(),
+            publisher,
+            LogRelayConfig::new("outage").default_topic("steps"),
+            cfg,
+        )?
+        .run(cancel.clone()),
+    );
+    let streams = ["acct-1", "acct-2", "acct-3"];
+    for s in streams {
+        env.append(s, 1..=10).await?;
+    }
+    server.stop(); // kill -9 of the broker
+    for s in streams {
+        env.append(s, 11..=60).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let head = env.log.head().await?;
+    assert!(
+        env.checkpoint("outage").await? < head,
+        "the checkpoint must not pass events the broker never acknowledged"
+    );
+    server.restart().await?;
+    let reached = custody_testkit::process::poll_until(
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+        || async { env.checkpoint("outage").await },
+        |c| *c >= head,
+    )
+    .await?;
+    assert_eq!(
+        reached, head,
+        "the backlog drained after the broker came back"
+    );
+    cancel.cancel();
+    let stats = relay.await??;
+    assert_eq!(stats.dead_lettered, 0, "an outage dead-letters nothing");
+    let effects = env.consume(&["steps"], 180).await?;
+    let v = verdict(&effects);
+    assert_eq!((v.applied, v.distinct, v.order_violations), (180, 180, 0));
+    env.cleanup().await;
+    Ok(())
+}
+
+/// The child of the kill -9 test: runs a log relay whose publisher prints
+/// `ACKED <n>` after each transport ack and hangs after the fourth, so the
+/// parent kills it between publish and checkpoint. Does nothing in a
+/// normal test run.
+#[tokio::test]
+async fn child_log_relay_for_kill_test() -> anyhow::Result<()> {
+    let (Ok(db), Ok(url), Ok(spec)) = (
+        std::env::var("LOG_RELAY_CHILD_DB"),
+        std::env::var("LOG_RELAY_CHILD_NATS"),
+        std::env::var("LOG_RELAY_CHILD_STREAM"),
+    ) else {
+        return Ok(());
+    };
+    let pool = custody_sqlite::connect(&db).await?;
+    let client = custody_nats::connect(&url).await?;
+    let spec = StreamSpec::new(&spec.to_uppercase(), &spec);
+    struct Printing(NatsPublisher, std::sync::atomic::AtomicUsize);
+    impl Publisher for Printing {
+        async fn publish(
+            &self,
+            message: &custody_core::Message,
+        ) -> custody_core::Result<custody_core::PublishAck> {
+            let ack = self.0.publish(message).await?;
+            let n = self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            println!("ACKED {n}");
+            if n >= 4 {
+                std::future::pending::<()>().await;
+            }
+            Ok(ack)
+        }
+    }
+    let relay = log_relay(
+        SqliteLog::new(pool.clone()).await?,
+        SqliteLogRelayStore::new(pool),
+        Printing(NatsPublisher::new(client, &spec), Default::default()),
+        LogRelayConfig::new("killed").default_topic("steps"),
+        RelayConfig {
+            max_concurrent_keys: 1,
+            ..fast()
+        },
+    )?;
+    relay.run(CancellationToken::new()).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn relay_killed_between_publish_and_checkpoint_republishes_effect_once() -> anyhow::Result<()>
+{
+    let Some(env) = Env::new(None).await? else {
+        return Ok(());
+    };
+    env.append("order-1", 1..=6).await?;
+    env.append("order-2", 1..=6).await?;
+    let exe = std::env::current_exe()?;
+    let db = env.db_path();
+    let subject = env.spec.subject("x");
+    let prefix = subject.trim_end_matches(".x").to_owned();
+    let mut child = custody_testkit::process::Proc::start(
+        "log relay child",
+        &exe.to_string_lossy(),
+        &["--exact", "child_log_relay_for_kill_test", "--nocapture"],
+        &[
+            ("LOG_RELAY_CHILD_DB", db.as_str()),
+            ("LOG_RELAY_CHILD_NATS", env.url.as_str()),
+            ("LOG_RELAY_CHILD_STREAM", prefix.as_str()),
+        ],
+    )?;
+    child.wait_line("ACKED 4", Duration::from_secs(30)).await?;
+    child.kill().await?; // kill -9 after the ack, before the checkpoint write
+    let acked_before = env.stream_messages().await?;
+    assert!(acked_before >= 4, "the child published {acked_before}");
+    assert!(
+        env.checkpoint("killed").await? < 4,
+        "the batch in flight was not checkpointed"
+    );
+
+    // the lease of the dead process expires; a new relay takes over
+    let mut relay = env
+        .relay(
+            LogRelayConfig::new("killed").default_topic("steps"),
+            env.publisher(),
+        )?
+        .with_id("after");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while relay.partitions().is_empty() || relay.stats().published < 12 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no takeover: {:?}",
+            relay.stats()
+        );
+        if relay.step().await? == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(
+        relay.stats().published,
+        12,
+        "everything after the checkpoint republished"
+    );
+    assert!(
+        relay.stats().duplicates >= 4,
+        "JetStream recognised the republished ids"
+    );
+    assert_eq!(env.stream_messages().await?, 12);
+    let effects = env.consume(&["steps"], 12).await?;
+    let v = verdict(&effects);
+    assert_eq!((v.applied, v.distinct, v.order_violations), (12, 12, 0));
+    env.cleanup().await;
+    Ok(())
+}

@@ -662,3 +662,141 @@ impl<E: EventStore, S: LogRelayStore> OutboxStore for LogOutbox<E, S> {
         }
     }
 }
+
+/// The sent side of `custody reconcile` for a log relay
+/// ([`custody_core::SentHistory`]): what the event log holds for a topic
+/// (sent or still to be sent) and what the relay's journal says
+/// (dead letters, numbers), so a consumer's inbox can be compared with the
+/// event store instead of an outbox.
+///
+/// The log has no index by event id, so the first question about a topic
+/// reads the relay's part of the log once, up to the head at that moment,
+/// and keeps the topic's ids sorted in memory (16 bytes per event); the
+/// ranges reconcile asks for afterwards are answered from that.
+pub struct EventLogHistory<E, S> {
+    events: E,
+    state: S,
+    config: LogRelayConfig,
+    ids: tokio::sync::Mutex<BTreeMap<String, Vec<Uuid>>>,
+}
+
+impl<E: EventStore, S: LogRelayStore> EventLogHistory<E, S> {
+    /// The history of the log relay `config.name` over `events`.
+    pub fn new(events: E, state: S, config: LogRelayConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(EventLogHistory {
+            events,
+            state,
+            config,
+            ids: tokio::sync::Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// The ids of `topic`'s events, sorted (read once, see the type's docs).
+    async fn topic_ids(&self, topic: &str) -> Result<Vec<Uuid>> {
+        let mut cache = self.ids.lock().await;
+        if let Some(ids) = cache.get(topic) {
+            return Ok(ids.clone());
+        }
+        let filter = self.config.filter();
+        let head = self.events.head().await?;
+        let mut after = 0;
+        let mut ids = Vec::new();
+        while after < head {
+            let slice = self.events.read_all(after, &filter, 4096).await?;
+            for e in &slice.events {
+                if e.position <= head && self.config.topic_of(e.category()) == topic {
+                    ids.push(e.id);
+                }
+            }
+            if slice.scanned_to <= after {
+                break;
+            }
+            after = slice.scanned_to;
+        }
+        ids.sort_unstable();
+        cache.insert(topic.to_owned(), ids.clone());
+        Ok(ids)
+    }
+}
+
+impl<E: EventStore, S: LogRelayStore> custody_core::SentHistory for EventLogHistory<E, S> {
+    async fn sent_ids(&self, topic: &str, range: custody_core::IdRange) -> Result<Vec<Uuid>> {
+        let ids = self.topic_ids(topic).await?;
+        let dead: HashSet<Uuid> = self
+            .state
+            .entries_in(&self.config.name, topic, range.from, range.to)
+            .await?
+            .into_iter()
+            .filter(|e| e.status.dead())
+            .map(|e| e.event_id)
+            .collect();
+        Ok(ids
+            .into_iter()
+            .filter(|id| *id >= range.from && *id < range.to && !dead.contains(id))
+            .collect())
+    }
+
+    async fn sent_dead(
+        &self,
+        topic: &str,
+        range: custody_core::IdRange,
+    ) -> Result<Vec<(Uuid, String)>> {
+        Ok(self
+            .state
+            .entries_in(&self.config.name, topic, range.from, range.to)
+            .await?
+            .into_iter()
+            .filter(|e| e.status.dead())
+            .map(|e| (e.event_id, e.error.unwrap_or_default()))
+            .collect())
+    }
+
+    async fn republish(&self, ids: &[Uuid]) -> Result<u64> {
+        self.state.republish(&self.config.name, ids).await
+    }
+
+    async fn sequence_heads(&self) -> Result<Option<(String, Vec<custody_core::SequenceHead>)>> {
+        let state = self.state.load(&self.config.name).await?;
+        Ok(Some((
+            state.producer,
+            state
+                .heads
+                .into_iter()
+                .map(|(topic, last)| custody_core::SequenceHead {
+                    topic,
+                    partition: 0,
+                    last,
+                })
+                .collect(),
+        )))
+    }
+
+    async fn numbered(
+        &self,
+        topic: &str,
+        partition: u32,
+        seqs: &[u64],
+    ) -> Result<Vec<custody_core::NumberedRow>> {
+        if partition != 0 || seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wanted: HashSet<u64> = seqs.iter().copied().collect();
+        let all = self
+            .state
+            .entries_in(&self.config.name, topic, Uuid::nil(), Uuid::max())
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter_map(|e| {
+                let seq = e.sequence.filter(|s| wanted.contains(s))?;
+                Some(custody_core::NumberedRow {
+                    seq,
+                    id: e.event_id,
+                    status: e.status.word().to_owned(),
+                    published_at: e.published_at,
+                })
+            })
+            .collect())
+    }
+}

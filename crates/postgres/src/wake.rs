@@ -26,6 +26,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 /// Shared state: the generation counter and the lazily started listener task.
 pub(crate) struct Wake {
     pool: PgPool,
+    channel: &'static str,
     generation: watch::Sender<u64>,
     task: OnceLock<AbortOnDrop>,
 }
@@ -40,8 +41,14 @@ impl Drop for AbortOnDrop {
 
 impl Wake {
     pub(crate) fn new(pool: PgPool) -> Arc<Self> {
+        Self::on_channel(pool, CHANNEL)
+    }
+
+    /// Wake-ups from NOTIFYs on `channel` instead of `custody_outbox`.
+    pub(crate) fn on_channel(pool: PgPool, channel: &'static str) -> Arc<Self> {
         Arc::new(Wake {
             pool,
+            channel,
             generation: watch::Sender::new(0),
             task: OnceLock::new(),
         })
@@ -75,13 +82,13 @@ impl Wake {
                 .min_connections(0)
                 .connect_lazy_with(options);
             let generation = self.generation.clone();
-            AbortOnDrop(tokio::spawn(listen(listen_pool, generation)))
+            AbortOnDrop(tokio::spawn(listen(listen_pool, self.channel, generation)))
         });
     }
 }
 
 /// The listener task: runs until aborted (when the last owner drops).
-async fn listen(pool: PgPool, generation: watch::Sender<u64>) {
+async fn listen(pool: PgPool, channel: &'static str, generation: watch::Sender<u64>) {
     let bump = || generation.send_modify(|g| *g = g.wrapping_add(1));
     loop {
         let mut listener = match PgListener::connect_with(&pool).await {
@@ -93,8 +100,8 @@ async fn listen(pool: PgPool, generation: watch::Sender<u64>) {
             }
         };
         listener.eager_reconnect(true);
-        if let Err(e) = listener.listen(CHANNEL).await {
-            tracing::warn!(error = %e, "custody: LISTEN {CHANNEL} failed; retrying");
+        if let Err(e) = listener.listen(channel).await {
+            tracing::warn!(error = %e, "custody: LISTEN {channel} failed; retrying");
             tokio::time::sleep(RECONNECT_PAUSE).await;
             continue;
         }

@@ -16,198 +16,7 @@ use custody_sqlite::{SqliteInbox, SqliteLogRelayStore};
 use custody_testkit::NatsServer;
 use sqlx::{Row, SqlitePool};
 
-use standin::SqliteLog;
-
-/// The event store the tests append to and the relay reads.
-mod standin {
-    //! A SQLite event log for these tests while `custody_sqlite`'s event
-    //! store is being written: real SQLite (one writer, so positions become
-    //! visible in commit order and the head is the highest position),
-    //! append with expected version and idempotent ids, the global log with
-    //! filters, head and wait. What the relay does not use is refused.
-    use std::time::Duration;
-
-    use chrono::{DateTime, Utc};
-    use custody_core::event::*;
-    use custody_core::{Error, Result};
-    use sqlx::{Row, SqlitePool};
-
-    #[derive(Clone)]
-    pub struct SqliteLog {
-        pub pool: SqlitePool,
-    }
-
-    fn err(e: sqlx::Error) -> Error {
-        Error::store("sqlite", "test event log", true, e)
-    }
-
-    fn refused() -> Error {
-        Error::Config("not provided by the test event log".into())
-    }
-
-    impl SqliteLog {
-        pub async fn new(pool: SqlitePool) -> anyhow::Result<Self> {
-            sqlx::query(
-                "CREATE TABLE IF NOT EXISTS test_events (position INTEGER PRIMARY KEY AUTOINCREMENT, \
-                 stream TEXT NOT NULL, version INTEGER NOT NULL, id TEXT NOT NULL UNIQUE, \
-                 type TEXT NOT NULL, payload BLOB NOT NULL, recorded_at INTEGER NOT NULL)",
-            )
-            .execute(&pool)
-            .await?;
-            Ok(SqliteLog { pool })
-        }
-    }
-
-    impl EventStore for SqliteLog {
-        async fn append(
-            &self,
-            stream: &str,
-            expected: ExpectedVersion,
-            events: Vec<EventData>,
-        ) -> Result<AppendOutcome> {
-            let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(err)?;
-            let v: Option<i64> =
-                sqlx::query_scalar("SELECT MAX(version) FROM test_events WHERE stream = ?1")
-                    .bind(stream)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(err)?;
-            let actual = v.map(|v| v as u64);
-            if !expected.matches(actual) {
-                return Ok(AppendOutcome::WrongVersion { expected, actual });
-            }
-            let first = actual.unwrap_or(0) + 1;
-            for (i, e) in events.iter().enumerate() {
-                sqlx::query("INSERT INTO test_events (stream, version, id, type, payload, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
-                    .bind(stream)
-                    .bind((first + i as u64) as i64)
-                    .bind(e.id.to_string())
-                    .bind(&e.event_type)
-                    .bind(&e.payload)
-                    .bind(Utc::now().timestamp_millis())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-            }
-            tx.commit().await.map_err(err)?;
-            Ok(AppendOutcome::Appended(Appended {
-                first_version: first,
-                version: first + events.len() as u64 - 1,
-                idempotent: false,
-            }))
-        }
-
-        async fn append_if(
-            &self,
-            _: &str,
-            _: &AppendCondition,
-            _: Vec<EventData>,
-        ) -> Result<AppendOutcome> {
-            Err(refused())
-        }
-
-        async fn read_stream(&self, _: &str, _: Direction, _: u64, _: usize) -> Result<StreamRead> {
-            Err(refused())
-        }
-
-        async fn read_all(&self, after: u64, filter: &LogFilter, limit: usize) -> Result<LogSlice> {
-            let head = EventStore::head(self).await?;
-            let rows = sqlx::query(
-                "SELECT position, stream, version, id, type, payload, recorded_at FROM test_events \
-                 WHERE position > ?1 AND position <= ?2 ORDER BY position LIMIT ?3",
-            )
-            .bind(after as i64)
-            .bind(head as i64)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(err)?;
-            let mut events = Vec::new();
-            let mut scanned_to = if (rows.len()) < limit { head } else { after };
-            for r in &rows {
-                let position = r.get::<i64, _>(0) as u64;
-                let id: String = r.get(3);
-                let at: i64 = r.get(6);
-                let e = RecordedEvent {
-                    stream: r.get(1),
-                    version: r.get::<i64, _>(2) as u64,
-                    position,
-                    id: id.parse().map_err(|e| Error::Config(format!("{e}")))?,
-                    event_type: r.get(4),
-                    schema_version: 1,
-                    content_type: custody_core::CONTENT_TYPE_JSON.into(),
-                    payload: r.get(5),
-                    headers: Default::default(),
-                    tags: vec![],
-                    recorded_at: DateTime::<Utc>::from_timestamp_millis(at).unwrap_or_default(),
-                };
-                if rows.len() >= limit {
-                    scanned_to = position;
-                }
-                if filter.matches(&e) {
-                    events.push(e);
-                }
-            }
-            Ok(LogSlice {
-                events,
-                scanned_to,
-                head,
-            })
-        }
-
-        async fn read_query(&self, _: &Query, _: u64, _: usize) -> Result<LogSlice> {
-            Err(refused())
-        }
-
-        async fn head(&self) -> Result<u64> {
-            let h: Option<i64> = sqlx::query_scalar("SELECT MAX(position) FROM test_events")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(err)?;
-            Ok(h.unwrap_or(0) as u64)
-        }
-
-        async fn wait_for_head(&self, after: u64, timeout: Duration) -> Result<u64> {
-            let deadline = tokio::time::Instant::now() + timeout;
-            loop {
-                let h = EventStore::head(self).await?;
-                if h > after || tokio::time::Instant::now() >= deadline {
-                    return Ok(h);
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-
-        async fn stream_info(&self, _: &str) -> Result<Option<StreamInfo>> {
-            Err(refused())
-        }
-
-        async fn set_metadata(&self, _: &str, _: &StreamMetadata) -> Result<()> {
-            Err(refused())
-        }
-
-        async fn delete_stream(
-            &self,
-            _: &str,
-            _: ExpectedVersion,
-            _: DeleteMode,
-        ) -> Result<AppendOutcome> {
-            Err(refused())
-        }
-
-        async fn streams(&self, _: &str, _: Option<&str>, _: usize) -> Result<Vec<StreamInfo>> {
-            Err(refused())
-        }
-
-        async fn save_snapshot(&self, _: &Snapshot) -> Result<()> {
-            Err(refused())
-        }
-
-        async fn load_snapshot(&self, _: &str, _: &str) -> Result<Option<Snapshot>> {
-            Err(refused())
-        }
-    }
-}
+use custody_sqlite::SqliteEventStore as SqliteLog;
 
 /// A producer database (event log + log relay state), a consumer database
 /// (inbox + effects) and a JetStream stream of the test's own.
@@ -243,7 +52,7 @@ impl Env {
         let spec = StreamSpec::new(&name.to_uppercase(), &name);
         custody_nats::ensure_stream(&client, &spec).await?;
         Ok(Some(Env {
-            log: SqliteLog::new(a.clone()).await?,
+            log: SqliteLog::new(a.clone()),
             state: SqliteLogRelayStore::new(a.clone()),
             _dir: dir,
             _a: a,
@@ -573,7 +382,7 @@ async fn child_log_relay_for_kill_test() -> anyhow::Result<()> {
         }
     }
     let relay = log_relay(
-        SqliteLog::new(pool.clone()).await?,
+        SqliteLog::new(pool.clone()),
         SqliteLogRelayStore::new(pool),
         Printing(NatsPublisher::new(client, &spec), Default::default()),
         LogRelayConfig::new("killed").default_topic("steps"),

@@ -537,3 +537,156 @@ async fn reconcile_event_store_against_inbox_names_missing_ids_and_repairs() -> 
     env.cleanup().await;
     Ok(())
 }
+
+/// PostgreSQL event store + log relay state in database A, inbox in B.
+mod pg {
+    use super::*;
+    use custody_postgres::{PgEventStore, PgInbox, PgLogRelayStore};
+
+    async fn append(
+        log: &PgEventStore,
+        stream: &str,
+        seqs: std::ops::RangeInclusive<i64>,
+    ) -> anyhow::Result<()> {
+        for seq in seqs {
+            let e = EventData::json(
+                "Step",
+                &Step {
+                    key: stream.to_owned(),
+                    seq,
+                },
+            )?;
+            log.append(stream, ExpectedVersion::Any, vec![e]).await?;
+        }
+        Ok(())
+    }
+
+    async fn pg_effects(b: &sqlx::PgPool) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let rows = sqlx::query("SELECT message_id::text, k, seq FROM effects ORDER BY n")
+            .fetch_all(b)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect()
+    }
+
+    async fn consume(e: &common::Env, want: usize) -> anyhow::Result<Vec<(String, String, i64)>> {
+        let sub = e.billing_subscriber().await?;
+        let mut cfg = ConsumerConfig::new("billing");
+        cfg.fetch_wait = Duration::from_millis(200);
+        let mut c = Consumer::new(PgInbox::new(e.b.clone()), sub, Recorder::default(), cfg);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pg_effects(&e.b).await?.len() < want && Instant::now() < deadline {
+            c.run_once().await?;
+        }
+        c.run_once().await?;
+        pg_effects(&e.b).await
+    }
+
+    #[tokio::test]
+    async fn pg_each_event_published_once_filter_and_one_active_relay() -> anyhow::Result<()> {
+        let Some(e) = common::env(None, "custody_logpg").await? else {
+            return Ok(());
+        };
+        let log = PgEventStore::new(e.a.clone());
+        let state = PgLogRelayStore::new(e.a.clone());
+        for i in 0..3 {
+            append(&log, &format!("order-{i}"), 1..=10).await?;
+            append(&log, &format!("invoice-{i}"), 1..=2).await?;
+        }
+        let config = LogRelayConfig::new("pg-orders")
+            .category("order")
+            .topic_for("order", "steps");
+        let mut relay = log_relay(
+            log.clone(),
+            state.clone(),
+            NatsPublisher::new(e.client.clone(), &e.spec),
+            config.clone(),
+            fast(),
+        )?
+        .with_id("p1");
+        // a second process with the same relay name stands by
+        let mut standby = log_relay(
+            log.clone(),
+            state.clone(),
+            NatsPublisher::new(e.client.clone(), &e.spec),
+            config,
+            fast(),
+        )?
+        .with_id("p2");
+        drain(&mut relay).await?;
+        drain(&mut standby).await?;
+        assert_eq!(relay.stats().published, 30, "only the order category");
+        assert_eq!(standby.stats().published, 0);
+        assert!(standby.partitions().is_empty(), "one active relay per name");
+        assert_eq!(state.load("pg-orders").await?.checkpoint, log.head().await?);
+        let js = async_nats::jetstream::new(e.client.clone());
+        assert_eq!(
+            js.get_stream(&e.spec.name)
+                .await?
+                .info()
+                .await?
+                .state
+                .messages,
+            30
+        );
+        let effects = consume(&e, 30).await?;
+        let v = verdict(&effects);
+        assert_eq!((v.applied, v.distinct, v.order_violations), (30, 30, 0));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pg_broker_outage_loses_nothing_keeps_order() -> anyhow::Result<()> {
+        let Some(mut server) = NatsServer::start().await? else {
+            return Ok(());
+        };
+        let Some(e) = common::env(Some(&server.url), "custody_logpg").await? else {
+            return Ok(());
+        };
+        let log = PgEventStore::new(e.a.clone());
+        let state = PgLogRelayStore::new(e.a.clone());
+        let mut cfg = fast();
+        cfg.breaker.open_for = Duration::from_millis(300);
+        let cancel = CancellationToken::new();
+        let relay = tokio::spawn(
+            log_relay(
+                log.clone(),
+                state.clone(),
+                NatsPublisher::new(e.client.clone(), &e.spec)
+                    .with_ack_timeout(Duration::from_secs(1)),
+                LogRelayConfig::new("pg-outage").default_topic("steps"),
+                cfg,
+            )?
+            .run(cancel.clone()),
+        );
+        for s in ["acct-1", "acct-2"] {
+            append(&log, s, 1..=10).await?;
+        }
+        server.stop(); // kill -9 of the broker
+        for s in ["acct-1", "acct-2"] {
+            append(&log, s, 11..=50).await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let head = log.head().await?;
+        assert!(state.load("pg-outage").await?.checkpoint < head);
+        server.restart().await?;
+        let reached = custody_testkit::process::poll_until(
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || async { Ok(state.load("pg-outage").await?.checkpoint) },
+            |c| *c >= head,
+        )
+        .await?;
+        assert_eq!(
+            reached, head,
+            "the backlog drained after the broker came back"
+        );
+        cancel.cancel();
+        assert_eq!(relay.await??.dead_lettered, 0);
+        let effects = consume(&e, 100).await?;
+        let v = verdict(&effects);
+        assert_eq!((v.applied, v.distinct, v.order_violations), (100, 100, 0));
+        Ok(())
+    }
+}

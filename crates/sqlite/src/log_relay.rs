@@ -141,6 +141,25 @@ async fn ensure(conn: &mut SqliteConnection, relay: &str, now: DateTime<Utc>) ->
     Ok(())
 }
 
+impl SqliteLogRelayStore {
+    /// The stream and version of the event with id `id` in this database's
+    /// event store (`custody trace`), `None` when it holds no such event.
+    pub async fn locate_event(&self, id: Uuid) -> Result<Option<(String, u64)>> {
+        let found: Option<(String, i64)> =
+            sqlx::query_as("SELECT stream, version FROM custody_events WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(map_err("find event by id"))?;
+        Ok(found.map(|(s, v)| (s, u64::try_from(v).unwrap_or(0))))
+    }
+
+    /// The database.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
 impl LogRelayStore for SqliteLogRelayStore {
     async fn acquire(
         &self,

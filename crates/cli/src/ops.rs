@@ -220,6 +220,44 @@ pub struct RelayArgs {
     /// (e.g. `127.0.0.1:9464`, then `curl 127.0.0.1:9464/metrics`).
     #[arg(long, env = "CUSTODY_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Publish the event store's log instead of the outbox (docs/EVENTSTORE_RELAY.md):
+    /// each event as a message with the event's id, keyed by its stream.
+    #[arg(long)]
+    pub from_events: bool,
+    /// With `--from-events`: publish only this stream category (`order` for `order-*`).
+    /// Repeat for several; none: the whole log.
+    #[arg(long = "category", requires = "from_events", value_name = "CATEGORY")]
+    pub categories: Vec<String>,
+    /// With `--from-events`: publish every event on this topic (default: the topic of an
+    /// event is its stream's category).
+    #[arg(long, requires = "from_events", value_name = "TOPIC")]
+    pub topic: Option<String>,
+    /// With `--from-events`: the log relay's name, under which its checkpoint, journal
+    /// and lease are kept. Processes with one name never publish at the same time.
+    #[arg(
+        long,
+        requires = "from_events",
+        default_value = "events",
+        value_name = "NAME"
+    )]
+    pub name: String,
+}
+
+/// The log relay the flags `--category`, `--topic` and `--name` describe
+/// (`custody relay --from-events`, `custody reconcile --from-events`).
+pub fn log_relay_config(
+    name: &str,
+    categories: &[String],
+    topic: Option<&str>,
+) -> custody::log_relay::LogRelayConfig {
+    let mut log = custody::log_relay::LogRelayConfig::new(name);
+    for c in categories {
+        log = log.category(c.clone());
+    }
+    if let Some(t) = topic {
+        log = log.default_topic(t);
+    }
+    log
 }
 
 /// `custody relay`'s stream, also `custody consume`'s default, so the two
@@ -254,7 +292,13 @@ pub async fn relay(args: RelayArgs, cfg: Config) -> anyhow::Result<ExitCode> {
     custody::nats::ensure_stream(&client, &spec).await?;
     let publisher = custody::nats::NatsPublisher::new(client, &spec);
     let cancel = shutdown_token();
-    let stats = custody::run_relay(&args.db, publisher, cfg.relay, args.id, cancel).await?;
+    let stats = if args.from_events {
+        let log = log_relay_config(&args.name, &args.categories, args.topic.as_deref());
+        custody::log_relay::run_log_relay(&args.db, publisher, log, cfg.relay, args.id, cancel)
+            .await?
+    } else {
+        custody::run_relay(&args.db, publisher, cfg.relay, args.id, cancel).await?
+    };
     println!(
         "relay stopped: published {}, dead-lettered {}, failed attempts {}",
         stats.published, stats.dead_lettered, stats.failures

@@ -91,6 +91,26 @@ pub struct ReconcileArgs {
     /// With `--accept`: why the numbers are accepted as lost (kept in the audit record).
     #[arg(long, requires = "accept", value_name = "TEXT")]
     pub reason: Option<String>,
+    /// The producer is an event store published by `custody relay --from-events`: compare the
+    /// consumer with the event log and that log relay's journal instead of an outbox. Pass the
+    /// relay's `--category` and `--topic` flags too (docs/EVENTSTORE_RELAY.md).
+    #[arg(long, conflicts_with_all = ["live", "embedded_subscription"])]
+    pub from_events: bool,
+    /// With `--from-events`: the log relay's name (`custody relay --from-events --name`).
+    #[arg(
+        long,
+        requires = "from_events",
+        default_value = "events",
+        value_name = "NAME"
+    )]
+    pub log_relay: String,
+    /// With `--from-events`: a category the log relay publishes (repeat; none: the whole log).
+    #[arg(long = "category", requires = "from_events", value_name = "CATEGORY")]
+    pub categories: Vec<String>,
+    /// With `--from-events`: the `--topic` the log relay was run with, if any (every event
+    /// on it); without, an event's topic is its stream's category.
+    #[arg(long, requires = "from_events", value_name = "TOPIC")]
+    pub relay_topic: Option<String>,
     /// With `--accept`: who accepts them (default: `$USER`).
     #[arg(long, requires = "accept", value_name = "NAME")]
     pub accepted_by: Option<String>,
@@ -185,7 +205,7 @@ fn progress_bar(json: bool) -> ProgressBar {
 }
 
 async fn run_once(
-    producer: &dyn Admin,
+    sent: &dyn custody::DynSentHistory,
     consumer: &dyn Admin,
     q: &ReconcileQuery,
     json: bool,
@@ -196,7 +216,7 @@ async fn run_once(
         b.set_message(format!("{} ids read: {}", p.phase, p.rows));
         b.set_position((p.fraction * 1000.0) as u64);
     };
-    let r = reconcile(producer.sent(), consumer.processed(), q, &progress).await;
+    let r = reconcile(sent, consumer.processed(), q, &progress).await;
     bar.finish_and_clear();
     Ok(r?)
 }
@@ -233,8 +253,24 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     let (Some(producer), Some(topic)) = (producer.as_deref(), args.topic.clone()) else {
         anyhow::bail!("--producer and --topic are required (or use --live)");
     };
+    // the sent side: the producer's outbox, or its event log as published by a log relay
+    let events_sent = match (&args.from_events, &args.producer) {
+        (true, Some(url)) => {
+            let log = crate::ops::log_relay_config(
+                &args.log_relay,
+                &args.categories,
+                args.relay_topic.as_deref(),
+            );
+            Some(custody::log_relay::open_event_history(url, log).await?)
+        }
+        _ => None,
+    };
+    let sent: &dyn custody::DynSentHistory = match &events_sent {
+        Some(h) => h.as_ref(),
+        None => producer.sent(),
+    };
     if let Some(every) = args.watch {
-        return watch(&args, &topic, producer, consumer, every).await;
+        return watch(&args, &topic, sent, consumer, every).await;
     }
     let (from, to) = range(&args)?;
     let q = ReconcileQuery {
@@ -244,7 +280,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
         to,
         window: args.window,
     };
-    let report = run_once(producer, consumer, &q, args.json).await?;
+    let report = run_once(sent, consumer, &q, args.json).await?;
     if !args.repair || report.missing.is_empty() {
         print(&report, &args, args.json);
         return Ok(exit_code(&report));
@@ -265,7 +301,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
             }
         }
         None => {
-            let n = producer.sent().republish(&report.missing).await?;
+            let n = sent.republish(&report.missing).await?;
             format!(
                 "put {n} of {} missing messages back to pending; a running relay republishes them (others are still pending or were pruned)",
                 report.missing.len()
@@ -282,7 +318,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + args.repair_wait;
     let after = loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let r = run_once(producer, consumer, &q, true).await?;
+        let r = run_once(sent, consumer, &q, true).await?;
         if r.missing.is_empty() || tokio::time::Instant::now() >= deadline {
             break r;
         }
@@ -339,7 +375,7 @@ fn left_out_note(r: &ReconcileReport, args: &ReconcileArgs) -> Option<String> {
 async fn watch(
     args: &ReconcileArgs,
     topic: &str,
-    producer: &dyn Admin,
+    sent: &dyn custody::DynSentHistory,
     consumer: &dyn Admin,
     every: Duration,
 ) -> anyhow::Result<ExitCode> {
@@ -353,7 +389,7 @@ async fn watch(
             to,
             window: args.window,
         };
-        let r = run_once(producer, consumer, &q, true).await?;
+        let r = run_once(sent, consumer, &q, true).await?;
         export_report(&r);
         if let Some(path) = &args.metrics_file {
             if let Err(e) = write_metrics(path, &r) {

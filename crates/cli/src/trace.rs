@@ -45,6 +45,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<ExitCode> {
     for url in &args.dbs {
         let s = status_in(url, id).await?;
         st.merge(s);
+        // an event of the database's event store: stream, version, position, published or not
+        if let Some(event) = custody::log_relay::event_status(url, id)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the event store of {}: {e}", redact(url)))?
+        {
+            st.merge(event);
+        }
     }
     let stage = st.stage();
     if args.json {

@@ -33,6 +33,7 @@ mod error;
 pub mod event;
 pub mod history;
 pub mod lease;
+pub mod log_relay;
 mod message;
 mod partition;
 mod policy;

@@ -160,6 +160,11 @@ mod any;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use any::{open_embedded, open_outbox, AnyOutbox, EmbeddedSubscriber};
 
+/// The event log as outbox: a relay publishing from the event store,
+/// reconcile and trace against it.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod log_relay;
+
 #[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]
 mod consume;
 #[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]

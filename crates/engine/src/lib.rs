@@ -34,6 +34,7 @@
 mod consumer;
 mod leased;
 pub mod live;
+pub mod log_relay;
 pub mod metric_definitions;
 pub mod projection;
 pub mod reconcile;

@@ -58,3 +58,6 @@ pub const PROJECTION_LAG_SECONDS: &str = "custody_projection_lag_seconds";
 pub const PROJECTION_ACTIVE: &str = "custody_projection_active";
 /// The checkpoint of the generation a rebuild is building (label: `projection`).
 pub const PROJECTION_REBUILD_POSITION: &str = "custody_projection_rebuild_position";
+/// A log relay's checkpoint: the global-log position up to which every event
+/// of its filter is settled (label: `relay`, the log relay's name).
+pub const LOG_RELAY_CHECKPOINT: &str = "custody_log_relay_checkpoint";

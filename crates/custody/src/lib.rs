@@ -160,6 +160,11 @@ mod any;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use any::{open_embedded, open_outbox, AnyOutbox, EmbeddedSubscriber};
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod events;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use events::open_events;
+
 #[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]
 mod consume;
 #[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]

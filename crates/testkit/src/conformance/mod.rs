@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use custody_core::{HandlerError, InboxStore, Message, OutboxStore, Subscriber};
 
+pub mod eventstore;
 pub mod inbox;
 pub mod lease;
 pub mod store;

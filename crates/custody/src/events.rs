@@ -45,10 +45,7 @@ pub async fn open_events(url: &str, access: Access) -> Result<Box<dyn DynEventSt
                 pool
             }
         };
-        let _ = pool; // SqliteEventStore (helper 1) is merged next
-        return Err(Error::Config(
-            "the SQLite event store is not in this build yet".into(),
-        ));
+        return Ok(Box::new(custody_sqlite::SqliteEventStore::new(pool)));
     }
     let _ = access;
     Err(Error::Config(format!(

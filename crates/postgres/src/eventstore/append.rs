@@ -53,12 +53,14 @@ pub(crate) enum Probe {
 /// locks an existing row and returns its latest committed version (READ
 /// COMMITTED re-reads the row after waiting for its holder), in one round
 /// trip; the no-op SET keeps the update HOT. Rows are taken in stream
-/// order, so combined appends cannot deadlock each other.
+/// order, so combined appends cannot deadlock each other. `xmax = 0` tells
+/// an inserted row from an existing one (a row locked by ON CONFLICT DO
+/// UPDATE carries this transaction's xid in xmax).
 const LOCK_STREAMS_WAIT: &str = "\
 INSERT INTO custody_streams AS cs (stream, category)
 SELECT s, c FROM unnest($1::text[], $2::text[]) AS u(s, c) ORDER BY s
 ON CONFLICT (stream) DO UPDATE SET updated_at = cs.updated_at
-RETURNING stream, version, tombstoned";
+RETURNING stream, version, tombstoned, xmax = 0 AS inserted";
 
 /// Lock the stream rows, skipping rows another transaction holds. New
 /// streams are inserted (and so held by this transaction); the subquery's
@@ -71,12 +73,16 @@ WITH ins AS (
     ON CONFLICT (stream) DO NOTHING
     RETURNING stream, version, tombstoned
 )
-SELECT stream, version, tombstoned FROM ins
+SELECT stream, version, tombstoned, true AS inserted FROM ins
 UNION ALL
 SELECT * FROM (
-    SELECT stream, version, tombstoned FROM custody_streams
+    SELECT stream, version, tombstoned, false FROM custody_streams
     WHERE stream = ANY($1::text[]) ORDER BY stream FOR UPDATE SKIP LOCKED
 ) held";
+
+/// Remove the rows of new streams no append was written to (refused, or
+/// an error): they were inserted by this transaction to be locked.
+const DROP_UNUSED: &str = "DELETE FROM custody_streams WHERE stream = ANY($1::text[])";
 
 /// Where the given ids are already stored.
 const PROBE_IDS: &str = "SELECT id, stream, version FROM custody_events WHERE id = ANY($1::uuid[])";
@@ -258,7 +264,11 @@ pub(crate) async fn write(
         .await?;
     // stream -> (version, tombstoned), for the streams this transaction holds
     let mut held: HashMap<String, (u64, bool)> = HashMap::new();
+    let mut inserted: BTreeSet<String> = BTreeSet::new();
     for row in rows {
+        if row.try_get("inserted")? {
+            inserted.insert(row.try_get("stream")?);
+        }
         held.insert(
             row.try_get("stream")?,
             (u64_of(row.try_get("version")?), row.try_get("tombstoned")?),
@@ -363,6 +373,16 @@ pub(crate) async fn write(
                 }
             }
         });
+    }
+    let unused: Vec<&String> = inserted
+        .iter()
+        .filter(|s| !versions.contains_key(s.as_str()))
+        .collect();
+    if !unused.is_empty() {
+        sqlx::query(DROP_UNUSED)
+            .bind(unused)
+            .execute(&mut *conn)
+            .await?;
     }
     if !columns.ordinal.is_empty() {
         let n = i32::try_from(columns.ordinal.len()).unwrap_or(i32::MAX);

@@ -154,10 +154,9 @@ impl PgEventStore {
 
     /// Append `events` to `stream` inside the caller's transaction: they
     /// commit (or roll back) with the caller's business rows and outbox
-    /// messages. As [`EventStore::append`] otherwise. The stream row stays
-    /// locked until the caller's transaction ends, so keep it short; on an
-    /// outcome other than [`AppendOutcome::Appended`] roll back (a new
-    /// stream's row at version 0 would otherwise stay).
+    /// messages. As [`EventStore::append`] otherwise; a refused append
+    /// leaves nothing in the transaction, which stays usable. The stream row
+    /// stays locked until the caller's transaction ends, so keep it short.
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -202,7 +201,14 @@ impl PgEventStore {
         item: &Item,
         condition: &AppendCondition,
         probe: Probe,
-    ) -> std::result::Result<AppendOutcome, sqlx::Error> {
+    ) -> std::result::Result<AppendOutcome, Failure> {
+        // Number what is committed, so a failed condition can name the
+        // position of the match (an append committed after this still
+        // fails it, with position 0). Before the transaction: it takes a
+        // connection of its own.
+        sequencer::sequence_if_pending(&self.pool)
+            .await
+            .map_err(Failure::Custody)?;
         let mut tx = self.pool.begin().await?;
         let mut buckets = dcb::Buckets::default();
         buckets.condition(&condition.query);
@@ -247,8 +253,9 @@ impl PgEventStore {
         .await?;
         let outcome = match results.into_iter().next() {
             Some(ItemResult::Done(Ok(outcome))) => outcome,
-            Some(ItemResult::Done(Err(e))) => return Err(sqlx::Error::Protocol(e.to_string())),
-            _ => return Err(sqlx::Error::Protocol("stream row not locked".into())),
+            Some(ItemResult::Done(Err(e))) => return Err(Failure::Custody(e)),
+            // Locking::Wait never defers
+            _ => return Err(Failure::Custody(not_locked())),
         };
         tx.commit().await?;
         Ok(outcome)
@@ -284,8 +291,15 @@ fn limit_of(limit: usize) -> i64 {
 /// Validate an append's stream name and events.
 fn checked(stream: &str, expected: ExpectedVersion, events: Vec<EventData>) -> Result<Item> {
     validate_stream_name(stream)?;
+    let mut ids = std::collections::HashSet::with_capacity(events.len());
     for e in &events {
         e.validate()?;
+        if !ids.insert(e.id) {
+            return Err(Error::InvalidMessage(format!(
+                "event id {} appears twice in one append to stream {stream:?}; give every event its own id",
+                e.id
+            )));
+        }
     }
     Ok(Item {
         stream: stream.to_owned(),
@@ -297,18 +311,40 @@ fn checked(stream: &str, expected: ExpectedVersion, events: Vec<EventData>) -> R
 fn only(results: Vec<ItemResult>) -> Result<AppendOutcome> {
     match results.into_iter().next() {
         Some(ItemResult::Done(outcome)) => outcome,
-        _ => Err(Error::store(
-            "postgres",
-            "append events",
-            true,
-            "the stream row was not locked; retry the append",
-        )),
+        _ => Err(not_locked()),
     }
 }
 
+/// An append that waits for its stream row came back without it (a bug).
+fn not_locked() -> Error {
+    Error::store(
+        "postgres",
+        "append events",
+        true,
+        "the stream row was not locked; retry the append",
+    )
+}
+
+/// Why a try of a conditional append failed.
+enum Failure {
+    /// A statement failed (a unique violation is retried).
+    Sql(sqlx::Error),
+    /// Anything else, as it is.
+    Custody(Error),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Sql(e)
+    }
+}
+
+/// A query item's parameters: its types, its tags.
+type ItemBinds = (Vec<String>, Vec<String>);
+
 /// The SQL of a query's items (OR of them) on events `e`, with parameters
 /// from `$first` on: per item, its types (any if empty) and its tags (all).
-fn query_clause(query: &Query, first: usize) -> (String, Vec<(Vec<String>, Vec<String>)>) {
+fn query_clause(query: &Query, first: usize) -> (String, Vec<ItemBinds>) {
     let mut parts = Vec::new();
     let mut binds = Vec::new();
     for (i, item) in query.items.iter().enumerate() {
@@ -429,15 +465,20 @@ impl EventStore for PgEventStore {
     ) -> Result<AppendOutcome> {
         const OP: &str = "conditional append";
         let item = checked(stream, ExpectedVersion::Any, events)?;
+        let fail = |f: Failure| match f {
+            Failure::Sql(e) => map_err(OP, e),
+            Failure::Custody(e) => e,
+        };
         match self
             .append_if_once(&item, condition, Probe::OnMismatch)
             .await
         {
-            Err(e) if matches!(&e, sqlx::Error::Database(d) if d.is_unique_violation()) => self
+            // an id stored already: decide again, looking the ids up first
+            Err(Failure::Sql(sqlx::Error::Database(d))) if d.is_unique_violation() => self
                 .append_if_once(&item, condition, Probe::Always)
                 .await
-                .map_err(db(OP)),
-            other => other.map_err(db(OP)),
+                .map_err(fail),
+            other => other.map_err(fail),
         }
     }
 

@@ -125,6 +125,10 @@ pub struct WriteStats {
     pub writes: u64,
     /// The most writes one transaction carried.
     pub largest_batch: u64,
+    /// Writes waiting in the combining task's queue right now.
+    pub queued: u64,
+    /// Writes in the transaction running right now.
+    pub running: u64,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +136,7 @@ struct Stats {
     transactions: AtomicU64,
     writes: AtomicU64,
     largest: AtomicU64,
+    running: AtomicU64,
 }
 
 impl Stats {
@@ -278,6 +283,12 @@ impl SqliteEventStore {
             transactions: s.transactions.load(Ordering::Relaxed),
             writes: s.writes.load(Ordering::Relaxed),
             largest_batch: s.largest.load(Ordering::Relaxed),
+            queued: self
+                .shared
+                .combiner
+                .get()
+                .map_or(0, |tx| (tx.max_capacity() - tx.capacity()) as u64),
+            running: s.running.load(Ordering::Relaxed),
         }
     }
 
@@ -443,6 +454,7 @@ async fn combine(
 async fn run_batch(pool: &SqlitePool, jobs: Vec<Job>, now: i64, shared: &Shared) {
     const OP: &str = "append events";
     let n = jobs.len();
+    shared.stats.running.store(n as u64, Ordering::Relaxed);
     let mut results: Vec<Option<Result<AppendOutcome>>> = Vec::with_capacity(n);
     let fatal: Result<()> = async {
         let mut conn = pool.acquire().await.map_err(map_err(OP))?;
@@ -501,6 +513,7 @@ async fn run_batch(pool: &SqlitePool, jobs: Vec<Job>, now: i64, shared: &Shared)
         }
     }
     .await;
+    shared.stats.running.store(0, Ordering::Relaxed);
     match fatal {
         Ok(()) => {
             shared.stats.record(n);

@@ -1,11 +1,12 @@
 //! The `custody` command line, the operations tool: `migrate`, `relay`, `consume`, `produce`,
-//! `dlq`, `projection`, `reconcile`, `trace`. The development tools (`demo`, `chaos`,
+//! `events`, `dlq`, `projection`, `reconcile`, `trace`. The development tools (`demo`, `chaos`,
 //! `bench`) are separate binaries under tools/ that `custody` forwards to.
 #![forbid(unsafe_code)]
 
 mod config;
 mod consume;
 mod dlq;
+mod events;
 mod ops;
 mod produce;
 mod projection;
@@ -49,6 +50,8 @@ enum Command {
     Consume(consume::ConsumeArgs),
     /// Enqueue test messages through a database's outbox.
     Produce(produce::ProduceArgs),
+    /// The event store: append to a stream, read a stream, tail the global log, list streams.
+    Events(events::EventsArgs),
     /// Dead letters: list, show, redrive (back to the consumer or the relay), purge.
     Dlq(dlq::DlqArgs),
     /// CQRS projections: status, rebuild without downtime, reset, dead letters, retry.
@@ -117,6 +120,10 @@ fn main() -> std::process::ExitCode {
             Command::Produce(args) => {
                 init_tracing("warn");
                 produce::run(args).await
+            }
+            Command::Events(args) => {
+                init_tracing("warn");
+                events::run(args).await
             }
             Command::Dlq(args) => {
                 init_tracing("warn");

@@ -261,15 +261,35 @@ where
     }
 }
 
-/// One message as the JSON line `print` writes.
-pub fn print_line(message: &Message) -> serde_json::Value {
-    let (payload, encoding) = match std::str::from_utf8(&message.payload) {
+/// Payload bytes as `print` shows them: the text when they are UTF-8
+/// (`"utf8"`), else base64 (`"base64"`); the second value is the
+/// `payload_encoding` a line carries.
+pub fn payload_text(payload: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(payload) {
         Ok(text) => (text.to_owned(), "utf8"),
         Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            base64::engine::general_purpose::STANDARD.encode(payload),
             "base64",
         ),
-    };
+    }
+}
+
+/// Payload bytes as a JSON value: the parsed document when `content_type`
+/// is JSON and the bytes parse (`"json"`), else as [`payload_text`] shows
+/// them (`custody events` prints events this way).
+pub fn payload_value(content_type: &str, payload: &[u8]) -> (serde_json::Value, &'static str) {
+    if custody_core::is_json_content_type(content_type) {
+        if let Ok(value) = serde_json::from_slice(payload) {
+            return (value, "json");
+        }
+    }
+    let (text, encoding) = payload_text(payload);
+    (serde_json::Value::String(text), encoding)
+}
+
+/// One message as the JSON line `print` writes.
+pub fn print_line(message: &Message) -> serde_json::Value {
+    let (payload, encoding) = payload_text(&message.payload);
     serde_json::json!({
         "id": message.id,
         "topic": message.topic,

@@ -164,6 +164,10 @@ pub use any::{open_embedded, open_outbox, AnyOutbox, EmbeddedSubscriber};
 /// reconcile and trace against it.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod log_relay;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod events;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use events::open_events;
 
 #[cfg(all(feature = "declarative", any(feature = "sqlite", feature = "postgres")))]
 mod consume;

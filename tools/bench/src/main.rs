@@ -11,6 +11,7 @@
 mod cpu;
 mod drain;
 mod embedded;
+mod eventstore;
 mod outbox;
 
 use std::collections::HashMap;
@@ -59,7 +60,7 @@ pub(crate) enum Scenario {
     OutboxEmbedded,
     /// A pre-filled PostgreSQL outbox backlog drained to NATS JetStream.
     RelayDrain,
-    /// Not implemented yet: the event store does not exist.
+    /// The event store on SQLite and PostgreSQL: appends, reads, catch-up, aggregates.
     Eventstore,
     /// Not implemented yet: sagas do not exist.
     Saga,
@@ -183,15 +184,11 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Scenario::Outbox => outbox::run(&args, &mut report).await?,
         Scenario::OutboxEmbedded => embedded::run(&args, &mut report).await?,
         Scenario::RelayDrain => drain::run(&args, &mut report).await?,
-        Scenario::Eventstore | Scenario::Saga => {
+        Scenario::Eventstore => eventstore::run(&args, &mut report).await?,
+        Scenario::Saga => {
             anyhow::bail!(
-                "scenario {} is not implemented: custody has no {} yet (see docs/BENCHMARKS.md)",
+                "scenario {} is not implemented: custody has no sagas yet (see docs/BENCHMARKS.md)",
                 args.scenario.name(),
-                if args.scenario == Scenario::Saga {
-                    "sagas"
-                } else {
-                    "event store"
-                }
             )
         }
     }
@@ -295,6 +292,8 @@ pub(crate) enum Target {
     AtMostMs(f64),
     /// The value (MiB) must be below this.
     BelowMib(f64),
+    /// The value (a rate, per second) must be at least this.
+    RateAtLeast(f64),
 }
 
 impl Target {
@@ -303,6 +302,7 @@ impl Target {
             Target::RatioAtLeast(t) => ratio.map(|r| r >= t),
             Target::AtMostMs(t) => Some(value <= t),
             Target::BelowMib(t) => Some(value < t),
+            Target::RateAtLeast(t) => Some(value >= t),
         }
     }
 
@@ -311,6 +311,7 @@ impl Target {
             Target::RatioAtLeast(t) => format!("≥ {t:.2}×"),
             Target::AtMostMs(t) => format!("≤ {t} ms"),
             Target::BelowMib(t) => format!("< {t} MiB"),
+            Target::RateAtLeast(t) => format!("≥ {t:.0}/s"),
         }
     }
 }
@@ -607,7 +608,7 @@ fn table(s: &mut String, header: &[&str], rows: Vec<Vec<String>>) {
 }
 
 fn fmt_value(v: f64, unit: &str) -> String {
-    if unit == "msg/s" || unit == "MiB" {
+    if unit.ends_with("/s") || unit == "MiB" {
         format!("{v:.0} {unit}")
     } else {
         format!("{v:.2} {unit}")
@@ -1248,6 +1249,8 @@ mod tests {
         assert_eq!(Target::RatioAtLeast(0.8).met(None, 0.0), None);
         assert_eq!(Target::AtMostMs(20.0).met(None, 20.0), Some(true));
         assert_eq!(Target::BelowMib(100.0).met(None, 100.0), Some(false));
+        assert_eq!(Target::RateAtLeast(5.0).met(None, 5.0), Some(true));
+        assert_eq!(Target::RateAtLeast(5.0).met(Some(9.0), 4.9), Some(false));
     }
 
     #[test]

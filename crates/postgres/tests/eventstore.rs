@@ -587,6 +587,8 @@ async fn write_combining_combines_and_a_conflict_fails_no_other() -> anyhow::Res
         }));
     }
     wait_queued(&store, 6).await?;
+    let busy = store.write_stats();
+    ensure!(busy.queued == 6 && busy.running == 2, "{busy:?}");
     blocker.rollback().await?;
 
     for f in first {
@@ -610,7 +612,7 @@ async fn write_combining_combines_and_a_conflict_fails_no_other() -> anyhow::Res
     ensure!(wins == 1, "{wins} winners of Exact(1)");
     let stats = store.write_stats();
     ensure!(
-        stats.commits == 3 && stats.combined == 6 && stats.appends == 8,
+        stats.transactions == 3 && stats.largest_batch == 6 && stats.writes == 8,
         "{stats:?}"
     );
     Ok(())

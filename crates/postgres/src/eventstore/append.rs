@@ -479,9 +479,35 @@ pub(crate) async fn append_alone(
 /// Counters of the write path ([`super::PgEventStore::write_stats`]).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) appends: AtomicU64,
-    pub(crate) commits: AtomicU64,
-    pub(crate) combined: AtomicU64,
+    pub(crate) transactions: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) largest: AtomicU64,
+    pub(crate) running: AtomicU64,
+}
+
+impl Counters {
+    /// A transaction decided `writes` appends.
+    pub(crate) fn committed(&self, writes: u64) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes, Ordering::Relaxed);
+        self.largest.fetch_max(writes, Ordering::Relaxed);
+    }
+
+    /// `n` appends are in a transaction now (`Running` counts them down
+    /// when dropped).
+    pub(crate) fn running(&self, n: u64) -> Running<'_> {
+        self.running.fetch_add(n, Ordering::Relaxed);
+        Running(self, n)
+    }
+}
+
+/// Appends in a running transaction, until dropped.
+pub(crate) struct Running<'a>(&'a Counters, u64);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }
 
 /// A queued append and where its outcome goes.
@@ -540,17 +566,16 @@ pub(crate) async fn combine(
 async fn run_batch(pool: &PgPool, batch: Vec<Request>, counters: &Arc<Counters>) {
     let (items, replies): (Vec<Item>, Vec<_>) =
         batch.into_iter().map(|r| (r.item, r.reply)).unzip();
-    match transaction(pool, &items, Locking::Skip, Probe::OnMismatch).await {
+    let running = counters.running(items.len() as u64);
+    let done = transaction(pool, &items, Locking::Skip, Probe::OnMismatch).await;
+    drop(running);
+    match done {
         Ok(results) => {
-            let written = results
+            let decided = results
                 .iter()
                 .filter(|r| matches!(r, ItemResult::Done(_)))
                 .count() as u64;
-            counters.commits.fetch_add(1, Ordering::Relaxed);
-            counters.appends.fetch_add(written, Ordering::Relaxed);
-            if written > 1 {
-                counters.combined.fetch_add(written, Ordering::Relaxed);
-            }
+            counters.committed(decided);
             for ((item, reply), result) in items.into_iter().zip(replies).zip(results) {
                 match result {
                     ItemResult::Done(outcome) => {
@@ -583,9 +608,10 @@ fn alone(
     let pool = pool.clone();
     let counters = counters.clone();
     tokio::spawn(async move {
+        let running = counters.running(1);
         let outcome = append_alone(&pool, &item).await;
-        counters.commits.fetch_add(1, Ordering::Relaxed);
-        counters.appends.fetch_add(1, Ordering::Relaxed);
+        drop(running);
+        counters.committed(1);
         let _ = reply.send(outcome);
     });
 }

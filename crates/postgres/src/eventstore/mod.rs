@@ -80,15 +80,21 @@ impl std::fmt::Debug for PgEventStore {
 }
 
 /// What the write path has done since the store was made
-/// ([`PgEventStore::write_stats`]).
+/// ([`PgEventStore::write_stats`]); the same counts as
+/// `custody_sqlite::WriteStats`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriteStats {
-    /// Appends decided by [`EventStore::append`] (written or refused).
-    pub appends: u64,
-    /// Transactions they took.
-    pub commits: u64,
-    /// Appends that shared their transaction with at least one other.
-    pub combined: u64,
+    /// Transactions the store ran for `append` / `append_if`.
+    pub transactions: u64,
+    /// Appends (`append` / `append_if` calls) those transactions decided
+    /// (written or refused).
+    pub writes: u64,
+    /// The most appends one transaction decided.
+    pub largest_batch: u64,
+    /// Appends waiting in the combiner's queue right now.
+    pub queued: u64,
+    /// Appends in a transaction running right now.
+    pub running: u64,
 }
 
 const OP_READ: &str = "read events";
@@ -138,9 +144,11 @@ impl PgEventStore {
     pub fn write_stats(&self) -> WriteStats {
         let c = &self.shared.counters;
         WriteStats {
-            appends: c.appends.load(Ordering::Relaxed),
-            commits: c.commits.load(Ordering::Relaxed),
-            combined: c.combined.load(Ordering::Relaxed),
+            transactions: c.transactions.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            largest_batch: c.largest.load(Ordering::Relaxed),
+            queued: self.queued_appends() as u64,
+            running: c.running.load(Ordering::Relaxed),
         }
     }
 
@@ -438,10 +446,11 @@ impl EventStore for PgEventStore {
     ) -> Result<AppendOutcome> {
         let item = checked(stream, expected, events)?;
         if !self.combining {
-            let outcome = append::append_alone(&self.pool, &item).await;
             let c = &self.shared.counters;
-            c.appends.fetch_add(1, Ordering::Relaxed);
-            c.commits.fetch_add(1, Ordering::Relaxed);
+            let running = c.running(1);
+            let outcome = append::append_alone(&self.pool, &item).await;
+            drop(running);
+            c.committed(1);
             return outcome;
         }
         let (reply, outcome) = oneshot::channel();
@@ -475,7 +484,9 @@ impl EventStore for PgEventStore {
             Failure::Sql(e) => map_err(OP, e),
             Failure::Custody(e) => e,
         };
-        match self
+        let c = &self.shared.counters;
+        let running = c.running(1);
+        let outcome = match self
             .append_if_once(&item, condition, Probe::OnMismatch)
             .await
         {
@@ -485,7 +496,10 @@ impl EventStore for PgEventStore {
                 .await
                 .map_err(fail),
             other => other.map_err(fail),
-        }
+        };
+        drop(running);
+        c.committed(1);
+        outcome
     }
 
     async fn read_stream(

@@ -25,6 +25,15 @@
 //! reads the cluster-wide `pg_snapshot_xmin`: an open transaction elsewhere
 //! in the cluster delays no one.
 //!
+//! Runs take turns on a row lock that a reader waits for, not on a
+//! `pg_try_advisory_xact_lock` that a reader gives up on: a reader that
+//! finds a run in progress waits for it and then runs its own, so once
+//! `head()` returns, every append committed before the call has its
+//! position (read your own append). With a try-lock the reader would have
+//! to wait for a second notification from the run that beat it. The same
+//! lock guards the head row the run updates. Runs are a few statements on a
+//! handful of rows, so waiting is short.
+//!
 //! A run that dies (its backend terminated, the client gone) rolls back:
 //! the pending rows come back, the head is unchanged, and the next run
 //! numbers them. `idle_in_transaction_session_timeout` is set for the run so

@@ -64,7 +64,7 @@ pub struct EventData {
     #[serde(rename = "type")]
     pub event_type: String,
     /// Schema version of the payload (1 for the first); upcasters
-    /// (`custody_engine::upcast`) bring older versions up on read.
+    /// ([`crate::upcast`]) bring older versions up on read.
     pub schema_version: u32,
     /// Media type of `payload`.
     pub content_type: String,

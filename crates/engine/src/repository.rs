@@ -26,6 +26,7 @@
 //!
 //! docs/AGGREGATES.md walks through an example.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -34,7 +35,7 @@ use custody_core::event::{
     AppendOutcome, Direction, EventData, EventStore, ExpectedVersion, RecordedEvent, Snapshot,
 };
 use custody_core::upcast::{UpcasterBuilder, Upcasters};
-use custody_core::{headers, Clock, Error, Result, SystemClock};
+use custody_core::{Clock, Error, Result, SystemClock};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -301,12 +302,27 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
     ///
     /// Rejections, conflicts and a tombstoned stream are outcomes; errors
     /// are what the store, the payloads or the command id made impossible.
-    #[instrument(skip_all, fields(aggregate = A::TYPE, id = %id, command_id = %command_id))]
     pub async fn execute(
         &self,
         id: &str,
         command_id: Uuid,
         command: &A::Command,
+    ) -> Result<Outcome<A>> {
+        self.execute_with(id, command_id, command, &BTreeMap::new())
+            .await
+    }
+
+    /// [`Repository::execute`], with `headers` (e.g. the request's
+    /// `correlationid` and `traceparent`, names from
+    /// [`custody_core::headers`]) on every event the command appends. The
+    /// `causationid` header is always the command id.
+    #[instrument(skip_all, fields(aggregate = A::TYPE, id = %id, command_id = %command_id))]
+    pub async fn execute_with(
+        &self,
+        id: &str,
+        command_id: Uuid,
+        command: &A::Command,
+        headers: &BTreeMap<String, String>,
     ) -> Result<Outcome<A>> {
         if command_id.get_version_num() != 7 {
             return Err(Error::InvalidMessage(format!(
@@ -343,7 +359,7 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
             let data = events
                 .iter()
                 .enumerate()
-                .map(|(i, e)| encode::<A>(e, command_id, i))
+                .map(|(i, e)| encode::<A>(e, command_id, i, headers))
                 .collect::<Result<Vec<_>>>()?;
             let expected = ExpectedVersion::Exact(loaded.version);
             match self.store.append(&stream, expected, data).await? {
@@ -431,7 +447,8 @@ impl<S: EventStore, A: Aggregate> Repository<S, A> {
             .events
             .iter()
             .enumerate()
-            .map(|(i, e)| encode::<A>(e, command_id, i))
+            // the store compares ids and versions, not headers
+            .map(|(i, e)| encode::<A>(e, command_id, i, &BTreeMap::new()))
             .collect::<Result<Vec<_>>>()?;
         let expected = ExpectedVersion::Exact(found.first_version - 1);
         match self.store.append(stream, expected, data).await? {
@@ -711,7 +728,12 @@ fn event_id_matches(command_id: Uuid, index: u32, id: &Uuid) -> bool {
 }
 
 /// The stored form of the `index`-th event of command `command_id`.
-fn encode<A: Aggregate>(event: &A::Event, command_id: Uuid, index: usize) -> Result<EventData> {
+fn encode<A: Aggregate>(
+    event: &A::Event,
+    command_id: Uuid,
+    index: usize,
+    headers: &BTreeMap<String, String>,
+) -> Result<EventData> {
     let event_type = event.event_type();
     let Some(schema_version) = <A::Event as DomainEvent>::schema_version_of(event_type) else {
         return Err(Error::Config(format!(
@@ -725,10 +747,13 @@ fn encode<A: Aggregate>(event: &A::Event, command_id: Uuid, index: usize) -> Res
             u32::MAX
         ))
     })?;
-    EventData::json(event_type, &event.to_payload()?)?
+    let mut data = EventData::json(event_type, &event.to_payload()?)?
         .id(event_id(command_id, index))
-        .schema_version(schema_version)
-        .header(headers::CAUSATION_ID, command_id.to_string())
+        .schema_version(schema_version);
+    for (name, value) in headers {
+        data = data.header(name, value.clone())?;
+    }
+    data.header(custody_core::headers::CAUSATION_ID, command_id.to_string())
 }
 
 #[cfg(test)]

@@ -660,7 +660,8 @@ async fn same_command_id_twice_is_idempotent<B: Backend>(b: B) -> anyhow::Result
     let stream = format!("tally-{id}");
     add(&r, &id, 1).await?;
     let command = Uuid::now_v7();
-    let first = r.execute(&id, command, &Add(10)).await?;
+    let request = BTreeMap::from([("correlationid".to_owned(), "req-1".to_owned())]);
+    let first = r.execute_with(&id, command, &Add(10), &request).await?;
     let Outcome::Applied {
         events,
         first_version,
@@ -697,6 +698,23 @@ async fn same_command_id_twice_is_idempotent<B: Backend>(b: B) -> anyhow::Result
             .map(String::as_str),
         Some(command.to_string().as_str())
     );
+    assert_eq!(
+        read.events[0]
+            .headers
+            .get("correlationid")
+            .map(String::as_str),
+        Some("req-1")
+    );
+    // a header name no message could carry is refused before anything is appended
+    let bad = BTreeMap::from([("Not A Header".to_owned(), "x".to_owned())]);
+    let err = r
+        .execute_with(&id, Uuid::now_v7(), &Add(1), &bad)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("Not A Header"), "{err}");
+    assert_eq!(stream_len(&store, &stream).await?, 2);
     // a command id that is not a UUIDv7 is refused before anything happens
     let err = r
         .execute(&id, Uuid::from_u128(42), &Add(1))

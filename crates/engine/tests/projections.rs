@@ -841,3 +841,42 @@ async fn postgres_events_sqlite_read_model_rebuild() -> anyhow::Result<()> {
     )
     .await
 }
+
+/// A runner started with another code version rebuilds beside the active
+/// generation and switches to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_new_code_version_rebuilds_beside_the_old() -> anyhow::Result<()> {
+    let dbs = sqlite().await?;
+    let head = append(&dbs.events, "ver", 4, 800, 20).await?;
+    let store = SqliteInbox::new(dbs.read.clone());
+    let read = ReadModel::Sqlite(dbs.read.clone());
+    let mut old = ProjectionRunner::new(dbs.events.clone(), store.clone());
+    old.spawn(Counter::v(1), config("old-code"))?;
+    caught_up(&read, head).await?;
+    old.stop().await;
+    let mut new = ProjectionRunner::new(dbs.events.clone(), store);
+    new.spawn(Counter::v(2), config("new-code"))?;
+    let admin = SqliteProjectionAdmin::new(dbs.read.clone());
+    let s = poll_until(
+        WITHIN,
+        EVERY,
+        || async { Ok(admin.status(Some("counter")).await?) },
+        |s| s[0].active.version == 2 && s[0].rebuild.is_none(),
+    )
+    .await?;
+    ensure!(
+        s[0].active.version == 2 && s[0].active.generation == 2,
+        "{s:?}"
+    );
+    caught_up(&read, head).await?;
+    ensure!(
+        all_once(&read.applied().await?, head),
+        "version 2's read model"
+    );
+    ensure!(
+        read.totals().await? == fresh_build(&dbs.events).await?,
+        "differs from a fresh build"
+    );
+    new.stop().await;
+    Ok(())
+}

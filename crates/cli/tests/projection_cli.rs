@@ -207,8 +207,18 @@ async fn status_rebuild_and_reset_through_the_cli() -> anyhow::Result<()> {
     .await?;
     ensure!(ok, "reset failed: {err}");
     ensure!(out.contains("generation 3"), "reset output: {out}");
-    caught_up(&s).await?;
-    ensure!(rows(&s.read).await? == 2000, "rows after reset --to 1000");
+    let read = &s.read;
+    let n = poll_until(
+        WITHIN,
+        Duration::from_millis(50),
+        || rows(read),
+        |n| *n == 2000,
+    )
+    .await?;
+    ensure!(
+        n == 2000,
+        "{n} rows after reset --to 1000, not the 2000 events after it"
+    );
 
     // unknown names and missing databases are errors that say what to do
     let (ok, _, err) = custody(&["projection", "rebuild", "nope", "--db", &db]).await?;

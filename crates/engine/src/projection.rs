@@ -475,6 +475,22 @@ impl<E: EventStore, S: ProjectionStore, P: Projection<S>> Worker<E, S, P> {
                 }
             }
             self.store.commit(tx).await?;
+            let g = Generation {
+                generation: next,
+                version: self.projection.version(),
+                checkpoint: match request {
+                    Request::Rebuild => 0,
+                    Request::Reset { to } => to,
+                },
+                applied: 0,
+            };
+            self.status.send_modify(|s| match request {
+                Request::Rebuild => s.rebuilding = Some(g),
+                Request::Reset { .. } => {
+                    s.generation = Some(g);
+                    s.rebuilding = None;
+                }
+            });
             return Ok(Step::Busy);
         }
         if state.building.is_none() && state.active.version != self.projection.version() {

@@ -684,20 +684,31 @@ async fn projection_child() -> anyhow::Result<()> {
     let slow: Option<u64> = std::env::var("CHILD_SLOW_FROM")
         .ok()
         .and_then(|v| v.parse().ok());
-    let events = SqliteEventStore::new(custody_sqlite::connect(&events_url).await?);
-    let read = custody_sqlite::connect(&read_url).await?;
     let counter = Counter {
         slow_in: slow.map(|s| (s + 1, s + 100)),
         mid: slow.map(|s| s + 50),
         ..Counter::v(1)
     };
     let token = custody_engine::shutdown_token();
-    let mut runner =
-        ProjectionRunner::new(events, SqliteInbox::new(read)).with_token(token.clone());
-    runner.spawn(counter, config(&holder))?;
-    println!("child ready");
-    token.cancelled().await;
-    runner.stop().await;
+    if events_url.starts_with("postgres") {
+        let events = PgEventStore::new(custody_postgres::connect(&events_url).await?);
+        let read = custody_postgres::connect(&read_url).await?;
+        let mut runner =
+            ProjectionRunner::new(events, PgInbox::new(read)).with_token(token.clone());
+        runner.spawn(counter, config(&holder))?;
+        println!("child ready");
+        token.cancelled().await;
+        runner.stop().await;
+    } else {
+        let events = SqliteEventStore::new(custody_sqlite::connect(&events_url).await?);
+        let read = custody_sqlite::connect(&read_url).await?;
+        let mut runner =
+            ProjectionRunner::new(events, SqliteInbox::new(read)).with_token(token.clone());
+        runner.spawn(counter, config(&holder))?;
+        println!("child ready");
+        token.cancelled().await;
+        runner.stop().await;
+    }
     Ok(())
 }
 
@@ -705,6 +716,25 @@ async fn projection_child() -> anyhow::Result<()> {
 async fn sqlite_runner_killed_mid_batch_resumes_exactly_once() -> anyhow::Result<()> {
     let dbs = sqlite().await?;
     let head = append(&dbs.events, "k", 10, 3000, 20).await?;
+    kill_scenario(
+        &dbs.events_url,
+        &dbs.read_url,
+        head,
+        ReadModel::Sqlite(dbs.read.clone()),
+        Box::new(SqliteProjectionAdmin::new(dbs.read.clone())),
+    )
+    .await
+}
+
+/// A runner process killed with SIGKILL while applying the middle of a
+/// batch, then another one: consistent checkpoint, each event applied once.
+async fn kill_scenario(
+    events_url: &str,
+    read_url: &str,
+    head: u64,
+    read: ReadModel,
+    admin: Box<dyn ProjectionAdmin>,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?.to_string_lossy().into_owned();
     let args = [
         "--exact",
@@ -713,7 +743,6 @@ async fn sqlite_runner_killed_mid_batch_resumes_exactly_once() -> anyhow::Result
         "--nocapture",
         "--test-threads=1",
     ];
-    let read = ReadModel::Sqlite(dbs.read.clone());
 
     // the first runner slows down over positions 601..=700 and is killed
     // while applying position 650: mid-batch (batches of 100 from 600)
@@ -722,8 +751,8 @@ async fn sqlite_runner_killed_mid_batch_resumes_exactly_once() -> anyhow::Result
         &exe,
         &args,
         &[
-            ("CHILD_EVENTS", &dbs.events_url),
-            ("CHILD_READ", &dbs.read_url),
+            ("CHILD_EVENTS", events_url),
+            ("CHILD_READ", read_url),
             ("CHILD_HOLDER", "killed-runner"),
             ("CHILD_SLOW_FROM", "600"),
         ],
@@ -757,8 +786,8 @@ async fn sqlite_runner_killed_mid_batch_resumes_exactly_once() -> anyhow::Result
         &exe,
         &args,
         &[
-            ("CHILD_EVENTS", &dbs.events_url),
-            ("CHILD_READ", &dbs.read_url),
+            ("CHILD_EVENTS", events_url),
+            ("CHILD_READ", read_url),
             ("CHILD_HOLDER", "second-runner"),
         ],
     )?;
@@ -779,9 +808,7 @@ async fn sqlite_runner_killed_mid_batch_resumes_exactly_once() -> anyhow::Result
         read.checkpoint().await? == head,
         "checkpoint is not the head"
     );
-    let status = SqliteProjectionAdmin::new(dbs.read.clone())
-        .status(None)
-        .await?;
+    let status = admin.status(None).await?;
     ensure!(
         status.len() == 1 && status[0].active.applied == head,
         "applied count: {status:?}"
@@ -838,6 +865,62 @@ async fn postgres_events_sqlite_read_model_rebuild() -> anyhow::Result<()> {
         SqliteInbox::new(dbs.read.clone()),
         ReadModel::Sqlite(dbs.read.clone()),
         Box::new(SqliteProjectionAdmin::new(dbs.read.clone())),
+    )
+    .await
+}
+
+/// A runner started with another code version rebuilds beside the active
+/// generation and switches to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_new_code_version_rebuilds_beside_the_old() -> anyhow::Result<()> {
+    let dbs = sqlite().await?;
+    let head = append(&dbs.events, "ver", 4, 800, 20).await?;
+    let store = SqliteInbox::new(dbs.read.clone());
+    let read = ReadModel::Sqlite(dbs.read.clone());
+    let mut old = ProjectionRunner::new(dbs.events.clone(), store.clone());
+    old.spawn(Counter::v(1), config("old-code"))?;
+    caught_up(&read, head).await?;
+    old.stop().await;
+    let mut new = ProjectionRunner::new(dbs.events.clone(), store);
+    new.spawn(Counter::v(2), config("new-code"))?;
+    let admin = SqliteProjectionAdmin::new(dbs.read.clone());
+    let s = poll_until(
+        WITHIN,
+        EVERY,
+        || async { Ok(admin.status(Some("counter")).await?) },
+        |s| s[0].active.version == 2 && s[0].rebuild.is_none(),
+    )
+    .await?;
+    ensure!(
+        s[0].active.version == 2 && s[0].active.generation == 2,
+        "{s:?}"
+    );
+    caught_up(&read, head).await?;
+    ensure!(
+        all_once(&read.applied().await?, head),
+        "version 2's read model"
+    );
+    ensure!(
+        read.totals().await? == fresh_build(&dbs.events).await?,
+        "differs from a fresh build"
+    );
+    new.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_runner_killed_mid_batch_resumes_exactly_once() -> anyhow::Result<()> {
+    let Some((db, pool)) = pg().await? else {
+        return Ok(());
+    };
+    let events = PgEventStore::new(pool.clone());
+    let head = append(&events, "k", 10, 3000, 20).await?;
+    kill_scenario(
+        &db.url,
+        &db.url,
+        head,
+        ReadModel::Pg(pool.clone()),
+        Box::new(PgProjectionAdmin::new(pool.clone())),
     )
     .await
 }

@@ -190,10 +190,14 @@ struct View {
 impl View {
     /// The highest position the checkpoint may move to: just below the
     /// first unsettled event, or everything scanned.
-    fn reachable(&self) -> u64 {
+    ///
+    /// Computed as if the entries of `changed` replaced theirs (a write not
+    /// made yet: the view changes only once it is stored).
+    fn reachable_with(&self, changed: &BTreeMap<u64, JournalEntry>) -> u64 {
         let first_open = self
             .window
             .values()
+            .map(|e| changed.get(&e.position).unwrap_or(e))
             .find(|e| !e.status.settled())
             .map(|e| e.position - 1);
         first_open.unwrap_or(self.scanned_to).max(self.checkpoint)
@@ -328,14 +332,7 @@ impl<E: EventStore, S: LogRelayStore> LogOutbox<E, S> {
             }
             f(&mut entry);
             let checkpoint = if entry.status.settled() {
-                let mut probe = View {
-                    checkpoint: view.checkpoint,
-                    scanned_to: view.scanned_to,
-                    window: view.window.clone(),
-                    ..View::default()
-                };
-                probe.window.insert(position, entry.clone());
-                Some(probe.reachable())
+                Some(view.reachable_with(&BTreeMap::from([(position, entry.clone())])))
             } else {
                 None
             };
@@ -565,18 +562,13 @@ impl<E: EventStore, S: LogRelayStore> OutboxStore for LogOutbox<E, S> {
         };
         let (entries, checkpoint) = {
             let view = self.view();
-            let mut probe = View {
-                checkpoint: view.checkpoint,
-                scanned_to: view.scanned_to,
-                window: view.window.clone(),
-                ..View::default()
-            };
-            let mut entries = Vec::with_capacity(acked.len());
+            let mut changed = BTreeMap::new();
             for (position, ack) in acked {
                 let position = u64::try_from(*position).unwrap_or(0);
-                let Some(entry) = probe.window.get_mut(&position) else {
+                let Some(entry) = view.window.get(&position) else {
                     continue;
                 };
+                let mut entry = entry.clone();
                 entry.status = match entry.status {
                     JournalStatus::Dead => JournalStatus::DeadSettled,
                     JournalStatus::Pending => JournalStatus::Published,
@@ -585,10 +577,10 @@ impl<E: EventStore, S: LogRelayStore> OutboxStore for LogOutbox<E, S> {
                 entry.reference = ack.reference();
                 entry.published_at = Some(now);
                 entry.retry_at = None;
-                entries.push(entry.clone());
+                changed.insert(position, entry);
             }
-            let checkpoint = probe.reachable();
-            (entries, checkpoint)
+            let checkpoint = view.reachable_with(&changed);
+            (changed.into_values().collect::<Vec<_>>(), checkpoint)
         };
         let n = entries.len() as u64;
         if n == 0 {

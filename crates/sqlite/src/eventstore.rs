@@ -125,6 +125,10 @@ pub struct WriteStats {
     pub writes: u64,
     /// The most writes one transaction carried.
     pub largest_batch: u64,
+    /// Writes waiting in the combining task's queue right now.
+    pub queued: u64,
+    /// Writes in the transaction running right now.
+    pub running: u64,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +136,7 @@ struct Stats {
     transactions: AtomicU64,
     writes: AtomicU64,
     largest: AtomicU64,
+    running: AtomicU64,
 }
 
 impl Stats {
@@ -177,6 +182,8 @@ pub struct SqliteEventStore {
     combining: bool,
     poll: Duration,
     clock: Arc<dyn Clock>,
+    /// The caller's shutdown token ([`SqliteEventStore::with_shutdown`]).
+    shutdown: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for SqliteEventStore {
@@ -222,6 +229,7 @@ impl SqliteEventStore {
             combining: true,
             poll: DEFAULT_POLL,
             clock: Arc::new(SystemClock),
+            shutdown: None,
         }
     }
 
@@ -252,16 +260,12 @@ impl SqliteEventStore {
 
     /// Stop the write-combining task when `token` is cancelled (it also
     /// stops when the last clone is dropped). Writes already queued are
-    /// finished; later ones run in their own transaction.
+    /// finished; later ones run in their own transaction. Give it before
+    /// the first append: the task is started by the first combined write,
+    /// with the token of the handle that made it.
     #[must_use]
-    pub fn with_shutdown(self, token: CancellationToken) -> Self {
-        let stop = self.shared.stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = token.cancelled() => stop.cancel(),
-                _ = stop.cancelled() => {}
-            }
-        });
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = Some(token);
         self
     }
 
@@ -278,6 +282,12 @@ impl SqliteEventStore {
             transactions: s.transactions.load(Ordering::Relaxed),
             writes: s.writes.load(Ordering::Relaxed),
             largest_batch: s.largest.load(Ordering::Relaxed),
+            queued: self
+                .shared
+                .combiner
+                .get()
+                .map_or(0, |tx| (tx.max_capacity() - tx.capacity()) as u64),
+            running: s.running.load(Ordering::Relaxed),
         }
     }
 
@@ -366,7 +376,9 @@ impl SqliteEventStore {
     /// The combining task's queue, starting the task on first use (needs a
     /// tokio runtime; `None` when stopped).
     fn combiner(&self) -> Option<&mpsc::Sender<Job>> {
-        if self.shared.stop.is_cancelled() {
+        if self.shared.stop.is_cancelled()
+            || self.shutdown.as_ref().is_some_and(|t| t.is_cancelled())
+        {
             return None;
         }
         Some(self.shared.combiner.get_or_init(|| {
@@ -378,6 +390,7 @@ impl SqliteEventStore {
                 self.pool.clone(),
                 rx,
                 self.shared.stop.clone(),
+                self.shutdown.clone().unwrap_or_default(),
                 shared,
                 self.clock.clone(),
             ));
@@ -399,6 +412,7 @@ async fn combine(
     pool: SqlitePool,
     mut rx: mpsc::Receiver<Job>,
     stop: CancellationToken,
+    shutdown: CancellationToken,
     shared: std::sync::Weak<Shared>,
     clock: Arc<dyn Clock>,
 ) {
@@ -411,6 +425,11 @@ async fn combine(
                 biased;
                 job = rx.recv() => job,
                 _ = stop.cancelled() => {
+                    stopping = true;
+                    rx.close();
+                    continue;
+                }
+                _ = shutdown.cancelled() => {
                     // finish what is queued, accept nothing more
                     stopping = true;
                     rx.close();
@@ -443,6 +462,7 @@ async fn combine(
 async fn run_batch(pool: &SqlitePool, jobs: Vec<Job>, now: i64, shared: &Shared) {
     const OP: &str = "append events";
     let n = jobs.len();
+    shared.stats.running.store(n as u64, Ordering::Relaxed);
     let mut results: Vec<Option<Result<AppendOutcome>>> = Vec::with_capacity(n);
     let fatal: Result<()> = async {
         let mut conn = pool.acquire().await.map_err(map_err(OP))?;
@@ -501,6 +521,7 @@ async fn run_batch(pool: &SqlitePool, jobs: Vec<Job>, now: i64, shared: &Shared)
         }
     }
     .await;
+    shared.stats.running.store(0, Ordering::Relaxed);
     match fatal {
         Ok(()) => {
             shared.stats.record(n);

@@ -80,15 +80,21 @@ impl std::fmt::Debug for PgEventStore {
 }
 
 /// What the write path has done since the store was made
-/// ([`PgEventStore::write_stats`]).
+/// ([`PgEventStore::write_stats`]); the same counts as
+/// `custody_sqlite::WriteStats`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriteStats {
-    /// Appends decided by [`EventStore::append`] (written or refused).
-    pub appends: u64,
-    /// Transactions they took.
-    pub commits: u64,
-    /// Appends that shared their transaction with at least one other.
-    pub combined: u64,
+    /// Transactions the store ran for `append` / `append_if`.
+    pub transactions: u64,
+    /// Appends (`append` / `append_if` calls) those transactions decided
+    /// (written or refused).
+    pub writes: u64,
+    /// The most appends one transaction decided.
+    pub largest_batch: u64,
+    /// Appends waiting in the combiner's queue right now.
+    pub queued: u64,
+    /// Appends in a transaction running right now.
+    pub running: u64,
 }
 
 const OP_READ: &str = "read events";
@@ -138,9 +144,11 @@ impl PgEventStore {
     pub fn write_stats(&self) -> WriteStats {
         let c = &self.shared.counters;
         WriteStats {
-            appends: c.appends.load(Ordering::Relaxed),
-            commits: c.commits.load(Ordering::Relaxed),
-            combined: c.combined.load(Ordering::Relaxed),
+            transactions: c.transactions.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            largest_batch: c.largest.load(Ordering::Relaxed),
+            queued: self.queued_appends() as u64,
+            running: c.running.load(Ordering::Relaxed),
         }
     }
 
@@ -157,6 +165,7 @@ impl PgEventStore {
     /// messages. As [`EventStore::append`] otherwise; a refused append
     /// leaves nothing in the transaction, which stays usable. The stream row
     /// stays locked until the caller's transaction ends, so keep it short.
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -187,11 +196,14 @@ impl PgEventStore {
     fn combiner(&self) -> &mpsc::Sender<Request> {
         self.shared.combiner.get_or_init(|| {
             let (tx, rx) = mpsc::channel(append::QUEUE);
-            tokio::spawn(append::combine(
-                self.pool.clone(),
-                rx,
-                self.shared.counters.clone(),
-            ));
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..append::COMBINERS {
+                tokio::spawn(append::combine(
+                    self.pool.clone(),
+                    rx.clone(),
+                    self.shared.counters.clone(),
+                ));
+            }
             tx
         })
     }
@@ -201,7 +213,14 @@ impl PgEventStore {
         item: &Item,
         condition: &AppendCondition,
         probe: Probe,
-    ) -> std::result::Result<AppendOutcome, sqlx::Error> {
+    ) -> std::result::Result<AppendOutcome, Failure> {
+        // Number what is committed, so a failed condition can name the
+        // position of the match (an append committed after this still
+        // fails it, with position 0). Before the transaction: it takes a
+        // connection of its own.
+        sequencer::sequence_if_pending(&self.pool)
+            .await
+            .map_err(Failure::Custody)?;
         let mut tx = self.pool.begin().await?;
         let mut buckets = dcb::Buckets::default();
         buckets.condition(&condition.query);
@@ -246,8 +265,9 @@ impl PgEventStore {
         .await?;
         let outcome = match results.into_iter().next() {
             Some(ItemResult::Done(Ok(outcome))) => outcome,
-            Some(ItemResult::Done(Err(e))) => return Err(sqlx::Error::Protocol(e.to_string())),
-            _ => return Err(sqlx::Error::Protocol("stream row not locked".into())),
+            Some(ItemResult::Done(Err(e))) => return Err(Failure::Custody(e)),
+            // Locking::Wait never defers
+            _ => return Err(Failure::Custody(not_locked())),
         };
         tx.commit().await?;
         Ok(outcome)
@@ -283,8 +303,15 @@ fn limit_of(limit: usize) -> i64 {
 /// Validate an append's stream name and events.
 fn checked(stream: &str, expected: ExpectedVersion, events: Vec<EventData>) -> Result<Item> {
     validate_stream_name(stream)?;
+    let mut ids = std::collections::HashSet::with_capacity(events.len());
     for e in &events {
         e.validate()?;
+        if !ids.insert(e.id) {
+            return Err(Error::InvalidMessage(format!(
+                "event id {} appears twice in one append to stream {stream:?}; give every event its own id",
+                e.id
+            )));
+        }
     }
     Ok(Item {
         stream: stream.to_owned(),
@@ -296,12 +323,31 @@ fn checked(stream: &str, expected: ExpectedVersion, events: Vec<EventData>) -> R
 fn only(results: Vec<ItemResult>) -> Result<AppendOutcome> {
     match results.into_iter().next() {
         Some(ItemResult::Done(outcome)) => outcome,
-        _ => Err(Error::store(
-            "postgres",
-            "append events",
-            true,
-            "the stream row was not locked; retry the append",
-        )),
+        _ => Err(not_locked()),
+    }
+}
+
+/// An append that waits for its stream row came back without it (a bug).
+fn not_locked() -> Error {
+    Error::store(
+        "postgres",
+        "append events",
+        true,
+        "the stream row was not locked; retry the append",
+    )
+}
+
+/// Why a try of a conditional append failed.
+enum Failure {
+    /// A statement failed (a unique violation is retried).
+    Sql(sqlx::Error),
+    /// Anything else, as it is.
+    Custody(Error),
+}
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Self {
+        Failure::Sql(e)
     }
 }
 
@@ -391,6 +437,7 @@ const STREAM_INFO: &str =
     "SELECT stream, version, metadata, tombstoned, updated_at FROM custody_streams WHERE stream = $1";
 
 impl EventStore for PgEventStore {
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn append(
         &self,
         stream: &str,
@@ -399,10 +446,11 @@ impl EventStore for PgEventStore {
     ) -> Result<AppendOutcome> {
         let item = checked(stream, expected, events)?;
         if !self.combining {
-            let outcome = append::append_alone(&self.pool, &item).await;
             let c = &self.shared.counters;
-            c.appends.fetch_add(1, Ordering::Relaxed);
-            c.commits.fetch_add(1, Ordering::Relaxed);
+            let running = c.running(1);
+            let outcome = append::append_alone(&self.pool, &item).await;
+            drop(running);
+            c.committed(1);
             return outcome;
         }
         let (reply, outcome) = oneshot::channel();
@@ -423,6 +471,7 @@ impl EventStore for PgEventStore {
         })?
     }
 
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn append_if(
         &self,
         stream: &str,
@@ -431,16 +480,26 @@ impl EventStore for PgEventStore {
     ) -> Result<AppendOutcome> {
         const OP: &str = "conditional append";
         let item = checked(stream, ExpectedVersion::Any, events)?;
-        match self
+        let fail = |f: Failure| match f {
+            Failure::Sql(e) => map_err(OP, e),
+            Failure::Custody(e) => e,
+        };
+        let c = &self.shared.counters;
+        let running = c.running(1);
+        let outcome = match self
             .append_if_once(&item, condition, Probe::OnMismatch)
             .await
         {
-            Err(e) if matches!(&e, sqlx::Error::Database(d) if d.is_unique_violation()) => self
+            // an id stored already: decide again, looking the ids up first
+            Err(Failure::Sql(sqlx::Error::Database(d))) if d.is_unique_violation() => self
                 .append_if_once(&item, condition, Probe::Always)
                 .await
-                .map_err(db(OP)),
-            other => other.map_err(db(OP)),
-        }
+                .map_err(fail),
+            other => other.map_err(fail),
+        };
+        drop(running);
+        c.committed(1);
+        outcome
     }
 
     async fn read_stream(
@@ -557,12 +616,7 @@ impl EventStore for PgEventStore {
     }
 
     async fn head(&self) -> Result<u64> {
-        sequencer::sequence_if_pending(&self.pool).await?;
-        let head: i64 = sqlx::query_scalar("SELECT head FROM custody_event_head WHERE id")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db("read event head"))?;
-        Ok(u64_of(head))
+        sequencer::head(&self.pool).await
     }
 
     async fn wait_for_head(&self, after: u64, timeout: Duration) -> Result<u64> {
@@ -605,6 +659,7 @@ impl EventStore for PgEventStore {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn delete_stream(
         &self,
         stream: &str,

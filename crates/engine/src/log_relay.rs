@@ -190,10 +190,14 @@ struct View {
 impl View {
     /// The highest position the checkpoint may move to: just below the
     /// first unsettled event, or everything scanned.
-    fn reachable(&self) -> u64 {
+    ///
+    /// Computed as if the entries of `changed` replaced theirs (a write not
+    /// made yet: the view changes only once it is stored).
+    fn reachable_with(&self, changed: &BTreeMap<u64, JournalEntry>) -> u64 {
         let first_open = self
             .window
             .values()
+            .map(|e| changed.get(&e.position).unwrap_or(e))
             .find(|e| !e.status.settled())
             .map(|e| e.position - 1);
         first_open.unwrap_or(self.scanned_to).max(self.checkpoint)
@@ -328,14 +332,7 @@ impl<E: EventStore, S: LogRelayStore> LogOutbox<E, S> {
             }
             f(&mut entry);
             let checkpoint = if entry.status.settled() {
-                let mut probe = View {
-                    checkpoint: view.checkpoint,
-                    scanned_to: view.scanned_to,
-                    window: view.window.clone(),
-                    ..View::default()
-                };
-                probe.window.insert(position, entry.clone());
-                Some(probe.reachable())
+                Some(view.reachable_with(&BTreeMap::from([(position, entry.clone())])))
             } else {
                 None
             };
@@ -565,18 +562,13 @@ impl<E: EventStore, S: LogRelayStore> OutboxStore for LogOutbox<E, S> {
         };
         let (entries, checkpoint) = {
             let view = self.view();
-            let mut probe = View {
-                checkpoint: view.checkpoint,
-                scanned_to: view.scanned_to,
-                window: view.window.clone(),
-                ..View::default()
-            };
-            let mut entries = Vec::with_capacity(acked.len());
+            let mut changed = BTreeMap::new();
             for (position, ack) in acked {
                 let position = u64::try_from(*position).unwrap_or(0);
-                let Some(entry) = probe.window.get_mut(&position) else {
+                let Some(entry) = view.window.get(&position) else {
                     continue;
                 };
+                let mut entry = entry.clone();
                 entry.status = match entry.status {
                     JournalStatus::Dead => JournalStatus::DeadSettled,
                     JournalStatus::Pending => JournalStatus::Published,
@@ -585,10 +577,10 @@ impl<E: EventStore, S: LogRelayStore> OutboxStore for LogOutbox<E, S> {
                 entry.reference = ack.reference();
                 entry.published_at = Some(now);
                 entry.retry_at = None;
-                entries.push(entry.clone());
+                changed.insert(position, entry);
             }
-            let checkpoint = probe.reachable();
-            (entries, checkpoint)
+            let checkpoint = view.reachable_with(&changed);
+            (changed.into_values().collect::<Vec<_>>(), checkpoint)
         };
         let n = entries.len() as u64;
         if n == 0 {
@@ -798,5 +790,87 @@ impl<E: EventStore, S: LogRelayStore> custody_core::SentHistory for EventLogHist
                 })
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entry(position: u64, status: JournalStatus) -> JournalEntry {
+        let mut e = JournalEntry::new(position, Uuid::now_v7(), "s-1", "t");
+        e.status = status;
+        e
+    }
+
+    fn view(checkpoint: u64, scanned_to: u64, entries: &[(u64, JournalStatus)]) -> View {
+        View {
+            checkpoint,
+            scanned_to,
+            window: entries.iter().map(|(p, s)| (*p, entry(*p, *s))).collect(),
+            ..View::default()
+        }
+    }
+
+    #[test]
+    fn the_checkpoint_stops_below_the_first_unsettled_event() {
+        use JournalStatus::*;
+        let v = view(
+            3,
+            20,
+            &[(5, Published), (8, Pending), (9, Published), (12, Dead)],
+        );
+        assert_eq!(v.reachable_with(&BTreeMap::new()), 7);
+        let acked = BTreeMap::from([(8, entry(8, Published))]);
+        assert_eq!(
+            v.reachable_with(&acked),
+            11,
+            "the dead one's marker is not acked yet"
+        );
+        let all = BTreeMap::from([(8, entry(8, Published)), (12, entry(12, DeadSettled))]);
+        assert_eq!(v.reachable_with(&all), 20, "everything scanned is settled");
+        // never below the stored checkpoint
+        assert_eq!(view(10, 10, &[]).reachable_with(&BTreeMap::new()), 10);
+    }
+
+    #[test]
+    fn topics_per_category_then_default_then_the_category() {
+        let c = LogRelayConfig::new("r").topic_for("order", "orders");
+        assert_eq!(c.topic_of("order"), "orders");
+        assert_eq!(c.topic_of("invoice"), "invoice");
+        assert_eq!(c.clone().default_topic("all").topic_of("invoice"), "all");
+        assert!(LogRelayConfig::new("").validate().is_err());
+    }
+
+    proptest! {
+        /// Whatever is settled, the checkpoint never passes an unsettled
+        /// event, never goes back, and reaches the scan when all are settled.
+        #[test]
+        fn reachable_never_passes_an_unsettled_event(
+            checkpoint in 0u64..50,
+            gaps in proptest::collection::vec((1u64..4, 0i64..4), 0..40),
+            tail in 0u64..10,
+        ) {
+            let mut p = checkpoint;
+            let mut entries = Vec::new();
+            for (gap, code) in gaps {
+                p += gap;
+                entries.push((p, JournalStatus::from_code(code)));
+            }
+            let scanned_to = p + tail;
+            let v = view(checkpoint, scanned_to, &entries);
+            let r = v.reachable_with(&BTreeMap::new());
+            prop_assert!(r >= checkpoint);
+            prop_assert!(r <= scanned_to);
+            for (pos, status) in &entries {
+                if !status.settled() {
+                    prop_assert!(r < *pos);
+                }
+            }
+            if entries.iter().all(|(_, s)| s.settled()) {
+                prop_assert_eq!(r, scanned_to);
+            }
+        }
     }
 }

@@ -690,3 +690,75 @@ mod pg {
         Ok(())
     }
 }
+
+/// Refuses events of type `Poison` for good, as a transport refuses a
+/// message it can never store; passes the rest to `inner`.
+struct RefusePoison(NatsPublisher);
+
+impl Publisher for RefusePoison {
+    async fn publish(
+        &self,
+        message: &custody_core::Message,
+    ) -> custody_core::Result<custody_core::PublishAck> {
+        if message.message_type == "Poison" {
+            return Err(custody_core::Error::rejected(
+                "test transport",
+                "publish",
+                "this transport never stores a Poison",
+            ));
+        }
+        self.0.publish(message).await
+    }
+}
+
+#[tokio::test]
+async fn refused_event_is_dead_lettered_and_its_number_skipped() -> anyhow::Result<()> {
+    use custody_core::log_relay::JournalStatus;
+    let Some(env) = Env::new(None).await? else {
+        return Ok(());
+    };
+    env.append("order-1", 1..=2).await?;
+    let poison = EventData::json("Poison", &serde_json::json!({}))?;
+    let poison_id = poison.id;
+    env.log
+        .append("order-1", ExpectedVersion::Any, vec![poison])
+        .await?;
+    env.append("order-1", 3..=4).await?;
+    let mut relay = env
+        .relay(
+            LogRelayConfig::new("dl").default_topic("steps"),
+            RefusePoison(env.publisher()),
+        )?
+        .with_id("r");
+    drain(&mut relay).await?;
+    assert_eq!(relay.stats().dead_lettered, 1);
+    // four events and the skip marker in the poison's place
+    assert_eq!(relay.stats().published, 5);
+    assert_eq!(env.stream_messages().await?, 5);
+    assert_eq!(env.checkpoint("dl").await?, env.log.head().await?);
+    let journal = env.state.entries_by_id(&[poison_id]).await?;
+    assert_eq!(journal.len(), 1);
+    let (_, dead) = &journal[0];
+    assert_eq!(dead.status, JournalStatus::DeadSettled);
+    assert_eq!(dead.sequence, Some(3), "the number stays the poison's");
+    assert!(
+        dead.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("never stores a Poison"),
+        "{dead:?}"
+    );
+    let effects = env.consume(&["steps"], 4).await?;
+    let v = verdict(&effects);
+    assert_eq!((v.applied, v.distinct, v.order_violations), (4, 4, 0));
+    let progress =
+        custody_core::InboxStore::progress(&SqliteInbox::new(env.b.clone()), "billing").await?;
+    assert_eq!(progress.len(), 1, "{progress:?}");
+    assert_eq!(
+        (progress[0].high, progress[0].holes),
+        (5, 0),
+        "the marker accounts for number 3"
+    );
+    env.cleanup().await;
+    Ok(())
+}

@@ -220,7 +220,7 @@ pub struct RelayArgs {
     /// (e.g. `127.0.0.1:9464`, then `curl 127.0.0.1:9464/metrics`).
     #[arg(long, env = "CUSTODY_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Publish the event store's log instead of the outbox (docs/EVENTSTORE_RELAY.md):
+    /// Publish the event store's log instead of the outbox (docs/EVENTSTORE.md, "Publishing the event log"):
     /// each event as a message with the event's id, keyed by its stream.
     #[arg(long)]
     pub from_events: bool,

@@ -93,7 +93,7 @@ pub struct ReconcileArgs {
     pub reason: Option<String>,
     /// The producer is an event store published by `custody relay --from-events`: compare the
     /// consumer with the event log and that log relay's journal instead of an outbox. Pass the
-    /// relay's `--category` and `--topic` flags too (docs/EVENTSTORE_RELAY.md).
+    /// relay's `--category` and `--topic` flags too (docs/EVENTSTORE.md, "Publishing the event log").
     #[arg(long, conflicts_with_all = ["live", "embedded_subscription"])]
     pub from_events: bool,
     /// With `--from-events`: the log relay's name (`custody relay --from-events --name`).

@@ -299,7 +299,7 @@ impl Backend for Sqlite {
         self.store.clone()
     }
     async fn break_snapshots(&self) -> anyhow::Result<()> {
-        sqlx::query("DROP TABLE custody_snapshots")
+        sqlx::query("DROP TABLE custody_event_snapshots")
             .execute(&self.pool)
             .await?;
         Ok(())

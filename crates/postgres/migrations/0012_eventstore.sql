@@ -1,4 +1,4 @@
--- The event store (custody_postgres::PgEventStore; docs/EVENTSTORE_POSTGRES.md).
+-- The event store (custody_postgres::PgEventStore; docs/EVENTSTORE.md, "PostgreSQL: how gaps are prevented").
 --
 -- Global-log positions are assigned after commit, in commit order, by a
 -- sequencer step any reader may run, so a reader of the log never skips a

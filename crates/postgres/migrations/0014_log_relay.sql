@@ -1,4 +1,4 @@
--- The event log as outbox (docs/EVENTSTORE_RELAY.md): the state of each
+-- The event log as outbox (docs/EVENTSTORE.md, "Publishing the event log"): the state of each
 -- named log relay, in the event store's database; SQLite's migration 0011
 -- holds the same tables.
 --

@@ -51,7 +51,7 @@ CREATE TABLE custody_event_tags (
     PRIMARY KEY (tag, position)
 ) WITHOUT ROWID;
 
-CREATE TABLE custody_snapshots (
+CREATE TABLE custody_event_snapshots (
     stream         TEXT    NOT NULL,
     aggregate      TEXT    NOT NULL,
     schema_version INTEGER NOT NULL,

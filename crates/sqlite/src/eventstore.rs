@@ -104,13 +104,13 @@ const DELETE_STREAM: &str = "INSERT INTO custody_streams \
      ON CONFLICT (stream) DO UPDATE SET truncate_before = excluded.truncate_before, \
      tombstoned = MAX(tombstoned, excluded.tombstoned), updated_at = excluded.updated_at";
 
-const SAVE_SNAPSHOT: &str = "INSERT INTO custody_snapshots \
+const SAVE_SNAPSHOT: &str = "INSERT INTO custody_event_snapshots \
      (stream, aggregate, schema_version, version, state, taken_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
      ON CONFLICT (stream, aggregate) DO UPDATE SET schema_version = excluded.schema_version, \
      version = excluded.version, state = excluded.state, taken_at = excluded.taken_at";
 
 const LOAD_SNAPSHOT: &str = "SELECT stream, aggregate, schema_version, version, state, taken_at \
-     FROM custody_snapshots WHERE stream = ?1 AND aggregate = ?2";
+     FROM custody_event_snapshots WHERE stream = ?1 AND aggregate = ?2";
 
 /// The category of `stream` in SQL, as [`category_of`] computes it.
 const CATEGORY_SQL: &str =

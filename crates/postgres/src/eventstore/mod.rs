@@ -1,6 +1,6 @@
 //! The event store on PostgreSQL ([`PgEventStore`]); how it keeps readers
 //! of the global log from skipping commits without serializing writers is
-//! in the sequencer module and docs/EVENTSTORE_POSTGRES.md.
+//! in the sequencer module and docs/EVENTSTORE.md, "PostgreSQL: how gaps are prevented".
 
 mod append;
 mod dcb;

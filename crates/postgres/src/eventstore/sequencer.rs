@@ -1,5 +1,5 @@
 //! The sequencer: gives committed appends their global-log positions, in
-//! commit order, after they commit (docs/EVENTSTORE_POSTGRES.md).
+//! commit order, after they commit (docs/EVENTSTORE.md, "PostgreSQL: how gaps are prevented").
 //!
 //! Why a reader of `WHERE position > last` then never skips a commit
 //! (docs/ARCHITECTURE.md invariant 5):

@@ -160,12 +160,12 @@ mod any;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use any::{open_embedded, open_outbox, AnyOutbox, EmbeddedSubscriber};
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod events;
 /// The event log as outbox: a relay publishing from the event store,
 /// reconcile and trace against it.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod log_relay;
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-mod events;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use events::open_events;
 

@@ -11,11 +11,11 @@ use crate::drivers;
 /// Open the event store in the custody database at `url`, whichever backend
 /// compiled in accepts it.
 ///
-/// - [`Access::Existing`]: the database is opened as it is (`custody events
+/// - With [`Access::Existing`] the database is opened as it is (`custody events
 ///   read|tail|streams`): never created or migrated; a missing SQLite file,
 ///   a database without custody's tables or with an older schema is an
 ///   error naming it (docs/ARCHITECTURE.md invariant 8).
-/// - [`Access::Migrate`]: connected (a SQLite file is created if missing)
+/// - With [`Access::Migrate`] it is connected (a SQLite file is created if missing)
 ///   and migrated, as [`crate::open_outbox`] does for `custody produce`
 ///   (`custody events append`).
 ///

@@ -132,9 +132,11 @@ impl EventData {
         self
     }
 
-    /// Check what every store requires: a type of 1..=255 bytes without NUL,
-    /// schema version ≥ 1, valid header names, tags of 1..=255 bytes
-    /// without NUL. The error names the event and what to change.
+    /// Check what every store requires: a type of 1..=255 bytes without
+    /// control characters, a content type of at most 255 bytes without
+    /// control characters, schema version ≥ 1, valid header names and
+    /// header values without NUL, tags of 1..=255 bytes without NUL. The
+    /// error names the event and what to change.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| {
             Err(Error::InvalidMessage(format!(
@@ -145,14 +147,35 @@ impl EventData {
         if self.event_type.is_empty() || self.event_type.len() > MAX_NAME_LEN {
             return bad(format!("the type must be 1 to {MAX_NAME_LEN} bytes"));
         }
-        if self.event_type.contains('\0') {
-            return bad("the type contains a NUL byte".into());
+        // As for a message's type and content type (Message::validate): an
+        // event becomes a message when it is published, so what a message
+        // refuses is refused here, before it is stored and cannot be sent.
+        if let Some(c) = self.event_type.chars().find(|c| c.is_control()) {
+            return bad(format!(
+                "the type holds the control character {c:?}; use printable characters only"
+            ));
+        }
+        if let Some(c) = self.content_type.chars().find(|c| c.is_control()) {
+            return bad(format!(
+                "the content type {} holds the control character {c:?}; use a media type such as \"application/json\"",
+                crate::message::escape_text(&self.content_type)
+            ));
+        }
+        if self.content_type.len() > MAX_NAME_LEN {
+            return bad(format!(
+                "the content type must be at most {MAX_NAME_LEN} bytes"
+            ));
         }
         if self.schema_version == 0 {
             return bad("schema versions start at 1".into());
         }
-        for name in self.headers.keys() {
+        for (name, value) in &self.headers {
             validate_header_name(name)?;
+            if value.contains('\0') {
+                return bad(format!(
+                    "header {name:?} holds a NUL byte, which no store can keep; remove it"
+                ));
+            }
         }
         for tag in &self.tags {
             if tag.is_empty() || tag.len() > MAX_NAME_LEN || tag.contains('\0') {
@@ -758,6 +781,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("schema versions start at 1"));
+        let e = EventData::new("Bad\ntype", CONTENT_TYPE_JSON, b"{}".to_vec());
+        assert!(e
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("control character"));
+        let e = EventData::new("T", "application/json\0", b"{}".to_vec());
+        assert!(e
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("content type"));
+        let mut e = EventData::new("T", CONTENT_TYPE_JSON, b"{}".to_vec());
+        e.headers.insert("correlationid".into(), "a\0b".into());
+        assert!(e.validate().unwrap_err().to_string().contains("NUL"));
         assert!(validate_stream_name("").is_err());
         assert!(validate_stream_name("order-1").is_ok());
     }

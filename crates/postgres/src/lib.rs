@@ -1,7 +1,7 @@
 //! custody-postgres: the PostgreSQL backend of custody (not for direct use;
 //! see `custody`). Transactional outbox with partition leases for several
-//! relays, idempotent inbox, dead letters, and an embedded transport that
-//! reads the outbox as a log.
+//! relays, idempotent inbox, dead letters, an embedded transport that
+//! reads the outbox as a log, and an event store ([`PgEventStore`]).
 //!
 //! ```no_run
 //! use custody_core::Message;

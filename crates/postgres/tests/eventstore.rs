@@ -147,23 +147,27 @@ async fn tx_of(pool: &PgPool, id: Uuid) -> anyhow::Result<i64> {
     )
 }
 
-/// Wait (at most 10 s) until a backend of this database waits for a lock
-/// while running a statement that contains `pattern`; returns its pid.
-async fn lock_waiter(pool: &PgPool, pattern: &str) -> anyhow::Result<i32> {
+/// Wait (at most 10 s) until `n` backends of this database wait for a
+/// lock while running a statement that contains `pattern`; returns their pids.
+async fn lock_waiters(pool: &PgPool, pattern: &str, n: usize) -> anyhow::Result<Vec<i32>> {
     for _ in 0..1000 {
-        let pid: Option<i32> = sqlx::query_scalar(
+        let pids: Vec<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND position($1 in query) > 0 LIMIT 1",
+             AND wait_event_type = 'Lock' AND position($1 in query) > 0",
         )
         .bind(pattern)
-        .fetch_optional(pool)
+        .fetch_all(pool)
         .await?;
-        if let Some(pid) = pid {
-            return Ok(pid);
+        if pids.len() >= n {
+            return Ok(pids);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    bail!("no backend waited for a lock in a statement with {pattern:?} within 10 s")
+    bail!("fewer than {n} backends waited for a lock in a statement with {pattern:?} within 10 s")
+}
+
+async fn lock_waiter(pool: &PgPool, pattern: &str) -> anyhow::Result<i32> {
+    Ok(lock_waiters(pool, pattern, 1).await?[0])
 }
 
 async fn wait_queued(store: &PgEventStore, n: usize) -> anyhow::Result<()> {
@@ -546,31 +550,32 @@ async fn eight_concurrent_exact_appenders_one_winner_per_version() -> anyhow::Re
     Ok(())
 }
 
-/// Appends queued while a transaction runs go together in the next one:
-/// a conflict among them (three `Exact(1)` on one stream: one wins) fails
-/// none of the others.
+/// Appends queued while the combiner's transactions run go together in
+/// the next one: a conflict among them (three `Exact(1)` on one stream:
+/// one wins) fails none of the others.
 #[tokio::test]
 async fn write_combining_combines_and_a_conflict_fails_no_other() -> anyhow::Result<()> {
     let Some((_db, pool)) = common::db().await? else {
         return Ok(());
     };
     let store = PgEventStore::new(pool.clone());
-    // Hold the combiner's first transaction at its insert of the pending row.
+    // Hold both combiner tasks' transactions at their insert of the pending row.
     let mut blocker = pool.begin().await?;
     sqlx::query("LOCK TABLE custody_event_pending IN EXCLUSIVE MODE")
         .execute(&mut *blocker)
         .await?;
-    let first = tokio::spawn({
+    let mut first = Vec::new();
+    for (n, stream) in ["s-0", "s-9"].into_iter().enumerate() {
         let store = store.clone();
-        async move {
+        first.push(tokio::spawn(async move {
             store
-                .append("s-0", ExpectedVersion::NoStream, vec![event(0)])
+                .append(stream, ExpectedVersion::NoStream, vec![event(0)])
                 .await
-        }
-    });
-    lock_waiter(&pool, "custody_event_pending").await?;
+        }));
+        lock_waiters(&pool, "custody_event_pending", n + 1).await?;
+    }
     let mut queued = Vec::new();
-    for i in 0..7u64 {
+    for i in 0..6u64 {
         let store = store.clone();
         let (stream, expected) = if i < 3 {
             ("s-0".to_owned(), ExpectedVersion::Exact(1))
@@ -581,10 +586,14 @@ async fn write_combining_combines_and_a_conflict_fails_no_other() -> anyhow::Res
             store.append(&stream, expected, vec![event(i)]).await
         }));
     }
-    wait_queued(&store, 7).await?;
+    wait_queued(&store, 6).await?;
+    let busy = store.write_stats();
+    ensure!(busy.queued == 6 && busy.running == 2, "{busy:?}");
     blocker.rollback().await?;
 
-    ensure!(appended(&first.await??)? == 1);
+    for f in first {
+        ensure!(appended(&f.await??)? == 1);
+    }
     let mut wins = 0;
     for (i, q) in queued.into_iter().enumerate() {
         let out = q.await??;
@@ -603,7 +612,7 @@ async fn write_combining_combines_and_a_conflict_fails_no_other() -> anyhow::Res
     ensure!(wins == 1, "{wins} winners of Exact(1)");
     let stats = store.write_stats();
     ensure!(
-        stats.commits == 2 && stats.combined == 7 && stats.appends == 8,
+        stats.transactions == 3 && stats.largest_batch == 6 && stats.writes == 8,
         "{stats:?}"
     );
     Ok(())
@@ -628,15 +637,17 @@ async fn a_failing_combined_append_is_retried_alone() -> anyhow::Result<()> {
     sqlx::query("LOCK TABLE custody_event_pending IN EXCLUSIVE MODE")
         .execute(&mut *blocker)
         .await?;
-    let first = tokio::spawn({
+    // both combiner tasks busy, so the next three go in one transaction
+    let mut first = Vec::new();
+    for (n, stream) in ["s-1", "s-5"].into_iter().enumerate() {
         let store = store.clone();
-        async move {
+        first.push(tokio::spawn(async move {
             store
-                .append("s-1", ExpectedVersion::NoStream, vec![event(1)])
+                .append(stream, ExpectedVersion::NoStream, vec![event(1)])
                 .await
-        }
-    });
-    lock_waiter(&pool, "custody_event_pending").await?;
+        }));
+        lock_waiters(&pool, "custody_event_pending", n + 1).await?;
+    }
     let mut queued = Vec::new();
     for i in 2..5u64 {
         let store = store.clone();
@@ -649,7 +660,9 @@ async fn a_failing_combined_append_is_retried_alone() -> anyhow::Result<()> {
     }
     wait_queued(&store, 3).await?;
     blocker.rollback().await?;
-    appended(&first.await??)?;
+    for f in first {
+        appended(&f.await??)?;
+    }
     for (i, q) in (2..5).zip(queued) {
         let out = q.await?;
         if i == 3 {
@@ -941,5 +954,65 @@ async fn wait_for_head_wakes_on_an_append() -> anyhow::Result<()> {
         .await?;
     let head = tokio::time::timeout(Duration::from_secs(10), waiting).await???;
     ensure!(head == 1, "{head}");
+    Ok(())
+}
+
+/// A refused append removes only a stream row it created for nothing: a
+/// stream written earlier in the same transaction, or one holding metadata,
+/// stays as it was.
+#[tokio::test]
+async fn a_refused_append_keeps_stream_rows_that_hold_something() -> anyhow::Result<()> {
+    let Some((_db, pool)) = common::db().await? else {
+        return Ok(());
+    };
+    let store = PgEventStore::new(pool.clone());
+    let mut tx = pool.begin().await?;
+    appended(
+        &store
+            .append_in(
+                &mut tx,
+                "twice-1",
+                ExpectedVersion::NoStream,
+                vec![event(1)],
+            )
+            .await?,
+    )?;
+    let refused = store
+        .append_in(
+            &mut tx,
+            "twice-1",
+            ExpectedVersion::NoStream,
+            vec![event(2)],
+        )
+        .await?;
+    ensure!(
+        refused
+            == AppendOutcome::WrongVersion {
+                expected: ExpectedVersion::NoStream,
+                actual: Some(1)
+            },
+        "{refused:?}"
+    );
+    tx.commit().await?;
+    let info = store
+        .stream_info("twice-1")
+        .await?
+        .context("twice-1 stays")?;
+    ensure!(info.version == 1, "{info:?}");
+
+    let meta = custody_core::event::StreamMetadata {
+        custom: Some(serde_json::json!({ "owner": "billing" })),
+        ..Default::default()
+    };
+    store.set_metadata("meta-1", &meta).await?;
+    let refused = store
+        .append("meta-1", ExpectedVersion::Exact(3), vec![event(3)])
+        .await?;
+    ensure!(
+        matches!(refused, AppendOutcome::WrongVersion { actual: None, .. }),
+        "{refused:?}"
+    );
+    let info = store.stream_info("meta-1").await?.context("meta-1 stays")?;
+    ensure!(info.metadata == meta && info.version == 0, "{info:?}");
     Ok(())
 }

@@ -182,6 +182,8 @@ pub struct SqliteEventStore {
     combining: bool,
     poll: Duration,
     clock: Arc<dyn Clock>,
+    /// The caller's shutdown token ([`SqliteEventStore::with_shutdown`]).
+    shutdown: Option<CancellationToken>,
 }
 
 impl std::fmt::Debug for SqliteEventStore {
@@ -227,6 +229,7 @@ impl SqliteEventStore {
             combining: true,
             poll: DEFAULT_POLL,
             clock: Arc::new(SystemClock),
+            shutdown: None,
         }
     }
 
@@ -257,16 +260,12 @@ impl SqliteEventStore {
 
     /// Stop the write-combining task when `token` is cancelled (it also
     /// stops when the last clone is dropped). Writes already queued are
-    /// finished; later ones run in their own transaction.
+    /// finished; later ones run in their own transaction. Give it before
+    /// the first append: the task is started by the first combined write,
+    /// with the token of the handle that made it.
     #[must_use]
-    pub fn with_shutdown(self, token: CancellationToken) -> Self {
-        let stop = self.shared.stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = token.cancelled() => stop.cancel(),
-                _ = stop.cancelled() => {}
-            }
-        });
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = Some(token);
         self
     }
 
@@ -377,7 +376,9 @@ impl SqliteEventStore {
     /// The combining task's queue, starting the task on first use (needs a
     /// tokio runtime; `None` when stopped).
     fn combiner(&self) -> Option<&mpsc::Sender<Job>> {
-        if self.shared.stop.is_cancelled() {
+        if self.shared.stop.is_cancelled()
+            || self.shutdown.as_ref().is_some_and(|t| t.is_cancelled())
+        {
             return None;
         }
         Some(self.shared.combiner.get_or_init(|| {
@@ -389,6 +390,7 @@ impl SqliteEventStore {
                 self.pool.clone(),
                 rx,
                 self.shared.stop.clone(),
+                self.shutdown.clone().unwrap_or_default(),
                 shared,
                 self.clock.clone(),
             ));
@@ -410,6 +412,7 @@ async fn combine(
     pool: SqlitePool,
     mut rx: mpsc::Receiver<Job>,
     stop: CancellationToken,
+    shutdown: CancellationToken,
     shared: std::sync::Weak<Shared>,
     clock: Arc<dyn Clock>,
 ) {
@@ -422,6 +425,11 @@ async fn combine(
                 biased;
                 job = rx.recv() => job,
                 _ = stop.cancelled() => {
+                    stopping = true;
+                    rx.close();
+                    continue;
+                }
+                _ = shutdown.cancelled() => {
                     // finish what is queued, accept nothing more
                     stopping = true;
                     rx.close();

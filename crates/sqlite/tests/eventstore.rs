@@ -163,21 +163,22 @@ async fn refused_append_in_leaves_the_transaction_usable() -> anyhow::Result<()>
         )
         .await?;
     anyhow::ensure!(ok.appended().is_some(), "{ok:?}");
-    // 1 + 2 events, one of them a reused id: the whole append is refused
+    // 300 events, the last a reused id: the store inserts them in chunks,
+    // so the first chunks are in before the last one fails; the whole
+    // append is refused and nothing of it stays in the transaction
     let reused = f
         .store
         .read_stream("order-1", Direction::Forward, 1, 1)
         .await?
         .events[0]
         .id;
+    let mut batch = (3..302)
+        .map(|n| event("E", n))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    batch.push(EventData::json("E", &4)?.id(reused));
     let refused = f
         .store
-        .append_in(
-            &mut tx,
-            "order-1",
-            ExpectedVersion::Exact(2),
-            vec![event("E", 3)?, EventData::json("E", &4)?.id(reused)],
-        )
+        .append_in(&mut tx, "order-1", ExpectedVersion::Exact(2), batch)
         .await?;
     anyhow::ensure!(
         matches!(
@@ -360,8 +361,7 @@ async fn the_combining_task_stops_with_the_store() -> anyhow::Result<()> {
     store
         .append("s-1", ExpectedVersion::Exact(1), vec![event("E", 1)?])
         .await?;
-    // the watcher of the token and the combining task
-    wait_until(|| metrics.num_alive_tasks() == before + 2).await?;
+    wait_until(|| metrics.num_alive_tasks() == before + 1).await?;
     token.cancel();
     wait_until(|| metrics.num_alive_tasks() == before).await?;
     let out = store

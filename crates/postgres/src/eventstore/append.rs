@@ -81,8 +81,11 @@ SELECT * FROM (
 ) held";
 
 /// Remove the rows of new streams no append was written to (refused, or
-/// an error): they were inserted by this transaction to be locked.
-const DROP_UNUSED: &str = "DELETE FROM custody_streams WHERE stream = ANY($1::text[])";
+/// an error): they were inserted by this transaction to be locked. Only
+/// rows still as inserted (version 0, no metadata, not tombstoned), so a
+/// row that holds anything is kept whatever `inserted` said.
+const DROP_UNUSED: &str = "DELETE FROM custody_streams WHERE stream = ANY($1::text[]) \
+     AND version = 0 AND metadata = '{}'::jsonb AND NOT tombstoned";
 
 /// Where the given ids are already stored.
 const PROBE_IDS: &str = "SELECT id, stream, version FROM custody_events WHERE id = ANY($1::uuid[])";
@@ -476,9 +479,35 @@ pub(crate) async fn append_alone(
 /// Counters of the write path ([`super::PgEventStore::write_stats`]).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) appends: AtomicU64,
-    pub(crate) commits: AtomicU64,
-    pub(crate) combined: AtomicU64,
+    pub(crate) transactions: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) largest: AtomicU64,
+    pub(crate) running: AtomicU64,
+}
+
+impl Counters {
+    /// A transaction decided `writes` appends.
+    pub(crate) fn committed(&self, writes: u64) {
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes, Ordering::Relaxed);
+        self.largest.fetch_max(writes, Ordering::Relaxed);
+    }
+
+    /// `n` appends are in a transaction now (`Running` counts them down
+    /// when dropped).
+    pub(crate) fn running(&self, n: u64) -> Running<'_> {
+        self.running.fetch_add(n, Ordering::Relaxed);
+        Running(self, n)
+    }
+}
+
+/// Appends in a running transaction, until dropped.
+pub(crate) struct Running<'a>(&'a Counters, u64);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }
 
 /// A queued append and where its outcome goes.
@@ -495,28 +524,41 @@ const MAX_BATCH_EVENTS: usize = 10_000;
 /// Appends queued for the combiner at most; a caller beyond waits.
 pub(crate) const QUEUE: usize = 1024;
 
-/// The combiner: takes whatever appends are queued when it is free and
+/// Combiner tasks per store: while one commits, the other gathers the
+/// appends that arrived meanwhile and writes them (one task alone would
+/// alternate a batch of one, taken the moment the previous batch's callers
+/// were answered, with a batch of the rest).
+pub(crate) const COMBINERS: usize = 2;
+
+/// A combiner task: takes whatever appends are queued when it is free and
 /// writes them in one transaction (one commit, one WAL flush). An append
 /// alone is written at once (no added latency); while a transaction runs,
 /// the next appends queue and go together. Ends when every sender (every
 /// handle of the store) is dropped.
 pub(crate) async fn combine(
     pool: PgPool,
-    mut rx: mpsc::Receiver<Request>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Request>>>,
     counters: Arc<Counters>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut events = first.item.events.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && events < MAX_BATCH_EVENTS {
-            match rx.try_recv() {
-                Ok(r) => {
-                    events += r.item.events.len();
-                    batch.push(r);
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut events = first.item.events.len();
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH && events < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        events += r.item.events.len();
+                        batch.push(r);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
-        }
+            batch
+        };
         run_batch(&pool, batch, &counters).await;
     }
 }
@@ -524,17 +566,16 @@ pub(crate) async fn combine(
 async fn run_batch(pool: &PgPool, batch: Vec<Request>, counters: &Arc<Counters>) {
     let (items, replies): (Vec<Item>, Vec<_>) =
         batch.into_iter().map(|r| (r.item, r.reply)).unzip();
-    match transaction(pool, &items, Locking::Skip, Probe::OnMismatch).await {
+    let running = counters.running(items.len() as u64);
+    let done = transaction(pool, &items, Locking::Skip, Probe::OnMismatch).await;
+    drop(running);
+    match done {
         Ok(results) => {
-            let written = results
+            let decided = results
                 .iter()
                 .filter(|r| matches!(r, ItemResult::Done(_)))
                 .count() as u64;
-            counters.commits.fetch_add(1, Ordering::Relaxed);
-            counters.appends.fetch_add(written, Ordering::Relaxed);
-            if written > 1 {
-                counters.combined.fetch_add(written, Ordering::Relaxed);
-            }
+            counters.committed(decided);
             for ((item, reply), result) in items.into_iter().zip(replies).zip(results) {
                 match result {
                     ItemResult::Done(outcome) => {
@@ -567,9 +608,10 @@ fn alone(
     let pool = pool.clone();
     let counters = counters.clone();
     tokio::spawn(async move {
+        let running = counters.running(1);
         let outcome = append_alone(&pool, &item).await;
-        counters.commits.fetch_add(1, Ordering::Relaxed);
-        counters.appends.fetch_add(1, Ordering::Relaxed);
+        drop(running);
+        counters.committed(1);
         let _ = reply.send(outcome);
     });
 }

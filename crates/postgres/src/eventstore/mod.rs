@@ -80,15 +80,21 @@ impl std::fmt::Debug for PgEventStore {
 }
 
 /// What the write path has done since the store was made
-/// ([`PgEventStore::write_stats`]).
+/// ([`PgEventStore::write_stats`]); the same counts as
+/// `custody_sqlite::WriteStats`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WriteStats {
-    /// Appends decided by [`EventStore::append`] (written or refused).
-    pub appends: u64,
-    /// Transactions they took.
-    pub commits: u64,
-    /// Appends that shared their transaction with at least one other.
-    pub combined: u64,
+    /// Transactions the store ran for `append` / `append_if`.
+    pub transactions: u64,
+    /// Appends (`append` / `append_if` calls) those transactions decided
+    /// (written or refused).
+    pub writes: u64,
+    /// The most appends one transaction decided.
+    pub largest_batch: u64,
+    /// Appends waiting in the combiner's queue right now.
+    pub queued: u64,
+    /// Appends in a transaction running right now.
+    pub running: u64,
 }
 
 const OP_READ: &str = "read events";
@@ -138,9 +144,11 @@ impl PgEventStore {
     pub fn write_stats(&self) -> WriteStats {
         let c = &self.shared.counters;
         WriteStats {
-            appends: c.appends.load(Ordering::Relaxed),
-            commits: c.commits.load(Ordering::Relaxed),
-            combined: c.combined.load(Ordering::Relaxed),
+            transactions: c.transactions.load(Ordering::Relaxed),
+            writes: c.writes.load(Ordering::Relaxed),
+            largest_batch: c.largest.load(Ordering::Relaxed),
+            queued: self.queued_appends() as u64,
+            running: c.running.load(Ordering::Relaxed),
         }
     }
 
@@ -157,6 +165,7 @@ impl PgEventStore {
     /// messages. As [`EventStore::append`] otherwise; a refused append
     /// leaves nothing in the transaction, which stays usable. The stream row
     /// stays locked until the caller's transaction ends, so keep it short.
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     pub async fn append_in(
         &self,
         conn: &mut PgConnection,
@@ -187,11 +196,14 @@ impl PgEventStore {
     fn combiner(&self) -> &mpsc::Sender<Request> {
         self.shared.combiner.get_or_init(|| {
             let (tx, rx) = mpsc::channel(append::QUEUE);
-            tokio::spawn(append::combine(
-                self.pool.clone(),
-                rx,
-                self.shared.counters.clone(),
-            ));
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for _ in 0..append::COMBINERS {
+                tokio::spawn(append::combine(
+                    self.pool.clone(),
+                    rx.clone(),
+                    self.shared.counters.clone(),
+                ));
+            }
             tx
         })
     }
@@ -425,6 +437,7 @@ const STREAM_INFO: &str =
     "SELECT stream, version, metadata, tombstoned, updated_at FROM custody_streams WHERE stream = $1";
 
 impl EventStore for PgEventStore {
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn append(
         &self,
         stream: &str,
@@ -433,10 +446,11 @@ impl EventStore for PgEventStore {
     ) -> Result<AppendOutcome> {
         let item = checked(stream, expected, events)?;
         if !self.combining {
-            let outcome = append::append_alone(&self.pool, &item).await;
             let c = &self.shared.counters;
-            c.appends.fetch_add(1, Ordering::Relaxed);
-            c.commits.fetch_add(1, Ordering::Relaxed);
+            let running = c.running(1);
+            let outcome = append::append_alone(&self.pool, &item).await;
+            drop(running);
+            c.committed(1);
             return outcome;
         }
         let (reply, outcome) = oneshot::channel();
@@ -457,6 +471,7 @@ impl EventStore for PgEventStore {
         })?
     }
 
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn append_if(
         &self,
         stream: &str,
@@ -469,7 +484,9 @@ impl EventStore for PgEventStore {
             Failure::Sql(e) => map_err(OP, e),
             Failure::Custody(e) => e,
         };
-        match self
+        let c = &self.shared.counters;
+        let running = c.running(1);
+        let outcome = match self
             .append_if_once(&item, condition, Probe::OnMismatch)
             .await
         {
@@ -479,7 +496,10 @@ impl EventStore for PgEventStore {
                 .await
                 .map_err(fail),
             other => other.map_err(fail),
-        }
+        };
+        drop(running);
+        c.committed(1);
+        outcome
     }
 
     async fn read_stream(
@@ -596,12 +616,7 @@ impl EventStore for PgEventStore {
     }
 
     async fn head(&self) -> Result<u64> {
-        sequencer::sequence_if_pending(&self.pool).await?;
-        let head: i64 = sqlx::query_scalar("SELECT head FROM custody_event_head WHERE id")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(db("read event head"))?;
-        Ok(u64_of(head))
+        sequencer::head(&self.pool).await
     }
 
     async fn wait_for_head(&self, after: u64, timeout: Duration) -> Result<u64> {
@@ -644,6 +659,7 @@ impl EventStore for PgEventStore {
         Ok(())
     }
 
+    #[tracing::instrument(skip_all, fields(stream = %stream))]
     async fn delete_stream(
         &self,
         stream: &str,

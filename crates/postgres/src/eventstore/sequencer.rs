@@ -25,6 +25,15 @@
 //! reads the cluster-wide `pg_snapshot_xmin`: an open transaction elsewhere
 //! in the cluster delays no one.
 //!
+//! Runs take turns on a row lock that a reader waits for, not on a
+//! `pg_try_advisory_xact_lock` that a reader gives up on: a reader that
+//! finds a run in progress waits for it and then runs its own, so once
+//! `head()` returns, every append committed before the call has its
+//! position (read your own append). With a try-lock the reader would have
+//! to wait for a second notification from the run that beat it. The same
+//! lock guards the head row the run updates. Runs are a few statements on a
+//! handful of rows, so waiting is short.
+//!
 //! A run that dies (its backend terminated, the client gone) rolls back:
 //! the pending rows come back, the head is unchanged, and the next run
 //! numbers them. `idle_in_transaction_session_timeout` is set for the run so
@@ -77,6 +86,12 @@ WITH moved AS (
 )
 SELECT count(*), $1::int8 + coalesce(sum(n), 0)::int8 FROM moved";
 
+/// The head and whether appends wait for positions, from one snapshot:
+/// when none waits, every append committed before this statement is
+/// numbered at or below this head.
+const HEAD: &str = "SELECT head, EXISTS (SELECT 1 FROM custody_event_pending) \
+     FROM custody_event_head WHERE id";
+
 /// Run the sequencer if any committed append has no position yet; returns
 /// nothing. Afterwards every append committed before the call has its
 /// position.
@@ -89,6 +104,19 @@ pub(crate) async fn sequence_if_pending(pool: &PgPool) -> custody_core::Result<(
         sequence(pool).await?;
     }
     Ok(())
+}
+
+/// The gap-free head, after numbering every append committed before the
+/// call (one round trip when none waits).
+pub(crate) async fn head(pool: &PgPool) -> custody_core::Result<u64> {
+    let (head, pending): (i64, bool) = sqlx::query_as(HEAD)
+        .fetch_one(pool)
+        .await
+        .map_err(db("read event head"))?;
+    if pending {
+        return sequence(pool).await;
+    }
+    Ok(u64::try_from(head).unwrap_or(0))
 }
 
 /// One sequencing run in its own transaction; returns the head after it.
@@ -112,6 +140,9 @@ async fn run(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
             .fetch_one(&mut *conn)
             .await?;
         head = new_head;
+        if moved > 0 {
+            tracing::debug!(appends = moved, head, "custody: event positions given");
+        }
         if moved < RUN_LIMIT {
             return Ok(u64::try_from(head).unwrap_or(0));
         }

@@ -94,6 +94,24 @@ fn appended(outcome: &AppendOutcome) -> anyhow::Result<Appended> {
         .with_context(|| format!("expected an append, got {outcome:?}"))
 }
 
+/// The position of the last event of the log (0: none). Positions need not
+/// be dense (a backend may burn some on refused appends), so the scenarios
+/// compare heads with positions they read, never with counts.
+async fn last_position<S: EventStore>(store: &S) -> anyhow::Result<u64> {
+    let mut after = 0;
+    let mut last = 0;
+    loop {
+        let slice = store.read_all(after, &LogFilter::all(), 10_000).await?;
+        if let Some(e) = slice.events.last() {
+            last = e.position;
+        }
+        if slice.scanned_to >= slice.head {
+            return Ok(last);
+        }
+        after = slice.scanned_to;
+    }
+}
+
 fn versions(events: &[RecordedEvent]) -> Vec<u64> {
     events.iter().map(|e| e.version).collect()
 }
@@ -281,7 +299,16 @@ pub async fn idempotent_reappend_test<F: EventStoreFixture>(f: F) -> anyhow::Res
         .read_stream("cart-1", Direction::Forward, 1, 100)
         .await?;
     ensure!(read.events.len() == 4 && read.version == Some(4));
-    ensure!(store.head().await? == 4, "head {}", store.head().await?);
+    let head = store.head().await?;
+    ensure!(head == last_position(&store).await?, "head {head}");
+    ensure!(
+        store
+            .read_all(0, &LogFilter::all(), 100)
+            .await?
+            .events
+            .len()
+            == 4
+    );
     Ok(())
 }
 
@@ -352,6 +379,7 @@ pub async fn empty_append_test<F: EventStoreFixture>(f: F) -> anyhow::Result<()>
             .await?,
     )?;
     ensure!((a.first_version, a.version) == (3, 2), "{a:?}");
+    let head = store.head().await?;
     let out = store
         .append("e-1", ExpectedVersion::Exact(1), vec![])
         .await?;
@@ -365,7 +393,7 @@ pub async fn empty_append_test<F: EventStoreFixture>(f: F) -> anyhow::Result<()>
         ),
         "{out:?}"
     );
-    ensure!(store.head().await? == 2);
+    ensure!(store.head().await? == head && head == last_position(&store).await?);
     Ok(())
 }
 
@@ -458,9 +486,13 @@ pub async fn concurrent_appenders_on_different_streams_test<F: EventStoreFixture
         r??;
     }
     let store = f.store();
-    ensure!(store.head().await? == 160, "head {}", store.head().await?);
     let all = store.read_all(0, &LogFilter::all(), 1000).await?;
-    ensure!(all.events.len() == 160);
+    ensure!(all.events.len() == 160, "{} events", all.events.len());
+    let head = store.head().await?;
+    ensure!(
+        all.events.last().map(|e| e.position) == Some(head),
+        "head {head}"
+    );
     Ok(())
 }
 
@@ -483,8 +515,10 @@ pub async fn read_all_order_and_filters_test<F: EventStoreFixture>(f: F) -> anyh
         appended(&store.append(stream, ExpectedVersion::Any, vec![e]).await?)?;
     }
     let all = store.read_all(0, &LogFilter::all(), 100).await?;
+    ensure!(all.events.len() == 6, "{} events", all.events.len());
+    let end = all.events[5].position;
     ensure!(
-        all.head == 6 && all.scanned_to == 6,
+        all.head == end && all.scanned_to == end,
         "{} {}",
         all.head,
         all.scanned_to
@@ -509,7 +543,7 @@ pub async fn read_all_order_and_filters_test<F: EventStoreFixture>(f: F) -> anyh
         streams == vec!["order-1", "order-2", "order-1", "order-2"],
         "{streams:?}"
     );
-    ensure!(o.scanned_to == 6, "scanned_to {}", o.scanned_to);
+    ensure!(o.scanned_to == end, "scanned_to {}", o.scanned_to);
     // a filtered page stops at its last match
     let o1 = store.read_all(0, &orders, 1).await?;
     ensure!(o1.events.len() == 1 && o1.scanned_to == o1.events[0].position);
@@ -525,9 +559,9 @@ pub async fn read_all_order_and_filters_test<F: EventStoreFixture>(f: F) -> anyh
         types: vec!["Shipped".into()],
     };
     let n = store.read_all(0, &none, 100).await?;
-    ensure!(n.events.is_empty() && n.scanned_to == 6, "{n:?}");
-    let after_all = store.read_all(6, &LogFilter::all(), 100).await?;
-    ensure!(after_all.events.is_empty() && after_all.scanned_to == 6);
+    ensure!(n.events.is_empty() && n.scanned_to == end, "{n:?}");
+    let after_all = store.read_all(end, &LogFilter::all(), 100).await?;
+    ensure!(after_all.events.is_empty() && after_all.scanned_to == end);
     Ok(())
 }
 
@@ -543,11 +577,12 @@ pub async fn head_and_wait_for_head_test<F: EventStoreFixture>(f: F) -> anyhow::
             .append("w-1", ExpectedVersion::Any, events("E", 0..3)?)
             .await?,
     )?;
-    ensure!(store.head().await? == 3);
-    ensure!(store.wait_for_head(1, Duration::from_secs(5)).await? == 3);
+    let h3 = last_position(&store).await?;
+    ensure!(h3 > 0 && store.head().await? == h3);
+    ensure!(store.wait_for_head(h3 - 1, Duration::from_secs(5)).await? == h3);
     let waiter = {
         let store = f.store();
-        tokio::spawn(async move { store.wait_for_head(3, Duration::from_secs(30)).await })
+        tokio::spawn(async move { store.wait_for_head(h3, Duration::from_secs(30)).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     appended(
@@ -558,7 +593,11 @@ pub async fn head_and_wait_for_head_test<F: EventStoreFixture>(f: F) -> anyhow::
     let woke = tokio::time::timeout(Duration::from_secs(30), waiter)
         .await
         .context("wait_for_head did not return")???;
-    ensure!(woke == 4, "woke with head {woke}");
+    let h4 = last_position(&store).await?;
+    ensure!(
+        h4 > h3 && woke == h4,
+        "woke with head {woke}, last event at {h4}"
+    );
     Ok(())
 }
 
@@ -824,7 +863,8 @@ pub async fn append_condition_test<F: EventStoreFixture>(f: F) -> anyhow::Result
     )?;
     let q = course_query("1");
     let decision = store.read_query(&q, 0, 100).await?;
-    ensure!(decision.events.is_empty() && decision.head == 1);
+    let noise = last_position(&store).await?;
+    ensure!(decision.events.is_empty() && decision.head == noise);
     let cond = AppendCondition {
         query: q.clone(),
         after: decision.head,
@@ -835,11 +875,14 @@ pub async fn append_condition_test<F: EventStoreFixture>(f: F) -> anyhow::Result
             .await?,
     )?;
     // the same decision again: the event just appended matches
+    let enrolled_a = last_position(&store).await?;
     let out = store
         .append_if("student-b", &cond, vec![enrolled("1", "b")?])
         .await?;
     ensure!(
-        out == AppendOutcome::ConditionFailed { position: 2 },
+        out == AppendOutcome::ConditionFailed {
+            position: enrolled_a
+        },
         "{out:?}"
     );
     ensure!(store
@@ -886,7 +929,7 @@ pub async fn append_condition_test<F: EventStoreFixture>(f: F) -> anyhow::Result
     let got: Vec<&str> = r.events.iter().map(|e| e.stream.as_str()).collect();
     ensure!(got == vec!["other-1", "student-a"], "{got:?}");
     let r1 = store.read_query(&either, 0, 1).await?;
-    ensure!(r1.events.len() == 1 && r1.scanned_to == 1, "{r1:?}");
+    ensure!(r1.events.len() == 1 && r1.scanned_to == noise, "{r1:?}");
     Ok(())
 }
 
@@ -1010,6 +1053,13 @@ pub async fn invalid_input_test<F: EventStoreFixture>(f: F) -> anyhow::Result<()
             )
             .await,
         "schema versions start at 1",
+    )?;
+    let control = EventData::new("Bad\ntype", "application/json", b"{}".to_vec());
+    invalid_message(
+        store
+            .append("ok-1", ExpectedVersion::Any, vec![control])
+            .await,
+        "control character",
     )?;
     invalid_message(
         store

@@ -1318,18 +1318,29 @@ impl EventStore for SqliteEventStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<StreamInfo>> {
-        let rows: Vec<InfoRow> = sqlx::query_as(
+        // A plain range on the primary key (no `?n IS NULL OR …`, which
+        // SQLite cannot use as a bound): from the prefix or past `after`,
+        // whichever is further, up to the first name after the prefix.
+        let (lower_op, lower) = match after {
+            Some(a) if a >= prefix => (">", a),
+            _ => (">=", prefix),
+        };
+        let upper = prefix_end(prefix).filter(|_| !prefix.is_empty());
+        let sql = format!(
             "SELECT stream, version, truncate_before, max_age_ms, metadata, tombstoned, updated_at \
-             FROM custody_streams WHERE stream >= ?1 AND (?2 IS NULL OR stream < ?2) \
-             AND (?3 IS NULL OR stream > ?3) ORDER BY stream LIMIT ?4",
-        )
-        .bind(prefix)
-        .bind(prefix_end(prefix).filter(|_| !prefix.is_empty()))
-        .bind(after)
-        .bind(limit_i64(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err("list streams"))?;
+             FROM custody_streams WHERE stream {lower_op} ?1{} ORDER BY stream LIMIT ?2",
+            if upper.is_some() { " AND stream < ?3" } else { "" }
+        );
+        let mut q = sqlx::query_as::<_, InfoRow>(&sql)
+            .bind(lower)
+            .bind(limit_i64(limit));
+        if let Some(upper) = upper {
+            q = q.bind(upper);
+        }
+        let rows = q
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map_err("list streams"))?;
         rows.into_iter()
             .map(decode_info)
             .filter(|r| r.as_ref().map_or(true, |i| i.stream.starts_with(prefix)))

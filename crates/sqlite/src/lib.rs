@@ -125,6 +125,10 @@ pub async fn connect_with(
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(opts.busy_timeout)
         .foreign_keys(true)
+        // sqlx's worker thread hands rows over through a channel of this
+        // many; its default of 50 makes a page read of thousands of events
+        // (the event store's read_all) wait on the reader every 50 rows
+        .row_buffer_size(1024)
         .synchronous(if opts.synchronous_full {
             SqliteSynchronous::Full
         } else {

@@ -108,6 +108,12 @@ async fn last_position<S: EventStore>(store: &S) -> anyhow::Result<u64> {
         if slice.scanned_to >= slice.head {
             return Ok(last);
         }
+        ensure!(
+            slice.scanned_to > after,
+            "read_all after {after} did not advance (scanned_to {}, head {})",
+            slice.scanned_to,
+            slice.head
+        );
         after = slice.scanned_to;
     }
 }
@@ -1107,10 +1113,15 @@ pub async fn hundred_thousand_events_in_order_test<F: EventStoreFixture>(
             last_position = e.position;
             got.push(e.id);
         }
-        ensure!(page.scanned_to >= after, "scanned_to went back");
         if page.scanned_to == page.head && page.events.len() < 4_096 {
             break;
         }
+        ensure!(
+            page.scanned_to > after,
+            "read_all after {after} did not advance (scanned_to {}, head {})",
+            page.scanned_to,
+            page.head
+        );
         after = page.scanned_to;
     }
     ensure!(

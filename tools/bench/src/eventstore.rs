@@ -459,8 +459,8 @@ async fn postgres(
     report.param(
         "postgres_write_combining",
         format!(
-            "{} appends in {} transactions, {} shared one",
-            stats.appends, stats.commits, stats.combined
+            "{} appends in {} transactions, largest {}",
+            stats.writes, stats.transactions, stats.largest_batch
         ),
     );
     let off = single_appends(

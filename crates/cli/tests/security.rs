@@ -560,6 +560,12 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
         vec!["produce", "--help"],
         vec!["reconcile", "--help"],
         vec!["trace", "--help"],
+        vec!["events", "streams", "--db", &with_password],
+        vec!["events", "read", "no-such-stream", "--db", &with_password],
+        vec!["projection", "status", "--db", &with_password],
+        vec!["events", "append", "--help"],
+        vec!["events", "tail", "--help"],
+        vec!["projection", "status", "--help"],
     ]
     .iter()
     {

@@ -99,6 +99,28 @@ pub struct WriteStats {
 
 const OP_READ: &str = "read events";
 
+/// The events of a page of the global log, joined to the commit rows `c`
+/// (positions above `$1`, commits numbered at or below `$2`), as a
+/// per-commit lookup: each commit's events come from the primary key
+/// (tx, ordinal) in ordinal order, and the commits from their
+/// `last_position` index in log order, so the LIMIT stops the read after a
+/// page. `OFFSET 0` keeps the planner from flattening the lateral
+/// subquery into a join it may hash: on tables never analysed (autovacuum
+/// off) it read every event and sorted them for each page, 25 × slower. The
+/// caller appends its filter (on `e`) and [`PAGE_END`].
+const PAGE_EVENTS: &str = "CROSS JOIN LATERAL (SELECT * FROM custody_events e \
+     WHERE e.tx = c.tx AND e.ordinal > $1 - c.first_position";
+
+/// Closes [`PAGE_EVENTS`]; the limit is `$5`.
+const PAGE_END: &str = "ORDER BY e.ordinal OFFSET 0) e \
+     WHERE c.last_position > $1 AND c.first_position <= $2 \
+     ORDER BY c.last_position, e.ordinal LIMIT $5";
+
+/// [`PAGE_END`] with the limit in `$3`.
+const PAGE_END_3: &str = "ORDER BY e.ordinal OFFSET 0) e \
+     WHERE c.last_position > $1 AND c.first_position <= $2 \
+     ORDER BY c.last_position, e.ordinal LIMIT $3";
+
 /// The columns of an event, after its position.
 const EVENT_COLUMNS: &str = "e.stream, e.version, e.id, e.event_type, e.schema_version, \
      e.content_type, e.payload, e.headers, e.tags, e.recorded_at";
@@ -568,20 +590,26 @@ impl EventStore for PgEventStore {
         let head = self.head().await?;
         // Positions come from whole sequencing runs: every commit row with
         // a first position at or below the head read above is visible and
-        // complete, and none with a higher one is read.
+        // complete, and none with a higher one is read. Positions are dense,
+        // so without a filter the page is exactly the positions after+1 ..
+        // after+limit: bounding the commits by that too keeps a page's
+        // work at one page whatever plan the server picks.
+        let upto = if filter.categories.is_empty() && filter.types.is_empty() {
+            head.min(after.saturating_add(u64::try_from(limit).unwrap_or(u64::MAX)))
+        } else {
+            head
+        };
         let sql = format!(
             "SELECT c.first_position + e.ordinal AS position, {EVENT_COLUMNS} \
-             FROM custody_event_commits c JOIN custody_events e ON e.tx = c.tx \
-             WHERE c.last_position > $1 AND c.first_position <= $2 \
-               AND c.first_position + e.ordinal > $1 \
+             FROM custody_event_commits c {PAGE_EVENTS} \
                AND (cardinality($3::text[]) = 0 OR split_part(e.stream, '-', 1) = ANY($3::text[])) \
                AND (cardinality($4::text[]) = 0 OR e.event_type = ANY($4::text[])) \
-             ORDER BY c.last_position, e.ordinal LIMIT $5"
+             {PAGE_END}"
         );
         let events = self
             .read_events(&sql, |q| {
                 q.bind(i64_of(after))
-                    .bind(i64_of(head))
+                    .bind(i64_of(upto))
                     .bind(filter.categories.clone())
                     .bind(filter.types.clone())
                     .bind(limit_of(limit))
@@ -595,10 +623,7 @@ impl EventStore for PgEventStore {
         let (clause, binds) = query_clause(query, 4);
         let sql = format!(
             "SELECT c.first_position + e.ordinal AS position, {EVENT_COLUMNS} \
-             FROM custody_event_commits c JOIN custody_events e ON e.tx = c.tx \
-             WHERE c.last_position > $1 AND c.first_position <= $2 \
-               AND c.first_position + e.ordinal > $1 AND ({clause}) \
-             ORDER BY c.last_position, e.ordinal LIMIT $3"
+             FROM custody_event_commits c {PAGE_EVENTS} AND ({clause}) {PAGE_END_3}"
         );
         let events = self
             .read_events(&sql, |q| {

@@ -614,7 +614,12 @@ async fn savepoint(
         .execute(&mut *conn)
         .await
     {
-        return Err(SpError::Broken(store_error(OP, e)));
+        // When the append failed, its own error says what happened (if the
+        // SAVEPOINT was what failed, the rollback fails for want of it).
+        return Err(SpError::Broken(match r {
+            Err(failed) => failed,
+            Ok(_) => store_error(OP, e),
+        }));
     }
     match r {
         Ok(Kept::Released(outcome) | Kept::RolledBack(outcome)) => Ok(outcome),

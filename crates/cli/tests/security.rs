@@ -462,8 +462,7 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
     // `closed` event after it (seen on a loaded machine)
     let last = t
         .lines()
-        .filter(|l| l.starts_with("error:"))
-        .last()
+        .rfind(|l| l.starts_with("error:"))
         .unwrap_or_default();
     assert!(last.contains(&format!("NATS {}", nats.url)), "{t}");
     assert!(last.contains("refused the credentials"), "{t}");
@@ -477,8 +476,7 @@ async fn relay_over_tls_links_delivers_and_no_secret_is_ever_printed() -> anyhow
     // `closed` event after it (seen on a loaded machine)
     let last = t
         .lines()
-        .filter(|l| l.starts_with("error:"))
-        .last()
+        .rfind(|l| l.starts_with("error:"))
         .unwrap_or_default();
     assert!(
         last.contains("PostgreSQL postgres://postgres@127.0.0.1"),

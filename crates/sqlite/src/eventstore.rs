@@ -45,9 +45,12 @@ use crate::error::{map_err, store_error};
 
 const BACKEND: &str = "sqlite";
 
-/// Events per multi-row `INSERT`: 8 bound parameters each plus 2 shared,
-/// under the 999 parameters of SQLite builds older than 3.32.
-const ROWS_PER_INSERT: usize = 120;
+/// Most events per multi-row `INSERT`: 10 bound parameters each, 2,560
+/// in all, well under the 32,766 of the SQLite that sqlx bundles (3.32 and
+/// later). A power of two: an append is split into statements of
+/// power-of-two sizes, so a connection caches at most 9 insert statements
+/// whatever the sizes of the appends (see [`insert_sql`]).
+const ROWS_PER_INSERT: usize = 256;
 
 /// Most writes one combined transaction takes.
 const MAX_COMBINED: usize = 512;
@@ -67,16 +70,25 @@ const DEFAULT_POLL: Duration = Duration::from_millis(50);
 const EVENT_COLUMNS: &str = "position, stream, version, id, event_type, schema_version, \
      content_type, payload, headers, tags, recorded_at";
 
-/// The stream's state, taking the write lock first: a no-op UPDATE is a
+/// Open the append's savepoint and read the stream's state, in one round
+/// trip to sqlx's connection thread (a combined transaction runs many
+/// appends; each trip is a hand-over between threads).
+///
+/// The state is read taking the write lock first: a no-op UPDATE is a
 /// write, so in a deferred transaction (a caller's `pool.begin()`) SQLite
 /// takes the write lock here, before anything is read, and the version read
 /// cannot be stale by the time the events are inserted.
-const STREAM_STATE: &str = "UPDATE custody_streams SET version = version \
+const SAVEPOINT_STREAM_STATE: &str = "SAVEPOINT custody_append; \
+     UPDATE custody_streams SET version = version \
      WHERE stream = ?1 RETURNING version, tombstoned";
 
-const UPSERT_STREAM_VERSION: &str = "INSERT INTO custody_streams \
+/// Move the stream's version and release the append's savepoint (keeping
+/// the append), in one round trip. When the upsert fails the RELEASE does
+/// not run and the savepoint is still there to roll back to.
+const UPSERT_STREAM_VERSION_RELEASE: &str = "INSERT INTO custody_streams \
      (stream, category, version, updated_at) VALUES (?1, ?2, ?3, ?4) \
-     ON CONFLICT (stream) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at";
+     ON CONFLICT (stream) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at; \
+     RELEASE custody_append";
 
 /// Tags of the events just appended to `?1` above version `?2`.
 /// OR IGNORE: an event may carry a tag twice.
@@ -583,25 +595,44 @@ async fn savepoint(
     condition: Option<&AppendCondition>,
 ) -> std::result::Result<AppendOutcome, SpError> {
     const OP: &str = "append events (savepoint)";
-    sqlx::query("SAVEPOINT custody_append")
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| SpError::Broken(store_error(OP, e)))?;
-    let r = append_core(&mut *conn, stream, expected, events, now, condition).await;
-    let keep = matches!(&r, Ok(AppendOutcome::Appended(a)) if !a.idempotent);
-    if !keep {
-        if let Err(e) = sqlx::query("ROLLBACK TO custody_append")
-            .execute(&mut *conn)
-            .await
-        {
-            return Err(SpError::Broken(store_error(OP, e)));
-        }
+    let state: std::result::Result<Option<(i64, bool)>, sqlx::Error> =
+        sqlx::query_as(SAVEPOINT_STREAM_STATE)
+            .bind(stream)
+            .fetch_optional(&mut *conn)
+            .await;
+    let r = match state {
+        Ok(state) => append_core(&mut *conn, state, stream, expected, events, now, condition).await,
+        // When the SAVEPOINT itself failed, the ROLLBACK TO below fails
+        // too and the error is `Broken`, as it must be.
+        Err(e) => Err(store_error("append events", e)),
+    };
+    if let Ok(Kept::Released(outcome)) = r {
+        return Ok(outcome);
     }
-    sqlx::query("RELEASE custody_append")
+    // One trip: a refused or failed append leaves nothing of itself.
+    if let Err(e) = sqlx::query("ROLLBACK TO custody_append; RELEASE custody_append")
         .execute(&mut *conn)
         .await
-        .map_err(|e| SpError::Broken(store_error(OP, e)))?;
-    r.map_err(SpError::Failed)
+    {
+        // When the append failed, its own error says what happened (if the
+        // SAVEPOINT was what failed, the rollback fails for want of it).
+        return Err(SpError::Broken(match r {
+            Err(failed) => failed,
+            Ok(_) => store_error(OP, e),
+        }));
+    }
+    match r {
+        Ok(Kept::Released(outcome) | Kept::RolledBack(outcome)) => Ok(outcome),
+        Err(e) => Err(SpError::Failed(e)),
+    }
+}
+
+/// What [`append_core`] did with the savepoint.
+enum Kept {
+    /// The append wrote and released the savepoint (its last statement).
+    Released(AppendOutcome),
+    /// Nothing to keep: the savepoint is to be rolled back.
+    RolledBack(AppendOutcome),
 }
 
 /// Check names and events before anything is written.
@@ -629,24 +660,23 @@ fn validate(stream: &str, events: &[EventData]) -> Result<()> {
     Ok(())
 }
 
-/// The append itself, on a connection holding the write lock (or about to
-/// take it with its first statement). Runs inside a savepoint.
+/// The append itself, inside the savepoint `custody_append` that
+/// [`savepoint`] opened with the write lock taken (`state`: the stream's
+/// version and tombstone, read under it). When it appends, its last
+/// statement releases the savepoint.
 async fn append_core(
     conn: &mut SqliteConnection,
+    state: Option<(i64, bool)>,
     stream: &str,
     expected: ExpectedVersion,
     events: &[EventData],
     now: i64,
     condition: Option<&AppendCondition>,
-) -> Result<AppendOutcome> {
+) -> Result<Kept> {
     const OP: &str = "append events";
-    let state: Option<(i64, bool)> = sqlx::query_as(STREAM_STATE)
-        .bind(stream)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(map_err(OP))?;
+    let kept = Kept::RolledBack;
     if state.is_some_and(|(_, t)| t) {
-        return Ok(AppendOutcome::Tombstoned);
+        return Ok(kept(AppendOutcome::Tombstoned));
     }
     let current = state.map_or(0, |(v, _)| to_u64(v));
     let actual = (current > 0).then_some(current);
@@ -661,15 +691,16 @@ async fn append_core(
         if let Some(e) = hit {
             // idempotent retry of an append that already passed
             if let Some(done) = replayed(conn, stream, expected, events).await? {
-                return Ok(done);
+                return Ok(kept(done));
             }
-            return Ok(AppendOutcome::ConditionFailed {
+            return Ok(kept(AppendOutcome::ConditionFailed {
                 position: e.position,
-            });
+            }));
         }
     }
     if events.is_empty() {
-        return Ok(if expected.matches(actual) {
+        // nothing written (the no-op UPDATE aside): nothing to keep
+        return Ok(kept(if expected.matches(actual) {
             AppendOutcome::Appended(Appended {
                 first_version: current + 1,
                 version: current,
@@ -677,28 +708,39 @@ async fn append_core(
             })
         } else {
             AppendOutcome::WrongVersion { expected, actual }
-        });
+        }));
     }
     if !expected.matches(actual) {
-        return Ok(replayed(conn, stream, expected, events)
-            .await?
-            .unwrap_or(AppendOutcome::WrongVersion { expected, actual }));
+        return Ok(kept(
+            replayed(conn, stream, expected, events)
+                .await?
+                .unwrap_or(AppendOutcome::WrongVersion { expected, actual }),
+        ));
     }
-    match insert_events(conn, stream, current, events, now).await {
-        Ok(()) => {}
+    let last = current + events.len() as u64;
+    let appended = AppendOutcome::Appended(Appended {
+        first_version: current + 1,
+        version: last,
+        idempotent: false,
+    });
+    let tagged = events.iter().any(|e| !e.tags.is_empty());
+    // Untagged: the last INSERT also moves the version and releases the
+    // savepoint (one round trip less).
+    match insert_events(conn, stream, current, events, now, !tagged).await {
+        Ok(true) => return Ok(Kept::Released(appended)),
+        Ok(false) => {}
         Err(e) if is_unique_violation(&e) => {
             // An id is already stored: a retried append, or a reused id.
             // (The failed statement undid itself; the savepoint undoes the
             // earlier chunks.)
             return match replayed(conn, stream, expected, events).await? {
-                Some(done) => Ok(done),
+                Some(done) => Ok(kept(done)),
                 None => Err(store_error(OP, e)),
             };
         }
         Err(e) => return Err(store_error(OP, e)),
     }
-    let last = current + events.len() as u64;
-    if events.iter().any(|e| !e.tags.is_empty()) {
+    if tagged {
         sqlx::query(INSERT_TAGS)
             .bind(stream)
             .bind(to_i64(current))
@@ -706,7 +748,7 @@ async fn append_core(
             .await
             .map_err(map_err(OP))?;
     }
-    sqlx::query(UPSERT_STREAM_VERSION)
+    sqlx::query(UPSERT_STREAM_VERSION_RELEASE)
         .bind(stream)
         .bind(category_of(stream))
         .bind(to_i64(last))
@@ -714,11 +756,7 @@ async fn append_core(
         .execute(&mut *conn)
         .await
         .map_err(map_err(OP))?;
-    Ok(AppendOutcome::Appended(Appended {
-        first_version: current + 1,
-        version: last,
-        idempotent: false,
-    }))
+    Ok(Kept::Released(appended))
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -791,19 +829,34 @@ async fn replayed(
     }))
 }
 
-/// One multi-row INSERT per [`ROWS_PER_INSERT`] events; `?1` (stream) and
-/// `?2` (recorded_at) are shared by every row.
+/// Multi-row INSERTs of [`ROWS_PER_INSERT`] events, the rest in
+/// statements of power-of-two sizes (1000 = 3 × 256 + 128 + 64 + 32 + 8).
+///
+/// With `finish`, the last statement also sets the stream's version and
+/// releases the savepoint `custody_append` (returns `true`): when an
+/// INSERT fails, what follows it in the statement does not run.
 async fn insert_events(
     conn: &mut SqliteConnection,
     stream: &str,
     current: u64,
     events: &[EventData],
     now: i64,
-) -> std::result::Result<(), sqlx::Error> {
+    finish: bool,
+) -> std::result::Result<bool, sqlx::Error> {
     let mut version = current;
-    for chunk in events.chunks(ROWS_PER_INSERT) {
-        let sql = insert_sql(chunk.len());
-        let mut q = sqlx::query(&sql).bind(stream).bind(now);
+    let mut rest = events;
+    let mut released = false;
+    while !rest.is_empty() {
+        let rows = if rest.len() >= ROWS_PER_INSERT {
+            ROWS_PER_INSERT
+        } else {
+            // the largest power of two not above what is left
+            1 << rest.len().ilog2()
+        };
+        let (chunk, tail) = rest.split_at(rows);
+        rest = tail;
+        let last = finish && rest.is_empty();
+        let mut q = sqlx::query(insert_sql(rows, last));
         for e in chunk {
             version += 1;
             let headers = if e.headers.is_empty() {
@@ -817,6 +870,7 @@ async fn insert_events(
                 serde_json::to_string(&e.tags).ok()
             };
             q = q
+                .bind(stream)
                 .bind(to_i64(version))
                 .bind(e.id)
                 .bind(e.event_type.as_str())
@@ -824,46 +878,61 @@ async fn insert_events(
                 .bind(e.content_type.as_str())
                 .bind(e.payload.as_slice())
                 .bind(headers)
-                .bind(tags);
+                .bind(tags)
+                .bind(now);
+        }
+        if last {
+            q = q
+                .bind(stream)
+                .bind(category_of(stream))
+                .bind(to_i64(version))
+                .bind(now);
+            released = true;
         }
         q.execute(&mut *conn).await?;
     }
-    Ok(())
+    Ok(released)
 }
 
-/// `INSERT … VALUES` for `rows` events (cached: sqlx prepares each text
-/// once per connection).
-fn insert_sql(rows: usize) -> std::borrow::Cow<'static, str> {
-    static FULL: OnceLock<String> = OnceLock::new();
-    let build = |rows: usize| {
+/// `INSERT … VALUES` for `rows` events, `rows` a power of two up to
+/// [`ROWS_PER_INSERT`], followed with `finish` by the stream version's
+/// upsert and the savepoint's release (see [`insert_events`]); built once
+/// per process.
+///
+/// Anonymous `?` parameters, each row binding all ten columns, and not
+/// numbered ones (`?1` for the stream shared by every row): sqlx looks up
+/// the name of every numbered parameter with
+/// `sqlite3_bind_parameter_name`, a linear search of the statement's
+/// parameter list, so numbered parameters cost time quadratic in the rows
+/// of a statement (most of an append's CPU at 120 rows per statement).
+fn insert_sql(rows: usize, finish: bool) -> &'static str {
+    const SIZES: usize = ROWS_PER_INSERT.ilog2() as usize + 1;
+    static SQL: [[OnceLock<String>; SIZES]; 2] = [const { [const { OnceLock::new() }; SIZES] }; 2];
+    debug_assert!(rows.is_power_of_two() && rows <= ROWS_PER_INSERT);
+    let slot = (rows.ilog2() as usize).min(SIZES - 1);
+    SQL[usize::from(finish)][slot].get_or_init(|| {
         let mut sql = String::from(
             "INSERT INTO custody_events (stream, version, id, event_type, schema_version, \
              content_type, payload, headers, tags, recorded_at) VALUES ",
         );
-        for r in 0..rows {
-            let b = 3 + r * 8;
+        for r in 0..(1usize << slot) {
             if r > 0 {
                 sql.push_str(", ");
             }
-            sql.push_str(&format!(
-                "(?1, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?{}, ?2)",
-                b,
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7
-            ));
+            sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        }
+        if finish {
+            // anonymous parameters too: they follow the rows' (sqlx numbers
+            // a statement's anonymous parameters on from the previous one's)
+            sql.push_str(
+                "; INSERT INTO custody_streams (stream, category, version, updated_at) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (stream) DO UPDATE SET \
+                 version = excluded.version, updated_at = excluded.updated_at; \
+                 RELEASE custody_append",
+            );
         }
         sql
-    };
-    if rows == ROWS_PER_INSERT {
-        std::borrow::Cow::Borrowed(FULL.get_or_init(|| build(ROWS_PER_INSERT)).as_str())
-    } else {
-        std::borrow::Cow::Owned(build(rows))
-    }
+    })
 }
 
 /// Events matching `query` with a position above `after` (and at most

@@ -3,7 +3,7 @@
 //!
 //! - [`migrate`]: custody's migration runner, recording into its own
 //!   `custody_migrations` table (the Rust around it is [`migrate_impl!`]).
-//! - [`check`], [`lease`], [`history`]: SQL texts that are the same on every
+//! - [`check`], [`lease`], [`history`], [`projection`]: SQL texts that are the same on every
 //!   backend. They use numbered `$N` parameters, which PostgreSQL and
 //!   sqlx-sqlite both accept (SQLite reads `$1` as a named parameter and
 //!   sqlx binds it by its number).
@@ -23,6 +23,7 @@ pub mod history;
 pub mod lease;
 mod macros;
 pub mod migrate;
+pub mod projection;
 
 // For the macros: the expanding crate need not name these itself.
 #[doc(hidden)]

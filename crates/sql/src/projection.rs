@@ -76,6 +76,32 @@ pub fn request_of(kind: Option<String>, to: Option<i64>) -> Option<Request> {
     }
 }
 
+/// The operator's status query (`status_impl`): every projection, or only
+/// `$1`'s (`filter`, the backend's spelling of "`$1` is NULL or
+/// `p.name = $1`"), with its active and rebuilding generations, runner lease
+/// (custody_core::projection::lease_name's `projection:<name>`) and the
+/// active generation's dead-letter count.
+#[macro_export]
+macro_rules! projection_status_sql {
+    ($filter:literal) => {
+        concat!(
+            "SELECT p.name, p.request, p.request_to, p.head, p.lag_events, p.lag_seconds, \
+               p.reported_at, l.holder, l.expires_at, \
+               g.generation, g.version, g.checkpoint, g.applied, \
+               b.generation, b.version, b.checkpoint, b.applied, \
+               (SELECT COUNT(*) FROM custody_projection_dead_letter d \
+                 WHERE d.name = p.name AND d.generation = p.active) \
+             FROM custody_projection p \
+             JOIN custody_projection_generation g ON g.name = p.name AND g.generation = p.active \
+             LEFT JOIN custody_projection_generation b ON b.name = p.name AND b.generation > p.active \
+             LEFT JOIN custody_consumer_lease l ON l.consumer = 'projection:' || p.name \
+             WHERE ",
+            $filter,
+            " ORDER BY p.name"
+        )
+    };
+}
+
 /// The projection store on an inbox ([`custody_core::projection::ProjectionStore`],
 /// the runner's side, in the inbox's transaction) and the operator's port
 /// ([`custody_core::projection::ProjectionAdmin`]) on a pool, written once

@@ -27,21 +27,7 @@ const DEAD_LETTER: &str = "INSERT INTO custody_projection_dead_letter \
 const RETRIES: &str = "SELECT position FROM custody_projection_dead_letter \
      WHERE name = $1 AND generation = $2 AND retry_requested <> 0 ORDER BY position";
 
-// The runner's lease row is custody_core::projection::lease_name's
-// `projection:<name>`.
-const STATUS: &str =
-    "SELECT p.name, p.request, p.request_to, p.head, p.lag_events, p.lag_seconds, \
-       p.reported_at, l.holder, l.expires_at, \
-       g.generation, g.version, g.checkpoint, g.applied, \
-       b.generation, b.version, b.checkpoint, b.applied, \
-       (SELECT COUNT(*) FROM custody_projection_dead_letter d \
-         WHERE d.name = p.name AND d.generation = p.active) \
-     FROM custody_projection p \
-     JOIN custody_projection_generation g ON g.name = p.name AND g.generation = p.active \
-     LEFT JOIN custody_projection_generation b ON b.name = p.name AND b.generation > p.active \
-     LEFT JOIN custody_consumer_lease l ON l.consumer = 'projection:' || p.name \
-     WHERE $1 IS NULL OR p.name = $1 \
-     ORDER BY p.name";
+const STATUS: &str = custody_sql::projection_status_sql!("$1 IS NULL OR p.name = $1");
 
 const RETRY: &str = "UPDATE custody_projection_dead_letter SET retry_requested = 1 \
      WHERE name = $1 AND generation = (SELECT active FROM custody_projection WHERE name = $1) \

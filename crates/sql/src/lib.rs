@@ -3,7 +3,8 @@
 //!
 //! - [`migrate`]: custody's migration runner, recording into its own
 //!   `custody_migrations` table (the Rust around it is [`migrate_impl!`]).
-//! - [`check`], [`lease`], [`history`]: SQL texts that are the same on every
+//! - [`check`], [`lease`], [`history`], [`log_relay`],
+//!   [`projection`]: SQL texts that are the same on every
 //!   backend. They use numbered `$N` parameters, which PostgreSQL and
 //!   sqlx-sqlite both accept (SQLite reads `$1` as a named parameter and
 //!   sqlx binds it by its number).
@@ -21,8 +22,10 @@
 pub mod check;
 pub mod history;
 pub mod lease;
+pub mod log_relay;
 mod macros;
 pub mod migrate;
+pub mod projection;
 
 // For the macros: the expanding crate need not name these itself.
 #[doc(hidden)]

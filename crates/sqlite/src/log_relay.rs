@@ -6,13 +6,15 @@
 //! transaction, which holds the database's write lock from its first
 //! statement (the holder and token check) to its commit. A takeover is a
 //! write too, so it cannot happen between the check and the commit.
+//!
+//! The Rust is custody-sql's [`custody_sql::log_relay_impl!`]; here are the
+//! fence, the statements SQLite spells its own way and how it stores times
+//! (Unix milliseconds) and ids (text).
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use custody_core::log_relay::{
-    JournalEntry, JournalStatus, JournalWrite, LogRelayHolder, LogRelayState, LogRelayStore,
-};
+use custody_core::log_relay::{JournalEntry, JournalStatus};
 use custody_core::Result;
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, SqliteConnection, SqlitePool};
@@ -21,32 +23,9 @@ use uuid::Uuid;
 use crate::error::map_err;
 use crate::{duration_ms, to_ms};
 
-/// A relay's row, created with a new producer id the first time it is named.
-const ENSURE: &str = "INSERT INTO custody_log_relay (relay, producer, updated_at) \
-     VALUES ($1, $2, $3) ON CONFLICT (relay) DO NOTHING";
+/// Read in `begin`'s `BEGIN IMMEDIATE` transaction, which holds the write
+/// lock: no takeover (a write) can come between this read and the commit.
 const LEASE: &str = "SELECT holder, lease_until, token FROM custody_log_relay WHERE relay = $1";
-const RENEW: &str =
-    "UPDATE custody_log_relay SET lease_until = $2, updated_at = $3 WHERE relay = $1";
-const TAKE: &str = "UPDATE custody_log_relay \
-     SET holder = $2, lease_until = $3, token = token + 1, updated_at = $4 \
-     WHERE relay = $1 RETURNING token";
-const RELEASE: &str = "UPDATE custody_log_relay SET holder = NULL, lease_until = NULL \
-     WHERE relay = $1 AND holder = $2";
-const STATE: &str = "SELECT checkpoint, producer FROM custody_log_relay WHERE relay = $1";
-const HEADS: &str = "SELECT topic, last FROM custody_log_relay_seq WHERE relay = $1";
-const COLUMNS: &str =
-    "relay, position, event_id, stream, topic, seq, status, attempts, republish, \
-     retry_at, error, marker_id, ack_ref, published_at";
-const UPSERT: &str = "INSERT INTO custody_log_relay_journal \
-     (relay, position, event_id, stream, topic, seq, status, attempts, republish, retry_at, error, \
-      marker_id, ack_ref, published_at, updated_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-     ON CONFLICT (relay, position) DO UPDATE SET event_id = excluded.event_id, \
-       stream = excluded.stream, topic = excluded.topic, seq = excluded.seq, \
-       status = excluded.status, attempts = excluded.attempts, republish = excluded.republish, \
-       retry_at = excluded.retry_at, error = excluded.error, marker_id = excluded.marker_id, \
-       ack_ref = excluded.ack_ref, published_at = excluded.published_at, \
-       updated_at = excluded.updated_at";
 const SET_HEAD: &str =
     "INSERT INTO custody_log_relay_seq (relay, topic, last) VALUES ($1, $2, $3) \
      ON CONFLICT (relay, topic) DO UPDATE SET last = MAX(last, excluded.last)";
@@ -58,9 +37,6 @@ const PRUNE: &str = "DELETE FROM custody_log_relay_journal WHERE rowid IN ( \
      SELECT j.rowid FROM custody_log_relay_journal j JOIN custody_log_relay r ON r.relay = j.relay \
      WHERE j.relay = $1 AND j.position <= r.checkpoint AND j.status IN (1, 3) AND j.updated_at < $2 \
      LIMIT $3)";
-const REPUBLISH: &str = "UPDATE custody_log_relay_journal \
-     SET status = 0, republish = republish + 1, retry_at = NULL, attempts = 0, updated_at = $3 \
-     WHERE relay = $1 AND event_id = $2 RETURNING position";
 const LOWER: &str = "UPDATE custody_log_relay SET checkpoint = MIN(checkpoint, $2), \
      token = token + 1, updated_at = $3 WHERE relay = $1";
 
@@ -126,21 +102,6 @@ fn entry(row: &SqliteRow, op: &'static str) -> Result<(String, JournalEntry)> {
     ))
 }
 
-fn pos(p: u64) -> i64 {
-    i64::try_from(p).unwrap_or(i64::MAX)
-}
-
-async fn ensure(conn: &mut SqliteConnection, relay: &str, now: DateTime<Utc>) -> Result<()> {
-    sqlx::query(ENSURE)
-        .bind(relay)
-        .bind(format!("log-{}", Uuid::now_v7().simple()))
-        .bind(to_ms(now))
-        .execute(&mut *conn)
-        .await
-        .map_err(map_err("create log relay"))?;
-    Ok(())
-}
-
 impl SqliteLogRelayStore {
     /// The stream and version of the event with id `id` in this database's
     /// event store (`custody trace`), `None` when it holds no such event.
@@ -160,242 +121,31 @@ impl SqliteLogRelayStore {
     }
 }
 
-impl LogRelayStore for SqliteLogRelayStore {
-    async fn acquire(
-        &self,
-        relay: &str,
-        holder: &str,
-        ttl: Duration,
-        now: DateTime<Utc>,
-    ) -> Result<Option<i64>> {
-        const OP: &str = "acquire log relay lease";
-        let mut tx = self.begin(OP).await?;
-        ensure(&mut tx, relay, now).await?;
-        let (current, until, token): (Option<String>, Option<i64>, i64) = sqlx::query_as(LEASE)
-            .bind(relay)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-        let expiry = to_ms(now).saturating_add(duration_ms(ttl));
-        let token = if current.as_deref() == Some(holder) {
-            sqlx::query(RENEW)
-                .bind(relay)
-                .bind(expiry)
-                .bind(to_ms(now))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-            Some(token)
-        } else if current.is_none() || until.is_none_or(|u| u <= to_ms(now)) {
-            let (token,): (i64,) = sqlx::query_as(TAKE)
-                .bind(relay)
-                .bind(holder)
-                .bind(expiry)
-                .bind(to_ms(now))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-            Some(token)
-        } else {
-            None
-        };
-        tx.commit().await.map_err(map_err(OP))?;
-        Ok(token)
-    }
+fn expiry(now: DateTime<Utc>, ttl: Duration) -> i64 {
+    to_ms(now).saturating_add(duration_ms(ttl))
+}
 
-    async fn release(&self, relay: &str, holder: &str) -> Result<()> {
-        sqlx::query(RELEASE)
-            .bind(relay)
-            .bind(holder)
-            .execute(&self.pool)
-            .await
-            .map_err(map_err("release log relay lease"))?;
-        Ok(())
-    }
+// hyphenated lower-case UUIDs sort as their bytes, so a text range is an id range
+fn text(id: &Uuid) -> String {
+    id.hyphenated().to_string()
+}
 
-    async fn load(&self, relay: &str) -> Result<LogRelayState> {
-        const OP: &str = "load log relay state";
-        let mut tx = self.begin(OP).await?;
-        ensure(&mut tx, relay, Utc::now()).await?;
-        let (checkpoint, producer): (i64, String) = sqlx::query_as(STATE)
-            .bind(relay)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-        let heads: Vec<(String, i64)> = sqlx::query_as(HEADS)
-            .bind(relay)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM custody_log_relay_journal WHERE relay = $1 AND position > $2 ORDER BY position"
-        ))
-        .bind(relay)
-        .bind(checkpoint)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(map_err(OP))?;
-        tx.commit().await.map_err(map_err(OP))?;
-        Ok(LogRelayState {
-            checkpoint: u64::try_from(checkpoint).unwrap_or(0),
-            producer,
-            heads: heads
-                .into_iter()
-                .map(|(t, l)| (t, u64::try_from(l).unwrap_or(0)))
-                .collect(),
-            journal: rows
-                .iter()
-                .map(|r| entry(r, OP).map(|(_, e)| e))
-                .collect::<Result<_>>()?,
-        })
-    }
-
-    async fn write(
-        &self,
-        holder: &LogRelayHolder,
-        write: JournalWrite<'_>,
-        now: DateTime<Utc>,
-    ) -> Result<bool> {
-        const OP: &str = "write log relay journal";
-        let mut tx = self.begin(OP).await?;
-        // The fence: BEGIN IMMEDIATE holds the write lock from here to the
-        // commit, so no takeover (a write) can come in between.
-        let lease: Option<(Option<String>, Option<i64>, i64)> = sqlx::query_as(LEASE)
-            .bind(&holder.relay)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err(OP))?;
-        match lease {
-            Some((Some(h), _, token)) if h == holder.holder && token == holder.token => {}
-            _ => return Ok(false),
-        }
-        let at = to_ms(now);
-        for e in write.entries {
-            sqlx::query(UPSERT)
-                .bind(&holder.relay)
-                .bind(pos(e.position))
-                .bind(e.event_id.hyphenated().to_string())
-                .bind(&e.stream)
-                .bind(&e.topic)
-                .bind(e.sequence.map(pos))
-                .bind(e.status.code())
-                .bind(i64::from(e.attempts))
-                .bind(i64::from(e.republish))
-                .bind(e.retry_at.map(to_ms))
-                .bind(&e.error)
-                .bind(e.marker_id.map(|m| m.hyphenated().to_string()))
-                .bind(&e.reference)
-                .bind(e.published_at.map(to_ms))
-                .bind(at)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-        }
-        for (topic, last) in write.heads {
-            sqlx::query(SET_HEAD)
-                .bind(&holder.relay)
-                .bind(topic)
-                .bind(pos(*last))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-        }
-        if let Some(c) = write.checkpoint {
-            sqlx::query(RAISE)
-                .bind(&holder.relay)
-                .bind(pos(c))
-                .bind(at)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-        }
-        tx.commit().await.map_err(map_err(OP))?;
-        Ok(true)
-    }
-
-    async fn prune(&self, relay: &str, older_than: DateTime<Utc>, limit: usize) -> Result<u64> {
-        let done = sqlx::query(PRUNE)
-            .bind(relay)
-            .bind(to_ms(older_than))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(&self.pool)
-            .await
-            .map_err(map_err("prune log relay journal"))?;
-        Ok(done.rows_affected())
-    }
-
-    async fn entries_by_id(&self, ids: &[Uuid]) -> Result<Vec<(String, JournalEntry)>> {
-        const OP: &str = "read log relay journal";
-        let mut out = Vec::new();
-        for id in ids {
-            let rows = sqlx::query(&format!(
-                "SELECT {COLUMNS} FROM custody_log_relay_journal WHERE event_id = $1 ORDER BY relay"
-            ))
-            .bind(id.hyphenated().to_string())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_err(OP))?;
-            for r in &rows {
-                out.push(entry(r, OP)?);
-            }
-        }
-        Ok(out)
-    }
-
-    async fn entries_in(
-        &self,
-        relay: &str,
-        topic: &str,
-        from: Uuid,
-        to: Uuid,
-    ) -> Result<Vec<JournalEntry>> {
-        const OP: &str = "read log relay journal";
-        // hyphenated lower-case UUIDs sort as their bytes, so a text range is an id range
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM custody_log_relay_journal \
-             WHERE relay = $1 AND topic = $2 AND event_id >= $3 AND event_id < $4"
-        ))
-        .bind(relay)
-        .bind(topic)
-        .bind(from.hyphenated().to_string())
-        .bind(to.hyphenated().to_string())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err(OP))?;
-        rows.iter().map(|r| entry(r, OP).map(|(_, e)| e)).collect()
-    }
-
-    async fn republish(&self, relay: &str, ids: &[Uuid]) -> Result<u64> {
-        const OP: &str = "republish log relay events";
-        let mut tx = self.begin(OP).await?;
-        let now = to_ms(Utc::now());
-        let mut lowest: Option<i64> = None;
-        let mut n = 0;
-        for id in ids {
-            let rows: Vec<(i64,)> = sqlx::query_as(REPUBLISH)
-                .bind(relay)
-                .bind(id.hyphenated().to_string())
-                .bind(now)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-            for (p,) in rows {
-                n += 1;
-                lowest = Some(lowest.map_or(p, |l| l.min(p)));
-            }
-        }
-        if let Some(p) = lowest {
-            // below the first reset event, and a new token: the holder's
-            // next write is refused, so it reloads and reads from here
-            sqlx::query(LOWER)
-                .bind(relay)
-                .bind(p - 1)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err(OP))?;
-        }
-        tx.commit().await.map_err(map_err(OP))?;
-        Ok(n)
-    }
+custody_sql::log_relay_impl! {
+    store: SqliteLogRelayStore,
+    conn: SqliteConnection,
+    err: map_err,
+    entry: entry,
+    at: to_ms,
+    time: i64,
+    expiry: expiry,
+    bind_id: text,
+    status: std::convert::identity,
+    count: i64::from,
+    sql: {
+        lease: LEASE,
+        set_head: SET_HEAD,
+        raise: RAISE,
+        prune: PRUNE,
+        lower: LOWER,
+    },
 }

@@ -162,8 +162,8 @@ pub use any::{open_embedded, open_outbox, AnyOutbox, EmbeddedSubscriber};
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod events;
-/// The event log as outbox: a relay publishing from the event store,
-/// reconcile and trace against it.
+// documented by its own inner docs (an outer doc here would make rustdoc
+// resolve their links in this scope)
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub mod log_relay;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]

@@ -531,6 +531,24 @@ pub struct Snapshot {
     pub taken_at: DateTime<Utc>,
 }
 
+/// Counts of an event store's write path since the store was made (the
+/// `write_stats()` of `SqliteEventStore` and `PgEventStore`): how well
+/// concurrent appends are combined into shared transactions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Transactions the store ran for `append` / `append_if`.
+    pub transactions: u64,
+    /// Appends (`append` / `append_if` calls) those transactions decided
+    /// (written or refused).
+    pub writes: u64,
+    /// The most appends one transaction decided.
+    pub largest_batch: u64,
+    /// Appends waiting in the combining queue right now.
+    pub queued: u64,
+    /// Appends in a transaction running right now.
+    pub running: u64,
+}
+
 /// An event store. Implementations: `custody_sqlite::SqliteEventStore`,
 /// `custody_postgres::PgEventStore`; every one runs
 /// `custody_testkit::eventstore_conformance!`.

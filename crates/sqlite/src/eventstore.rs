@@ -128,20 +128,7 @@ const LOAD_SNAPSHOT: &str = "SELECT stream, aggregate, schema_version, version, 
 const CATEGORY_SQL: &str =
     "(CASE WHEN instr(stream, '-') > 0 THEN substr(stream, 1, instr(stream, '-') - 1) ELSE stream END)";
 
-/// Counts of the write path (see [`SqliteEventStore::write_stats`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WriteStats {
-    /// Transactions the store committed for `append` / `append_if`.
-    pub transactions: u64,
-    /// Writes (`append` / `append_if` calls) those transactions carried.
-    pub writes: u64,
-    /// The most writes one transaction carried.
-    pub largest_batch: u64,
-    /// Writes waiting in the combining task's queue right now.
-    pub queued: u64,
-    /// Writes in the transaction running right now.
-    pub running: u64,
-}
+pub use custody_core::event::WriteStats;
 
 #[derive(Debug, Default)]
 struct Stats {

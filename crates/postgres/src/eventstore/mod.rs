@@ -79,23 +79,7 @@ impl std::fmt::Debug for PgEventStore {
     }
 }
 
-/// What the write path has done since the store was made
-/// ([`PgEventStore::write_stats`]); the same counts as
-/// `custody_sqlite::WriteStats`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct WriteStats {
-    /// Transactions the store ran for `append` / `append_if`.
-    pub transactions: u64,
-    /// Appends (`append` / `append_if` calls) those transactions decided
-    /// (written or refused).
-    pub writes: u64,
-    /// The most appends one transaction decided.
-    pub largest_batch: u64,
-    /// Appends waiting in the combiner's queue right now.
-    pub queued: u64,
-    /// Appends in a transaction running right now.
-    pub running: u64,
-}
+pub use custody_core::event::WriteStats;
 
 const OP_READ: &str = "read events";
 
